@@ -1,0 +1,3 @@
+from nanscope.cli.main import entry
+
+entry()

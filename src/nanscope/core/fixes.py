@@ -1,0 +1,136 @@
+"""Ranked, concrete fixes for a diagnosis, spelled in the user's framework.
+
+Pure text: given the category, op kind, framework and where it happened, return what to
+change, most likely to help first. Adapters never write fix texts of their own.
+"""
+
+from __future__ import annotations
+
+from nanscope.core.enums import Category, OpKind
+
+_T, _K = "torch", "keras"
+
+
+def _at(location: object | None, module: str | None) -> str:
+    where = []
+    if location:
+        where.append(f"at {location}")
+    if module:
+        where.append(f"(module {module})")
+    return (" " + " ".join(where)) if where else ""
+
+
+def fixes_for(
+    category: Category | str,
+    *,
+    op_kind: OpKind | str | None = None,
+    framework: str | None = "torch",
+    location: object | None = None,
+    module: str | None = None,
+    dtype: str | None = None,
+    forward_op_kind: OpKind | str | None = None,
+) -> list[str]:
+    """Fixes for one diagnosis, best first.
+
+    >>> fixes_for("op_domain", op_kind="log", location="train.py:41")[0]
+    'replace log(softmax(x)) with log_softmax(x) (or F.cross_entropy on the logits) at train.py:41'
+    """
+    c, k = Category(category), OpKind(op_kind) if op_kind else OpKind.OTHER
+    fw = _K if framework in ("keras", "tensorflow", "tf") else _T
+    at = _at(location, module)
+    t = fw == _T
+    if c is Category.NONFINITE_INPUT:
+        return [
+            "drop or repair the bad samples before training: `nanscope data PATH` lists every file/index with NaN/Inf",
+            "check the preprocessing that produced them (division by a zero std, log of 0, a corrupt file)",
+            "filter inside the loader: " + ("`torch.isfinite(x).all()` per sample" if t else "`dataset.filter(lambda x, y: tf.reduce_all(tf.math.is_finite(x)))`"),
+        ]
+    if c is Category.INVALID_TARGET:
+        if k is OpKind.CTC_LOSS:
+            return [
+                "every target must fit its input: target length (plus repeats) must be <= input length; drop or crop the impossible samples",
+                "pass zero_infinity=True to CTCLoss to zero out impossible samples instead of returning Inf" if t else "drop impossible samples before `tf.nn.ctc_loss`",
+            ]
+        return [
+            "skip batches with no valid target, or use a loss that returns 0 then: `nanscope.losses.cross_entropy(..., ignore_index=...)`",
+            "check the labels: `nanscope data PATH --num-classes N --ignore-index I` reports masks with no valid pixel and labels out of range",
+            "use reduction='sum' divided by max(1, number of valid targets)" if t else "divide the summed loss by max(1, number of valid targets)",
+        ]
+    if c is Category.OP_DOMAIN:
+        out = {
+            OpKind.LOG: [
+                f"replace log(softmax(x)) with log_softmax(x) (or F.cross_entropy on the logits){at}" if t
+                else f"compute the loss from logits: `from_logits=True` (or tf.nn.log_softmax) instead of log(softmax(x)){at}",
+                "clamp the argument: " + ("`torch.log(x.clamp_min(1e-7))`" if t else "`tf.math.log(tf.clip_by_value(p, 1e-7, 1.0))`"),
+                "or use `nanscope.losses.safe_log`",
+            ],
+            OpKind.SQRT: [f"clamp before the root: {'`torch.sqrt(x.clamp_min(0) + 1e-12)`' if t else '`tf.sqrt(tf.maximum(x, 0.0) + 1e-12)`'}{at}",
+                          "or use `nanscope.losses.safe_sqrt`"],
+            OpKind.RSQRT: [f"add an epsilon: rsqrt(x + eps){at}", "check why the value is <= 0 (a variance of a constant input?)"],
+            OpKind.DIV: [f"guard the denominator: {'`x / d.clamp_min(eps)`' if t else '`tf.math.divide_no_nan(x, d)`'}{at}",
+                         "or use `nanscope.losses.safe_div`; check for empty masks or zero counts"],
+            OpKind.POW: [f"raise only non-negative bases to fractional powers: {'`x.clamp_min(0) ** p`' if t else '`tf.pow(tf.maximum(x, 0.0), p)`'}{at}"],
+            OpKind.ACOS: [f"clamp into the domain: {'`torch.acos(x.clamp(-1 + 1e-7, 1 - 1e-7))`' if t else '`tf.acos(tf.clip_by_value(x, -1+1e-7, 1-1e-7))`'}{at}"],
+            OpKind.ASIN: [f"clamp into the domain: {'`torch.asin(x.clamp(-1 + 1e-7, 1 - 1e-7))`' if t else '`tf.asin(tf.clip_by_value(x, -1+1e-7, 1-1e-7))`'}{at}"],
+        }.get(k)
+        return out or [f"an input reached this op outside its domain{at}: clamp it or mask the bad elements",
+                       "inf - inf and 0 * inf give NaN: find where the Inf came from first"]
+    if c is Category.OVERFLOW:
+        fixes = []
+        if dtype == "float16":
+            fixes.append(
+                f"keep this module in float32{at}: "
+                + ("wrap its forward in `with torch.autocast(device_type, enabled=False): y = module(x.float())`" if t
+                   else "give the layer `dtype='float32'` under mixed_float16")
+            )
+            fixes.append("train in bfloat16 instead of float16 (same range as float32)")
+            fixes.append("scale down the branch that grows: normalize before it, or scale residual additions")
+        if k is OpKind.EXP:
+            fixes.insert(0, f"subtract the max before exp (use {'`torch.softmax`/`torch.logsumexp`' if t else '`tf.nn.softmax`/`tf.reduce_logsumexp`'}, which do){at}")
+        if not fixes:
+            fixes = [f"the values grew past the dtype's range{at}: normalize the inputs, lower the learning rate, or clip activations",
+                     "check for exploding weights: `nanscope inspect` on the last checkpoint"]
+        return fixes
+    if c is Category.SINGULAR_GRADIENT:
+        fk = OpKind(forward_op_kind) if forward_op_kind else k
+        if fk in (OpKind.SQRT, OpKind.POW):
+            first = f"add an epsilon inside the root: {'`torch.sqrt(x + 1e-12)`' if t else '`tf.sqrt(x + 1e-12)`'}, or `nanscope.losses.safe_sqrt` / `safe_norm` (finite gradient at 0){at}"
+        else:
+            first = f"the derivative is infinite at this input{at}: keep the input away from the singular point"
+        return [
+            first,
+            "the where trap: NaN from the discarded branch of `where` still poisons the gradient; "
+            "apply where twice (`safe = where(mask, x, 1.0); where(mask, f(safe), 0.0)`) or use `nanscope.losses.double_where`",
+        ]
+    if c is Category.EXPLODING_GRADIENTS:
+        return [
+            "lower the learning rate (10x is a good first try)",
+            "clip gradients: " + ("`torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)` before `optimizer.step()`" if t
+                                  else "`optimizer = keras.optimizers.Adam(..., clipnorm=1.0)`"),
+            "add a learning-rate warm-up; check the loss scale and weight decay",
+        ]
+    if c is Category.NONFINITE_PARAMETERS:
+        return [
+            "the weights were already bad before this step: load an earlier checkpoint (`nanscope inspect CHECKPOINT` names every bad tensor)",
+            "find the step that first wrote them: run with `nanscope.torch.Guard(policy='raise')`" if t else "find the step that first wrote them: add `nanscope.keras.Guard(policy='raise')` to fit",
+        ]
+    if c is Category.CORRUPT_NORM_STATISTICS:
+        return [
+            "recompute the normalization statistics from data: " + (
+                "`nanscope.torch.repair_norm_statistics(model, loader)` or `nanscope repair CKPT --recalibrate-bn --data PATH -o NEW`" if t
+                else "`nanscope.keras.repair_norm_statistics(model, dataset)`"),
+            "find what poisoned them during training (a NaN batch in train mode, float16 variance overflow): guard training with policy 'skip'",
+            "fallback: reset them (mean 0, var 1) with `nanscope repair CKPT --reset-bn -o NEW`; this loses what the model learned about activation scale and usually costs accuracy",
+        ]
+    if c is Category.OPTIMIZER_STATE:
+        return [
+            "keep the optimizer state in float32: train float32 master weights (autocast / mixed precision) instead of float16 parameters",
+            "raise the epsilon to one float16 can hold (eps=1e-4), or use bfloat16",
+            "check the learning rate and scheduler for NaN/Inf values",
+        ]
+    if c is Category.ALL_MASKED_SOFTMAX:
+        return [
+            f"a row with every key masked has no valid softmax: give it at least one unmasked position or zero the row after softmax{at}",
+            "use `nanscope.losses.masked_softmax` (returns zeros for fully masked rows), or mask with a large negative number (-1e4 in float16) instead of -inf",
+        ]
+    return ["run `nanscope run` on the script or `diagnose(...)` on the failing batch for a per-op trace"]

@@ -1,0 +1,311 @@
+"""The rules that turn collected evidence into one root cause.
+
+Pure functions over plain data (``TensorSummary``, names, numbers): the live guards, the
+tracers and the offline audits of every framework collect evidence and call these, so they
+can never disagree. Nothing here imports a framework.
+
+Entry points:
+    classify_producer(ProducerEvidence)  the first op that produced NaN/Inf -> Diagnosis
+    nonfinite_input(...), nonfinite_parameters(...), corrupt_norm_statistics(...),
+    optimizer_state(...), exploding_gradients(...)  state- and data-level diagnoses
+    norm_statistics_problems(...)  what is wrong with one normalization layer's statistics
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanscope.core.diagnosis import Diagnosis, Location
+from nanscope.core.enums import Category, OpKind, Phase
+from nanscope.core.fixes import fixes_for
+from nanscope.core.limits import limits
+from nanscope.core.summary import TensorSummary, fmt
+
+_NAMES = {"torch": "torch", "keras": "keras", "tensorflow": "keras", "tf": "keras"}
+
+
+@dataclass
+class ProducerEvidence:
+    """What a tracer saw at the first op whose output was non-finite.
+
+    ``inputs`` are the op's tensor arguments in call order (``None`` for non-tensor ones is
+    not needed: pass only tensors). For a backward producer, ``phase`` is BACKWARD and
+    ``forward_op`` names the forward op whose derivative failed; ``forward_inputs`` are that
+    op's inputs.
+    """
+
+    op: str
+    phase: Phase
+    inputs: list[TensorSummary]
+    output: TensorSummary
+    framework: str = "torch"
+    op_kind: OpKind | None = None
+    module: str | None = None
+    location: Location | None = None
+    samples: list[int] = field(default_factory=list)
+    step: int | None = None
+    forward_op: str | None = None
+    forward_inputs: list[TensorSummary] = field(default_factory=list)
+    # Loss context, when the tracer knows it:
+    valid_targets: int | None = None  # targets not equal to ignore_index
+    target: TensorSummary | None = None
+    num_classes: int | None = None
+    ignore_index: int | None = None
+    # Softmax context: rows (samples) whose every entry is -inf
+    all_masked_rows: list[int] = field(default_factory=list)
+    extra_evidence: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.op_kind is None:
+            self.op_kind = OpKind.of(self.op)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _where_text(ev: ProducerEvidence) -> str:
+    bits = []
+    if ev.module:
+        bits.append(f"in {ev.module}")
+    if ev.location:
+        fn = ev.location.function
+        bits.append(f"{'in ' + fn + ' ' if fn and fn != '<module>' else ''}at {ev.location}")
+    return (" " + " ".join(bits)) if bits else ""
+
+
+def _samples_text(samples: list[int]) -> str:
+    if not samples:
+        return ""
+    if len(samples) <= 4:
+        return f" (sample{'s' if len(samples) > 1 else ''} {', '.join(map(str, samples))})"
+    return f" ({len(samples)} samples)"
+
+
+def classify_producer(ev: ProducerEvidence) -> Diagnosis:
+    """Decide the root cause at the producer op.
+
+    >>> from nanscope.core.summary import summarize
+    >>> import numpy as np
+    >>> x = summarize(np.array([0.5, 0.0, 0.2], dtype=np.float32))
+    >>> y = summarize(np.array([-0.69, -np.inf, -1.6], dtype=np.float32))
+    >>> d = classify_producer(ProducerEvidence("aten::log", Phase.LOSS, [x], y))
+    >>> d.category, d.op_kind, d.evidence[0]
+    (<Category.OP_DOMAIN: 'op_domain'>, <OpKind.LOG: 'log'>, 'log input: float32[3]: min 0, max 0.5, 1 zero')
+    """
+    k = OpKind(ev.op_kind)
+    fw = _NAMES.get(ev.framework, ev.framework)
+    evidence = [f"{k} input: {s.describe()}" if len(ev.inputs) == 1 else f"{k} input {i}: {s.describe()}"
+                for i, s in enumerate(ev.inputs)]
+    evidence.append(f"{k} output: {ev.output.describe()}")
+    where, samples = _where_text(ev), _samples_text(ev.samples)
+    category, summary = _decide(ev, k, evidence)
+    summary = summary + samples + where
+    evidence += ev.extra_evidence
+    fixes = fixes_for(category, op_kind=k, framework=fw, location=ev.location, module=ev.module,
+                      dtype=ev.output.dtype, forward_op_kind=OpKind.of(ev.forward_op) if ev.forward_op else None)
+    return Diagnosis(
+        category=category, summary=summary, phase=ev.phase, op=ev.op, op_kind=k, module=ev.module,
+        location=ev.location, dtype=ev.output.dtype, samples=list(ev.samples), step=ev.step,
+        evidence=evidence, fixes=fixes, framework=fw, details=dict(ev.details),
+    )
+
+
+def _decide(ev: ProducerEvidence, k: OpKind, evidence: list[str]) -> tuple[Category, str]:
+    ins, out = ev.inputs, ev.output
+    lim = limits(out.dtype)
+    made = "NaN" if out.nan else ("+Inf" if out.posinf else "-Inf")
+
+    # Backward: forward was finite, the derivative was not.
+    if ev.phase is Phase.BACKWARD:
+        fk = OpKind.of(ev.forward_op) if ev.forward_op else k
+        at_zero = [s for s in ev.forward_inputs if s.zeros]
+        name = ev.forward_op or ev.op
+        if at_zero or fk in (OpKind.SQRT, OpKind.RSQRT, OpKind.POW, OpKind.LOG, OpKind.DIV, OpKind.ACOS, OpKind.ASIN):
+            zeros = sum(s.zeros for s in at_zero)
+            evidence.insert(0, f"forward {name} was finite; its derivative is not" + (f" at {_plural(zeros, 'input')} == 0" if zeros else ""))
+            return Category.SINGULAR_GRADIENT, f"the gradient of {fk} is {made} at its input" + (" 0" if zeros else "")
+        if "where" in (ev.forward_op or "").lower() or ev.details.get("where_trap"):
+            evidence.insert(0, "the NaN comes from the branch `where` discarded in the forward pass")
+            return Category.SINGULAR_GRADIENT, f"the gradient through where is {made} (the where trap)"
+        if lim and out.posinf + out.neginf and not out.nan:
+            return Category.OVERFLOW, f"gradient of {fk} overflowed {out.dtype}"
+        return Category.SINGULAR_GRADIENT, f"the gradient of {fk} became {made} while its forward was finite"
+
+    bad_in = [s for s in ins if not s.finite]
+    # Softmax over rows that are all -inf: every key masked.
+    if k in (OpKind.SOFTMAX, OpKind.LOG_SOFTMAX) and (ev.all_masked_rows or (bad_in and out.nan)):
+        rows = ev.all_masked_rows
+        evidence.insert(0, f"{_plural(len(rows), 'row')} entirely -Inf" if rows else "rows with no finite entry")
+        return Category.ALL_MASKED_SOFTMAX, f"{k} over a row where every position is masked (-Inf)"
+    if bad_in:
+        kinds = sorted({("Inf" if s.posinf or s.neginf else "NaN") for s in bad_in})
+        if k in (OpKind.ADD, OpKind.SUB, OpKind.SUM, OpKind.MEAN):
+            return Category.OP_DOMAIN, f"{k} of opposite infinities (inf - inf) made NaN"
+        if k in (OpKind.MUL, OpKind.MATMUL, OpKind.CONV):
+            return Category.OP_DOMAIN, f"{k} of 0 and Inf (0 * inf) made NaN"
+        return Category.OP_DOMAIN, f"{k} turned {' and '.join(kinds)} inputs into {made}"
+
+    # Loss context: nothing valid to average over, or labels out of range.
+    if ev.valid_targets == 0:
+        evidence.insert(0, "0 valid targets: every target equals ignore_index" + (f" {ev.ignore_index}" if ev.ignore_index is not None else ""))
+        return Category.INVALID_TARGET, f"the loss averaged over 0 valid targets (0/0) in {k}"
+    if ev.target is not None and ev.num_classes is not None and ev.target.max is not None:
+        if ev.target.max >= ev.num_classes or (ev.target.min is not None and ev.target.min < 0 and ev.target.min != ev.ignore_index):
+            evidence.insert(0, f"targets range {fmt(ev.target.min)}..{fmt(ev.target.max)} but there are {ev.num_classes} classes")
+            return Category.INVALID_TARGET, f"targets outside [0, {ev.num_classes})"
+    if k is OpKind.CTC_LOSS:
+        evidence.insert(0, "CTC returns +Inf when no alignment of the target fits the input (target longer than input, or too many repeats)")
+        return Category.INVALID_TARGET, "CTC loss got a target that cannot be aligned with its input"
+
+    x = ins[0] if ins else None
+    if k is OpKind.LOG and x is not None and (x.zeros or x.negatives):
+        what = [f"{_plural(x.zeros, 'zero')}" if x.zeros else "", f"{x.negatives} negative" if x.negatives else ""]
+        return Category.OP_DOMAIN, f"log received {' and '.join(w for w in what if w)}, min {fmt(x.min)}"
+    if k is OpKind.SQRT and x is not None and x.negatives:
+        return Category.OP_DOMAIN, f"sqrt received {x.negatives} negative value{'s' if x.negatives > 1 else ''}, min {fmt(x.min)}"
+    if k is OpKind.RSQRT and x is not None and (x.zeros or x.negatives):
+        return Category.OP_DOMAIN, f"rsqrt received {x.zeros} zeros and {x.negatives} negative values"
+    if k is OpKind.DIV:
+        den = ins[1] if len(ins) > 1 else None
+        if den is not None and den.zeros:
+            num = ins[0]
+            kind = "0/0" if num.zeros and out.nan else "x/0"
+            return Category.OP_DOMAIN, f"division by zero ({kind}): the denominator holds {_plural(den.zeros, 'zero')}"
+        if len(ins) == 1 and x is not None and x.zeros:  # reciprocal
+            return Category.OP_DOMAIN, f"reciprocal of {_plural(x.zeros, 'zero')}"
+    if k is OpKind.POW and x is not None and x.negatives and out.nan:
+        return Category.OP_DOMAIN, "pow of a negative base to a fractional exponent"
+    if k in (OpKind.ACOS, OpKind.ASIN) and x is not None and x.absmax is not None and x.absmax > 1:
+        return Category.OP_DOMAIN, f"{k} received values outside [-1, 1] (max |x| {fmt(x.absmax)})"
+    if k in (OpKind.MEAN, OpKind.CROSS_ENTROPY) and x is not None and x.numel == 0:
+        return Category.INVALID_TARGET, f"{k} over an empty set (0/0)"
+
+    # Finite inputs, infinite result: the dtype's range was exceeded.
+    if out.posinf or out.neginf:
+        if lim:
+            biggest = max((s.absmax or 0.0) for s in ins) if ins else 0.0
+            evidence.insert(0, f"{out.dtype} holds at most {fmt(lim.max)}; largest |input| {fmt(biggest)}")
+        return Category.OVERFLOW, f"{k} overflowed {out.dtype}" + (f" (max {fmt(lim.max)})" if lim and out.dtype in ('float16', 'bfloat16') else "")
+    if out.nan and k in (OpKind.VAR, OpKind.STD) and x is not None and x.numel <= 1:
+        return Category.OP_DOMAIN, f"{k} of a single element divides by zero (n - 1 = 0)"
+    return Category.UNKNOWN, f"{ev.op} produced {made} from finite inputs"
+
+
+# -- state and data-level diagnoses ---------------------------------------------------------
+
+def nonfinite_input(
+    name: str, summary: TensorSummary, samples: list[int], *, framework: str = "torch",
+    step: int | None = None, phase: Phase = Phase.DATA, category: Category = Category.NONFINITE_INPUT,
+) -> Diagnosis:
+    """The batch itself holds NaN/Inf (inputs, or targets with ``category=INVALID_TARGET``)."""
+    fw = _NAMES.get(framework, framework)
+    what = "input" if category is Category.NONFINITE_INPUT else "target"
+    return Diagnosis(
+        category=category, phase=phase, step=step, framework=fw, samples=samples, dtype=summary.dtype,
+        summary=f"the batch's {what} {name!r} holds {summary.nonfinite} non-finite value{'s' if summary.nonfinite != 1 else ''}{_samples_text(samples)}",
+        evidence=[f"{name}: {summary.describe()}", f"bad samples: {samples}"],
+        fixes=fixes_for(category, framework=fw),
+    )
+
+
+def nonfinite_parameters(
+    bad: dict[str, TensorSummary], *, framework: str = "torch", step: int | None = None,
+    phase: Phase = Phase.STATE, kind: str = "weight",
+) -> Diagnosis:
+    """Weights (or buffers) that were already non-finite before the step."""
+    fw = _NAMES.get(framework, framework)
+    names = list(bad)
+    first = names[0]
+    return Diagnosis(
+        category=Category.NONFINITE_PARAMETERS, phase=phase, step=step, framework=fw,
+        module=first.rsplit(".", 1)[0] if "." in first else None, dtype=bad[first].dtype,
+        summary=f"{len(names)} {kind}{'s' if len(names) != 1 else ''} already non-finite before the step: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}",
+        evidence=[f"{n}: {s.describe()}" for n, s in list(bad.items())[:10]],
+        fixes=fixes_for(Category.NONFINITE_PARAMETERS, framework=fw), details={"tensors": names},
+    )
+
+
+def norm_statistics_problems(mean: TensorSummary | None, var: TensorSummary | None, *, extreme: float = 1e6) -> list[str]:
+    """What is wrong with one normalization layer's running statistics (empty: nothing).
+
+    >>> import numpy as np
+    >>> from nanscope.core.summary import summarize
+    >>> norm_statistics_problems(summarize(np.zeros(4)), summarize(np.array([1.0, np.nan, -1.0, 2.0])))
+    ['running_var: 1 NaN of 4', 'running_var: 1 negative (min -1)']
+    """
+    out = []
+    for label, s in (("running_mean", mean), ("running_var", var)):
+        if s is None:
+            continue
+        bad = [(s.nan, "NaN"), (s.posinf, "+Inf"), (s.neginf, "-Inf")]
+        if s.nonfinite:
+            out.append(f"{label}: " + ", ".join(f"{n} {w}" for n, w in bad if n) + f" of {s.numel}")
+        if label == "running_var" and s.negatives:
+            out.append(f"running_var: {s.negatives} negative (min {fmt(s.min)})")
+        if s.absmax is not None and s.absmax > extreme:
+            out.append(f"{label}: extreme values (max |x| {fmt(s.absmax)})")
+    return out
+
+
+def corrupt_norm_statistics(
+    layers: dict[str, list[str]], *, framework: str = "torch", phase: Phase = Phase.STATE,
+    train_finite: bool | None = None, eval_finite: bool | None = None, step: int | None = None,
+    samples: list[int] | None = None,
+) -> Diagnosis:
+    """Normalization layers whose running statistics are bad (``layers``: name -> problems)."""
+    fw = _NAMES.get(framework, framework)
+    names = list(layers)
+    ev = [f"{n}: {p}" for n in names for p in layers[n]]
+    if train_finite is not None and eval_finite is not None:
+        ev.insert(0, f"train-mode output finite: {train_finite}; eval-mode output finite: {eval_finite}")
+    return Diagnosis(
+        category=Category.CORRUPT_NORM_STATISTICS, phase=phase, framework=fw, module=names[0], step=step,
+        op="batch_norm", op_kind=OpKind.BATCH_NORM, samples=samples or [],
+        summary=f"normalization statistics are corrupt in {len(names)} layer{'s' if len(names) != 1 else ''}: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}",
+        evidence=ev, fixes=fixes_for(Category.CORRUPT_NORM_STATISTICS, framework=fw), details={"layers": layers},
+    )
+
+
+def optimizer_state(
+    bad: dict[str, TensorSummary], *, framework: str = "torch", eps: float | None = None,
+    param_dtype: str | None = None, step: int | None = None, lr: float | None = None,
+) -> Diagnosis:
+    """The optimizer's own state (moments, step size) went non-finite."""
+    fw = _NAMES.get(framework, framework)
+    ev = [f"{n}: {s.describe()}" for n, s in list(bad.items())[:10]]
+    lim = limits(param_dtype) if param_dtype else None
+    if eps is not None and lim is not None:
+        ev.insert(0, f"eps={eps:g} in {param_dtype}: " + ("rounds to 0 (smallest subnormal is " + fmt(lim.subnormal) + ")" if eps < lim.subnormal / 2 else "representable"))
+    if lr is not None:
+        ev.append(f"learning rate {lr!r}")
+    return Diagnosis(
+        category=Category.OPTIMIZER_STATE, phase=Phase.OPTIMIZER, framework=fw, dtype=param_dtype, step=step,
+        summary=f"optimizer state went non-finite: {', '.join(list(bad)[:3])}" + (f" (eps={eps:g} with {param_dtype} parameters)" if eps is not None and param_dtype else ""),
+        evidence=ev, fixes=fixes_for(Category.OPTIMIZER_STATE, framework=fw),
+    )
+
+
+def exploding_gradients(
+    norms: list[float], *, framework: str = "torch", step: int | None = None, lr: float | None = None,
+    phase: Phase = Phase.BACKWARD,
+) -> Diagnosis:
+    """Gradient norms grew over steps until they overflowed."""
+    from nanscope.core.trend import growth_rate
+
+    fw = _NAMES.get(framework, framework)
+    tail = [n for n in norms if n == n][-8:]
+    rate = growth_rate(norms)
+    ev = ["gradient norm history (oldest first): " + ", ".join(fmt(n) for n in tail)]
+    if rate is not None:
+        ev.append(f"growth: x{rate:.3g} per step over the last {min(len(norms), 8)} steps")
+    if lr is not None:
+        ev.append(f"learning rate {lr:g}")
+    return Diagnosis(
+        category=Category.EXPLODING_GRADIENTS, phase=phase, framework=fw, step=step,
+        summary="gradients grew over several steps until they overflowed" + (f" (learning rate {lr:g})" if lr is not None else ""),
+        evidence=ev, fixes=fixes_for(Category.EXPLODING_GRADIENTS, framework=fw),
+        details={"grad_norms": [float(n) for n in norms[-32:]]},
+    )

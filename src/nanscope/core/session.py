@@ -1,0 +1,43 @@
+"""State of one ``nanscope run``: the first diagnosis, shared by whichever framework runner
+the script turns out to use. Framework-free.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+from nanscope.core.diagnosis import Diagnosis
+from nanscope.core.errors import NonFiniteError
+
+
+@dataclass
+class RunSession:
+    """Handed to ``nanscope.torch.runner.attach`` / ``nanscope.keras.runner.attach``.
+
+    A runner that catches a failure calls ``raise session.fail(diagnosis)``: the first
+    diagnosis is kept even if the user's script catches the exception and carries on.
+    """
+
+    script: str
+    reports_dir: str = "nanscope-reports"
+    diagnosis: Diagnosis | None = None
+    frameworks: list[str] = field(default_factory=list)
+    internal_errors: list[str] = field(default_factory=list)
+
+    @property
+    def script_dir(self) -> str:
+        return os.path.dirname(os.path.abspath(self.script))
+
+    def fail(self, diagnosis: Diagnosis) -> NonFiniteError:
+        if self.diagnosis is None:
+            self.diagnosis = diagnosis
+        return NonFiniteError(self.diagnosis)
+
+    def internal_error(self, where: str, err: BaseException) -> None:
+        """nanscope's own bug must never kill the user's run: warn once and go on."""
+        msg = f"nanscope: internal error in {where} ({type(err).__name__}: {err}); continuing without it"
+        if msg not in self.internal_errors:
+            self.internal_errors.append(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)

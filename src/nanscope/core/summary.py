@@ -1,0 +1,144 @@
+"""Numeric summaries of arrays: the numbers that evidence lines quote.
+
+Framework adapters convert a tensor to a numpy array (bfloat16 through float32) and pass the
+original dtype name, so every front end describes tensors the same way. Only used to explain
+a failure or in audits, never on the healthy training path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from nanscope.core.limits import dtype_name
+
+
+@dataclass(frozen=True)
+class TensorSummary:
+    """What a person wants to know about a tensor that may hold NaN/Inf."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    nan: int = 0
+    posinf: int = 0
+    neginf: int = 0
+    zeros: int = 0
+    negatives: int = 0
+    min: float | None = None  # over finite values
+    max: float | None = None
+    absmax: float | None = None
+    absmin_nonzero: float | None = None
+    mean: float | None = None
+    std: float | None = None
+
+    @property
+    def nonfinite(self) -> int:
+        return self.nan + self.posinf + self.neginf
+
+    @property
+    def finite(self) -> bool:
+        return self.nonfinite == 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    def describe(self) -> str:
+        """One line: ``float32[4, 10]: 3 NaN, min -1.2, max 4.0, 2 zeros``.
+
+        >>> summarize(np.array([0.0, 1.0, np.nan])).describe()
+        'float64[3]: 1 NaN of 3, min 0, max 1, 1 zero'
+        """
+        parts = []
+        bad = [(self.nan, "NaN"), (self.posinf, "+Inf"), (self.neginf, "-Inf")]
+        bad_text = ", ".join(f"{n} {w}" for n, w in bad if n)
+        if bad_text:
+            parts.append(f"{bad_text} of {self.numel}")
+        if self.min is not None:
+            parts.append(f"min {fmt(self.min)}, max {fmt(self.max)}")
+        if self.zeros:
+            parts.append(f"{self.zeros} zero{'s' if self.zeros != 1 else ''}")
+        if self.negatives and self.min is not None and self.min < 0 and not parts[-1].startswith("min"):
+            parts.append(f"{self.negatives} negative")
+        shape = ", ".join(str(s) for s in self.shape)
+        return f"{self.dtype}[{shape}]: " + (", ".join(parts) if parts else "empty")
+
+
+def fmt(x: float | None) -> str:
+    """Short, exact-enough number formatting for evidence lines.
+
+    >>> fmt(0.0), fmt(65504.0), fmt(1e-08), fmt(3.14159265)
+    ('0', '65504', '1e-08', '3.142')
+    """
+    if x is None:
+        return "n/a"
+    if x != x:
+        return "NaN"
+    if x in (float("inf"), float("-inf")):
+        return "+Inf" if x > 0 else "-Inf"
+    if x == int(x) and abs(x) < 1e15:
+        return str(int(x))
+    return f"{x:.4g}"
+
+
+def summarize(array: np.ndarray, dtype: object | None = None) -> TensorSummary:
+    """Summarize an array; ``dtype`` names the framework dtype when the array was upcast.
+
+    >>> s = summarize(np.array([[1.0, np.inf], [0.0, -2.0]], dtype=np.float32))
+    >>> s.posinf, s.zeros, s.negatives, s.min, s.max
+    (1, 1, 1, -2.0, 1.0)
+    """
+    a = np.asarray(array)
+    name = dtype_name(dtype if dtype is not None else a.dtype)
+    numel = int(a.size)
+    if numel == 0:
+        return TensorSummary(tuple(a.shape), name, 0)
+    if a.dtype.kind not in "fc":
+        if a.dtype.kind == "b":
+            a = a.astype(np.int8)
+        flat = a.reshape(-1)
+        return TensorSummary(
+            tuple(a.shape), name, numel,
+            zeros=int(np.count_nonzero(flat == 0)), negatives=int(np.count_nonzero(flat < 0)),
+            min=float(flat.min()), max=float(flat.max()), absmax=float(np.abs(flat).max()),
+            mean=float(flat.mean()), std=float(flat.std()),
+        )
+    flat = a.reshape(-1)
+    if flat.dtype.kind == "c":
+        flat = np.abs(flat)
+    nan_mask = np.isnan(flat)
+    posinf = int(np.count_nonzero(np.isposinf(flat)))
+    neginf = int(np.count_nonzero(np.isneginf(flat)))
+    finite = flat[np.isfinite(flat)]
+    kw: dict = {}
+    if finite.size:
+        f64 = finite.astype(np.float64)
+        absf = np.abs(f64)
+        nz = absf[absf > 0]
+        kw = dict(
+            min=float(f64.min()), max=float(f64.max()), absmax=float(absf.max()),
+            absmin_nonzero=float(nz.min()) if nz.size else None,
+            mean=float(f64.mean()), std=float(f64.std()),
+        )
+    return TensorSummary(
+        tuple(a.shape), name, numel, nan=int(np.count_nonzero(nan_mask)), posinf=posinf,
+        neginf=neginf, zeros=int(np.count_nonzero(finite == 0)),
+        negatives=int(np.count_nonzero(finite < 0)), **kw,
+    )
+
+
+def bad_rows(array: np.ndarray, axis: int = 0) -> list[int]:
+    """Indices along ``axis`` (the batch) of the slices that hold any NaN/Inf.
+
+    >>> bad_rows(np.array([[1.0, 2.0], [np.nan, 0.0], [3.0, np.inf]]))
+    [1, 2]
+    """
+    a = np.asarray(array)
+    if a.ndim == 0 or a.dtype.kind not in "fc":
+        return []
+    bad = ~np.isfinite(a)
+    other = tuple(i for i in range(a.ndim) if i != axis % a.ndim)
+    return [int(i) for i in np.flatnonzero(bad.any(axis=other) if other else bad)]

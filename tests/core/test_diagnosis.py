@@ -1,0 +1,67 @@
+import json
+
+import numpy as np
+
+from nanscope.core.diagnosis import AuditReport, Diagnosis, Finding, Location, clean_report
+from nanscope.core.enums import Category, OpKind, Phase, Policy
+from nanscope.core.errors import NonFiniteError
+
+
+def _diag():
+    return Diagnosis(
+        Category.OP_DOMAIN, "log received 1 zero", phase="loss", op="aten::log",
+        location=Location("train.py", 42, "dice_loss"), dtype="float32", samples=[3], step=17,
+        evidence=["log input: min 0.0"], fixes=["clamp"], framework="torch",
+    )
+
+
+def test_json_matches_contract_and_round_trips():
+    d = _diag()
+    doc = json.loads(d.to_json())
+    assert doc["schema"] == 1 and doc["status"] == "nonfinite" and doc["framework"] == "torch"
+    inner = doc["diagnosis"]
+    for key in ("category", "phase", "op", "op_kind", "module", "location", "dtype", "samples", "step",
+                "summary", "evidence", "fixes"):
+        assert key in inner, key
+    assert inner["location"] == {"file": "train.py", "line": 42, "function": "dice_loss"}
+    assert inner["op_kind"] == "log"
+    back = Diagnosis.from_dict(doc)
+    assert back == d
+
+
+def test_text_rendering_names_everything():
+    text = str(_diag())
+    assert "op_domain" in text and "aten::log" in text and "train.py:42" in text and "samples 3" in text
+    assert "1. clamp" in text
+
+
+def test_strenums_accept_plain_strings():
+    assert Policy("skip") is Policy.SKIP
+    assert Diagnosis("overflow", "x", phase="forward").category is Category.OVERFLOW
+    assert OpKind.of("aten::native_batch_norm") is OpKind.BATCH_NORM
+    assert OpKind.of("SparseSoftmaxCrossEntropyWithLogits") is OpKind.CROSS_ENTROPY
+    assert OpKind.of("Sqrt") is OpKind.SQRT and OpKind.of("aten::sqrt.default") is OpKind.SQRT
+    assert Phase("backward") is Phase.BACKWARD
+
+
+def test_audit_report_problems_first_and_exit_codes():
+    warn = Finding(Category.UNKNOWN, "constant image", where_found={"file": "a.png"}, severity="warning")
+    err = Finding(Category.INVALID_TARGET, "every pixel ignored", where_found={"file": "m.png"}, samples=[7])
+    rep = AuditReport([warn, err], stats={"pixels": {"mean": 0.5}})
+    assert rep.exit_code == 1 and rep.to_dict()["status"] == "problems"
+    text = str(rep)
+    assert text.index("every pixel ignored") < text.index("constant image")
+    assert rep.to_dict()["findings"][1]["where"] == {"file": "m.png"}
+    assert AuditReport.from_dict(json.loads(json.dumps(rep.to_dict()))).to_dict() == rep.to_dict()
+    assert AuditReport([warn]).exit_code == 0
+    assert clean_report("keras") == {"schema": 1, "status": "clean", "framework": "keras", "diagnosis": None}
+
+
+def test_nonfinite_error_carries_diagnosis_and_pickles():
+    import pickle
+
+    err = NonFiniteError(_diag())
+    again = pickle.loads(pickle.dumps(err))
+    assert again.diagnosis.category is Category.OP_DOMAIN
+    assert "op_domain" in str(again)
+    assert np.isfinite(1.0)

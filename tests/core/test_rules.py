@@ -1,0 +1,86 @@
+"""The rules on evidence computed with numpy, the way the framework tracers collect it."""
+
+import numpy as np
+import pytest
+
+from nanscope.core.enums import Category, Phase
+from nanscope.core.rules import ProducerEvidence, classify_producer, norm_statistics_problems
+from nanscope.core.summary import bad_rows, summarize
+from nanscope.core.trend import is_exploding
+
+
+def ev(op, phase, inputs, output, **kw):
+    with np.errstate(all="ignore"):
+        return classify_producer(ProducerEvidence(op, phase, [summarize(x) for x in inputs], summarize(output), **kw))
+
+
+def test_log_of_zero_is_op_domain():
+    p = np.array([[0.9, 0.1, 0.0], [0.3, 0.3, 0.4]], dtype=np.float32)
+    with np.errstate(all="ignore"):
+        d = ev("aten::log", Phase.LOSS, [p], np.log(p), samples=bad_rows(np.log(p)))
+    assert d.category is Category.OP_DOMAIN and d.op_kind == "log" and d.samples == [0]
+    assert "1 zero" in d.summary and "log_softmax" in d.fixes[0]
+
+
+def test_division_by_zero():
+    x, y = np.ones(4, np.float32), np.array([1, 0, 2, 0], np.float32)
+    with np.errstate(all="ignore"):
+        d = ev("RealDiv", Phase.FORWARD, [x, y], x / y, framework="keras")
+    assert d.category is Category.OP_DOMAIN and d.op_kind == "div" and "x/0" in d.summary
+    assert "divide_no_nan" in d.fixes[0]
+
+
+def test_float16_overflow_names_dtype_and_limit():
+    x = np.full((2, 4), 300.0, np.float16)
+    w = np.full((4, 4), 100.0, np.float16)
+    with np.errstate(all="ignore"):
+        out = x @ w
+    d = ev("aten::addmm", Phase.FORWARD, [x, w], out, module="head.fc")
+    assert d.category is Category.OVERFLOW and d.dtype == "float16" and "65504" in d.summary
+    assert "float32" in d.fixes[0] and "head.fc" in d.fixes[0]
+
+
+def test_all_masked_softmax():
+    s = np.array([[0.0, -np.inf], [-np.inf, -np.inf]], np.float32)
+    d = ev("aten::_softmax", Phase.FORWARD, [s], np.array([[1, 0], [np.nan, np.nan]], np.float32), all_masked_rows=[1], samples=[1])
+    assert d.category is Category.ALL_MASKED_SOFTMAX and d.samples == [1]
+
+
+def test_all_ignored_targets():
+    logits = np.zeros((2, 3), np.float32)
+    d = ev("aten::nll_loss_nd", Phase.LOSS, [logits], np.array(np.nan, np.float32), valid_targets=0, ignore_index=255)
+    assert d.category is Category.INVALID_TARGET and "255" in d.evidence[0]
+
+
+def test_backward_of_sqrt_at_zero_is_singular_gradient():
+    x = np.array([0.0, 1.0], np.float32)
+    d = ev("SqrtBackward0", Phase.BACKWARD, [x], np.array([np.inf, 0.5], np.float32), forward_op="aten::sqrt",
+           forward_inputs=[summarize(x)])
+    assert d.category is Category.SINGULAR_GRADIENT and "safe_sqrt" in d.fixes[0]
+
+
+@pytest.mark.parametrize("op,x", [("aten::acos", np.array([1.5], np.float32)), ("aten::sqrt", np.array([-1.0], np.float32)),
+                                  ("aten::pow", np.array([-8.0], np.float32))])
+def test_domain_errors(op, x):
+    with np.errstate(all="ignore"):
+        out = {"aten::acos": np.arccos, "aten::sqrt": np.sqrt, "aten::pow": lambda a: np.power(a, 0.5)}[op](x)
+    assert ev(op, Phase.FORWARD, [x], out).category is Category.OP_DOMAIN
+
+
+def test_exp_overflow_float32():
+    x = np.array([100.0, 1.0], np.float32)
+    with np.errstate(all="ignore"):
+        d = ev("aten::exp", Phase.FORWARD, [x], np.exp(x))
+    assert d.category is Category.OVERFLOW and "max" in d.fixes[0]
+
+
+def test_norm_statistics_problems():
+    ok = norm_statistics_problems(summarize(np.zeros(3)), summarize(np.ones(3)))
+    assert ok == []
+    bad = norm_statistics_problems(summarize(np.zeros(3)), summarize(np.array([np.inf, 1e9, 1.0])))
+    assert any("+Inf" in b for b in bad) and any("extreme" in b for b in bad)
+
+
+def test_trend_tells_explosion_from_one_off():
+    assert is_exploding([1.0, 1.2, 3.0, 30.0, 900.0])
+    assert not is_exploding([1.0, 1.2, 0.9, 1.1, 1.0])
