@@ -166,13 +166,16 @@ class Diagnosis:
 
         body = Text()
         if w := self.where():
-            body.append("where  ", style="bold") ; body.append(w + "\n")
+            body.append("where  ", style="bold")
+            body.append(w + "\n")
         if self.samples:
-            body.append("samples  ", style="bold"); body.append(_samples_text(self.samples) + "\n")
+            body.append("samples  ", style="bold")
+            body.append(_samples_text(self.samples) + "\n")
         for e in self.evidence:
             body.append("• " + e + "\n", style="dim")
         for i, f in enumerate(self.fixes, 1):
-            body.append(f"{i}. ", style="bold green"); body.append(f + "\n")
+            body.append(f"{i}. ", style="bold green")
+            body.append(f + "\n")
         yield Panel(body, title=f"[bold red]{self.category}[/] {self.summary}")
 
 
