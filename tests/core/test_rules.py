@@ -84,3 +84,23 @@ def test_norm_statistics_problems():
 def test_trend_tells_explosion_from_one_off():
     assert is_exploding([1.0, 1.2, 3.0, 30.0, 900.0])
     assert not is_exploding([1.0, 1.2, 0.9, 1.1, 1.0])
+
+
+def test_loss_scale_collapse_below_one_and_in_a_row():
+    from nanscope.core.rules import loss_scale_collapse
+
+    scales = [2.0 ** (4 - i) for i in range(6)]  # 16 .. 0.5, every step skipped
+    d = loss_scale_collapse(scales, list(range(6)), bad_parameters=["ffn.wo.weight"], nonfinite_loss_steps=6)
+    assert d.category is Category.OVERFLOW and d.phase is Phase.FORWARD and d.dtype == "float16"
+    assert d.module == "ffn.wo" and "locate_overflow" in d.fixes[0] and "bfloat16" in d.fixes[1]
+    healthy = [65536.0, 32768.0, 32768.0, 32768.0]
+    assert loss_scale_collapse(healthy, [1]) is None
+    many = [1024.0] * 10
+    assert loss_scale_collapse(many, list(range(10)), max_consecutive=8).phase is Phase.BACKWARD
+
+
+def test_overflow_fix_names_the_module_to_keep_in_float32():
+    from nanscope.core.fixes import fixes_for
+
+    f = fixes_for(Category.OVERFLOW, framework="torch", module="block.ffn.wo", dtype="float16")
+    assert "model.block.ffn.wo(x.float())" in f[0] and "bfloat16" in f[1]

@@ -80,8 +80,8 @@ def fixes_for(
         if dtype == "float16":
             fixes.append(
                 f"keep this module in float32{at}: "
-                + ("wrap its forward in `with torch.autocast(device_type, enabled=False): y = module(x.float())`" if t
-                   else "give the layer `dtype='float32'` under mixed_float16")
+                + (f"wrap its forward in `with torch.autocast(device_type, enabled=False): y = {('model.' + module) if module else 'module'}(x.float())`" if t
+                   else f"give the layer {('`' + module + '` ') if module else ''}`dtype='float32'` under mixed_float16")
             )
             fixes.append("train in bfloat16 instead of float16 (same range as float32)")
             fixes.append("scale down the branch that grows: normalize before it, or scale residual additions")
@@ -134,3 +134,22 @@ def fixes_for(
             "use `nanscope.losses.masked_softmax` (returns zeros for fully masked rows), or mask with a large negative number (-1e4 in float16) instead of -inf",
         ]
     return ["run `nanscope run` on the script or `diagnose(...)` on the failing batch for a per-op trace"]
+
+
+def loss_scale_fixes(framework: str | None = "torch", *, forward_overflow: bool = False) -> list[str]:
+    """What to do when the dynamic loss scale collapses (every step skipped, scale halving).
+
+    >>> loss_scale_fixes("torch")[0].startswith("find the layer")
+    True
+    """
+    t = framework not in (_K, "keras", "tensorflow", "tf")
+    locate = ("`nanscope.torch.amp.locate_overflow(model, inputs, dtype=torch.float16)`" if t
+              else "`nanscope.keras.headroom(model, batch)`")
+    fixes = [
+        f"find the layer whose float16 output or gradient is Inf at every scale: {locate}, then keep it in float32",
+        "train in bfloat16 instead of float16: no loss scaling is needed and the range is float32's",
+        "check the loss itself: a loss that is already Inf/NaN in float32 makes every step skip (run `nanscope run` in float32)",
+    ]
+    if forward_overflow:
+        fixes[0] = "the forward pass overflows float16 whatever the scale: " + fixes[0]
+    return fixes

@@ -8,6 +8,7 @@ Entry points:
     classify_producer(ProducerEvidence)  the first op that produced NaN/Inf -> Diagnosis
     nonfinite_input(...), nonfinite_parameters(...), corrupt_norm_statistics(...),
     optimizer_state(...), exploding_gradients(...)  state- and data-level diagnoses
+    loss_scale_collapse(...)  a dynamic loss scale (GradScaler, LossScaleOptimizer) that collapsed
     norm_statistics_problems(...)  what is wrong with one normalization layer's statistics
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 from nanscope.core.diagnosis import Diagnosis, Location
 from nanscope.core.enums import Category, OpKind, Phase
-from nanscope.core.fixes import fixes_for
+from nanscope.core.fixes import fixes_for, loss_scale_fixes
 from nanscope.core.limits import limits
 from nanscope.core.summary import TensorSummary, fmt
 
@@ -308,4 +309,53 @@ def exploding_gradients(
         summary="gradients grew over several steps until they overflowed" + (f" (learning rate {lr:g})" if lr is not None else ""),
         evidence=ev, fixes=fixes_for(Category.EXPLODING_GRADIENTS, framework=fw),
         details={"grad_norms": [float(n) for n in norms[-32:]]},
+    )
+
+
+def loss_scale_collapse(
+    scales: list[float], skipped_steps: list[int], *, bad_parameters: list[str] | None = None,
+    nonfinite_loss_steps: int = 0, framework: str = "torch", step: int | None = None,
+    dtype: str = "float16", min_scale: float = 1.0, max_consecutive: int = 8,
+) -> Diagnosis | None:
+    """A dynamic loss scale that keeps halving: every step is skipped and training stalls.
+
+    ``scales`` is the scale after each optimizer step (oldest first), ``skipped_steps`` the
+    steps whose update was not applied. Collapse means the scale fell below ``min_scale`` or
+    the last ``max_consecutive`` steps were all skipped; None otherwise.
+
+    >>> d = loss_scale_collapse([8.0, 4.0, 2.0, 1.0, 0.5], [0, 1, 2, 3, 4])
+    >>> d.category, d.dtype, "0.5" in d.summary
+    (<Category.OVERFLOW: 'overflow'>, 'float16', True)
+    >>> loss_scale_collapse([65536.0, 32768.0, 32768.0], [1]) is None
+    True
+    """
+    if not scales:
+        return None
+    run = 0
+    skipped = set(skipped_steps)
+    last = step if step is not None else len(scales) - 1
+    for s in range(last, -1, -1):
+        if s not in skipped:
+            break
+        run += 1
+    if scales[-1] >= min_scale and run < max_consecutive:
+        return None
+    fw = _NAMES.get(framework, framework)
+    bad = list(bad_parameters or [])
+    ev = ["loss scale history (oldest first): " + ", ".join(fmt(x) for x in scales[-12:]),
+          f"{len(skipped)} of {len(scales)} steps skipped; the last {run} in a row"]
+    if nonfinite_loss_steps:
+        ev.append(f"the loss itself was non-finite in {nonfinite_loss_steps} skipped step{'s' if nonfinite_loss_steps != 1 else ''}: "
+                  "the forward pass overflows whatever the scale")
+    if bad:
+        ev.append(f"{len(bad)} parameter{'s' if len(bad) != 1 else ''} with non-finite gradients: {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}")
+    why = f"scale {fmt(scales[-1])} < {fmt(min_scale)}" if scales[-1] < min_scale else f"{run} steps skipped in a row"
+    return Diagnosis(
+        category=Category.OVERFLOW, phase=Phase.FORWARD if nonfinite_loss_steps else Phase.BACKWARD,
+        framework=fw, dtype=dtype, step=step if step is not None else len(scales) - 1,
+        module=bad[0].rsplit(".", 1)[0] if bad and "." in bad[0] else None,
+        summary=f"the loss scale collapsed ({why}): {dtype} overflows at every scale, so no update is applied",
+        evidence=ev, fixes=loss_scale_fixes(fw, forward_overflow=bool(nonfinite_loss_steps)),
+        details={"scales": [float(x) for x in scales[-64:]], "skipped_steps": sorted(skipped)[-64:],
+                 "bad_parameters": bad[:50]},
     )
