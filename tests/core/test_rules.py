@@ -81,6 +81,12 @@ def test_norm_statistics_problems():
     assert any("+Inf" in b for b in bad) and any("extreme" in b for b in bad)
 
 
+def test_norm_statistics_problems_in_keras_names():
+    bad = norm_statistics_problems(summarize(np.array([np.nan, 0.0])), summarize(np.array([1.0, -2.0])),
+                                   names=("moving_mean", "moving_variance"))
+    assert bad == ["moving_mean: 1 NaN of 2", "moving_variance: 1 negative (min -2)"]
+
+
 def test_trend_tells_explosion_from_one_off():
     assert is_exploding([1.0, 1.2, 3.0, 30.0, 900.0])
     assert not is_exploding([1.0, 1.2, 0.9, 1.1, 1.0])

@@ -124,6 +124,9 @@ def _decide(ev: ProducerEvidence, k: OpKind, evidence: list[str]) -> tuple[Categ
         fk = OpKind.of(ev.forward_op) if ev.forward_op else k
         at_zero = [s for s in ev.forward_inputs if s.zeros]
         name = ev.forward_op or ev.op
+        if ev.details.get("where_trap"):  # checked first: the forward op itself may be sqrt/log
+            evidence.insert(0, "the NaN comes from the branch `where` discarded in the forward pass")
+            return Category.SINGULAR_GRADIENT, f"the gradient through where is {made}: {fk} was NaN/Inf in the discarded branch (the where trap)"
         if at_zero or fk in (OpKind.SQRT, OpKind.RSQRT, OpKind.POW, OpKind.LOG, OpKind.DIV, OpKind.ACOS, OpKind.ASIN):
             zeros = sum(s.zeros for s in at_zero)
             evidence.insert(0, f"forward {name} was finite; its derivative is not" + (f" at {_plural(zeros, 'input')} == 0" if zeros else ""))
@@ -229,8 +232,14 @@ def nonfinite_parameters(
     )
 
 
-def norm_statistics_problems(mean: TensorSummary | None, var: TensorSummary | None, *, extreme: float = 1e6) -> list[str]:
+def norm_statistics_problems(
+    mean: TensorSummary | None, var: TensorSummary | None, *, extreme: float = 1e6,
+    names: tuple[str, str] = ("running_mean", "running_var"),
+) -> list[str]:
     """What is wrong with one normalization layer's running statistics (empty: nothing).
+
+    ``names`` spells the two statistics in the user's framework (Keras:
+    ``("moving_mean", "moving_variance")``).
 
     >>> import numpy as np
     >>> from nanscope.core.summary import summarize
@@ -238,14 +247,15 @@ def norm_statistics_problems(mean: TensorSummary | None, var: TensorSummary | No
     ['running_var: 1 NaN of 4', 'running_var: 1 negative (min -1)']
     """
     out = []
-    for label, s in (("running_mean", mean), ("running_var", var)):
+    mean_name, var_name = names
+    for label, s in ((mean_name, mean), (var_name, var)):
         if s is None:
             continue
         bad = [(s.nan, "NaN"), (s.posinf, "+Inf"), (s.neginf, "-Inf")]
         if s.nonfinite:
             out.append(f"{label}: " + ", ".join(f"{n} {w}" for n, w in bad if n) + f" of {s.numel}")
-        if label == "running_var" and s.negatives:
-            out.append(f"running_var: {s.negatives} negative (min {fmt(s.min)})")
+        if label == var_name and s.negatives:
+            out.append(f"{var_name}: {s.negatives} negative (min {fmt(s.min)})")
         if s.absmax is not None and s.absmax > extreme:
             out.append(f"{label}: extreme values (max |x| {fmt(s.absmax)})")
     return out
