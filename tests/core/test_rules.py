@@ -110,3 +110,15 @@ def test_overflow_fix_names_the_module_to_keep_in_float32():
 
     f = fixes_for(Category.OVERFLOW, framework="torch", module="block.ffn.wo", dtype="float16")
     assert "model.block.ffn.wo(x.float())" in f[0] and "bfloat16" in f[1]
+
+
+def test_where_trap_is_named_even_when_the_forward_op_is_sqrt():
+    # where(x > 0, sqrt(x), 0) with x < 0: sqrt made NaN in the discarded branch; its backward
+    # multiplied the zero gradient by it. The where trap must be said, not "sqrt at 0".
+    x = np.array([-1.0, 4.0], np.float32)
+    with np.errstate(invalid="ignore"):
+        y = np.sqrt(x)
+    d = ev("SqrtBackward0", Phase.BACKWARD, [x], y, forward_op="aten::sqrt",
+           forward_inputs=[summarize(x)], details={"where_trap": True})
+    assert d.category is Category.SINGULAR_GRADIENT
+    assert "where trap" in d.summary and "discarded" in d.evidence[0]
