@@ -1,0 +1,84 @@
+"""Small torch helpers shared by nanscope's PyTorch modules: tensor -> numpy summaries,
+walking nested batches, module names.
+
+Design constraints: only used to explain a failure or in the cheap boundary checks; never
+changes a tensor it looks at (everything works on detached copies); imports torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanscope.core.summary import TensorSummary, bad_rows, summarize
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A detached CPU numpy copy; bfloat16 (which numpy lacks) goes through float32."""
+    t = t.detach()
+    if t.is_complex():
+        t = t.abs()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_sparse or t.layout != torch.strided:
+        t = t.to_dense()
+    return t.numpy()
+
+
+def summary_of(t: torch.Tensor) -> TensorSummary:
+    """``nanscope.core.summary.summarize`` of a tensor, with the tensor's own dtype name."""
+    return summarize(to_numpy(t), str(t.dtype))
+
+
+def samples_of(t: torch.Tensor) -> list[int]:
+    """Batch indices (dim 0) of the slices holding NaN/Inf."""
+    if t.dim() == 0 or not t.is_floating_point():
+        return []
+    return bad_rows(to_numpy(t))
+
+
+def is_float(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True if ``t`` holds no NaN/Inf (integer tensors always do)."""
+    if not is_float(t) or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.detach()).all())
+
+
+def named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every tensor in a nested tuple / list / dict.
+
+    >>> [n for n, _ in named_tensors({"image": torch.zeros(1), "extra": [torch.ones(1)]}, "inputs")]
+    ['inputs["image"]', 'inputs["extra"][0]']
+    """
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from named_tensors(v, f"{prefix}[{k!r}]".replace("'", '"'))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from named_tensors(v, f"{prefix}[{i}]")
+
+
+def module_names(model: torch.nn.Module | None) -> dict[int, str]:
+    """``id(module) -> dotted path`` within ``model`` (the root itself is ``""``)."""
+    if model is None:
+        return {}
+    return {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+
+
+def is_norm_layer(m: torch.nn.Module) -> bool:
+    return isinstance(m, torch.nn.modules.batchnorm._NormBase)
+
+
+def is_loss_module(m: torch.nn.Module) -> bool:
+    return isinstance(m, torch.nn.modules.loss._Loss)

@@ -1,0 +1,546 @@
+"""Per-op tracing: find the first op that *produced* a non-finite value and explain it.
+
+``trace_step(fn)`` runs one step (forward + loss + backward) under a ``TorchDispatchMode``
+that sees every aten op, including the ones autograd runs in backward, and keeps, for every
+non-finite tensor, the *origin* of its bad values:
+
+* a **producer**: an op whose output is non-finite while its inputs were finite (or only
+  held legitimate ``-inf``); its evidence (input / output summaries, samples, loss context)
+  is taken at once, before later in-place ops can change the tensors;
+* a **propagator** inherits the origin of its first bad input and is never named;
+* **legitimate** infinities (``masked_fill(mask, -inf)``, ``full(-inf)``, anything built
+  from an infinite constant) are not failures; the op that turns them into NaN (a softmax
+  over an all ``-inf`` row) is the producer;
+* an **external** non-finite tensor (a parameter, a buffer, the batch) was bad before the
+  step: the state / data checks name it.
+
+A non-finite value is a failure only when it reaches something that matters: the value
+``fn`` returns (the loss), the model's output, or a gradient of a leaf (parameters). The
+diagnosis names the earliest origin among those. A NaN that only lives in the branch
+``torch.where`` threw away is harmless until it poisons a gradient: that is the where trap
+(``singular_gradient``). Backward producers are tied to the forward op they differentiate
+through ``torch._C._current_autograd_node()`` and the forward outputs' ``grad_fn``.
+
+Design constraints: this is the slow, thorough path, run only to explain a failure; every
+hook is removed in ``finally``; nothing here changes the numbers it observes (the traced
+ops run exactly as they would; evidence works on detached copies). The same ``Analyzer``
+serves ``nanscope run`` (``nanscope.torch.runner``), which records ops cheaply and replays
+them through it only once something went non-finite.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.modules import module as _nn_module
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from nanscope.core import rules
+from nanscope.core.diagnosis import Diagnosis, Location
+from nanscope.core.enums import Category, OpKind, Phase
+from nanscope.core.source import is_user_file, location_from_stack
+from nanscope.core.summary import summarize
+from nanscope.torch._util import (
+    is_float,
+    is_loss_module,
+    module_names,
+    named_tensors,
+    samples_of,
+    summary_of,
+)
+
+__all__ = ["trace_step"]
+
+# Arithmetic ops whose Python-number operands are quoted as evidence (x / 0.0).
+_ARITH = (OpKind.DIV, OpKind.MUL, OpKind.ADD, OpKind.SUB, OpKind.POW)
+
+
+def op_name(func: Any) -> str:
+    """``aten.log.default`` -> ``aten::log``."""
+    name = getattr(func, "_schema", None)
+    if name is not None:
+        return str(name.name)
+    return str(func)
+
+
+def _short(func: Any) -> str:
+    return op_name(func).split("::")[-1]
+
+
+# -- where the user is ------------------------------------------------------------------------
+
+_USER_FILE: dict[str, bool] = {}
+
+
+def user_frame() -> tuple[str, int, str] | None:
+    """``(file, line, function)`` of the innermost user frame, cheap enough to call per op:
+    the "is this a framework file?" answer is cached per file name."""
+    f = sys._getframe(1)
+    while f is not None:
+        code = f.f_code
+        name = code.co_filename
+        ok = _USER_FILE.get(name)
+        if ok is None:
+            ok = _USER_FILE[name] = is_user_file(name)
+        if ok:
+            return (name, f.f_lineno, code.co_name)
+        f = f.f_back
+    return None
+
+
+def _location(frame: tuple[str, int, str] | None) -> Location | None:
+    return location_from_stack([frame]) if frame else None
+
+
+# -- modules and phases -----------------------------------------------------------------------
+
+
+class ModuleTracker:
+    """Which module is running (a stack) and whether the model's forward has returned.
+
+    Global module forward hooks (no per-module hooks), installed by ``install`` and removed
+    by ``remove``. ``model`` fixes the root; without it the outermost module called is.
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None) -> None:
+        self.model = model
+        self.stack: list[torch.nn.Module] = []
+        self.root: torch.nn.Module | None = model
+        self.root_done = False
+        self.root_outputs: list[torch.Tensor] = []
+        self._names: dict[int, dict[int, str]] = {}
+        self._in_model: dict[int, bool] = {}
+        self._handles: list[Any] = []
+        self.on_root_done: Callable[[Any], None] | None = None
+
+    def install(self) -> None:
+        self._handles = [
+            _nn_module.register_module_forward_pre_hook(self._pre),
+            _nn_module.register_module_forward_hook(self._post, always_call=True),
+        ]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _pre(self, module: torch.nn.Module, args: Any) -> None:
+        if not self.stack and (self.model is None or module is self.model):
+            if self.model is None:
+                self.root = module
+            self.root_done = False
+        self.stack.append(module)
+
+    def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+        elif module in self.stack:  # an exception skipped some pops
+            del self.stack[self.stack.index(module):]
+        if module is self.root and module not in self.stack:
+            self.root_done = True
+            self.root_outputs = [t for _, t in named_tensors(output, "output") if is_float(t)]
+            if self.on_root_done is not None:
+                self.on_root_done(output)
+
+    def new_step(self) -> None:
+        self.root_done = False
+        self.root_outputs = []
+
+    def names(self, root: torch.nn.Module | None) -> dict[int, str]:
+        if root is None:
+            return {}
+        got = self._names.get(id(root))
+        if got is None:
+            got = self._names[id(root)] = module_names(root)
+        return got
+
+    def current(self) -> torch.nn.Module | None:
+        return self.stack[-1] if self.stack else None
+
+    def phase(self, backward: bool) -> Phase:
+        if backward:
+            return Phase.BACKWARD
+        if not self.stack:
+            return Phase.LOSS if self.root_done else Phase.FORWARD
+        names = self.names(self.root)
+        for m in self.stack:
+            if is_loss_module(m) or (names and id(m) not in names):
+                return Phase.LOSS
+        return Phase.FORWARD
+
+    def path(self, module: torch.nn.Module | None, root: torch.nn.Module | None) -> str | None:
+        if module is None:
+            return None
+        name = self.names(root).get(id(module))
+        if name is None:
+            return type(module).__name__
+        return name or None  # the root itself has no path
+
+
+# -- events and origins -----------------------------------------------------------------------
+
+
+@dataclass
+class Event:
+    """One aten op as the tracer saw it."""
+
+    index: int
+    func: Any
+    args: tuple
+    kwargs: dict
+    outputs: list[torch.Tensor]
+    phase: Phase
+    module: torch.nn.Module | None = None
+    root: torch.nn.Module | None = None
+    frame: tuple[str, int, str] | None = None
+    node: Any = None  # autograd node running this op (backward only)
+    inputs_finite: list[bool] | None = None  # taken before an in-place op changed them
+
+    @property
+    def name(self) -> str:
+        return op_name(self.func)
+
+    def tensor_inputs(self) -> list[torch.Tensor]:
+        ins = [t for _, t in named_tensors(list(self.args), "a")]
+        ins += [t for _, t in named_tensors(self.kwargs, "k")]
+        return ins
+
+
+@dataclass
+class Origin:
+    """Where the bad values of a tensor came from."""
+
+    kind: str  # "producer", "external" or "legit"
+    event: Event
+    tensor: torch.Tensor | None = None  # the external tensor
+    evidence: rules.ProducerEvidence | None = None
+    first_backward: Event | None = None
+    details: dict = field(default_factory=dict)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    if not is_float(t) or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _has_nan(t: torch.Tensor) -> bool:
+    return is_float(t) and bool(torch.isnan(t).any())
+
+
+def _has_posinf(t: torch.Tensor) -> bool:
+    return is_float(t) and bool((t == math.inf).any())
+
+
+def _scalar_inf(args: tuple, kwargs: dict) -> bool:
+    vals = list(args) + list(kwargs.values())
+    return any(isinstance(v, float) and math.isinf(v) for v in vals)
+
+
+class Analyzer:
+    """Follows the origin of every non-finite tensor through a sequence of ``Event`` s."""
+
+    def __init__(self, tracker: ModuleTracker, *, step: int | None = None) -> None:
+        self.tracker = tracker
+        self.step = step
+        self.taint: dict[int, tuple[torch.Tensor, Origin]] = {}
+        self.forward_events: list[Event] = []
+        self._node_map: dict[int, Event] | None = None
+        self.leaves: dict[int, torch.Tensor] = {}
+
+    # lookups
+    def origin_of(self, t: torch.Tensor) -> Origin | None:
+        hit = self.taint.get(id(t))
+        return hit[1] if hit is not None and hit[0] is t else None
+
+    def _mark(self, t: torch.Tensor, origin: Origin) -> None:
+        self.taint[id(t)] = (t, origin)
+
+    def forward_of(self, node: Any) -> Event | None:
+        if node is None:
+            return None
+        if self._node_map is None:
+            self._node_map = {}
+            for ev in self.forward_events:
+                for o in ev.outputs:
+                    fn = o.grad_fn
+                    if fn is not None and id(fn) not in self._node_map:
+                        self._node_map[id(fn)] = ev
+        return self._node_map.get(id(node))
+
+    # the core step
+    def observe(self, ev: Event, outputs_finite: list[bool] | None = None) -> None:
+        if ev.phase is not Phase.BACKWARD:
+            self.forward_events.append(ev)
+            self._node_map = None
+            for t in ev.tensor_inputs():
+                if t.requires_grad and t.is_leaf and is_float(t):
+                    self.leaves.setdefault(id(t), t)
+        fin = outputs_finite if outputs_finite is not None else [_finite(o) for o in ev.outputs]
+        if all(fin):
+            for o in ev.outputs:  # an in-place op may have repaired a tensor
+                self.taint.pop(id(o), None)
+            return
+        ins = ev.tensor_inputs()
+        in_fin = ev.inputs_finite if ev.inputs_finite is not None else [_finite(t) for t in ins]
+        bad_origin: Origin | None = None
+        legit_in = False
+        for t, ok in zip(ins, in_fin, strict=False):
+            if ok:
+                continue
+            o = self.origin_of(t)
+            if o is None:
+                # Bad before we saw it: an infinity-only constant (a mask) is legitimate;
+                # anything else is external state or data.
+                legit = not _has_nan(t) and not _has_posinf(t)
+                o = Origin("legit" if legit else "external", ev, tensor=t)
+                self._mark(t, o)
+            if o.kind == "legit":
+                legit_in = True
+            elif bad_origin is None:
+                bad_origin = o
+        bad_outs = [o for o, ok in zip(ev.outputs, fin, strict=False) if not ok]
+        if bad_origin is not None:
+            if ev.phase is Phase.BACKWARD and bad_origin.first_backward is None:
+                bad_origin.first_backward = ev
+            for o in bad_outs:
+                self._mark(o, bad_origin)
+            return
+        no_nan = not any(_has_nan(o) for o in bad_outs)
+        if no_nan and (legit_in or _scalar_inf(ev.args, ev.kwargs) or not ins):
+            origin = Origin("legit", ev)
+        else:
+            origin = Origin("producer", ev, evidence=self._evidence(ev, bad_outs[0], ins, in_fin))
+        for o in bad_outs:
+            self._mark(o, origin)
+
+    # evidence at the producer, taken while its tensors are as the op saw them
+    def _evidence(self, ev: Event, out: torch.Tensor, ins: list[torch.Tensor],
+                  in_fin: list[bool]) -> rules.ProducerEvidence:
+        name = ev.name
+        kind = OpKind.of(name)
+        summaries = [summary_of(t) for t in ins if is_float(t)]
+        if kind in _ARITH:
+            summaries = []
+            for a in ev.args:
+                if isinstance(a, torch.Tensor) and is_float(a):
+                    summaries.append(summary_of(a))
+                elif isinstance(a, (int, float)) and not isinstance(a, bool):
+                    summaries.append(summarize(np.array(float(a), dtype=np.float64), out.dtype))
+        module = self.tracker.path(ev.module, ev.root)
+        evidence = rules.ProducerEvidence(
+            op=name, phase=ev.phase, inputs=summaries, output=summary_of(out), framework="torch",
+            op_kind=kind, module=module, location=_location(ev.frame), samples=samples_of(out),
+            step=self.step,
+        )
+        short = _short(ev.func)
+        if short.startswith("nll_loss") and len(ev.args) >= 2:
+            self._loss_context(evidence, ev)
+        elif short in ("_softmax", "_log_softmax", "logsumexp", "_safe_softmax") and ins:
+            x, dim = ev.args[0], ev.args[1] if len(ev.args) > 1 else -1
+            if isinstance(dim, (list, tuple)):
+                dim = dim[0] if dim else -1
+            masked = (x.detach() == -math.inf).all(dim=dim)
+            if masked.any():
+                rows = masked.reshape(masked.shape[0], -1).any(1) if masked.dim() > 0 else masked.reshape(1)
+                evidence.all_masked_rows = [int(i) for i in torch.nonzero(rows).flatten()]
+                evidence.samples = list(evidence.all_masked_rows)
+                evidence.extra_evidence.append(
+                    f"{int(masked.sum())} of {masked.numel()} softmax rows are entirely -Inf")
+        if ev.phase is Phase.BACKWARD:
+            self._backward_context(evidence, ev)
+        return evidence
+
+    def _loss_context(self, evidence: rules.ProducerEvidence, ev: Event) -> None:
+        logits, target = ev.args[0], ev.args[1]
+        ignore = ev.args[4] if len(ev.args) > 4 else -100
+        if not isinstance(target, torch.Tensor):
+            return
+        valid = target != ignore
+        evidence.valid_targets = int(valid.sum())
+        evidence.ignore_index = int(ignore)
+        evidence.target = summary_of(target)
+        evidence.num_classes = int(logits.shape[1] if logits.dim() > 1 else logits.shape[0])
+        if target.dim() >= 1 and logits.dim() > 1:
+            per_sample = valid.reshape(target.shape[0], -1).sum(1)
+            evidence.samples = [int(i) for i in torch.nonzero(per_sample == 0).flatten()]
+            evidence.details["valid_targets_per_sample"] = [int(v) for v in per_sample[:64]]
+
+    def _backward_context(self, evidence: rules.ProducerEvidence, ev: Event) -> None:
+        node = ev.node
+        evidence.op = node.name() if node is not None else evidence.op
+        fwd = self.forward_of(node)
+        if fwd is None:
+            return
+        evidence.forward_op = fwd.name
+        evidence.op_kind = OpKind.of(fwd.name)
+        evidence.forward_inputs = [summary_of(t) for t in fwd.tensor_inputs() if is_float(t)]
+        # Quote the forward op's inputs as "the inputs" (that is what the user wrote); the
+        # backward op's own operands go to the evidence under their real name.
+        evidence.extra_evidence.append(
+            f"{evidence.op} ({ev.name}) operands: " + "; ".join(s.describe() for s in evidence.inputs))
+        evidence.inputs = list(evidence.forward_inputs)
+        evidence.module = self.tracker.path(fwd.module, fwd.root)
+        evidence.location = _location(fwd.frame) or evidence.location
+        fwd_samples = [s for t in fwd.tensor_inputs() for s in _zero_rows(t)]
+        if fwd_samples:
+            evidence.samples = sorted(set(fwd_samples))
+
+    # from an origin to a diagnosis
+    def diagnose(self, origin: Origin, *, reached: str) -> Diagnosis:
+        ev = origin.event
+        if origin.kind == "external":
+            return self._external(origin)
+        assert origin.evidence is not None
+        evidence = origin.evidence
+        if reached == "gradient" and ev.phase is not Phase.BACKWARD:
+            # A forward NaN that never reached the loss but poisoned a gradient: where trap.
+            evidence = _where_trap(evidence, origin)
+        d = rules.classify_producer(evidence)
+        d.details.setdefault("reached", reached)
+        return d
+
+    def _external(self, origin: Origin) -> Diagnosis:
+        from nanscope.torch.checks import check_model_state
+
+        t = origin.tensor
+        ev = origin.event
+        root = self.tracker.model or ev.root
+        if root is not None:
+            owned = any(p is t for p in root.parameters()) or any(b is t for b in root.buffers())
+            if owned:
+                d = check_model_state(root, step=self.step)
+                if d is not None:
+                    return d
+        assert t is not None
+        if isinstance(t, torch.nn.Parameter):
+            return rules.nonfinite_parameters({"parameter": summary_of(t)}, framework="torch", step=self.step)
+        d = rules.nonfinite_input("inputs", summary_of(t), samples_of(t), framework="torch", step=self.step)
+        d.location = _location(ev.frame)
+        where = self.tracker.path(ev.module, ev.root)
+        d.evidence.append(f"first op to read it: {ev.name}" + (f" in {where}" if where else ""))
+        return d
+
+
+def _zero_rows(t: torch.Tensor) -> list[int]:
+    if not is_float(t) or t.dim() == 0 or t.numel() == 0:
+        return []
+    z = (t.detach() == 0).reshape(t.shape[0], -1).any(1)
+    return [int(i) for i in torch.nonzero(z).flatten()] if bool(z.any()) and t.shape[0] > 1 else []
+
+
+def _where_trap(fwd: rules.ProducerEvidence, origin: Origin) -> rules.ProducerEvidence:
+    bwd = origin.first_backward
+    node_name = bwd.node.name() if bwd is not None and bwd.node is not None else None
+    ev = rules.ProducerEvidence(
+        op=node_name or fwd.op, phase=Phase.BACKWARD, inputs=fwd.inputs, output=fwd.output,
+        framework="torch", op_kind=fwd.op_kind, module=fwd.module, location=fwd.location,
+        samples=fwd.samples, step=fwd.step, forward_op=fwd.op, forward_inputs=fwd.inputs,
+        details={"where_trap": True, "forward_producer": fwd.op},
+    )
+    ev.extra_evidence.append(
+        f"forward {fwd.op} made NaN/Inf that `where` (or a mask) discarded, so the loss stayed finite; "
+        f"its backward{' (' + node_name + ')' if node_name else ''} multiplied the zero gradient by it: 0 * NaN = NaN")
+    return ev
+
+
+# -- the tracing mode ------------------------------------------------------------------------
+
+
+class TraceMode(TorchDispatchMode):
+    """Sees every aten op of a step, forward and backward, and feeds an ``Analyzer``."""
+
+    def __init__(self, analyzer: Analyzer) -> None:
+        super().__init__()
+        self.analyzer = analyzer
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        mutable = func._schema.is_mutable
+        ins_fin = None
+        if mutable:
+            ins_fin = [_finite(t) for _, t in named_tensors([list(args), kwargs], "a")]
+        out = func(*args, **kwargs)
+        outs = [t for _, t in named_tensors(out, "o") if is_float(t)]
+        if not outs:
+            return out
+        tr = self.analyzer.tracker
+        node = torch._C._current_autograd_node()
+        ev = Event(self.count, func, args, kwargs, outs, tr.phase(node is not None), tr.current(), tr.root,
+                   user_frame(), node, ins_fin)
+        self.count += 1
+        self.analyzer.observe(ev)
+        return out
+
+
+def _matters(analyzer: Analyzer, result: Any, model: torch.nn.Module | None) -> list[tuple[str, torch.Tensor]]:
+    things: list[tuple[str, torch.Tensor]] = []
+    things += [("loss", t) for _, t in named_tensors(result, "result") if is_float(t)]
+    things += [("output", t) for t in analyzer.tracker.root_outputs]
+    params = list(model.parameters()) if model is not None else list(analyzer.leaves.values())
+    things += [("gradient", p.grad) for p in params if p.grad is not None]
+    return things
+
+
+def first_failure(analyzer: Analyzer, things: list[tuple[str, torch.Tensor]]) -> Diagnosis | None:
+    """The diagnosis of the earliest origin among the non-finite things that matter."""
+    best: tuple[int, Origin, str] | None = None
+    unexplained: str | None = None
+    for what, t in things:
+        if _finite(t):
+            continue
+        o = analyzer.origin_of(t)
+        if o is None:
+            unexplained = unexplained or what
+            continue
+        if o.kind == "legit" and what != "output":
+            o = Origin("producer", o.event, evidence=analyzer._evidence(o.event, t, [], []))
+        if o.kind == "legit":
+            continue  # an intentional -inf in the model's output (a mask) is not a failure
+        if best is None or o.event.index < best[1].event.index:
+            best = (o.event.index, o, what)
+    if best is not None:
+        return analyzer.diagnose(best[1], reached=best[2])
+    if unexplained is not None:
+        return Diagnosis(Category.UNKNOWN, f"the {unexplained} is non-finite but no traced op produced it",
+                         framework="torch", step=analyzer.step,
+                         evidence=["the value was written outside the traced step (a hook, another thread)"])
+    return None
+
+
+def trace_step(fn: Callable[[], Any], *, model: torch.nn.Module | None = None,
+               step: int | None = None) -> Diagnosis | None:
+    """Run ``fn()`` (forward + loss + backward of one step, no optimizer step) under full
+    instrumentation and diagnose the first producer of a non-finite value that reached the
+    loss (what ``fn`` returns), the model's output or a gradient. ``None`` if all stayed finite.
+
+    Pass ``model`` to get module paths relative to it and the forward/loss phase split at its
+    top-level forward. ``fn`` runs exactly once; nanscope restores nothing here (see
+    ``nanscope.torch.diagnose`` for a call that leaves the model as it was).
+
+    Example:
+        >>> net = torch.nn.Linear(3, 1)
+        >>> x = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+        >>> def step():
+        ...     y = net(x)
+        ...     return torch.log(y.abs() * 0).mean()   # log(0) = -inf
+        >>> d = trace_step(step, model=net)
+        >>> d.category, d.op, d.phase
+        (<Category.OP_DOMAIN: 'op_domain'>, 'aten::log', <Phase.LOSS: 'loss'>)
+    """
+    tracker = ModuleTracker(model)
+    analyzer = Analyzer(tracker, step=step)
+    tracker.install()
+    try:
+        with TraceMode(analyzer):
+            result = fn()
+    finally:
+        tracker.remove()
+    return first_failure(analyzer, _matters(analyzer, result, model))
