@@ -325,7 +325,7 @@ def exploding_gradients(
 def loss_scale_collapse(
     scales: list[float], skipped_steps: list[int], *, bad_parameters: list[str] | None = None,
     nonfinite_loss_steps: int = 0, framework: str = "torch", step: int | None = None,
-    dtype: str = "float16", min_scale: float = 1.0, max_consecutive: int = 8,
+    dtype: str = "float16", min_scale: float = 1.0, max_consecutive: int = 10,
 ) -> Diagnosis | None:
     """A dynamic loss scale that keeps halving: every step is skipped and training stalls.
 
