@@ -122,3 +122,13 @@ def test_where_trap_is_named_even_when_the_forward_op_is_sqrt():
            forward_inputs=[summarize(x)], details={"where_trap": True})
     assert d.category is Category.SINGULAR_GRADIENT
     assert "where trap" in d.summary and "discarded" in d.evidence[0]
+
+
+def test_audit_fixes_name_the_numbers_and_the_framework():
+    from nanscope.core.fixes import audit_fixes
+
+    f = audit_fixes("label_out_of_range", num_classes=21, ignore_index=255)
+    assert "[0, 21)" in f[0] and "255" in f[0]
+    assert "Rescaling" in audit_fixes("unnormalized_input", framework="keras")[0]
+    assert "Normalize" in audit_fixes("unnormalized_input", framework="torch")[0]
+    assert audit_fixes("no_such_problem")

@@ -153,3 +153,60 @@ def loss_scale_fixes(framework: str | None = "torch", *, forward_overflow: bool 
     if forward_overflow:
         fixes[0] = "the forward pass overflows float16 whatever the scale: " + fixes[0]
     return fixes
+
+
+def audit_fixes(problem: str, framework: str | None = "torch", *, ignore_index: int | None = None,
+                num_classes: int | None = None) -> list[str]:
+    """Fixes for what a dataset or checkpoint audit (`nanscope data`, `inspect`) found.
+
+    ``problem`` is one of: ``constant_input``, ``unnormalized_input``, ``extreme_input``,
+    ``label_out_of_range``, ``all_ignored``, ``unused_class``, ``soft_label_sum``,
+    ``half_overflow``, ``optimizer_half_overflow``.
+
+    >>> audit_fixes("label_out_of_range", num_classes=21, ignore_index=255)[0]
+    'remap or drop labels outside [0, 21): pass the model num_classes=N matching the labels, or mark unlabeled pixels with ignore_index 255'
+    """
+    t = framework not in (_K, "keras", "tensorflow", "tf")
+    ign = f" {ignore_index}" if ignore_index is not None else ""
+    rng = f"[0, {num_classes})" if num_classes is not None else "[0, num_classes)"
+    texts = {
+        "constant_input": [
+            "drop constant samples or check how they were produced (a blank or failed crop, an all-black frame)",
+            "per-sample normalization x / x.std() divides by zero on them: add an epsilon, `(x - m) / (s + 1e-6)`",
+        ],
+        "unnormalized_input": [
+            "scale the inputs to 0..1 or standardize them: "
+            + ("`transforms.ToTensor()` + `transforms.Normalize(mean, std)` with the per-channel numbers above" if t
+               else "`keras.layers.Rescaling(1/255)` or `keras.layers.Normalization()` adapted on the data"),
+            "un-normalized 0..255 inputs make early activations and gradients 100-1000x larger than the initialization expects",
+        ],
+        "extreme_input": [
+            "clip or rescale the inputs: values beyond 65504 overflow float16 under mixed precision",
+            "look for sentinel values (1e30, -9999) that should be masked instead",
+        ],
+        "label_out_of_range": [
+            f"remap or drop labels outside {rng}: pass the model num_classes=N matching the labels, or mark unlabeled pixels with ignore_index{ign}",
+            "cross-entropy with a label >= num_classes fails on GPU (device assert) and gives garbage or NaN elsewhere",
+        ],
+        "all_ignored": [
+            f"skip samples whose every target is ignore_index{ign}, or average the loss with max(1, valid count)",
+            "use `nanscope.losses.cross_entropy(..., ignore_index=...)`, which returns 0 instead of 0/0 for them",
+        ],
+        "unused_class": [
+            "check the class list against the labels: a class that never occurs is never learned",
+            "if it is expected (rare class), weight the loss or resample",
+        ],
+        "soft_label_sum": [
+            "normalize each soft-label row to sum to 1 (divide by its sum), or fix the label smoothing / mixup code",
+        ],
+        "half_overflow": [
+            "keep these weights in float32 (do not call .half() on the whole model; use autocast / mixed precision)" if t
+            else "keep these layers in float32 (dtype='float32') under the mixed_float16 policy",
+            "rescale the layer or retrain with weight decay: values past 65504 become Inf in float16",
+        ],
+        "optimizer_half_overflow": [
+            "keep the optimizer state in float32: Adam's exp_avg_sq squares the gradients and overflows float16",
+            "raise the epsilon to one float16 can hold (eps=1e-4), or use bfloat16",
+        ],
+    }
+    return list(texts.get(problem, ["inspect the reported samples or tensors"]))
