@@ -1,0 +1,224 @@
+"""``nanscope.keras.diagnose``: one instrumented eager training step on one batch.
+
+Design constraints:
+    * Cheap checks first (the batch, then the weights), the per-op trace only if those are
+      clean: forward (``training=True``), loss and backward under ``tf.GradientTape``, every
+      eager op watched by ``nanscope.keras.trace.Tracer``.
+    * Leaves no trace: no update is applied, and the variables a training-mode forward pass
+      changes (BatchNorm moving statistics, random seeds, metric accumulators) are restored
+      byte for byte in ``finally``.
+    * Every decision goes through ``nanscope.core.rules``; every fix text through
+      ``nanscope.core.fixes`` (``framework="keras"``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from nanscope.core import rules
+from nanscope.core.diagnosis import Diagnosis
+from nanscope.core.enums import Category, OpKind, Phase
+from nanscope.core.summary import bad_rows, summarize
+from nanscope.core.trend import is_exploding
+from nanscope.keras._util import (
+    VariableSnapshot,
+    batch_size_of,
+    owned_variables,
+    state_variables,
+    to_tensors,
+    unpack,
+)
+from nanscope.keras.trace import Tracer, all_finite, diagnosis_from_trace, is_float, to_numpy
+
+_FW = "keras"
+
+
+def diagnose(
+    model: keras.Model,
+    batch: Any,
+    loss: Callable | str | None = None,
+    *,
+    step: int | None = None,
+    ignore_index: int | None = None,
+    grad_norms: Sequence[float] | None = None,
+    learning_rate: float | None = None,
+) -> Diagnosis | None:
+    """Run one instrumented training step on ``batch`` and say where NaN/Inf came from.
+
+    No update is applied and the model is left exactly as it was.
+
+    Args:
+        model: a built Keras model.
+        batch: ``x``, ``(x, y)`` or ``(x, y, sample_weight)``, as ``model.fit`` reads it.
+        loss: ``loss(y_true, y_pred)``, a Keras loss name, or None for the loss the model
+            was compiled with (``model.compute_loss``).
+        step: the optimizer step, reported in the diagnosis.
+        ignore_index: the label that means "no target" (e.g. 255 in segmentation masks), so
+            that a loss averaged over zero valid targets is named ``invalid_target``. Read from
+            the loss's ``ignore_class`` when it has one.
+        grad_norms: gradient-norm history of the preceding steps (oldest first): tells an
+            explosion from a one-off.
+        learning_rate: reported as evidence for exploding gradients.
+
+    Returns:
+        The ``Diagnosis``, or None when the step stayed finite.
+
+    Example:
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        >>> x = np.array([[1.0, 2.0, 3.0], [np.inf, 0.0, 1.0]], dtype="float32")
+        >>> d = diagnose(model, (x, np.zeros((2, 1), "float32")), "mse")
+        >>> d.category, d.phase, d.samples
+        (<Category.NONFINITE_INPUT: 'nonfinite_input'>, <Phase.DATA: 'data'>, [1])
+    """
+    entry = sys._getframe(1)
+    x, y, sample_weight = (to_tensors(p) for p in unpack(batch))
+    if (d := check_batch(x, y, step=step)) is not None:
+        return d
+    if (d := check_weights(model, step=step)) is not None:
+        return d
+    loss_fn = _loss_function(model, loss)
+    if ignore_index is None:
+        ignore_index = _ignore_index(model, loss)
+    d = trace_step(model, x, y, sample_weight, loss_fn, entry=entry, step=step, ignore_index=ignore_index,
+                   grad_norms=grad_norms, learning_rate=learning_rate)
+    return d
+
+
+# -- cheap checks ------------------------------------------------------------------------------
+
+def check_batch(x: Any, y: Any = None, *, step: int | None = None) -> Diagnosis | None:
+    """``nonfinite_input`` when the inputs hold NaN/Inf, ``invalid_target`` for the targets."""
+    for part, what, category in ((x, "x", Category.NONFINITE_INPUT), (y, "y", Category.INVALID_TARGET)):
+        flat = tf.nest.flatten(part) if part is not None else []
+        for i, t in enumerate(flat):
+            if not is_float(t) or all_finite(t):
+                continue
+            a = to_numpy(t)
+            name = what if len(flat) == 1 else f"{what}[{i}]"
+            return rules.nonfinite_input(name, summarize(a, t.dtype.name), bad_rows(a), framework=_FW,
+                                         step=step, category=category)
+    return None
+
+
+def check_weights(model: keras.Model, *, step: int | None = None) -> Diagnosis | None:
+    """``nonfinite_parameters`` when a trainable weight is already NaN/Inf."""
+    bad = {}
+    for name, v, _layer in owned_variables(model):
+        if not v.trainable or not is_float(v):
+            continue
+        a = to_numpy(v.value if hasattr(v, "value") else v)
+        if a is not None and not np.isfinite(a).all():
+            bad[name] = summarize(a, v.dtype)
+    if not bad:
+        return None
+    return rules.nonfinite_parameters(bad, framework=_FW, step=step)
+
+
+# -- the traced step ---------------------------------------------------------------------------
+
+def trace_step(
+    model: keras.Model, x: Any, y: Any, sample_weight: Any, loss_fn: Callable, *, entry=None,
+    step: int | None = None, ignore_index: int | None = None, grad_norms: Sequence[float] | None = None,
+    learning_rate: float | None = None,
+) -> Diagnosis | None:
+    """Forward, loss and backward of one step under the tracer; no update, state restored."""
+    n = batch_size_of(x)
+    snapshot = VariableSnapshot(state_variables(model))
+    try:
+        with Tracer(entry=entry, batch_size=n) as tracer:
+            tracer.mark_external((x, y))
+            with tf.GradientTape() as tape:
+                y_pred = model(x, training=True)
+                tracer.phase = Phase.LOSS
+                value = loss_fn(x, y, y_pred, sample_weight)
+            tracer.phase = Phase.BACKWARD
+            variables = list(model.trainable_variables)
+            grads = tape.gradient(value, variables) if variables else []
+        tr = tracer.trace
+        valid = None
+        if ignore_index is not None and y is not None:
+            valid = int(np.count_nonzero(to_numpy(y) != ignore_index))
+        if not all_finite(y_pred):
+            failed = y_pred
+        elif not all_finite(value):
+            failed = value
+        else:
+            failed = [g for g in grads if g is not None and not all_finite(g)] or None
+        norm = _global_norm(grads)
+        if failed is None:
+            if norm is not None and not math.isfinite(norm):  # finite gradients whose norm overflows
+                return rules.exploding_gradients([*(grad_norms or []), norm], framework=_FW, step=step, lr=learning_rate)
+            return None
+        d = diagnosis_from_trace(tr, failed, batch_size=n, step=step, valid_targets=valid, ignore_index=ignore_index)
+        if d is None:
+            return Diagnosis(
+                Category.UNKNOWN, "the step is non-finite but no op produced the first NaN/Inf in an eager re-run",
+                phase=Phase.LOSS if all_finite(y_pred) else Phase.FORWARD, step=step, framework=_FW,
+                evidence=["the eager re-run of this batch stayed finite op by op; the compiled step may differ (XLA)"],
+            )
+        d = _invalid_target_in_loss(d, valid, ignore_index)
+        history = [*(grad_norms or [])]
+        if d.category in (Category.OVERFLOW, Category.UNKNOWN) and history and is_exploding([*history, math.inf]):
+            ex = rules.exploding_gradients(history, framework=_FW, step=step, lr=learning_rate,
+                                           phase=Phase(d.phase) if d.phase else Phase.BACKWARD)
+            ex.evidence.append(f"first non-finite value: {d.op} in {d.module or 'the loss'}: {d.summary}")
+            ex.op, ex.op_kind, ex.module, ex.location, ex.samples = d.op, d.op_kind, d.module, d.location, d.samples
+            return ex
+        return d
+    finally:
+        snapshot.restore()
+
+
+def _invalid_target_in_loss(d: Diagnosis, valid: int | None, ignore_index: int | None) -> Diagnosis:
+    """A 0/0 in the loss when no target is valid is the targets' fault, not the division's."""
+    if valid == 0 and d.phase is Phase.LOSS and d.category is Category.OP_DOMAIN and d.op_kind in (
+        OpKind.DIV, OpKind.MEAN, OpKind.SUM
+    ):
+        from nanscope.core.fixes import fixes_for
+
+        d.category = Category.INVALID_TARGET
+        d.evidence.insert(0, f"0 valid targets: every target equals ignore_index {ignore_index}")
+        d.summary = f"the loss averaged over 0 valid targets (0/0) at {d.op}" + (f" at {d.location}" if d.location else "")
+        d.fixes = fixes_for(Category.INVALID_TARGET, op_kind=d.op_kind, framework=_FW, location=d.location)
+    return d
+
+
+def _global_norm(grads: list) -> float | None:
+    sq = 0.0
+    for g in grads:
+        a = to_numpy(g) if g is not None and is_float(g) else None
+        if a is not None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                sq += float(np.sum(np.square(a.astype(np.float64))))
+    return math.sqrt(sq) if grads else None
+
+
+def _loss_function(model: keras.Model, loss: Callable | str | None) -> Callable:
+    """``f(x, y, y_pred, sample_weight) -> scalar`` for the user's loss or the compiled one."""
+    if loss is None:
+        if getattr(model, "compiled_loss", None) is None and getattr(model, "loss", None) is None:
+            from nanscope.core.errors import BadInputError
+
+            raise BadInputError("the model is not compiled with a loss: pass loss=, e.g. diagnose(model, batch, 'mse')")
+        return lambda x, y, y_pred, sw: model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw, training=True)
+    fn = keras.losses.get(loss) if isinstance(loss, str) else loss
+    return lambda x, y, y_pred, sw: fn(y, y_pred) if sw is None else fn(y, y_pred, sw)
+
+
+def _ignore_index(model: keras.Model, loss: Any) -> int | None:
+    for candidate in (loss, getattr(model, "loss", None)):
+        for obj in (candidate, getattr(candidate, "fn", None)):
+            ic = getattr(obj, "ignore_class", None)
+            if ic is None:
+                ic = (getattr(obj, "_fn_kwargs", None) or {}).get("ignore_class")
+            if ic is not None:
+                return int(ic)
+    return None

@@ -1,0 +1,341 @@
+"""``nanscope.keras.Guard``: a ``model.fit`` callback that keeps a non-finite batch from
+touching the model, keeps the batch, and diagnoses it.
+
+Design constraints:
+    * A callback alone cannot veto an update inside a compiled ``train_step``. On
+      ``on_train_begin`` the guard therefore patches, on the instances only:
+        - ``optimizer.scale_loss`` (every Keras ``train_step`` passes the loss through it) to
+          see the loss tensor,
+        - ``optimizer.apply`` so that, in-graph, the update runs under ``tf.cond`` only when
+          the loss and the gradients are finite (the pattern Keras' own
+          ``LossScaleOptimizer`` uses),
+        - ``model.train_step`` to restore, in-graph, what the forward pass itself changed
+          (BatchNorm moving statistics, metric accumulators) when the step was vetoed,
+        - ``model.train_function`` (host side) to keep the batch it hands to the compiled step.
+      Then it rebuilds the train function, so the step stays compiled exactly as the user set
+      it (``jit_compile``, ``tf.function``). Everything is restored on ``on_train_end`` and
+      before raising.
+    * Healthy-step cost: one fused reduction (the squared gradient norm, finite iff every
+      gradient is finite and the norm does not overflow float32) plus one 2-float variable read
+      on the host. No per-op work.
+    * On failure only: the eager tracer re-runs that batch (``nanscope.keras.diagnose``).
+    * Under a ``LossScaleOptimizer`` non-finite gradients are the loss scale's business (it
+      skips the step and halves the scale): not a failure. A non-finite *loss* still is.
+    * nanscope never breaks the training it watches: its own errors become a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from nanscope.core.diagnosis import Diagnosis
+from nanscope.core.enums import Category, Phase, Policy
+from nanscope.core.errors import NanscopeError, NonFiniteError
+from nanscope.core.trend import History
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """A guarded step was non-finite and the policy was ``skip``, ``stop`` or ``warn``."""
+
+
+class _Stash:
+    loss: Any = None
+
+
+class Guard(keras.callbacks.Callback):
+    """Stop NaN/Inf at the step that makes it, keep the model clean, and say why.
+
+    Args:
+        policy: what to do with a non-finite step: ``"raise"`` (``NonFiniteError`` carrying
+            the diagnosis), ``"skip"`` (drop the update, keep training), ``"stop"`` (drop the
+            update and end training gracefully: ``model.stop_training``; a
+            ``BackupAndRestore`` callback keeps its backup), ``"warn"`` (warn, and let the
+            update through).
+        loss: the loss to re-run for the diagnosis (default: the compiled one).
+        ignore_index: the label meaning "no target" (e.g. 255), for ``invalid_target``.
+        max_diagnoses: failures diagnosed in full; later ones are only counted.
+
+    Attributes:
+        diagnoses: every diagnosis made, in order.
+        skipped: steps whose update was not applied.
+        batch: the last batch that failed, as ``fit`` handed it to the step.
+
+    Example:
+        >>> import keras, numpy as np
+        >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        >>> model.compile("sgd", "mse")
+        >>> x = np.array([[1.0, 2.0], [np.nan, 1.0]], "float32"); y = np.zeros((2, 1), "float32")
+        >>> guard = Guard(policy="skip")
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     _ = model.fit(x, y, batch_size=2, verbose=0, callbacks=[guard])
+        >>> guard.skipped, guard.diagnoses[0].category
+        (1, <Category.NONFINITE_INPUT: 'nonfinite_input'>)
+    """
+
+    def __init__(
+        self,
+        policy: Policy | str = Policy.RAISE,
+        *,
+        loss: Callable | str | None = None,
+        ignore_index: int | None = None,
+        max_diagnoses: int = 10,
+        _session: Any = None,
+    ) -> None:
+        super().__init__()
+        self.policy = Policy(policy)
+        self.loss = loss
+        self.ignore_index = ignore_index
+        self.max_diagnoses = max_diagnoses
+        self.diagnoses: list[Diagnosis] = []
+        self.skipped = 0
+        self.batch: Any = None
+        self.history = History()
+        self._session = _session
+        self._patches: list[tuple[object, str, bool, Any]] = []
+        self._status: tf.Variable | None = None
+        self._batches: list[Any] = []
+        self._step = 0
+        self._stash = _Stash()
+        self._warned_once = False
+
+    # -- callback hooks ---------------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self._uninstall()
+        try:
+            self._install()
+        except Exception as err:
+            self._uninstall()
+            self._internal_error("installing the guard", err)
+
+    def on_train_end(self, logs=None):
+        self._uninstall()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._status is None:
+            return
+        try:
+            ok, sq = (float(v) for v in self._status.numpy())
+        except Exception as err:
+            self._internal_error("reading the step status", err)
+            return
+        step = self._step
+        self._step += 1
+        if ok > 0.5:
+            self.history.add(None, math.sqrt(sq) if math.isfinite(sq) and sq >= 0 else sq)
+            return
+        self._on_failure(step)
+
+    # -- failure ----------------------------------------------------------------------------
+    def _on_failure(self, step: int) -> None:
+        vetoed = self.policy is not Policy.WARN
+        if vetoed:
+            self.skipped += 1
+        if len(self.diagnoses) >= self.max_diagnoses or (self.policy is Policy.WARN and self.diagnoses):
+            return
+        d = self._diagnose(step)
+        self.diagnoses.append(d)
+        if self.policy is Policy.RAISE:
+            self._uninstall()
+            raise (self._session.fail(d) if self._session is not None else NonFiniteError(d))
+        what = {Policy.SKIP: "update skipped", Policy.STOP: "update skipped, training stopped",
+                Policy.WARN: "update applied (policy 'warn')"}[self.policy]
+        warnings.warn(f"{d}\n  ({what})", NonFiniteWarning, stacklevel=2)
+        if self.policy is Policy.STOP:
+            self.model.stop_training = True
+            _keep_backups()
+
+    def _diagnose(self, step: int) -> Diagnosis:
+        from nanscope.keras.diagnose import diagnose
+
+        lr = _learning_rate(self.model.optimizer)
+        try:
+            for batch in self._batches:
+                d = diagnose(self.model, batch, self.loss, step=step, ignore_index=self.ignore_index,
+                             grad_norms=list(self.history.grad_norm), learning_rate=lr)
+                if d is not None:
+                    self.batch = batch
+                    return d
+            self.batch = self._batches[0] if self._batches else None
+            evidence = ["the compiled step saw a non-finite loss or gradient; an eager re-run of the batch stayed finite"]
+        except NanscopeError as err:
+            evidence = [f"the eager re-run could not run: {err}"]
+        except Exception as err:
+            self._internal_error("diagnosing the failed step", err)
+            evidence = [f"nanscope could not diagnose the step ({type(err).__name__}: {err})"]
+        return Diagnosis(Category.UNKNOWN, "the step made loss or gradients non-finite", phase=Phase.BACKWARD,
+                         step=step, framework="keras", evidence=evidence,
+                         fixes=["diagnose the kept batch: `nanscope.keras.diagnose(model, guard.batch)`"])
+
+    def _internal_error(self, where: str, err: BaseException) -> None:
+        if self._session is not None:
+            self._session.internal_error(where, err)
+        else:
+            warnings.warn(f"nanscope: internal error in {where} ({type(err).__name__}: {err}); continuing without it",
+                          RuntimeWarning, stacklevel=3)
+
+    # -- patching ---------------------------------------------------------------------------
+    def _patch(self, obj: object, name: str, new: Any) -> Any:
+        had = name in vars(obj)
+        old = getattr(obj, name)
+        self._patches.append((obj, name, had, vars(obj).get(name)))
+        object.__setattr__(obj, name, new)
+        return old
+
+    def _uninstall(self) -> None:
+        if not self._patches:
+            return
+        for obj, name, had, old in reversed(self._patches):
+            if had:
+                object.__setattr__(obj, name, old)
+            else:
+                try:
+                    object.__delattr__(obj, name)
+                except AttributeError:
+                    pass
+        self._patches.clear()
+        model = self.model
+        if model is not None:
+            model.train_function = None  # the next fit traces a clean step again
+
+    def _install(self) -> None:
+        model = self.model
+        opt = getattr(model, "optimizer", None)
+        if opt is None:
+            return
+        if not opt.built:
+            opt.build(model.trainable_variables)
+        lso = isinstance(opt, keras.optimizers.LossScaleOptimizer)
+        veto = self.policy is not Policy.WARN
+        status = self._status = tf.Variable([1.0, 0.0], dtype=tf.float32, trainable=False, name="nanscope_status")
+        stash = self._stash
+        state = _state_variables(model)
+
+        orig_scale_loss = self._patch(opt, "scale_loss", None)
+
+        def scale_loss(loss):
+            stash.loss = loss
+            return orig_scale_loss(loss)
+
+        object.__setattr__(opt, "scale_loss", scale_loss)
+
+        orig_apply = self._patch(opt, "apply", None)
+
+        def apply(grads, trainable_variables=None):
+            grads = list(grads)
+            sq = _squared_norm(grads)
+            if lso:  # report the unscaled norm; non-finite scaled gradients are the scale's business
+                sq = sq / tf.square(tf.cast(opt.dynamic_scale, tf.float32))
+                ok = tf.constant(True)
+            else:
+                ok = tf.math.is_finite(sq)
+            if stash.loss is not None:
+                ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(tf.cast(stash.loss, tf.float32))))
+            status.assign(tf.stack([tf.cast(ok, tf.float32), sq]))
+            if not veto:
+                return orig_apply(grads, trainable_variables)
+
+            def update():
+                orig_apply(grads, trainable_variables)
+                return tf.constant(True)
+
+            tf.cond(ok, update, lambda: tf.constant(False))
+
+        object.__setattr__(opt, "apply", apply)
+
+        orig_train_step = self._patch(model, "train_step", None)
+
+        def train_step(data):
+            stash.loss = None
+            saved = [tf.identity(v.value) for v in state] if veto else []
+            status.assign([1.0, 0.0])
+            logs = orig_train_step(data)
+            if veto and saved:
+                def restore():
+                    for v, s in zip(state, saved, strict=True):
+                        v.assign(s)
+                    return tf.constant(False)
+
+                tf.cond(status[0] > 0.5, lambda: tf.constant(True), restore)
+            return logs
+
+        object.__setattr__(model, "train_step", train_step)
+        model.make_train_function(force=True)
+        inner = model.train_function
+        guard = self
+
+        def train_function(iterator):
+            batches = []
+            for _ in range(max(1, int(getattr(model, "steps_per_execution", 1) or 1))):
+                try:
+                    batches.append(next(iterator))
+                except (StopIteration, tf.errors.OutOfRangeError):
+                    break
+            if not batches:
+                raise StopIteration
+            guard._batches = batches
+            try:
+                return inner(iter(batches))
+            except BaseException:
+                guard._uninstall()
+                raise
+
+        self._patch(model, "train_function", train_function)
+
+
+def _squared_norm(grads: list) -> tf.Tensor:
+    parts = []
+    for g in grads:
+        if g is None:
+            continue
+        if isinstance(g, tf.IndexedSlices):
+            g = g.values
+        parts.append(tf.reduce_sum(tf.square(tf.cast(g, tf.float32))))
+    return tf.add_n(parts) if parts else tf.constant(0.0)
+
+
+def _state_variables(model: keras.Model) -> list[Any]:
+    from nanscope.keras._util import state_variables
+
+    return state_variables(model)
+
+
+def _learning_rate(opt: Any) -> float | None:
+    try:
+        return float(keras.ops.convert_to_numpy(opt.learning_rate))
+    except Exception:
+        return None
+
+
+def _keep_backups() -> None:
+    """A stopped run did not finish: ``BackupAndRestore`` must keep its backup (Keras deletes it
+    in ``on_train_end`` however training ended). The callbacks are found in ``fit``'s frame."""
+    f = sys._getframe(1)
+    callbacks = None
+    while f is not None and callbacks is None:
+        for v in f.f_locals.values():
+            if isinstance(v, keras.callbacks.CallbackList):
+                callbacks = v.callbacks
+                break
+        f = f.f_back
+    for cb in callbacks or []:
+        if isinstance(cb, keras.callbacks.BackupAndRestore) and "on_train_end" not in vars(cb):
+            original = cb.on_train_end
+
+            def on_train_end(logs=None, _cb=cb, _original=original):
+                keep, _cb.delete_checkpoint = _cb.delete_checkpoint, False
+                try:
+                    _original(logs)
+                finally:
+                    _cb.delete_checkpoint = keep
+                    del _cb.on_train_end
+
+            cb.on_train_end = on_train_end

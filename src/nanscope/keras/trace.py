@@ -1,0 +1,306 @@
+"""The eager op tracer behind ``diagnose``, ``diagnose_eval`` and ``Guard``: find the first
+TensorFlow op whose output is non-finite while its inputs were finite (the *producer*).
+
+Design constraints:
+    * Runs only to explain a failure, never on the healthy path: it installs a TensorFlow op
+      callback (``tensorflow.python.framework.op_callbacks``, the mechanism behind
+      ``tf.debugging.enable_check_numerics``) for the duration of one eager step and removes it
+      in ``finally``.
+    * The layer of an op is read from Keras' own name-scope stack (every ``Layer.__call__``
+      opens one with ``caller=self``), so no layer is patched or wrapped.
+    * A non-finite value is followed from op to op by tensor identity: the culprit is the
+      producer whose values reached the loss (or the model output, or a gradient), so a NaN
+      computed in the branch ``tf.where`` throws away is not blamed for a failure it did not
+      cause. Tensors are kept alive while tracing so identities stay unique.
+    * An Inf that enters from a constant (a ``-inf`` mask) is legitimate: the producer is then
+      the op that turned it into NaN.
+    * Framework-free decisions: evidence goes to ``nanscope.core.rules.classify_producer``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.eager import context as _context
+from tensorflow.python.eager import execute as _execute
+from tensorflow.python.framework import op_callbacks
+
+from nanscope.core.diagnosis import Diagnosis, Location
+from nanscope.core.enums import OpKind, Phase
+from nanscope.core.rules import ProducerEvidence, classify_producer
+from nanscope.core.source import is_user_file
+from nanscope.core.summary import bad_rows, summarize
+
+EXTERNAL = -1  # a non-finite value that came from outside any traced op (batch, constant)
+_SINGULAR = {OpKind.SQRT, OpKind.RSQRT, OpKind.POW, OpKind.LOG, OpKind.DIV, OpKind.ACOS, OpKind.ASIN}
+
+
+def to_numpy(t: Any) -> np.ndarray | None:
+    """A float view of a tensor (bfloat16 through float32), or None for non-numeric ones."""
+    try:
+        dtype = t.dtype
+        if not (dtype.is_floating or dtype.is_complex or dtype.is_integer or dtype.is_bool):
+            return None
+        if dtype == tf.bfloat16:
+            t = tf.cast(t, tf.float32)
+        return np.asarray(t.numpy())
+    except Exception:  # resources, variants, strings
+        return None
+
+
+def is_float(t: Any) -> bool:
+    dtype = getattr(t, "dtype", None)
+    return bool(dtype is not None and getattr(dtype, "is_floating", False))
+
+
+def all_finite(t: Any) -> bool:
+    a = to_numpy(t) if is_float(t) else None
+    return True if a is None else bool(np.isfinite(a).all())
+
+
+@dataclass
+class OpRecord:
+    """One executed op as the tracer saw it."""
+
+    index: int
+    op: str
+    phase: Phase
+    layer: str | None
+    layer_path: str | None
+    inputs: list[Any]
+    outputs: list[Any]
+    attrs: tuple
+    location: Location | None = None
+    bad_inputs: bool = False
+
+
+@dataclass
+class Producer:
+    record: OpRecord
+    reached: bool = False  # its non-finite values reached what failed
+
+
+@dataclass
+class Trace:
+    """The producers found in one traced step, in execution order."""
+
+    ops: list[OpRecord] = field(default_factory=list)
+    producers: list[Producer] = field(default_factory=list)
+    origin: dict[int, int] = field(default_factory=dict)  # id(tensor) -> producer index | EXTERNAL
+    keep: list[Any] = field(default_factory=list)  # keeps traced tensors alive (unique ids)
+    by_tensor: dict[int, list[OpRecord]] = field(default_factory=dict)  # id(forward tensor) -> ops
+
+    def origin_of(self, tensors: Any) -> int | None:
+        """Producer index whose values reached one of ``tensors`` (EXTERNAL, or None: finite)."""
+        found = None
+        for t in tf.nest.flatten(tensors):
+            o = self.origin.get(id(t))
+            if o is not None and o != EXTERNAL:
+                return o
+            if o is not None or (is_float(t) and not all_finite(t)):
+                found = EXTERNAL
+        return found
+
+
+class Tracer:
+    """Context manager: trace every eager op executed inside it.
+
+    Example:
+        >>> import tensorflow as tf
+        >>> with Tracer() as tr:
+        ...     y = tf.math.log(tf.constant([1.0, 0.0]))
+        >>> tr.trace.producers[0].record.op
+        'Log'
+    """
+
+    def __init__(self, *, entry: FrameType | None = None, batch_size: int | None = None) -> None:
+        self.trace = Trace()
+        self.phase = Phase.FORWARD
+        self.entry = entry
+        self.batch_size = batch_size
+        self._busy = False
+
+    # -- context ---------------------------------------------------------------------------
+    def __enter__(self) -> Tracer:
+        op_callbacks.add_op_callback(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        op_callbacks.remove_op_callback(self._callback)
+
+    def mark_external(self, tensors: Any) -> None:
+        """Tensors that enter the step from outside (the batch): non-finite ones are EXTERNAL."""
+        for t in tf.nest.flatten(tensors):
+            if is_float(t) and not all_finite(t):
+                self.trace.origin[id(t)] = EXTERNAL
+                self.trace.keep.append(t)
+
+    # -- the callback ----------------------------------------------------------------------
+    def _callback(self, op_type, inputs, attrs, outputs, op_name=None, graph=None):
+        if graph is not None or self._busy:  # graph construction, or our own numpy work
+            return None
+        self._busy = True
+        try:
+            self._see(op_type, list(inputs or ()), attrs, list(outputs or ()))
+        except Exception:  # the tracer must never break the step it watches
+            pass
+        finally:
+            self._busy = False
+        return None
+
+    def _see(self, op_type: str, inputs: list, attrs: tuple, outputs: list) -> None:
+        tr = self.trace
+        if isinstance(op_type, bytes):
+            op_type = op_type.decode()
+        layer, path, user_code = _current_layer()
+        rec = OpRecord(len(tr.ops), op_type, self.phase, layer, path, inputs, outputs, attrs or ())
+        tr.ops.append(rec)
+        if self.phase is not Phase.BACKWARD:
+            if user_code:  # the user's own layer or loss: a source line worth naming
+                rec.location = self._location()
+            for t in (*inputs, *outputs):
+                tr.by_tensor.setdefault(id(t), []).append(rec)
+            tr.keep.append(rec)
+        bad_out = [t for t in outputs if is_float(t) and not all_finite(t)]
+        if not bad_out:
+            return
+        tr.keep.append(rec)
+        in_origins = [tr.origin.get(id(t)) for t in inputs]
+        known = [o for o in in_origins if o is not None and o != EXTERNAL]
+        bad_in = [t for t in inputs if is_float(t) and not all_finite(t)]
+        rec.bad_inputs = bool(bad_in)
+        if known:  # propagates a producer's values
+            origin = min(known)
+        elif not any(is_float(t) for t in inputs):
+            origin = EXTERNAL  # a variable read or a constant: stored state, not computed here
+        elif bad_in and not self._turns_inf_into_nan(bad_in, bad_out):
+            origin = EXTERNAL  # propagates the batch's (or a constant's) values
+        else:  # a new producer
+            rec.location = rec.location or self._location()
+            tr.producers.append(Producer(rec))
+            origin = len(tr.producers) - 1
+        for t in outputs:
+            tr.origin[id(t)] = origin
+
+    @staticmethod
+    def _turns_inf_into_nan(bad_in: list, bad_out: list) -> bool:
+        """Inf that entered on purpose (a mask) and a NaN made here: this op is the culprit."""
+        no_nan_in = all(not np.isnan(to_numpy(t)).any() for t in bad_in)
+        nan_out = any(np.isnan(to_numpy(t)).any() for t in bad_out)
+        return no_nan_in and nan_out
+
+    def _location(self) -> Location | None:
+        f = sys._getframe(3)
+        while f is not None and f is not self.entry:
+            if is_user_file(f.f_code.co_filename):
+                from nanscope.core.source import _display
+
+                return Location(_display(f.f_code.co_filename, None), f.f_lineno, f.f_code.co_name)
+            f = f.f_back
+        return None
+
+
+def _current_layer() -> tuple[str | None, str | None, bool]:
+    """(innermost layer name, layer path, whether the code running is the user's own)."""
+    try:
+        from keras.src.backend.common import global_state
+
+        stack = global_state.get_global_attribute("name_scope_stack") or []
+    except Exception:
+        return None, None, False
+    layers = [e.caller for e in stack if getattr(e, "caller", None) is not None and hasattr(e.caller, "weights")]
+    if not layers:
+        return None, None, True
+    user = not type(layers[-1]).__module__.startswith(("keras", "tf_keras", "tensorflow"))
+    return layers[-1].name, "/".join(la.name for la in layers), user
+
+
+# -- evidence --------------------------------------------------------------------------------
+
+def producer_evidence(
+    tr: Trace, prod: Producer, *, batch_size: int | None, step: int | None = None,
+    valid_targets: int | None = None, ignore_index: int | None = None,
+) -> ProducerEvidence:
+    """Summaries of the producer's inputs and output, its samples, and (backward) its forward op."""
+    rec = prod.record
+    ins = [summarize(a, t.dtype.name) for t in rec.inputs if is_float(t) and (a := to_numpy(t)) is not None]
+    outs = [(t, to_numpy(t)) for t in rec.outputs if is_float(t)]
+    bad = [(t, a) for t, a in outs if a is not None and not np.isfinite(a).all()]
+    t_out, a_out = bad[0] if bad else outs[0]
+    samples = bad_rows(a_out) if batch_size and a_out.ndim and a_out.shape[0] == batch_size else []
+    extra: list[str] = []
+    forward_op, forward_inputs, layer, location = None, [], rec.layer, rec.location
+    if rec.phase is Phase.BACKWARD:
+        fwd = forward_op_of(tr, rec)
+        if fwd is not None:
+            forward_op, layer, location = fwd.op, fwd.layer or layer, fwd.location or location
+            forward_inputs = [summarize(a, t.dtype.name) for t in fwd.inputs if is_float(t) and (a := to_numpy(t)) is not None]
+            extra.append(f"forward op {fwd.op}" + (f" in layer {fwd.layer}" if fwd.layer else "")
+                         + ": input " + "; ".join(s.describe() for s in forward_inputs))
+            if not samples and batch_size:
+                for t in fwd.inputs:
+                    a = to_numpy(t) if is_float(t) else None
+                    if a is not None and a.ndim and a.shape[0] == batch_size:
+                        samples = [int(i) for i in np.flatnonzero((a == 0).reshape(batch_size, -1).any(axis=1))]
+                        break
+        elif rec.op.endswith("Grad"):
+            forward_op = rec.op[: -len("Grad")]
+    out_summary = summarize(a_out, t_out.dtype.name)
+    if out_summary.dtype in ("float16", "bfloat16") and (out_summary.posinf or out_summary.neginf):
+        wide = _rerun_in_float32(rec)
+        if wide is not None:
+            extra.append(f"max |activation| of {rec.op}" + (f" in {layer}" if layer else "")
+                         + f" computed in float32: {wide:.4g}, above the {out_summary.dtype} limit 65504"
+                         if out_summary.dtype == "float16" else f"max |activation| in float32: {wide:.4g}")
+    return ProducerEvidence(
+        op=rec.op, phase=rec.phase, inputs=ins, output=out_summary, framework="keras",
+        op_kind=OpKind.of(forward_op) if rec.phase is Phase.BACKWARD and forward_op and OpKind.of(rec.op) is OpKind.OTHER else None,
+        module=layer, location=location, samples=samples, step=step, forward_op=forward_op,
+        forward_inputs=forward_inputs, valid_targets=valid_targets, ignore_index=ignore_index,
+        extra_evidence=extra, details={"layer_path": rec.layer_path} if rec.layer_path else {},
+    )
+
+
+def forward_op_of(tr: Trace, rec: OpRecord) -> OpRecord | None:
+    """The forward op whose derivative a backward op computes (shares a tensor with it)."""
+    cands = [r for t in rec.inputs for r in tr.by_tensor.get(id(t), [])]
+    if not cands:
+        return None
+    for c in cands:
+        if OpKind.of(c.op) in _SINGULAR:
+            return c
+    return cands[0]
+
+
+def _rerun_in_float32(rec: OpRecord) -> float | None:
+    """Re-execute a reduced-precision op in float32: how large the activation really was."""
+    try:
+        attrs = list(rec.attrs)
+        for i in range(1, len(attrs), 2):
+            if attrs[i] in (tf.float16.as_datatype_enum, tf.bfloat16.as_datatype_enum):
+                attrs[i] = tf.float32.as_datatype_enum
+        ins = [tf.cast(t, tf.float32) if is_float(t) else t for t in rec.inputs]
+        outs = _execute.execute(rec.op, len(rec.outputs), ins, tuple(attrs), _context.context())
+        return float(np.max(np.abs(outs[0].numpy())))
+    except Exception:
+        return None
+
+
+def diagnosis_from_trace(
+    tr: Trace, failed: Any, *, batch_size: int | None, step: int | None = None,
+    valid_targets: int | None = None, ignore_index: int | None = None,
+) -> Diagnosis | None:
+    """Classify the producer whose values reached ``failed`` (first producer as a fallback)."""
+    if not tr.producers:
+        return None
+    idx = tr.origin_of(failed) if failed is not None else None
+    prod = tr.producers[idx] if idx is not None and idx >= 0 else tr.producers[0]
+    prod.reached = True
+    ev = producer_evidence(tr, prod, batch_size=batch_size, step=step,
+                           valid_targets=valid_targets, ignore_index=ignore_index)
+    return classify_producer(ev)
