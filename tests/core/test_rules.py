@@ -132,3 +132,18 @@ def test_audit_fixes_name_the_numbers_and_the_framework():
     assert "Rescaling" in audit_fixes("unnormalized_input", framework="keras")[0]
     assert "Normalize" in audit_fixes("unnormalized_input", framework="torch")[0]
     assert audit_fixes("no_such_problem")
+
+
+def test_with_history_tells_explosion_from_one_off():
+    from nanscope.core.diagnosis import Diagnosis
+    from nanscope.core.rules import with_history
+
+    one_off = Diagnosis(Category.OP_DOMAIN, "inf - inf", phase="forward", op="aten::sub")
+    steady = [1.0, 1.2, 0.9, 1.1, 1.0]
+    assert with_history(one_off, steady) is one_off
+    growing = [0.5, 2.0, 9.0, 40.0, 170.0, 800.0]
+    d = with_history(one_off, growing, lr=5.0)
+    assert d.category is Category.EXPLODING_GRADIENTS and d.op == "aten::sub" and d.phase is Phase.FORWARD
+    assert "learning rate 5" in d.summary and any("inf - inf" in e for e in d.evidence)
+    bad_data = Diagnosis(Category.NONFINITE_INPUT, "NaN pixel", phase="data", samples=[3])
+    assert with_history(bad_data, growing) is bad_data

@@ -369,3 +369,40 @@ def loss_scale_collapse(
         details={"scales": [float(x) for x in scales[-64:]], "skipped_steps": sorted(skipped)[-64:],
                  "bad_parameters": bad[:50]},
     )
+
+
+# Categories that a growing gradient norm explains better than the op that finally overflowed.
+_EXPLOSION_SYMPTOMS = (Category.OP_DOMAIN, Category.OVERFLOW, Category.UNKNOWN, Category.SINGULAR_GRADIENT,
+                       Category.NONFINITE_PARAMETERS)
+
+
+def with_history(
+    diagnosis: Diagnosis, grad_norms: list[float], *, lr: float | None = None,
+) -> Diagnosis:
+    """Tell ``exploding_gradients`` apart from a one-off failure, given the gradient-norm history.
+
+    ``diagnosis`` is what the step itself showed (the producer op, or weights an update made
+    non-finite); ``grad_norms`` are the finite norms of the steps before it, oldest first. When
+    they grew geometrically (``nanscope.core.trend.is_exploding``) and the step's failure is a
+    symptom of growth (an overflow, inf - inf, weights gone non-finite), the root cause is
+    ``exploding_gradients`` and the producer becomes evidence; otherwise ``diagnosis`` is
+    returned unchanged (bad data, bad targets or a masked softmax are never explained by growth).
+
+    >>> d = Diagnosis(Category.OVERFLOW, "mm overflowed float32", phase="forward", op="aten::mm")
+    >>> with_history(d, [1.0, 1.1, 0.9, 1.0]).category
+    <Category.OVERFLOW: 'overflow'>
+    >>> e = with_history(d, [1.0, 4.0, 16.0, 70.0, 300.0], lr=10.0)
+    >>> e.category, e.op, e.evidence[-1]
+    (<Category.EXPLODING_GRADIENTS: 'exploding_gradients'>, 'aten::mm', 'where it overflowed: overflow in forward: mm overflowed float32')
+    """
+    from nanscope.core.trend import is_exploding
+
+    if diagnosis.category not in _EXPLOSION_SYMPTOMS or not is_exploding(grad_norms):
+        return diagnosis
+    d = exploding_gradients(list(grad_norms), framework=diagnosis.framework or "torch", step=diagnosis.step,
+                            lr=lr, phase=diagnosis.phase or Phase.BACKWARD)
+    d.op, d.op_kind, d.module, d.location = diagnosis.op, diagnosis.op_kind, diagnosis.module, diagnosis.location
+    d.dtype, d.samples, d.ranks = diagnosis.dtype, list(diagnosis.samples), diagnosis.ranks
+    d.evidence.append(f"where it overflowed: {diagnosis.category} in {diagnosis.phase}: {diagnosis.summary}")
+    d.details["symptom"] = str(diagnosis.category)
+    return d
