@@ -147,3 +147,10 @@ def test_with_history_tells_explosion_from_one_off():
     assert "learning rate 5" in d.summary and any("inf - inf" in e for e in d.evidence)
     bad_data = Diagnosis(Category.NONFINITE_INPUT, "NaN pixel", phase="data", samples=[3])
     assert with_history(bad_data, growing) is bad_data
+
+
+def test_nll_loss_forward_is_cross_entropy():
+    from nanscope.core.enums import OpKind
+
+    assert OpKind.of("aten::nll_loss_forward") is OpKind.CROSS_ENTROPY
+    assert OpKind.of("aten::nll_loss2d_forward.default") is OpKind.CROSS_ENTROPY

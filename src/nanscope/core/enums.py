@@ -136,6 +136,7 @@ _ALIASES = {
     "arccos": "acos", "arcsin": "asin",
     # losses
     "nll_loss": "cross_entropy", "nll_loss2d": "cross_entropy", "nll_loss_nd": "cross_entropy",
+    "nll_loss_forward": "cross_entropy", "nll_loss2d_forward": "cross_entropy",
     "cross_entropy_loss": "cross_entropy", "binary_cross_entropy": "cross_entropy",
     "binary_cross_entropy_with_logits": "cross_entropy",
     "sparse_softmax_cross_entropy_with_logits": "cross_entropy",
