@@ -27,6 +27,7 @@ _LAZY = {
     "NanscopeError": "nanscope.core.errors",
     "NonFiniteError": "nanscope.core.errors",
     "BadInputError": "nanscope.core.errors",
+    "fuzz_loss": "nanscope.fuzz",
 }
 __all__ = sorted(_LAZY) + ["__version__"]
 
