@@ -35,7 +35,6 @@ class _Watcher(importlib.abc.MetaPathFinder):
         if spec is None or spec.loader is None:
             return None
         original = spec.loader
-        callbacks = self.callbacks.pop(fullname)
         outer = self
 
         class _Loader(importlib.abc.Loader):
@@ -44,7 +43,9 @@ class _Watcher(importlib.abc.MetaPathFinder):
 
             def exec_module(self, module):
                 original.exec_module(module)
-                for cb in callbacks:
+                # Popped here, not in find_spec: `importlib.util.find_spec(name)` (TensorFlow
+                # probes for keras that way) asks for a spec without importing anything.
+                for cb in outer.callbacks.pop(fullname, []):
                     cb(module)
                 if not outer.callbacks and outer in sys.meta_path:
                     sys.meta_path.remove(outer)
