@@ -94,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
         exit_code = 1
     finally:
         stop_watching()
+        session.close()
         sys.argv = saved_argv
         if sys.path and sys.path[0] == session.script_dir:
             sys.path.pop(0)

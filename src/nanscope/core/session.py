@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nanscope.core.diagnosis import Diagnosis
@@ -25,6 +26,9 @@ class RunSession:
     diagnosis: Diagnosis | None = None
     frameworks: list[str] = field(default_factory=list)
     internal_errors: list[str] = field(default_factory=list)
+    # Runners register how to take their instrumentation off; ``close`` runs them (newest
+    # first) when the script ends, so an in-process ``nanscope run`` leaves no trace.
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def script_dir(self) -> str:
@@ -41,3 +45,12 @@ class RunSession:
         if msg not in self.internal_errors:
             self.internal_errors.append(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+    def close(self) -> None:
+        """Remove every runner's instrumentation (called by ``nanscope run`` when the script ends)."""
+        while self.cleanups:
+            undo = self.cleanups.pop()
+            try:
+                undo()
+            except Exception as err:  # never turn the script's result into our error
+                self.internal_error("removing the instrumentation", err)
