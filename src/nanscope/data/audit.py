@@ -1,0 +1,316 @@
+"""``nanscope.data.audit``: find the samples that will make training non-finite, before training.
+
+Design constraints:
+    - Streams: every batch is reduced into small accumulators (fused statistics from
+      ``nanscope.core.stats``, class histograms, capped lists of bad samples) and dropped, so
+      memory stays bounded whatever the dataset size.
+    - The fast path is one fused statistics pass per batch; per-sample work (which rows hold
+      NaN, which are constant) reads the batch again only where it is needed.
+    - Decisions are made by ``nanscope.data.rules`` from the accumulated numbers.
+    - Imports no framework: a torch or TensorFlow dataset is recognized through ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nanscope.core.diagnosis import AuditReport
+from nanscope.core.limits import dtype_name
+from nanscope.core.stats import ArrayStats, array_stats
+from nanscope.core.summary import fmt
+from nanscope.data import readers
+from nanscope.data.rules import Hits, input_findings, target_findings
+
+_HIST_CAP = 1 << 16  # without num_classes, labels above this are counted apart, not binned
+
+
+def audit(
+    source: object,
+    *,
+    num_classes: int | None = None,
+    ignore_index: int | None = None,
+    masks: str | os.PathLike | None = None,
+    workers: int = 1,
+    progress: bool | None = None,
+) -> AuditReport:
+    """Audit a dataset: NaN/Inf inputs, bad labels and masks, constant samples, statistics.
+
+    Args:
+        source: a folder of images (optionally with a matching mask folder, or ``images/`` and
+            ``masks/`` subfolders, or one subfolder per class), a ``.npy``/``.npz``/``.h5``
+            file, numpy arrays (``x``, ``(x, y)``, a dict), a torch ``Dataset``/``DataLoader`` or
+            a ``tf.data.Dataset``.
+        num_classes: labels must lie in ``[0, num_classes)``; enables the unused-class check.
+        ignore_index: the label that marks pixels/samples the loss skips (255, -100).
+        masks: the mask folder matching an image folder, when it is not a subfolder.
+        workers: threads for decoding images and for the statistics.
+        progress: show a progress bar on stderr; default: only when stderr is a terminal.
+
+    Returns:
+        An ``AuditReport``: ``findings`` (errors first in ``str()``), ``stats`` per input and
+        target, ``exit_code`` 1 when an error was found.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.ones((4, 3), np.float32); x[2, 1] = np.nan
+        >>> r = audit((x, np.array([0, 1, 5, 1])), num_classes=3)
+        >>> [(f.category.value, f.samples) for f in r.findings]
+        [('nonfinite_input', [2]), ('invalid_target', [2]), ('invalid_target', [])]
+    """
+    if isinstance(source, str | os.PathLike):
+        src = readers.open_source(source, masks=masks, workers=workers)
+        title = f"data {Path(source).name or source}"
+    else:
+        src = readers.from_object(source)
+        title = f"data ({type(source).__name__})"
+    if progress is None:
+        progress = sys.stderr.isatty()
+    inputs: dict[str, _InputAudit] = {}
+    targets: dict[str, _TargetAudit] = {}
+    bar = _Progress(src.total, src.unit, enabled=bool(progress))
+    seen = 0
+    try:
+        for batch in src.batches:
+            n = len(batch)
+            for k, x in batch.inputs.items():
+                inputs.setdefault(k, _InputAudit(k)).update(x, batch.start, batch.names, workers)
+            for k, y in batch.targets.items():
+                targets.setdefault(k, _TargetAudit(k, num_classes, ignore_index)).update(
+                    y, batch.start, batch.target_names or batch.names)
+            seen = max(seen, batch.start + n)
+            bar.update(seen)
+    finally:
+        bar.close()
+        src.close()
+    fw = src.framework
+    findings = []
+    for a in inputs.values():
+        findings += input_findings(a.name, a.stats, a.dtype or "float32", nonfinite=a.nonfinite, constant=a.constant, framework=fw)
+    for t in targets.values():
+        findings += target_findings(t.name, nonfinite=t.nonfinite, out_of_range=t.out_of_range, all_ignored=t.all_ignored,
+                                    bad_soft=t.bad_soft, histogram=t.histogram(), num_classes=num_classes,
+                                    ignore_index=ignore_index, bad_values=t.bad_values, framework=fw)
+    stats = {"source": src.kind, "samples": seen,
+             "inputs": {a.name: a.to_dict() for a in inputs.values()},
+             "targets": {t.name: t.to_dict() for t in targets.values()}}
+    return AuditReport(findings, stats, framework=fw, title=title)
+
+
+class _Progress:
+    """``nanscope data: 120/5000 files`` on stderr, redrawn at most 5 times a second."""
+
+    def __init__(self, total: int | None, unit: str, *, enabled: bool) -> None:
+        self.total, self.unit, self.enabled, self.last, self.drawn = total, unit, enabled, 0.0, False
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.2:
+            return
+        self.last, self.drawn = now, True
+        of = f"/{self.total}" if self.total else ""
+        sys.stderr.write(f"\rnanscope data: {done}{of} {self.unit}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\n")
+
+
+def _label(start: int, i: int, names: list[str] | None) -> str:
+    return names[i] if names and i < len(names) else f"sample {start + i}"
+
+
+class _InputAudit:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.dtype: str | None = None
+        self.sample_shape: tuple[int, ...] | None = None
+        self.shapes_vary = False
+        self.stats = ArrayStats()
+        self.channel_axis: int | None = None
+        self.channels: list[ArrayStats] | None = None
+        self.nonfinite, self.constant = Hits(), Hits()
+
+    def update(self, x: np.ndarray, start: int, names: list[str] | None, workers: int) -> None:
+        x = np.asarray(x)
+        if x.dtype.kind == "b":
+            x = x.view(np.uint8)
+        if x.dtype.kind not in "fiu" or x.ndim == 0:
+            return
+        n = x.shape[0]
+        if self.dtype is None:
+            self.dtype, self.sample_shape = dtype_name(x.dtype), tuple(x.shape[1:])
+            self.channel_axis = _channel_axis(self.sample_shape)
+        elif tuple(x.shape[1:]) != self.sample_shape:
+            self.shapes_vary = True
+        part = array_stats(x, workers=workers)
+        self.stats = self.stats.merge(part)
+        if not n or not x[0].size:
+            return
+        flat = x.reshape(n, -1)
+        if part.nonfinite:
+            bad = np.count_nonzero(~np.isfinite(flat), axis=1)
+            for i in np.flatnonzero(bad):
+                self.nonfinite.add(start + i, names[i] if names else None,
+                                   f"{_label(start, i, names)}: {bad[i]} non-finite of {flat.shape[1]}")
+        if flat.shape[1] >= 16 or x.ndim >= 3:
+            with np.errstate(invalid="ignore"):
+                lo, hi = flat.min(axis=1), flat.max(axis=1)
+            for i in np.flatnonzero((lo == hi) & np.isfinite(lo)):
+                self.constant.add(start + i, names[i] if names else None,
+                                  f"{_label(start, i, names)}: every value is {fmt(float(lo[i]))}")
+        ax = self.channel_axis
+        if ax is not None and x.ndim == len(self.sample_shape or ()) + 1 and x.shape[1 + ax] == (self.sample_shape or ())[ax]:
+            per = [array_stats(np.ascontiguousarray(np.take(x, c, axis=1 + ax)), workers=1) for c in range(x.shape[1 + ax])]
+            self.channels = per if self.channels is None else [a.merge(b) for a, b in zip(self.channels, per, strict=True)]
+
+    def to_dict(self) -> dict:
+        d: dict = {"dtype": self.dtype, "sample_shape": list(self.sample_shape or ()) if not self.shapes_vary else "varies"}
+        d.update(self.stats.to_dict())
+        d["nonfinite_samples"] = self.nonfinite.count
+        d["constant_samples"] = self.constant.count
+        if self.channels:
+            d["channel_mean"] = [c.mean for c in self.channels]
+            d["channel_std"] = [c.std for c in self.channels]
+            if self.dtype == "uint8":  # the numbers transforms.Normalize wants after ToTensor()
+                d["channel_mean_01"] = [round(c.mean / 255, 4) if c.mean is not None else None for c in self.channels]
+                d["channel_std_01"] = [round(c.std / 255, 4) if c.std is not None else None for c in self.channels]
+        return d
+
+
+def _channel_axis(sample_shape: tuple[int, ...]) -> int | None:
+    """Channels last (H, W, C) or first (C, H, W) for image-like samples; None otherwise."""
+    if len(sample_shape) != 3:
+        return None
+    if sample_shape[-1] in (1, 2, 3, 4) and sample_shape[0] > 4:
+        return 2
+    if sample_shape[0] in (1, 2, 3, 4):
+        return 0
+    return None
+
+
+class _TargetAudit:
+    def __init__(self, name: str, num_classes: int | None, ignore_index: int | None) -> None:
+        self.name, self.num_classes, self.ignore_index = name, num_classes, ignore_index
+        self.kind: str | None = None  # "classes", "soft" or "values"
+        self.dtype: str | None = None
+        self.stats = ArrayStats()
+        self.hist = np.zeros(num_classes or 0, dtype=np.int64)
+        self.above_cap = 0
+        self.valid = self.ignored = 0
+        self.bad_values: dict[int, int] = {}
+        self.nonfinite, self.out_of_range, self.all_ignored, self.bad_soft = Hits(), Hits(), Hits(), Hits()
+
+    def _decide(self, y: np.ndarray) -> str:
+        if y.dtype.kind in "iub":
+            return "classes"
+        f = y[np.isfinite(y)]
+        if y.ndim == 2 and y.shape[1] > 1 and f.size and f.min() >= 0 and f.max() <= 1 and (
+                self.num_classes is None or y.shape[1] == self.num_classes):
+            return "soft"
+        if not f.size or np.all(f == np.round(f)):
+            return "classes"
+        return "values"
+
+    def update(self, y: np.ndarray, start: int, names: list[str] | None) -> None:
+        y = np.asarray(y)
+        if y.dtype.kind == "b":
+            y = y.astype(np.uint8)
+        if y.dtype.kind not in "fiu":
+            return
+        if y.ndim == 0:
+            y = y[None]
+        if self.kind is None:
+            self.kind, self.dtype = self._decide(y), dtype_name(y.dtype)
+        n = y.shape[0]
+        flat = y.reshape(n, -1)
+        part = array_stats(flat, workers=1)
+        self.stats = self.stats.merge(part)
+        finite = np.isfinite(flat) if flat.dtype.kind == "f" else None
+        if part.nonfinite:
+            for i in np.flatnonzero(~finite.all(axis=1)):
+                self.nonfinite.add(start + i, names[i] if names else None,
+                                   f"{_label(start, i, names)}: {int((~finite[i]).sum())} non-finite labels")
+        if self.kind == "soft":
+            self._soft(flat, start, names)
+        elif self.kind == "classes":
+            self._classes(flat, finite, start, names)
+
+    def _soft(self, flat: np.ndarray, start: int, names: list[str] | None) -> None:
+        with np.errstate(invalid="ignore"):
+            sums = flat.astype(np.float64).sum(axis=1)
+            neg = (flat < 0).any(axis=1)
+        tol = 1e-3 if flat.dtype.itemsize >= 4 else 1e-2
+        bad = np.isfinite(sums) & ((np.abs(sums - 1.0) > tol) | neg)
+        for i in np.flatnonzero(bad):
+            self.bad_soft.add(start + i, names[i] if names else None, f"{_label(start, i, names)}: row sums to {fmt(float(sums[i]))}")
+        ok = np.isfinite(sums)
+        if ok.any():
+            self._count(np.argmax(np.where(np.isfinite(flat[ok]), flat[ok], -np.inf), axis=1))
+            self.valid += int(ok.sum())
+
+    def _classes(self, flat: np.ndarray, finite: np.ndarray | None, start: int, names: list[str] | None) -> None:
+        labels = flat if finite is None else np.where(finite, flat, 0)
+        labels = labels.astype(np.int64, copy=False)
+        valid = np.ones(labels.shape, bool) if finite is None else finite.copy()
+        if self.ignore_index is not None:
+            valid &= labels != self.ignore_index
+        bad = valid & (labels < 0)
+        if self.num_classes is not None:
+            bad |= valid & (labels >= self.num_classes)
+        if bad.any():
+            vals, counts = np.unique(labels[bad], return_counts=True)
+            for v, c in zip(vals.tolist(), counts.tolist(), strict=True):
+                self.bad_values[v] = self.bad_values.get(v, 0) + c
+            for i in np.flatnonzero(bad.any(axis=1)):
+                row_vals = np.unique(labels[i][bad[i]])
+                self.out_of_range.add(start + i, names[i] if names else None,
+                                      f"{_label(start, i, names)}: label {', '.join(map(str, row_vals[:5].tolist()))} "
+                                      f"at {int(bad[i].sum())} of {labels.shape[1]} positions")
+        nvalid = valid.sum(axis=1)
+        self.valid += int(nvalid.sum())
+        self.ignored += int((~valid).sum())
+        if self.ignore_index is not None and labels.shape[1] > 1:
+            for i in np.flatnonzero(nvalid == 0):
+                self.all_ignored.add(start + i, names[i] if names else None,
+                                     f"{_label(start, i, names)}: 0 of {labels.shape[1]} values valid")
+        good = labels[valid & ~bad]
+        if good.size:
+            self._count(good)
+
+    def _count(self, labels: np.ndarray) -> None:
+        cap = self.num_classes if self.num_classes is not None else _HIST_CAP
+        over = labels >= cap
+        if over.any():
+            self.above_cap += int(over.sum())
+            labels = labels[~over]
+        if labels.size:
+            counts = np.bincount(labels, minlength=self.hist.size)
+            if counts.size > self.hist.size:
+                self.hist = np.concatenate([self.hist, np.zeros(counts.size - self.hist.size, np.int64)])
+            self.hist += counts
+
+    def histogram(self) -> dict[int, int]:
+        if self.kind not in ("classes", "soft"):
+            return {}
+        return {i: int(c) for i, c in enumerate(self.hist.tolist())}
+
+    def to_dict(self) -> dict:
+        d: dict = {"kind": self.kind, "dtype": self.dtype}
+        d.update(self.stats.to_dict())
+        if self.kind in ("classes", "soft"):
+            d["valid"] = self.valid
+            if self.kind == "classes":
+                d["ignored"] = self.ignored
+            h = self.histogram()
+            d["histogram"] = {str(k): v for k, v in h.items() if v or self.num_classes is not None}
+            if self.num_classes is not None:
+                d["unused_classes"] = [c for c in range(self.num_classes) if not h.get(c)]
+            if self.above_cap:
+                d["labels_above_histogram"] = self.above_cap
+        return d

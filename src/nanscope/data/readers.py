@@ -1,0 +1,424 @@
+"""Framework-free readers: turn a dataset on disk or in memory into a stream of batches.
+
+Design constraints:
+    - Bounded memory: ``.npy`` files are memory-mapped and ``.h5`` datasets read in row chunks;
+      image folders are decoded one file at a time (``workers`` threads, in order). Nothing
+      keeps the decoded data after its batch is audited.
+    - Safe: ``np.load(allow_pickle=False)`` always; a file that needs pickle is refused.
+    - Bad input (missing, empty, truncated, bit-flipped or unknown files) raises
+      ``BadInputError`` with one line naming the file, never another exception.
+    - Frameworks are recognized through ``sys.modules`` only (a torch ``Dataset``/``DataLoader``
+      or a ``tf.data.Dataset`` can exist only if the caller imported that framework).
+
+Every reader yields :class:`Batch` objects: the inputs and/or targets of consecutive samples
+with a leading sample axis, and the file names when the samples are files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nanscope.core.errors import BadInputError, MissingDependencyError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+SAMPLE_SUFFIXES = IMAGE_SUFFIXES | {".npy"}
+ARRAY_SUFFIXES = {".npy", ".npz", ".h5", ".hdf5"}
+INPUT_DIRS = ("images", "image", "imgs", "img", "inputs", "input", "x", "data", "jpegimages", "rgb")
+TARGET_DIRS = ("masks", "mask", "labels", "label", "annotations", "annotation", "gt", "targets",
+               "target", "y", "segmentationclass", "segmentations", "segmentation")
+_TARGET_KEY = re.compile(r"(^|[_\-/])(y|labels?|targets?|masks?|gt|annotations?|classes|segmentation)s?$", re.I)
+CHUNK_BYTES = 16 << 20  # rows read per array chunk: bounded memory, and still fast
+
+
+@dataclass
+class Batch:
+    """Consecutive samples ``start .. start + n - 1`` of one dataset."""
+
+    start: int
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
+    names: list[str] | None = None  # file names (relative to the dataset root) when samples are files
+    target_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        for a in (*self.inputs.values(), *self.targets.values()):
+            return int(a.shape[0]) if a.ndim else 1
+        return 0
+
+
+@dataclass
+class Source:
+    """A dataset ready to stream: its batches, how many samples, and what it is."""
+
+    batches: Iterable[Batch]
+    total: int | None
+    kind: str  # "folder", "npy", "npz", "hdf5", "arrays", "torch", "tensorflow"
+    unit: str = "samples"
+    framework: str | None = None
+    resources: list = field(default_factory=list)  # open files, closed by close()
+
+    def close(self) -> None:
+        while self.resources:
+            try:
+                self.resources.pop().close()
+            except Exception:  # closing a corrupt file can fail again; nothing is left to save
+                pass
+
+
+def is_target_name(name: str) -> bool:
+    """Whether an array or folder name looks like labels/masks rather than inputs.
+
+    >>> is_target_name("train/labels"), is_target_name("y"), is_target_name("images")
+    (True, True, False)
+    """
+    return bool(_TARGET_KEY.search(name))
+
+
+# -- files --------------------------------------------------------------------------------------
+
+def open_source(path: str | os.PathLike, *, masks: str | os.PathLike | None = None, workers: int = 1) -> Source:
+    """A dataset on disk: an image/mask folder, a ``.npy``/``.npz`` or an HDF5 file."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError(f"{str(p)!r} does not exist", path=str(p))
+    if p.is_dir():
+        return _folder(p, Path(masks) if masks else None, workers)
+    if masks:
+        raise BadInputError("--masks goes with an image folder, not a single file")
+    _nonempty(p)
+    suffix = p.suffix.lower()
+    if suffix == ".npy":
+        arr = load_npy(p)
+        role = "targets" if is_target_name(p.stem) else "inputs"
+        return Source(_array_batches({p.stem: arr} if role == "inputs" else {}, {p.stem: arr} if role == "targets" else {}),
+                      _rows(arr), "npy")
+    if suffix in (".npz", ".h5", ".hdf5"):
+        keep: list = []
+        try:
+            arrays = load_npz(p, keep) if suffix == ".npz" else load_hdf5(p, keep)
+            src = _arrays_source(arrays, "npz" if suffix == ".npz" else "hdf5", p)
+        except BaseException:
+            Source((), 0, "", resources=keep).close()
+            raise
+        src.resources = keep
+        return src
+    if suffix in IMAGE_SUFFIXES:
+        return Source(_file_batches([p], None, p.parent, workers), 1, "folder", "files")
+    raise BadInputError(f"{str(p)!r}: unknown dataset format {suffix or '(no suffix)'!r}; "
+                        "expected a folder of images, .npy, .npz, .h5 or .hdf5")
+
+
+def _nonempty(p: Path) -> None:
+    try:
+        if p.stat().st_size == 0:
+            raise BadInputError(f"{str(p)!r} is empty", path=str(p))
+    except OSError as err:
+        raise BadInputError(f"cannot read {str(p)!r}: {err.strerror}", path=str(p)) from None
+
+
+def load_npy(p: Path) -> np.ndarray:
+    """Memory-map a ``.npy`` (read-only, no pickle)."""
+    _nonempty(p)
+    try:
+        return np.load(p, mmap_mode="r", allow_pickle=False)
+    except ValueError as err:
+        if "pickle" in str(err).lower() or "python objects" in str(err).lower():
+            raise BadInputError(f"{str(p)!r} holds Python objects (pickle); nanscope does not unpickle data files") from None
+        raise BadInputError(f"{str(p)!r} is not a readable .npy file (truncated or corrupt): {_short(err)}", path=str(p)) from None
+    except Exception as err:  # bit flips reach numpy's header parser in many ways
+        raise BadInputError(f"{str(p)!r} is not a readable .npy file (truncated or corrupt): {_short(err)}", path=str(p)) from None
+
+
+def load_npz(p: Path, keep: list) -> dict[str, object]:
+    """Arrays of a ``.npz``, each decompressed when its turn comes (one in memory at a time).
+
+    The open handles go to ``keep``; the caller closes them (``Source.close()``).
+    """
+    _nonempty(p)
+    fh = open(p, "rb")  # our own handle: closed even when numpy fails half-way
+    try:
+        z = np.load(fh, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise BadInputError(f"{str(p)!r} is a .npy file named .npz")
+    except BadInputError:
+        fh.close()
+        raise
+    except Exception as err:
+        fh.close()
+        raise BadInputError(f"{str(p)!r} is not a readable .npz file (truncated or corrupt): {_short(err)}", path=str(p)) from None
+    keep += [z, fh]
+    return {k: _ZipArray(z, k, p) for k in z.files}
+
+
+class _ZipArray:
+    """One member of a .npz, decompressed on first use (one array in memory at a time)."""
+
+    def __init__(self, z, key: str, path: Path) -> None:
+        self.z, self.key, self.path = z, key, path
+
+    def load(self) -> np.ndarray:
+        try:
+            return self.z[self.key]
+        except ValueError as err:
+            if "pickle" in str(err).lower():
+                raise BadInputError(f"{str(self.path)!r}: array {self.key!r} holds Python objects (pickle); nanscope does not unpickle data files") from None
+            raise BadInputError(f"{str(self.path)!r}: array {self.key!r} is unreadable (truncated or corrupt): {_short(err)}") from None
+        except Exception as err:
+            raise BadInputError(f"{str(self.path)!r}: array {self.key!r} is unreadable (truncated or corrupt): {_short(err)}") from None
+
+
+def load_hdf5(p: Path, keep: list) -> dict[str, object]:
+    """Numeric datasets of an HDF5 file by path (read lazily in chunks); the file goes to ``keep``."""
+    _nonempty(p)
+    try:
+        import h5py
+    except ImportError:
+        raise MissingDependencyError("h5py", "data") from None
+    try:
+        f = h5py.File(p, "r")
+        keep.append(f)
+        found: dict[str, object] = {}
+
+        def visit(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset) and obj.dtype.kind in "fiub" and obj.shape is not None:
+                found[name] = obj
+
+        f.visititems(visit)
+    except Exception as err:
+        for f in keep:
+            f.close()
+        keep.clear()
+        raise BadInputError(f"{str(p)!r} is not a readable HDF5 file (truncated or corrupt): {_short(err)}", path=str(p)) from None
+    if not found:
+        raise BadInputError(f"{str(p)!r} holds no numeric dataset")
+    return found
+
+
+def _short(err: BaseException) -> str:
+    return " ".join(str(err).split())[:160] or type(err).__name__
+
+
+def _rows(a: object) -> int:
+    shape = getattr(a, "shape", None)
+    if shape is None:
+        return 0
+    return int(shape[0]) if len(shape) else 1
+
+
+def _arrays_source(arrays: dict[str, object], kind: str, path: Path) -> Source:
+    inputs = {k: v for k, v in arrays.items() if not is_target_name(k)}
+    targets = {k: v for k, v in arrays.items() if is_target_name(k)}
+    if not arrays:
+        raise BadInputError(f"{str(path)!r} holds no arrays")
+
+    def batches() -> Iterator[Batch]:
+        # Each array streams on its own: samples are rows, indices are comparable across arrays.
+        for k, v in arrays.items():
+            a = v.load() if isinstance(v, _ZipArray) else v
+            yield from _array_batches({k: a} if k in inputs else {}, {k: a} if k in targets else {})
+
+    total = max((_rows(v.load() if isinstance(v, _ZipArray) else v) for v in arrays.values()), default=0) if kind != "npz" else None
+    return Source(batches(), total, kind)
+
+
+def _array_batches(inputs: dict[str, object], targets: dict[str, object]) -> Iterator[Batch]:
+    """Row chunks of arrays (numpy, memmap or h5py datasets) of about CHUNK_BYTES."""
+    arrays = {**inputs, **targets}
+    if not arrays:
+        return
+    first = next(iter(arrays.values()))
+    shape = tuple(first.shape)
+    if len(shape) == 0:
+        yield Batch(0, {k: np.asarray(v)[None] for k, v in inputs.items()}, {k: np.asarray(v)[None] for k, v in targets.items()})
+        return
+    n = shape[0]
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * first.dtype.itemsize)
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for i in range(0, n, step):
+        try:
+            yield Batch(i, {k: np.asarray(v[i : i + step]) for k, v in inputs.items()},
+                        {k: np.asarray(v[i : i + step]) for k, v in targets.items()})
+        except BadInputError:
+            raise
+        except Exception as err:  # a truncated HDF5 chunk surfaces only when read
+            raise BadInputError(f"cannot read rows {i}..{min(n, i + step) - 1}: {_short(err)} (truncated or corrupt file)") from None
+
+
+# -- folders ------------------------------------------------------------------------------------
+
+def _samples_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SAMPLE_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+def _folder(root: Path, masks: Path | None, workers: int) -> Source:
+    subdirs = {d.name.lower(): d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    if masks is None:
+        image_dir = next((subdirs[n] for n in INPUT_DIRS if n in subdirs), None)
+        mask_dir = next((subdirs[n] for n in TARGET_DIRS if n in subdirs), None)
+        if image_dir is not None and mask_dir is not None:
+            root, masks = image_dir, mask_dir
+    elif not masks.is_dir():
+        raise BadInputError(f"mask folder {str(masks)!r} does not exist")
+    files = _samples_in(root)
+    if masks is not None:
+        mask_files = {p.relative_to(masks).with_suffix("").as_posix(): p for p in _samples_in(masks)}
+        pairs = [(f, mask_files.get(f.relative_to(root).with_suffix("").as_posix())) for f in files]
+        return Source(_file_batches([f for f, _ in pairs], [m for _, m in pairs], root.parent, workers),
+                      len(pairs), "folder", "files")
+    if not files:
+        arrays = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".npz", ".h5", ".hdf5"))
+        if len(arrays) == 1:
+            return open_source(arrays[0])
+        raise BadInputError(f"{str(root)!r} holds no images (.png/.jpg/.tif/...) or .npy samples")
+    # ImageFolder layout (root/class_name/xxx.png): the folder name is the class label.
+    top = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
+    if top and all(len(f.relative_to(root).parts) == 2 for f in files):
+        index = {name: i for i, name in enumerate(top)}
+        labels = [index[f.relative_to(root).parts[0]] for f in files]
+        return Source(_file_batches(files, None, root, workers, labels=labels), len(files), "folder", "files")
+    return Source(_file_batches(files, None, root, workers), len(files), "folder", "files")
+
+
+def read_sample(path: Path, *, as_mask: bool = False) -> np.ndarray:
+    """Decode one image or ``.npy`` sample; BadInputError names the file when it is unreadable."""
+    _nonempty(path)
+    if path.suffix.lower() == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except Exception as err:
+            raise BadInputError(f"{str(path)!r} is not a readable .npy file (truncated or corrupt): {_short(err)}", path=str(path)) from None
+    try:
+        from PIL import Image
+    except ImportError:
+        raise MissingDependencyError("pillow", "data") from None
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if not as_mask and im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+            return np.asarray(im)
+    except Exception as err:
+        raise BadInputError(f"{str(path)!r} is not a readable image (truncated or corrupt): {_short(err)}", path=str(path)) from None
+
+
+def _file_batches(files: list[Path], masks: list[Path | None] | None, root: Path, workers: int,
+                  labels: list[int] | None = None) -> Iterator[Batch]:
+    def load(i: int) -> Batch:
+        f = files[i]
+        name = _rel(f, root)
+        b = Batch(i, {"image": read_sample(f)[None]}, names=[name])
+        if masks is not None:
+            m = masks[i]
+            if m is not None:
+                b.targets["mask"] = read_sample(m, as_mask=True)[None]
+                b.target_names = [_rel(m, root)]
+        if labels is not None:
+            b.targets["label"] = np.array([labels[i]])
+        return b
+
+    if workers <= 1:
+        for i in range(len(files)):
+            yield load(i)
+        return
+    window = 4 * workers  # decode ahead, in order, without holding the whole dataset
+    with ThreadPoolExecutor(workers) as pool:
+        for lo in range(0, len(files), window):
+            yield from pool.map(load, range(lo, min(len(files), lo + window)))
+
+
+def _rel(p: Path, root: Path) -> str:
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+
+
+# -- in-memory objects ----------------------------------------------------------------------------
+
+def from_object(obj: object) -> Source:
+    """numpy arrays, ``(x, y)`` tuples, dicts of arrays, a torch Dataset/DataLoader or a tf.data.Dataset."""
+    if isinstance(obj, np.ndarray):
+        return Source(_array_batches({"x": obj}, {}), _rows(obj), "arrays")
+    if isinstance(obj, dict) and all(isinstance(v, np.ndarray) for v in obj.values()):
+        inputs = {k: v for k, v in obj.items() if not is_target_name(k)}
+        targets = {k: v for k, v in obj.items() if is_target_name(k)}
+        return Source(_paired(inputs, targets), max(map(_rows, obj.values()), default=0), "arrays")
+    if isinstance(obj, tuple | list) and 1 <= len(obj) <= 2 and all(isinstance(v, np.ndarray) for v in obj):
+        return Source(_array_batches({"x": obj[0]}, {"y": obj[1]} if len(obj) > 1 else {}), _rows(obj[0]), "arrays")
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        data = torch.utils.data
+        if isinstance(obj, data.DataLoader):
+            return Source(_element_batches(obj, batched=True), _len(obj.dataset), "torch", framework="torch")
+        if isinstance(obj, data.Dataset):
+            seq = (obj[i] for i in range(len(obj))) if hasattr(obj, "__len__") and hasattr(obj, "__getitem__") and not isinstance(obj, data.IterableDataset) else iter(obj)
+            return Source(_element_batches(seq, batched=False), _len(obj), "torch", framework="torch")
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(obj, tf.data.Dataset):
+        spec = obj.element_spec
+        first = spec[0] if isinstance(spec, tuple) else (next(iter(spec.values())) if isinstance(spec, dict) else spec)
+        batched = bool(first.shape.rank) and first.shape[0] is None
+        card = int(obj.cardinality())
+        return Source(_element_batches(obj.as_numpy_iterator(), batched=batched), card if card >= 0 and not batched else None,
+                      "tensorflow", framework="keras")
+    raise BadInputError(f"cannot audit a {type(obj).__name__}: pass a path, numpy arrays, (x, y), a dict of arrays, "
+                        "a torch Dataset/DataLoader or a tf.data.Dataset")
+
+
+def _len(obj: object) -> int | None:
+    try:
+        return len(obj)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _paired(inputs: dict, targets: dict) -> Iterator[Batch]:
+    for k, v in {**inputs, **targets}.items():
+        yield from _array_batches({k: v} if k in inputs else {}, {k: v} if k in targets else {})
+
+
+def to_numpy(value: object) -> np.ndarray:
+    """A torch/TF tensor, PIL image or number as a numpy array (bfloat16 through float32)."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # torch.Tensor
+        t = value.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        return t.numpy()
+    if hasattr(value, "numpy"):  # tf.Tensor
+        return np.asarray(value.numpy())
+    return np.asarray(value)
+
+
+def _split(element: object) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    if isinstance(element, dict):
+        ins = {k: to_numpy(v) for k, v in element.items() if not is_target_name(str(k))}
+        tgs = {k: to_numpy(v) for k, v in element.items() if is_target_name(str(k))}
+        return ins, tgs
+    if isinstance(element, tuple | list):
+        ins = {"x": to_numpy(element[0])} if len(element) else {}
+        tgs = {"y": to_numpy(element[1])} if len(element) > 1 else {}
+        return ins, tgs
+    return {"x": to_numpy(element)}, {}
+
+
+def _element_batches(elements: Iterable, *, batched: bool) -> Iterator[Batch]:
+    start = 0
+    for el in elements:
+        ins, tgs = _split(el)
+        if not batched:
+            ins = {k: v[None] for k, v in ins.items()}
+            tgs = {k: v[None] for k, v in tgs.items()}
+        b = Batch(start, ins, tgs)
+        yield b
+        start += len(b)

@@ -1,0 +1,204 @@
+"""`nanscope data` and `nanscope.data.audit` on real files the tests write.
+
+Every problem the audit names is planted in a real file: a TIFF with a NaN pixel, a constant
+image, a mask of only 255s, a mask with label 21 in a 21-class set, NaN rows in .npy, bad labels
+in .npz/.h5. Healthy data must give no finding at all.
+"""
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from nanscope.cli.main import main
+from nanscope.data import audit
+
+RNG = np.random.default_rng(0)
+
+
+def _healthy_mask(n_classes=21):
+    return (np.arange(16 * 16).reshape(16, 16) % n_classes).astype(np.uint8)
+
+
+@pytest.fixture
+def seg(tmp_path):
+    """images/ + masks/ with one NaN TIFF, one constant image, one all-255 mask, one label 21."""
+    root = tmp_path / "seg"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(5):
+        Image.fromarray(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"images/{i:04d}.png")
+        Image.fromarray(_healthy_mask()).save(root / f"masks/{i:04d}.png")
+    Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(root / "images/0001.png")  # constant
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(root / "masks/0002.png")  # all ignored
+    m = _healthy_mask()
+    m[0, :4] = 21
+    Image.fromarray(m).save(root / "masks/0003.png")  # label 21 of 21 classes
+    f = RNG.random((16, 16)).astype(np.float32)
+    f[3, 3] = np.nan
+    Image.fromarray(f).save(root / "images/0005.tif")  # a float TIFF with one NaN pixel
+    Image.fromarray(_healthy_mask()).save(root / "masks/0005.png")
+    return root
+
+
+def _by(findings, category, severity="error"):
+    return [f for f in findings if f["category"] == category and f["severity"] == severity]
+
+
+def test_segmentation_folder_names_every_planted_problem(seg, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["data", str(seg), "--num-classes", "21", "--ignore-index", "255", "--json", str(out)]) == 1
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == 1 and doc["status"] == "problems"
+    f = doc["findings"]
+    (nan,) = _by(f, "nonfinite_input")
+    assert nan["where"]["file"] == "images/0005.tif" and nan["samples"] == [5] and nan["phase"] == "data"
+    targets = _by(f, "invalid_target")
+    (oor,) = [t for t in targets if "outside [0, 21)" in t["summary"]]
+    assert oor["where"]["file"] == "masks/0003.png" and oor["samples"] == [3]
+    assert any("21 (4 values)" in e for e in oor["evidence"])
+    (ign,) = [t for t in targets if "ignore_index 255" in t["summary"] and "0/0" in t["summary"]]
+    assert ign["where"]["file"] == "masks/0002.png" and ign["samples"] == [2]
+    (const,) = _by(f, "op_domain", "warning")
+    assert const["where"]["file"] == "images/0001.png"
+    assert len(f) == 4  # nothing else: the healthy files raise nothing
+    stats = doc["stats"]
+    assert stats["samples"] == 6 and stats["inputs"]["image"]["nan"] == 1
+    assert len(stats["inputs"]["image"]["channel_mean"]) == 3
+    assert stats["targets"]["mask"]["unused_classes"] == [] and stats["targets"]["mask"]["ignored"] == 256
+    text = capsys.readouterr().out
+    assert text.index("[error]") < text.index("[warning]") < text.index("statistics")
+
+
+def test_healthy_data_is_clean_and_silent(tmp_path, capsys):
+    root = tmp_path / "ok"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(3):
+        Image.fromarray(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"images/{i}.jpg")
+        Image.fromarray(_healthy_mask(5)).save(root / f"masks/{i}.png")
+    assert main(["data", str(root), "--num-classes", "5", "--json", str(tmp_path / "r.json")]) == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["status"] == "clean" and doc["findings"] == []
+    x = RNG.standard_normal((50, 3, 8, 8)).astype(np.float32)
+    y = RNG.integers(0, 10, 50)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    assert main(["data", str(tmp_path / "d.npz"), "--num-classes", "10"]) == 0
+    assert "clean" in capsys.readouterr().out
+
+
+def test_npy_rows_with_nan_and_unnormalized_floats(tmp_path):
+    x = RNG.uniform(0, 255, (40, 8, 8, 3)).astype(np.float32)
+    x[[3, 17], 2, 2, 0] = np.nan
+    x[9, 0, 0, 1] = np.inf
+    np.save(tmp_path / "train_x.npy", x)
+    r = audit(tmp_path / "train_x.npy")
+    (nan,) = [f for f in r.findings if f.category == "nonfinite_input"]
+    assert nan.samples == [3, 9, 17] and "2 NaN, 1 +Inf" in nan.evidence[0]
+    (rng,) = [f for f in r.findings if f.category == "overflow"]
+    assert rng.severity == "warning" and "0..255" in rng.summary
+    assert r.exit_code == 1
+    s = r.stats["inputs"]["train_x"]
+    assert s["nan"] == 2 and s["posinf"] == 1 and len(s["channel_mean"]) == 3
+
+
+def test_npz_and_hdf5_labels_out_of_range_and_soft_labels(tmp_path):
+    y = np.array([0, 1, 2, 3, -1, 2, 9])
+    np.savez(tmp_path / "d.npz", images=RNG.standard_normal((7, 4)).astype(np.float32), labels=y)
+    r = audit(tmp_path / "d.npz", num_classes=4)
+    (oor,) = [f for f in r.findings if "outside" in f.summary]
+    assert oor.samples == [4, 6] and oor.where_found["target"] == "labels"
+    with h5py.File(tmp_path / "d.h5", "w") as h:
+        h["x"] = RNG.standard_normal((6, 3)).astype(np.float32)
+        soft = np.full((6, 3), 1 / 3, np.float32)
+        soft[4] = [0.5, 0.2, 0.2]
+        h["targets"] = soft
+    r = audit(tmp_path / "d.h5")
+    (bad,) = [f for f in r.findings if f.category == "invalid_target"]
+    assert bad.samples == [4] and "sum to 1" in bad.summary and "0.9" in bad.evidence[0]
+    assert r.stats["targets"]["targets"]["kind"] == "soft"
+
+
+def test_python_api_arrays_and_class_folders(tmp_path):
+    x = np.zeros((5, 32), np.float32)
+    x += np.arange(32, dtype=np.float32) / 32
+    x[2] = 0.5  # constant row
+    y = np.array([0, 1, 0, 1, 0])
+    r = audit({"x": x, "y": y}, num_classes=3)
+    assert [(f.category.value, f.severity) for f in r.findings] == [("op_domain", "warning"), ("invalid_target", "warning")]
+    assert r.findings[0].samples == [2] and r.findings[1].where_found["classes"] == [2] and r.exit_code == 0
+    for cls in ("cat", "dog"):
+        (tmp_path / "cls" / cls).mkdir(parents=True)
+        Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "cls" / cls / "a.png")
+    r = audit(tmp_path / "cls", num_classes=3)
+    assert r.stats["targets"]["label"]["histogram"] == {"0": 1, "1": 1, "2": 0}
+
+
+def _write_bad_files(tmp_path):
+    good = RNG.standard_normal((20, 5)).astype(np.float32)
+    np.save(tmp_path / "a.npy", good)
+    np.savez(tmp_path / "a.npz", x=good, y=np.arange(20))
+    with h5py.File(tmp_path / "a.h5", "w") as h:
+        h["x"] = good
+    Image.fromarray(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    return [tmp_path / n for n in ("a.npy", "a.npz", "a.h5", "a.png")]
+
+
+def test_bad_files_one_line_exit_2_and_no_report(tmp_path, capsys):
+    report = tmp_path / "r.json"
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("hello")
+    for bad in ("missing.npy", "empty.npy", "notes.txt", "obj.npy"):
+        assert main(["data", str(tmp_path / bad), "--json", str(report)]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err, err
+        assert not report.exists()
+    assert "pickle" in err
+
+
+@pytest.mark.parametrize("kind", ["truncate", "bitflip"])
+def test_fuzzed_files_never_crash(tmp_path, capsys, kind):
+    rng = np.random.default_rng(1)
+    for path in _write_bad_files(tmp_path):
+        data = path.read_bytes()
+        for trial in range(12):
+            if kind == "truncate":
+                mutated = data[: int(rng.integers(1, len(data)))]
+            else:
+                b = bytearray(data)
+                for _ in range(3):
+                    i = int(rng.integers(0, len(b)))
+                    b[i] ^= 1 << int(rng.integers(0, 8))
+                mutated = bytes(b)
+            victim = tmp_path / f"fuzz{trial}{path.suffix}"
+            victim.write_bytes(mutated)
+            code = main(["data", str(victim), "--no-progress"])
+            err = capsys.readouterr().err
+            assert code in (0, 1, 2), (path.name, trial)
+            assert "internal error" not in err and "Traceback" not in err, (path.name, trial, err)
+            if code == 2:
+                assert err.count("\n") == 1
+
+
+def test_truncated_image_in_folder_names_the_file(seg, capsys):
+    p = seg / "images/0004.png"
+    p.write_bytes(p.read_bytes()[:60])
+    assert main(["data", str(seg)]) == 2
+    assert "0004.png" in capsys.readouterr().err
+
+
+def test_subprocess_writes_json_and_imports_no_framework(seg, tmp_path):
+    out = tmp_path / "r.json"
+    code = ("import sys; from nanscope.cli.main import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules; sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, "data", str(seg), "--num-classes", "21", "--ignore-index", "255",
+                        "--json", str(out), "--workers", "2"], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr == "", p.stderr
+    assert {f["category"] for f in json.loads(out.read_text())["findings"]} == {"nonfinite_input", "invalid_target", "op_domain"}
+    p = subprocess.run([sys.executable, "-m", "nanscope", "data", str(seg), "--workers", "0"], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
