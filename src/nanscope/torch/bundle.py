@@ -1,0 +1,288 @@
+"""Repro bundles: everything needed to reproduce one non-finite training step offline.
+
+A bundle is one folder under ``nanscope-reports/`` (configurable)::
+
+    step000017-op_domain/
+        diagnosis.json   the contract's JSON, plus a "bundle" section: what the bundle holds,
+                         the size and SHA-256 of state.pt
+        state.pt         torch.save of plain containers of tensors: the model's state_dict and
+                         the optimizer's from before the step, the batch, the RNG states
+
+Design constraints:
+
+* Safe to open: ``state.pt`` holds tensors, numbers, strings and containers only, so it loads
+  with ``torch.load(weights_only=True)``; nanscope never unpickles arbitrary objects. Batch
+  elements that are not tensors / numbers / strings are left out (the manifest says which).
+* Atomic: the folder is written under a temporary name and renamed into place, so a crash or
+  a full disk never leaves a half-written bundle that looks complete.
+* ``read_bundle`` (used by ``nanscope show``) needs no framework: it reads diagnosis.json and
+  checks state.pt's size and hash; only ``replay`` loads the tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanscope.core.diagnosis import Diagnosis
+from nanscope.core.errors import BadInputError
+
+__all__ = ["write_bundle", "read_bundle", "load_state", "replay", "rng_state", "set_rng_state"]
+
+BUNDLE_FORMAT = 1
+DIAGNOSIS_FILE = "diagnosis.json"
+STATE_FILE = "state.pt"
+
+
+# -- RNG --------------------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """The CPU (and, if CUDA is already initialized, every CUDA device's) RNG state."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+def _safe(obj: Any, path: str, dropped: list[str]) -> Any:
+    """A copy of ``obj`` that ``torch.load(weights_only=True)`` accepts."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _safe(v, f"{path}[{k!r}]", dropped) for k, v in obj.items() if isinstance(k, (str, int))}
+    if isinstance(obj, (list, tuple)):
+        items = [_safe(v, f"{path}[{i}]", dropped) for i, v in enumerate(obj)]
+        return tuple(items) if isinstance(obj, tuple) else items
+    dropped.append(f"{path} ({type(obj).__name__})")
+    return None
+
+
+def _describe(obj: Any, path: str = "batch") -> list[str]:
+    if isinstance(obj, torch.Tensor):
+        return [f"{path}: {str(obj.dtype).replace('torch.', '')}[{', '.join(map(str, obj.shape))}]"]
+    if isinstance(obj, dict):
+        return [line for k, v in obj.items() for line in _describe(v, f"{path}[{k!r}]")]
+    if isinstance(obj, (list, tuple)):
+        return [line for i, v in enumerate(obj) for line in _describe(v, f"{path}[{i}]")]
+    return []
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_bundle(
+    diagnosis: Diagnosis, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, batch: Any,
+    rng: dict[str, Any], reports: str | os.PathLike = "nanscope-reports", name: str | None = None,
+) -> Path:
+    """Write a repro bundle for ``diagnosis`` and return its folder; sets ``diagnosis.bundle``.
+
+    ``model`` and ``optimizer`` must hold their state from *before* the failed step (the Guard
+    restores BatchNorm buffers and never applies the failed update); ``rng`` is ``rng_state()``
+    taken before the step.
+
+    Example:
+        >>> import tempfile
+        >>> from nanscope.core.enums import Category
+        >>> net = torch.nn.Linear(2, 1)
+        >>> d = Diagnosis(Category.NONFINITE_INPUT, "NaN in the batch", step=3, framework="torch")
+        >>> folder = write_bundle(d, model=net, optimizer=None, batch=(torch.ones(1, 2),),
+        ...                       rng=rng_state(), reports=tempfile.mkdtemp())
+        >>> sorted(p.name for p in folder.iterdir()), d.bundle == str(folder)
+        (['diagnosis.json', 'state.pt'], True)
+    """
+    root = Path(reports)
+    root.mkdir(parents=True, exist_ok=True)
+    if not os.access(root, os.W_OK):
+        raise BadInputError(f"cannot write a repro bundle in {str(root)!r}: permission denied")
+    step = f"step{diagnosis.step:06d}-" if diagnosis.step is not None else ""
+    base = name or f"{step}{diagnosis.category}"
+    final = root / base
+    n = 1
+    while final.exists():
+        n += 1
+        final = root / f"{base}-{n}"
+    tmp = root / f".{final.name}.part-{os.getpid()}"
+    dropped: list[str] = []
+    state = {
+        "format": BUNDLE_FORMAT,
+        "model": {k: v.detach() for k, v in model.state_dict().items()},
+        "optimizer": _safe(optimizer.state_dict(), "optimizer", dropped) if optimizer is not None else None,
+        "batch": _safe(batch, "batch", dropped),
+        "rng": rng,
+        "step": diagnosis.step,
+    }
+    try:
+        tmp.mkdir()
+        torch.save(state, tmp / STATE_FILE)
+        diagnosis.bundle = str(final)
+        doc = diagnosis.to_dict()
+        doc["bundle"] = {
+            "format": BUNDLE_FORMAT,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "torch": torch.__version__,
+            "state_file": STATE_FILE,
+            "state_bytes": (tmp / STATE_FILE).stat().st_size,
+            "state_sha256": _sha256(tmp / STATE_FILE),
+            "model_tensors": len(state["model"]),
+            "model_parameters": int(sum(p.numel() for p in model.parameters())),
+            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+            "optimizer_state_tensors": sum(isinstance(v, torch.Tensor) for s in (optimizer.state.values() if optimizer else [])
+                                           for v in s.values()),
+            "batch": _describe(batch),
+            "left_out": dropped,
+            "rng": sorted(rng),
+        }
+        (tmp / DIAGNOSIS_FILE).write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, final)
+    except BaseException:
+        diagnosis.bundle = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+@dataclass
+class BundleInfo:
+    """What ``nanscope show`` prints: the diagnosis and the manifest; no tensors loaded."""
+
+    folder: Path
+    diagnosis: Diagnosis
+    manifest: dict[str, Any]
+
+
+def _folder(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_file() and p.name in (DIAGNOSIS_FILE, STATE_FILE):
+        p = p.parent
+    if not p.exists():
+        raise BadInputError(f"{str(path)!r} does not exist")
+    if not p.is_dir() or not (p / DIAGNOSIS_FILE).is_file():
+        raise BadInputError(f"{str(path)!r} is not a nanscope repro bundle (no {DIAGNOSIS_FILE} in it)")
+    return p
+
+
+def read_bundle(path: str | os.PathLike, *, verify: bool = True) -> BundleInfo:
+    """Read a bundle's diagnosis and manifest, and check that state.pt is whole.
+
+    Raises ``BadInputError`` (one line) for a missing, truncated or foreign path. Framework-free
+    in spirit: it only reads JSON and file bytes (this module imports torch for ``replay``).
+    """
+    folder = _folder(path)
+    try:
+        doc = json.loads((folder / DIAGNOSIS_FILE).read_text(encoding="utf-8"))
+        manifest = doc["bundle"]
+        diagnosis = Diagnosis.from_dict(doc)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BadInputError(f"{str(folder)!r} is not a readable repro bundle: {DIAGNOSIS_FILE} is truncated or malformed "
+                            f"({type(err).__name__})") from None
+    state = folder / manifest.get("state_file", STATE_FILE)
+    if not state.is_file():
+        raise BadInputError(f"repro bundle {str(folder)!r} is incomplete: {state.name} is missing")
+    if verify:
+        size = state.stat().st_size
+        if size != manifest.get("state_bytes"):
+            raise BadInputError(f"repro bundle {str(folder)!r} is truncated: {state.name} has {size} bytes, "
+                                f"expected {manifest.get('state_bytes')}")
+        if manifest.get("state_sha256") and _sha256(state) != manifest["state_sha256"]:
+            raise BadInputError(f"repro bundle {str(folder)!r} is corrupt: {state.name} does not match its SHA-256")
+    return BundleInfo(folder, diagnosis, manifest)
+
+
+def load_state(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """The bundle's tensors (``model``, ``optimizer``, ``batch``, ``rng``, ``step``), loaded
+    with ``torch.load(weights_only=True)`` after checking size and hash."""
+    info = read_bundle(path)
+    try:
+        return torch.load(info.folder / info.manifest.get("state_file", STATE_FILE), map_location=map_location,
+                          weights_only=True)
+    except Exception as err:  # a foreign or damaged pickle: refuse, never execute it
+        raise BadInputError(f"cannot load repro bundle {str(info.folder)!r}: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_to(v, device) for v in obj]
+        return tuple(items) if isinstance(obj, tuple) else items
+    return obj
+
+
+def replay(
+    bundle: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+    step_fn: Callable[[Any], Any],
+) -> Diagnosis | None:
+    """Reproduce a bundled failure offline and diagnose it again.
+
+    Loads the model and optimizer state from before the failed step, the batch and the RNG
+    state, then runs ``step_fn(batch)`` (forward + loss + backward, as given to
+    ``Guard.step``) once under full per-op instrumentation. The step runs with the same
+    numbers, so it fails the same way, bit for bit. No optimizer step is taken; afterwards the
+    model holds the bundled weights and the gradients of the replayed step.
+
+    Example:
+        >>> from nanscope.torch import Guard, replay
+        >>> net = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> def train_step(batch):
+        ...     x, y = batch
+        ...     loss = torch.log(net(x) - y).mean()   # log of a negative number: NaN
+        ...     loss.backward()
+        ...     return loss
+        >>> import tempfile, warnings
+        >>> guard = Guard(net, opt, policy="skip", reports=tempfile.mkdtemp())
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     _ = guard.step(train_step, (torch.ones(4, 2), torch.full((4, 1), 1e3)))
+        >>> replay(guard.last.bundle, net, opt, train_step).category
+        <Category.OP_DOMAIN: 'op_domain'>
+    """
+    from nanscope.torch.trace import trace_step
+
+    state = load_state(bundle)
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    try:
+        model.load_state_dict(state["model"])
+        if optimizer is not None and state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise BadInputError(f"the bundle does not fit this model/optimizer: {str(err).splitlines()[0]}") from None
+    batch = _to(state["batch"], device)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        model.zero_grad(set_to_none=True)
+    set_rng_state(state["rng"])
+    return trace_step(lambda: step_fn(batch), model=model, step=state.get("step"))

@@ -1,0 +1,394 @@
+"""``Guard``: a check before every optimizer update, cheap enough to leave on.
+
+    guard = Guard(model, optimizer, policy="skip")
+    for batch in loader:
+        loss = guard.step(train_step, batch)   # train_step: forward + loss + backward
+        if guard.should_stop:
+            break
+
+Design constraints:
+
+* Healthy steps cost one fused reduction and nothing per op or per module: one
+  ``torch._foreach_norm`` over the loss, the gradients and the normalization buffers (and the
+  weights on the first step and every ``check_weights_every`` steps), stacked into three
+  numbers read with a single ``.tolist()``: one host-device synchronization per step on CUDA,
+  and none before it (no ``.item()``, no ``bool(tensor)``). Under DDP the flag rides one
+  ``all_reduce`` of a ``world_size``-element tensor before that read. The decision must be
+  known before ``optimizer.step()`` (policy ``skip`` keeps the weights bit-identical), so the
+  one synchronization cannot be deferred. To verify on a GPU:
+  ``torch.cuda.set_sync_debug_mode("warn")`` around ``guard.step`` warns once per step (the
+  ``.tolist()``) and at no other place.
+* The pre-step values needed to explain a failure are kept cheaply: the normalization layers'
+  buffers (a ``_foreach_copy_`` into preallocated tensors) and the RNG state. Weights and
+  optimizer state need no copy: the failed update is never applied.
+* Only on a failure does the expensive work run: BatchNorm buffers and RNG are restored, the
+  batch and the stored state are checked (``nanscope.torch.checks``), the same step is
+  replayed under full per-op instrumentation (``nanscope.torch.trace.trace_step``), the
+  gradient-norm history decides between ``exploding_gradients`` and a one-off cause
+  (``nanscope.core.rules.with_history``), and a repro bundle is written.
+* Weights that became non-finite in an update (Adam's ``eps`` rounding to 0 in float16, a NaN
+  learning rate) show up at the next step's check and are attributed to the optimizer phase
+  of the step before. A weight that takes part in the forward pass makes the loss
+  non-finite at once, so checking all weights every step is not needed to catch it.
+* nanscope's own errors never stop training: they become one warning and the guard steps
+  aside (the loop goes on unguarded). Errors raised by the user's ``train_step`` or by the
+  optimizer are the user's and propagate unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from nanscope.core import rules
+from nanscope.core.diagnosis import Diagnosis
+from nanscope.core.enums import Category, Phase, Policy
+from nanscope.core.errors import NonFiniteError
+from nanscope.core.fixes import fixes_for
+from nanscope.core.summary import fmt
+from nanscope.core.trend import History, growth_rate
+from nanscope.torch import bundle as _bundle
+from nanscope.torch import distributed as _dist
+from nanscope.torch._util import is_norm_layer
+from nanscope.torch.checks import check_batch, check_model_state, check_optimizer_state
+
+__all__ = ["Guard"]
+
+# Failures that live in the stored state: skipping the update cannot undo them.
+_STATE_PHASES = (Phase.STATE, Phase.OPTIMIZER)
+
+
+def _replay(step_fn: Callable[[], Any], model: torch.nn.Module, step: int) -> Diagnosis | None:
+    """The per-op replay (a module-level function so tests can inject a failure into it)."""
+    from nanscope.torch.trace import trace_step
+
+    return trace_step(step_fn, model=model, step=step)
+
+
+def _split_batch(batch: Any) -> tuple[Any, Any]:
+    """(inputs, targets) of a batch: ``(x, y)`` sequences end with the targets; dicts name them."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return (batch[0] if len(batch) == 2 else list(batch[:-1])), batch[-1]
+    if isinstance(batch, dict):
+        keys = {"y", "target", "targets", "label", "labels", "mask", "masks"}
+        return ({k: v for k, v in batch.items() if k not in keys},
+                {k: v for k, v in batch.items() if k in keys} or None)
+    return batch, None
+
+
+class Guard:
+    """Checks every optimizer update for NaN/Inf before it is applied, and explains failures.
+
+    Args:
+        model: the model being trained (a ``DistributedDataParallel`` wrapper is fine).
+        optimizer: its optimizer; ``Guard.step`` calls ``optimizer.step()`` when the step is
+            finite (or when ``policy="warn"``).
+        policy: what to do with a non-finite step: ``"raise"`` (``NonFiniteError`` carrying the
+            diagnosis), ``"skip"`` (do not apply the update; weights and optimizer state stay
+            bit-identical; training goes on), ``"stop"`` (do not apply it and set
+            ``should_stop``), ``"warn"`` (apply it anyway). Under ``"skip"``, a failure that is
+            already in the stored state (non-finite weights, corrupt BatchNorm statistics)
+            cannot be skipped away, and the guard stops instead.
+        reports: folder for repro bundles (``None``: write none).
+        max_bundles: at most this many bundles per guard (a run that skips often stays small).
+        zero_grad: call ``optimizer.zero_grad(set_to_none=True)`` before each step (turn off
+            for gradient accumulation; a replay then starts from zero gradients).
+        check_weights_every: also check every weight on the first step and every this many
+            steps (a weight pass costs as much as the gradient pass); 1 checks every step.
+        warn_early: warn once when the gradient norm grows geometrically, before it overflows.
+
+    Attributes:
+        should_stop: True after a failure under ``"stop"`` (or an unrecoverable one under ``"skip"``).
+        skipped: number of updates not applied.
+        counts: failures by category (``Counter``).
+        diagnoses: the diagnoses so far (the last 32); ``last`` is the latest.
+        history: loss and gradient-norm history (``nanscope.core.trend.History``).
+
+    Example:
+        >>> import torch, warnings
+        >>> from nanscope.torch import Guard
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = torch.nn.Linear(3, 2)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> def train_step(batch):
+        ...     x, y = batch
+        ...     loss = torch.nn.functional.cross_entropy(net(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> guard = Guard(net, opt, policy="skip", reports=None)
+        >>> x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+        >>> loss = guard.step(train_step, (x, y))          # finite: the update is applied
+        >>> x[2, 1] = float("nan")
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")            # the guard warns with the diagnosis
+        ...     loss = guard.step(train_step, (x, y))      # NaN in sample 2: skipped
+        >>> guard.skipped, guard.last.category, guard.last.samples
+        (1, <Category.NONFINITE_INPUT: 'nonfinite_input'>, [2])
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        policy: Policy | str = Policy.SKIP,
+        reports: str | None = "nanscope-reports",
+        max_bundles: int = 5,
+        zero_grad: bool = True,
+        check_weights_every: int = 10,
+        warn_early: bool = True,
+    ) -> None:
+        self.model = model
+        self.module: torch.nn.Module = _dist.unwrap(model)
+        self.optimizer = optimizer
+        self.policy = Policy(policy)
+        self.reports = reports
+        self.max_bundles = max_bundles
+        self.zero_grad = zero_grad
+        self.check_weights_every = max(1, int(check_weights_every))
+        self.warn_early = warn_early
+        self.should_stop = False
+        self.skipped = 0
+        self.counts: Counter[str] = Counter()
+        self.diagnoses: list[Diagnosis] = []
+        self.history = History()
+        self.steps = 0  # guard.step calls so far; the contract's ``step`` of the next one
+        self._disabled = False
+        self._applied_last = False  # the previous step's update was applied
+        self._warned: set[str] = set()
+        self._bundles = 0
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._norm_buffers = [(m, n) for m in self.module.modules() if is_norm_layer(m)
+                              for n, b in m.named_buffers(recurse=False) if b is not None]
+        self._snapshot: list[torch.Tensor] | None = None
+
+    @property
+    def last(self) -> Diagnosis | None:
+        """The latest diagnosis, or None while every step was finite."""
+        return self.diagnoses[-1] if self.diagnoses else None
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self, step_fn: Callable[[Any], Any], batch: Any) -> Any:
+        """Run ``step_fn(batch)`` (forward + loss + backward, returns the loss), check it, and
+        apply ``optimizer.step()`` unless the policy says otherwise. Returns the loss."""
+        if self._disabled:
+            return self._plain(step_fn, batch)
+        try:
+            index, rng_before = self.steps, self._before()
+        except Exception as err:
+            self._internal("preparing the step", err)
+            return self._plain(step_fn, batch)
+        self.steps += 1
+        loss = step_fn(batch)
+        try:
+            verdict = self._check(loss, index)
+        except Exception as err:
+            self._internal("checking the step", err)
+            self.optimizer.step()
+            return loss
+        if verdict is None:
+            self.optimizer.step()
+            self._applied_last = True
+            return loss
+        self._fail(step_fn, batch, index, rng_before, verdict)  # raises under "raise"
+        return loss
+
+    def _plain(self, step_fn: Callable[[Any], Any], batch: Any) -> Any:
+        if self.zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        loss = step_fn(batch)
+        self.optimizer.step()
+        return loss
+
+    def _before(self) -> dict[str, Any]:
+        if self.zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+        buffers = [getattr(m, n) for m, n in self._norm_buffers]
+        snap = self._snapshot
+        if snap is None or len(snap) != len(buffers) or any(s.shape != b.shape or s.dtype != b.dtype
+                                                             for s, b in zip(snap, buffers, strict=True)):
+            self._snapshot = [b.detach().clone() for b in buffers]
+        elif buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(snap, buffers)
+        return _bundle.rng_state()
+
+    def _restore_buffers(self) -> list[torch.Tensor]:
+        """Put the pre-step normalization buffers back; returns the post-step values."""
+        buffers = [getattr(m, n) for m, n in self._norm_buffers]
+        after = [b.detach().clone() for b in buffers]
+        if buffers and self._snapshot is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, self._snapshot)
+        return after
+
+    def _check(self, loss: Any, index: int) -> dict[str, Any] | None:
+        """The fused check. None when finite; else what it saw (for the evidence)."""
+        grads = [p.grad for p in self._params if p.grad is not None and p.grad.is_floating_point()]
+        buffers = [b for b in (getattr(m, n) for m, n in self._norm_buffers) if b.is_floating_point()]
+        weights = index % self.check_weights_every == 0
+        tensors: list[torch.Tensor] = []
+        loss_t = loss.detach() if isinstance(loss, torch.Tensor) and loss.is_floating_point() else None
+        if loss_t is not None:
+            tensors.append(loss_t)
+        tensors += grads
+        tensors += buffers
+        if weights:
+            tensors += [p for p in self._params if p.is_floating_point()]
+        if not tensors:
+            return None
+        device = tensors[0].device
+        # One reduction per device group inside _foreach_norm; norms in float32 so that a
+        # finite float16 gradient cannot overflow its own norm. NaN/Inf anywhere -> NaN/Inf sum.
+        norms = [n.to(device) for n in torch._foreach_norm(tensors, 2, dtype=torch.float32)]
+        total = torch.stack(norms).sum()
+        g0 = 1 if loss_t is not None else 0
+        gnorm = torch.linalg.vector_norm(torch.stack(norms[g0:g0 + len(grads)])) if grads else total.new_zeros(())
+        loss_v = loss_t.float().sum().to(device) if loss_t is not None else total.new_zeros(())
+        stats = torch.stack([loss_v, gnorm, total])
+        ranks_bad: list[float] | None = None
+        if _dist.active():
+            flags = _dist.flags(bad=~torch.isfinite(total), local_first=~torch.isfinite(loss_v))
+            values = torch.cat([stats, flags]).tolist()  # the one synchronization of the step
+            ranks_bad = values[3:]
+        else:
+            values = stats.tolist()  # the one synchronization of the step
+        loss_f, gnorm_f, total_f = values[:3]
+        bad = not math.isfinite(total_f) or (ranks_bad is not None and any(ranks_bad))
+        if not bad:
+            self.history.add(loss_f if loss_t is not None else None, gnorm_f if grads else None)
+            self._warn_growth(index)
+            return None
+        return {"loss": loss_f if loss_t is not None else None, "grad_norm": gnorm_f if grads else None,
+                "ranks_bad": ranks_bad, "weights_checked": weights}
+
+    def _warn_growth(self, index: int) -> None:
+        if not self.warn_early or "growth" in self._warned or not self.history.exploding():
+            return
+        self._warned.add("growth")
+        norms = list(self.history.grad_norm)
+        rate = growth_rate(norms)
+        fix = fixes_for(Category.EXPLODING_GRADIENTS, framework="torch")
+        warnings.warn(
+            f"nanscope: the gradient norm is growing fast at step {index} "
+            f"({', '.join(fmt(n) for n in norms[-5:])}{f'; x{rate:.3g} per step' if rate else ''}); "
+            f"it will overflow if this goes on: {fix[0]}, or {fix[1]}",
+            RuntimeWarning, stacklevel=3)
+
+    # -- the failure path -------------------------------------------------------------------
+    def _fail(self, step_fn: Callable[[Any], Any], batch: Any, index: int, rng_before: dict[str, Any],
+              seen: dict[str, Any]) -> None:
+        rng_after = _bundle.rng_state()
+        after = self._restore_buffers()  # pre-step BatchNorm statistics from here on
+        unrecoverable = False
+        try:
+            d, unrecoverable = self._diagnose(step_fn, batch, index, rng_before, seen)
+        except Exception as err:
+            self._internal("diagnosing the step", err)
+            d = self._fallback(index, seen, f"nanscope could not localize it: internal error {type(err).__name__}: {err}")
+        finally:
+            self._restore_buffers()
+            _bundle.set_rng_state(rng_after)
+        if self.reports is not None and self._bundles < self.max_bundles and (d.ranks is None or _dist.rank() == d.ranks[0]):
+            try:
+                _bundle.write_bundle(d, model=self.module, optimizer=self.optimizer, batch=batch, rng=rng_before,
+                                     reports=self.reports)
+                self._bundles += 1
+            except Exception as err:  # a full disk must not stop training
+                self._warn_once("bundle", f"nanscope: could not write the repro bundle: {type(err).__name__}: {err}")
+        self.diagnoses = (self.diagnoses + [d])[-32:]
+        self.counts[str(d.category)] += 1
+        self._act(d, after, unrecoverable)
+
+    def _diagnose(self, step_fn: Callable[[Any], Any], batch: Any, index: int, rng_before: dict[str, Any],
+                  seen: dict[str, Any]) -> tuple[Diagnosis, bool]:
+        lr = next((float(g["lr"]) for g in self.optimizer.param_groups if "lr" in g), None)
+        norms = list(self.history.grad_norm)
+        # 1. Was the stored state already bad before this step? (Buffers are pre-step now.)
+        state = check_model_state(self.module, step=index)
+        if state is not None and _dist.active():
+            state = None  # every rank must replay (collectives); state is reported from the replay
+        if state is not None:
+            if self._applied_last and state.category is Category.NONFINITE_PARAMETERS:
+                # The weights were finite when the previous update was checked: that update wrote them.
+                opt = check_optimizer_state(self.optimizer, step=index - 1, model=self.module)
+                state = opt or rules.with_history(state, norms, lr=lr)
+                state.phase = Phase.OPTIMIZER
+                state.step = index - 1
+                state.evidence.append(f"the update of step {index - 1} made them non-finite; step {index} found them")
+            return state, True
+        # 2. The batch itself, then 3. the replay (every rank replays under DDP, so that
+        # collectives inside the model's forward stay matched).
+        data = check_batch(*_split_batch(batch), step=index)
+        traced: Diagnosis | None = None
+        if data is None or _dist.active():
+            self.optimizer.zero_grad(set_to_none=True)
+            _bundle.set_rng_state(rng_before)
+            with _dist.no_sync(self.model):
+                traced = _replay(lambda: step_fn(batch), self.module, index)
+        local = data or traced
+        if local is not None:
+            local = rules.with_history(local, norms, lr=lr)
+        if _dist.active():
+            local = _dist.agree(local, seen.get("ranks_bad"))
+        if local is None:
+            local = self._fallback(index, seen, "the replay of the step stayed finite (a non-deterministic op?)")
+        local.step = index
+        return local, local.phase in _STATE_PHASES
+
+    def _fallback(self, index: int, seen: dict[str, Any], why: str) -> Diagnosis:
+        loss, gnorm = seen.get("loss"), seen.get("grad_norm")
+        what = "the loss" if loss is not None and not math.isfinite(loss) else "a gradient or buffer"
+        d = Diagnosis(Category.UNKNOWN, f"{what} was non-finite at step {index}", step=index, framework="torch",
+                      evidence=[f"loss {fmt(loss)}, gradient norm {fmt(gnorm)}", why],
+                      fixes=fixes_for(Category.UNKNOWN, framework="torch"))
+        return rules.with_history(d, list(self.history.grad_norm))
+
+    def _act(self, d: Diagnosis, after: list[torch.Tensor], unrecoverable: bool) -> None:
+        self._applied_last = False
+        policy = self.policy
+        if policy is Policy.SKIP and unrecoverable:
+            policy = Policy.STOP
+            d.evidence.append("skipping cannot help: the stored state itself is non-finite, so the guard stops")
+        if policy is Policy.RAISE:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(d)
+        if policy is Policy.WARN:
+            buffers = [getattr(m, n) for m, n in self._norm_buffers]
+            if buffers:
+                with torch.no_grad():
+                    torch._foreach_copy_(buffers, after)
+            self._say(d, "the update was applied anyway (policy 'warn')")
+            self.optimizer.step()  # the gradients of the step (or of its identical replay)
+            self._applied_last = True
+            return
+        self.optimizer.zero_grad(set_to_none=True)  # no NaN gradient leaks into the next step
+        self.skipped += 1
+        if policy is Policy.STOP:
+            self.should_stop = True
+            self._say(d, "the update was not applied; stopping (guard.should_stop is True)")
+        else:
+            self._say(d, f"the update was not applied; training goes on ({self.skipped} skipped so far)")
+
+    def _say(self, d: Diagnosis, what: str) -> None:
+        key = f"{d.category}:{d.op}:{d.module}"
+        text = f"{d}\n  {what}" if key not in self._warned else f"nanscope: {d.headline()} ({what})"
+        self._warned.add(key)
+        warnings.warn(text, RuntimeWarning, stacklevel=4)
+
+    def _warn_once(self, key: str, text: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(text, RuntimeWarning, stacklevel=4)
+
+    def _internal(self, where: str, err: BaseException) -> None:
+        self._disabled = True
+        self._warn_once("internal", f"nanscope Guard: internal error while {where} ({type(err).__name__}: {err}); "
+                                    "training continues unguarded. Please report this with NANSCOPE_DEBUG=1 output.")
