@@ -411,10 +411,11 @@ class Analyzer:
 
         t = origin.tensor
         ev = origin.event
-        root = self.tracker.model or ev.root
+        root = self.tracker.model or ev.root or self.tracker.root
         if root is not None:
-            owned = any(p is t for p in root.parameters()) or any(b is t for b in root.buffers())
-            if owned:
+            state = {id(p) for p in root.parameters()} | {id(b) for b in root.buffers()}
+            # Read from the model's state, or written into it (load_state_dict's copy_).
+            if id(t) in state or any(id(o) in state for o in ev.outputs):
                 d = check_model_state(root, step=self.step)
                 if d is not None:
                     return d
