@@ -38,6 +38,7 @@ from nanscope.keras._util import (
 from nanscope.keras.trace import Tracer, all_finite, diagnosis_from_trace, is_float, to_numpy
 
 _FW = "keras"
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def diagnose(
@@ -112,11 +113,12 @@ def check_weights(model: keras.Model, *, step: int | None = None) -> Diagnosis |
     """``nonfinite_parameters`` when a trainable weight is already NaN/Inf."""
     bad = {}
     for name, v, _layer in owned_variables(model):
-        if not v.trainable or not is_float(v):
+        t = getattr(v, "value", v)  # keras.Variable -> the backend tensor
+        if not v.trainable or not is_float(t):
             continue
-        a = to_numpy(v.value if hasattr(v, "value") else v)
+        a = to_numpy(t)
         if a is not None and not np.isfinite(a).all():
-            bad[name] = summarize(a, v.dtype)
+            bad[name] = summarize(a, t.dtype.name)
     if not bad:
         return None
     return rules.nonfinite_parameters(bad, framework=_FW, step=step)
@@ -152,10 +154,11 @@ def trace_step(
             failed = value
         else:
             failed = [g for g in grads if g is not None and not all_finite(g)] or None
-        norm = _global_norm(grads)
+        norm = _global_norm(grads)  # float64: finite even where float32's sum of squares is not
+        history = [*(grad_norms or [])] + ([norm] if norm is not None and math.isfinite(norm) and norm > 0 else [])
         if failed is None:
-            if norm is not None and not math.isfinite(norm):  # finite gradients whose norm overflows
-                return rules.exploding_gradients([*(grad_norms or []), norm], framework=_FW, step=step, lr=learning_rate)
+            if norm is not None and norm * norm > _FLOAT32_MAX:  # every gradient finite, the norm past float32
+                return rules.exploding_gradients(history, framework=_FW, step=step, lr=learning_rate)
             return None
         d = diagnosis_from_trace(tr, failed, batch_size=n, step=step, valid_targets=valid, ignore_index=ignore_index)
         if d is None:
@@ -165,8 +168,7 @@ def trace_step(
                 evidence=["the eager re-run of this batch stayed finite op by op; the compiled step may differ (XLA)"],
             )
         d = _invalid_target_in_loss(d, valid, ignore_index)
-        history = [*(grad_norms or [])]
-        if d.category in (Category.OVERFLOW, Category.UNKNOWN) and history and is_exploding([*history, math.inf]):
+        if d.category in (Category.OVERFLOW, Category.UNKNOWN) and is_exploding(history):
             ex = rules.exploding_gradients(history, framework=_FW, step=step, lr=learning_rate,
                                            phase=Phase(d.phase) if d.phase else Phase.BACKWARD)
             ex.evidence.append(f"first non-finite value: {d.op} in {d.module or 'the loss'}: {d.summary}")
