@@ -1,0 +1,121 @@
+"""`nanscope run` on the scenario scripts: each really goes NaN (or stays healthy), and the
+JSON diagnosis names the category, phase, op kind, module and samples.
+
+A few run as real subprocesses (the way users run them); the rest in-process through
+``nanscope.cli.main.main`` to keep the suite fast. Every in-process run must leave the process
+as it found it (the runner's dispatch mode and hooks are removed when the script ends).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from nanscope.cli.main import main as cli_main
+
+SCENARIOS = Path(__file__).parent / "scenarios"
+
+# name -> expected fields of the diagnosis (None: the run must stay clean)
+EXPECTED = {
+    "nan_input": dict(category="nonfinite_input", phase="data", samples=[5], step=2),
+    "log_softmax": dict(category="op_domain", phase="loss", op="aten::log", op_kind="log", samples=[3],
+                        function="loss_fn"),
+    "div_zero": dict(category="op_domain", phase="forward", op="aten::div", op_kind="div", module="norm",
+                     samples=[2]),
+    "sqrt_zero": dict(category="singular_gradient", phase="backward", op_kind="sqrt", module="distance",
+                      samples=[1]),
+    "where_trap": dict(category="singular_gradient", phase="backward", op_kind="sqrt", module="act", step=0),
+    "fp16_overflow": dict(category="overflow", phase="forward", op_kind="matmul", module="encoder",
+                          dtype="float16", samples=[2]),
+    "exp_overflow": dict(category="overflow", phase="forward", op="aten::exp", op_kind="exp", module="softmax",
+                         samples=[1]),
+    "lr_high": dict(category="exploding_gradients"),
+    "checkpoint_nan": dict(category="nonfinite_parameters", phase="state", module="fc1", step=0),
+    "adam_fp16": dict(category="optimizer_state", phase="optimizer", dtype="float16", step=0),
+    "attention_mask": dict(category="all_masked_softmax", phase="forward", op_kind="softmax", module="attn",
+                           samples=[2]),
+    "ctc": dict(category="invalid_target", phase="loss", op_kind="ctc_loss", samples=[1]),
+    "seg_ignore": dict(category="invalid_target", phase="loss", op_kind="cross_entropy", samples=[0],
+                       function="eval_step"),
+    "bn_eval": dict(category="corrupt_norm_statistics", module="context.1"),
+    "healthy_partial_mask": None,
+    "healthy_double_where": None,
+    "healthy_bn_ignore": None,
+}
+SUBPROCESS = {"nan_input", "seg_ignore", "healthy_bn_ignore"}
+
+
+def check(report: dict, expected: dict | None, name: str) -> None:
+    if expected is None:
+        assert report["status"] == "clean" and report["diagnosis"] is None, report
+        return
+    assert report["status"] == "nonfinite" and report["framework"] == "torch"
+    d = report["diagnosis"]
+    for key, want in expected.items():
+        if key == "function":
+            assert d["location"]["function"] == want and d["location"]["file"].endswith(f"{name}.py"), d["location"]
+        else:
+            assert d[key] == want, (key, d)
+    assert d["summary"] and d["evidence"] and d["fixes"]
+
+
+def _run_in_process(name: str, tmp_path: Path, capsys) -> tuple[int, dict]:
+    out = tmp_path / f"{name}.json"
+    cwd = os.getcwd()
+    os.chdir(SCENARIOS)  # locations are shown relative to the working directory
+    try:
+        rc = cli_main(["run", str(SCENARIOS / f"{name}.py"), "--json", str(out)])
+    finally:
+        os.chdir(cwd)
+    captured = capsys.readouterr()
+    assert _get_current_dispatch_mode() is None, "the runner's dispatch mode was left on"
+    assert torch.nn.modules.module._global_forward_hooks == {}, "module hooks were left on"
+    return rc, json.loads(out.read_text()), captured
+
+
+@pytest.mark.parametrize("name", sorted(set(EXPECTED) - SUBPROCESS))
+def test_run_in_process(name, tmp_path, capsys):
+    rc, report, captured = _run_in_process(name, tmp_path, capsys)
+    expected = EXPECTED[name]
+    check(report, expected, name)
+    assert rc == (0 if expected is None else 1)
+    if expected is None:
+        assert "nanscope" not in captured.err  # healthy: not a word from us
+    else:
+        assert f"nanscope: {expected['category']}" in captured.err
+
+
+@pytest.mark.parametrize("name", sorted(SUBPROCESS))
+def test_run_as_subprocess(name, tmp_path):
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "nanscope", "run", f"{name}.py", "--json", str(out)],
+                          cwd=SCENARIOS, capture_output=True, text=True, timeout=120)
+    expected = EXPECTED[name]
+    assert proc.returncode == (0 if expected is None else 1), proc.stderr
+    check(json.loads(out.read_text()), expected, name)
+    if expected is None:
+        assert proc.stderr == ""
+    else:
+        assert "Traceback" not in proc.stderr
+
+
+def test_scripts_really_go_nan_without_nanscope():
+    """The scenario files are plain scripts: python <file> shows the NaN nanscope explains."""
+    proc = subprocess.run([sys.executable, "div_zero.py"], cwd=SCENARIOS, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "loss nan" in proc.stdout
+
+
+def test_clean_script_keeps_its_exit_status(tmp_path):
+    script = tmp_path / "exits.py"
+    script.write_text("import sys, torch\nprint(torch.ones(3).sum().item())\nsys.exit(3)\n")
+    rc = cli_main(["run", str(script)])
+    assert rc == 3
+    assert _get_current_dispatch_mode() is None
