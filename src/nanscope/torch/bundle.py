@@ -15,31 +15,28 @@ Design constraints:
   elements that are not tensors / numbers / strings are left out (the manifest says which).
 * Atomic: the folder is written under a temporary name and renamed into place, so a crash or
   a full disk never leaves a half-written bundle that looks complete.
-* ``read_bundle`` (used by ``nanscope show``) needs no framework: it reads diagnosis.json and
-  checks state.pt's size and hash; only ``replay`` loads the tensors.
+* Reading a bundle's diagnosis and manifest needs no framework (``nanscope.core.bundle``,
+  used by ``nanscope show``); only ``load_state`` / ``replay`` load the tensors.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nanscope.core.bundle import BUNDLE_FORMAT, DIAGNOSIS_FILE, read_bundle, sha256
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.errors import BadInputError
 
 __all__ = ["write_bundle", "read_bundle", "load_state", "replay", "rng_state", "set_rng_state"]
 
-BUNDLE_FORMAT = 1
-DIAGNOSIS_FILE = "diagnosis.json"
 STATE_FILE = "state.pt"
 
 
@@ -84,14 +81,6 @@ def _describe(obj: Any, path: str = "batch") -> list[str]:
     if isinstance(obj, (list, tuple)):
         return [line for i, v in enumerate(obj) for line in _describe(v, f"{path}[{i}]")]
     return []
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_bundle(
@@ -146,7 +135,7 @@ def write_bundle(
             "torch": torch.__version__,
             "state_file": STATE_FILE,
             "state_bytes": (tmp / STATE_FILE).stat().st_size,
-            "state_sha256": _sha256(tmp / STATE_FILE),
+            "state_sha256": sha256(tmp / STATE_FILE),
             "model_tensors": len(state["model"]),
             "model_parameters": int(sum(p.numel() for p in model.parameters())),
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
@@ -167,60 +156,12 @@ def write_bundle(
 
 # -- reading ----------------------------------------------------------------------------------
 
-@dataclass
-class BundleInfo:
-    """What ``nanscope show`` prints: the diagnosis and the manifest; no tensors loaded."""
-
-    folder: Path
-    diagnosis: Diagnosis
-    manifest: dict[str, Any]
-
-
-def _folder(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if p.is_file() and p.name in (DIAGNOSIS_FILE, STATE_FILE):
-        p = p.parent
-    if not p.exists():
-        raise BadInputError(f"{str(path)!r} does not exist")
-    if not p.is_dir() or not (p / DIAGNOSIS_FILE).is_file():
-        raise BadInputError(f"{str(path)!r} is not a nanscope repro bundle (no {DIAGNOSIS_FILE} in it)")
-    return p
-
-
-def read_bundle(path: str | os.PathLike, *, verify: bool = True) -> BundleInfo:
-    """Read a bundle's diagnosis and manifest, and check that state.pt is whole.
-
-    Raises ``BadInputError`` (one line) for a missing, truncated or foreign path. Framework-free
-    in spirit: it only reads JSON and file bytes (this module imports torch for ``replay``).
-    """
-    folder = _folder(path)
-    try:
-        doc = json.loads((folder / DIAGNOSIS_FILE).read_text(encoding="utf-8"))
-        manifest = doc["bundle"]
-        diagnosis = Diagnosis.from_dict(doc)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise BadInputError(f"{str(folder)!r} is not a readable repro bundle: {DIAGNOSIS_FILE} is truncated or malformed "
-                            f"({type(err).__name__})") from None
-    state = folder / manifest.get("state_file", STATE_FILE)
-    if not state.is_file():
-        raise BadInputError(f"repro bundle {str(folder)!r} is incomplete: {state.name} is missing")
-    if verify:
-        size = state.stat().st_size
-        if size != manifest.get("state_bytes"):
-            raise BadInputError(f"repro bundle {str(folder)!r} is truncated: {state.name} has {size} bytes, "
-                                f"expected {manifest.get('state_bytes')}")
-        if manifest.get("state_sha256") and _sha256(state) != manifest["state_sha256"]:
-            raise BadInputError(f"repro bundle {str(folder)!r} is corrupt: {state.name} does not match its SHA-256")
-    return BundleInfo(folder, diagnosis, manifest)
-
-
 def load_state(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
     """The bundle's tensors (``model``, ``optimizer``, ``batch``, ``rng``, ``step``), loaded
     with ``torch.load(weights_only=True)`` after checking size and hash."""
     info = read_bundle(path)
     try:
-        return torch.load(info.folder / info.manifest.get("state_file", STATE_FILE), map_location=map_location,
-                          weights_only=True)
+        return torch.load(info.state_path, map_location=map_location, weights_only=True)
     except Exception as err:  # a foreign or damaged pickle: refuse, never execute it
         raise BadInputError(f"cannot load repro bundle {str(info.folder)!r}: {type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else ''}") from None

@@ -142,6 +142,7 @@ class Guard:
         max_bundles: int = 5,
         zero_grad: bool = True,
         check_weights_every: int = 10,
+        max_skips_in_a_row: int = 10,
         warn_early: bool = True,
     ) -> None:
         self.model = model
@@ -152,7 +153,9 @@ class Guard:
         self.max_bundles = max_bundles
         self.zero_grad = zero_grad
         self.check_weights_every = max(1, int(check_weights_every))
+        self.max_skips_in_a_row = max(1, int(max_skips_in_a_row))
         self.warn_early = warn_early
+        self._in_a_row = 0
         self.should_stop = False
         self.skipped = 0
         self.counts: Counter[str] = Counter()
@@ -195,6 +198,7 @@ class Guard:
         if verdict is None:
             self.optimizer.step()
             self._applied_last = True
+            self._in_a_row = 0
             return loss
         self._fail(step_fn, batch, index, rng_before, verdict)  # raises under "raise"
         return loss
@@ -357,6 +361,10 @@ class Guard:
         if policy is Policy.SKIP and unrecoverable:
             policy = Policy.STOP
             d.evidence.append("skipping cannot help: the stored state itself is non-finite, so the guard stops")
+        self._in_a_row += 1
+        if policy is Policy.SKIP and self._in_a_row >= self.max_skips_in_a_row:
+            policy = Policy.STOP
+            d.evidence.append(f"{self._in_a_row} steps in a row failed: skipping does not help, so the guard stops")
         if policy is Policy.RAISE:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(d)
