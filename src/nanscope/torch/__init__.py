@@ -47,3 +47,9 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+# ``diagnose`` names both a submodule and its function. Importing the submodule binds the
+# module as an attribute of this package, which would shadow the function for good; bind the
+# function now, after the submodule is loaded, so ``nanscope.torch.diagnose(...)`` always works.
+from nanscope.torch.diagnose import diagnose  # noqa: E402, F401
