@@ -310,7 +310,8 @@ def _state_variables(model: keras.Model) -> list[Any]:
 
 def _learning_rate(opt: Any) -> float | None:
     try:
-        return float(keras.ops.convert_to_numpy(opt.learning_rate))
+        lr = opt.learning_rate
+        return float(lr.numpy() if hasattr(lr, "numpy") else lr)
     except Exception:
         return None
 
