@@ -171,3 +171,12 @@ def test_double_where_avoids_the_where_trap():
 def test_dispatcher_rejects_non_tensors():
     with pytest.raises(TypeError, match="torch or TensorFlow"):
         L.safe_log([1.0, 2.0])
+
+
+def test_importing_losses_and_fuzz_imports_no_framework():
+    import subprocess
+    import sys
+
+    code = ("import sys, nanscope, nanscope.losses, nanscope.fuzz, nanscope.core.headroom; nanscope.fuzz_loss; "
+            "assert not {'torch', 'tensorflow', 'keras'} & set(sys.modules), sorted(sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

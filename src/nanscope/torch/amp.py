@@ -119,7 +119,7 @@ def headroom(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], t
     handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n]
     was_training = model.training
     try:
-        with torch.enable_grad():
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():  # dropout must not move the user's RNG
             output = _call(model, inputs)
             loss = loss_fn(output, targets) if loss_fn is not None else None
             grads: dict[str, list[torch.Tensor | None]] = {}
@@ -188,7 +188,7 @@ def locate_overflow(model: torch.nn.Module, inputs: Any, *, dtype: torch.dtype |
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()]
     was_training = model.training
     try:
-        with torch.no_grad():
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
             if dtype is not None:
                 dev = device_type or next((p.device.type for p in model.parameters()), "cpu")
                 with torch.autocast(dev, dtype=getattr(torch, dtype_name(dtype))):
