@@ -81,11 +81,11 @@ def diagnose(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], t
     finite. The model is left exactly as it was (no optimizer step is taken).
 
     Example:
-        >>> net = torch.nn.Linear(2, 1)
+        >>> net = torch.nn.Linear(2, 1, bias=False)
         >>> x = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
-        >>> d = diagnose(net, (x, None), lambda out, _: (out / out.abs() * 0).sum())
+        >>> d = diagnose(net, (x, None), lambda out, _: (out / out.abs()).sum())
         >>> print(d.category, d.op_kind, d.samples)
-        op_domain div [0, 1]
+        op_domain div [1]
     """
     inputs, targets = split_batch(batch)
     d = check_batch(inputs, targets, step=step)
