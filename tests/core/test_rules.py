@@ -154,3 +154,11 @@ def test_nll_loss_forward_is_cross_entropy():
 
     assert OpKind.of("aten::nll_loss_forward") is OpKind.CROSS_ENTROPY
     assert OpKind.of("aten::nll_loss2d_forward.default") is OpKind.CROSS_ENTROPY
+
+
+def test_tensorflow_op_names_normalize():
+    from nanscope.core.enums import OpKind
+
+    names = {"MatMul": "matmul", "Conv2D": "conv", "Conv3D": "conv", "BiasAdd": "add", "SqrtGrad": "sqrt",
+             "Conv2DBackpropInput": "conv", "BatchMatMulV2": "matmul", "RealDiv": "div", "Xlogy": "log"}
+    assert {n: str(OpKind.of(n)) for n in names} == names
