@@ -124,7 +124,7 @@ _ALIASES = {
     "conv2d_backprop_input": "conv", "conv_transpose2d": "conv",
     # TensorFlow spellings after CamelCase splitting (MatMul, Conv2D, BiasAdd, SqrtGrad)
     "mat_mul": "matmul", "conv1_d": "conv", "conv2_d": "conv", "conv3_d": "conv",
-    "conv2_d_backprop_input": "conv", "conv2_d_backprop_filter": "conv", "bias_add": "add",
+    "conv2_dbackprop_input": "conv", "conv2_dbackprop_filter": "conv", "bias_add": "add",
     "sqrt_grad": "sqrt", "rsqrt_grad": "rsqrt",
     # normalization
     "native_batch_norm": "batch_norm", "native_batch_norm_legit": "batch_norm",
