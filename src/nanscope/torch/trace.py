@@ -31,7 +31,9 @@ them through it only once something went non-finite.
 from __future__ import annotations
 
 import math
+import os
 import sys
+import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +78,8 @@ def _short(func: Any) -> str:
 # -- where the user is ------------------------------------------------------------------------
 
 _USER_FILE: dict[str, bool] = {}
+# Console-script launchers (``.venv/bin/nanscope``) are nobody's source line.
+_SCRIPTS_DIR = os.path.normcase(os.path.abspath(sysconfig.get_paths()["scripts"])) + os.sep
 
 
 def user_frame() -> tuple[str, int, str] | None:
@@ -87,7 +91,8 @@ def user_frame() -> tuple[str, int, str] | None:
         name = code.co_filename
         ok = _USER_FILE.get(name)
         if ok is None:
-            ok = _USER_FILE[name] = is_user_file(name)
+            ok = _USER_FILE[name] = is_user_file(name) and not os.path.normcase(
+                os.path.abspath(name)).startswith(_SCRIPTS_DIR)
         if ok:
             return (name, f.f_lineno, code.co_name)
         f = f.f_back
