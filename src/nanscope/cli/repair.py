@@ -283,7 +283,11 @@ def _repair_keras(args: argparse.Namespace, src: Path, out: Path) -> int:
     if args.recalibrate_bn:
         result = repair_norm_statistics(model, data, max_batches=args.max_batches, batch_size=args.batch_size)
     else:
-        result = repair_norm_statistics(model, None, reset=True)
+        import warnings
+
+        with warnings.catch_warnings():  # the CLI prints the cost itself (RESET_COST)
+            warnings.simplefilter("ignore", UserWarning)
+            result = repair_norm_statistics(model, None, reset=True)
     print(result)
     if args.reset_bn:
         print("note: " + RESET_COST)
