@@ -25,7 +25,7 @@ except ImportError as _err:  # pragma: no cover - exercised without keras instal
 
 _LAZY = {
     "Guard": "nanscope.keras.guard",
-    "diagnose": "nanscope.keras.diagnose",
+    "diagnose": "nanscope.keras.diagnose_step",  # not diagnose.py: the submodule would shadow the function
     "diagnose_eval": "nanscope.keras.evaluate",
     "repair_norm_statistics": "nanscope.keras.repair",
     "headroom": "nanscope.keras.amp",

@@ -32,8 +32,8 @@ from nanscope.keras._util import (
     to_tensors,
     unpack,
 )
-from nanscope.keras.diagnose import check_batch, check_weights
-from nanscope.keras.trace import Tracer, all_finite, diagnosis_from_trace, to_numpy
+from nanscope.keras.diagnose_step import check_batch, check_weights
+from nanscope.keras.trace import Tracer, all_finite, diagnosis_from_trace, first_bad_layer, to_numpy
 
 KERAS_NORM_NAMES = ("moving_mean", "moving_variance")
 
@@ -108,8 +108,8 @@ def _explain(model: keras.Model, x: Any, entry) -> Diagnosis:
     if tr.producers:
         idx = tr.origin_of(out)
         first = tr.producers[idx if idx is not None and idx >= 0 else 0].record
-    else:  # the NaN came from stored state (a variable read): the first op that carried it
-        first = next((r for r in tr.ops if r.layer and any(not all_finite(t) for t in r.outputs)), None)
+    else:  # the NaN came from stored state (a variable read): the first layer whose output is bad
+        first = first_bad_layer(tr)
     bad_stats = norm_statistics_audit(model)
     if bad_stats and train_finite:
         # Order the layers as they run; the first one to produce the NaN leads.

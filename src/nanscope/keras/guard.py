@@ -154,7 +154,7 @@ class Guard(keras.callbacks.Callback):
             _keep_backups()
 
     def _diagnose(self, step: int) -> Diagnosis:
-        from nanscope.keras.diagnose import diagnose
+        from nanscope.keras.diagnose_step import diagnose
 
         lr = _learning_rate(self.model.optimizer)
         try:

@@ -156,7 +156,7 @@ def _diagnose_custom_step(last: _LastStep, grads: list, variables: Any, session:
     from nanscope.core.enums import Category, Phase
     from nanscope.core.summary import summarize
     from nanscope.core.trend import is_exploding
-    from nanscope.keras.diagnose import check_batch, check_weights, diagnose, trace_step
+    from nanscope.keras.diagnose_step import check_batch, check_weights, diagnose, trace_step
     from nanscope.keras.trace import all_finite, to_numpy
 
     try:

@@ -205,6 +205,24 @@ class Tracer:
         return None
 
 
+def first_bad_layer(tr: Trace) -> OpRecord | None:
+    """The last op of the first layer call whose output (its last op) is non-finite.
+
+    Where the NaN comes from stored state (a moving statistic read) there is no producer op;
+    a person would then look for the first layer whose *output* is bad, as this does.
+    """
+    run: list[OpRecord] = []
+    for rec in [*tr.ops, None]:
+        if run and (rec is None or rec.layer_path != run[-1].layer_path):
+            last = run[-1]
+            if last.layer and any(not all_finite(t) for t in last.outputs):
+                return last
+            run = []
+        if rec is not None and rec.phase is not Phase.BACKWARD:
+            run.append(rec)
+    return None
+
+
 def _current_layer() -> tuple[str | None, str | None, bool]:
     """(innermost layer name, layer path, whether the code running is the user's own)."""
     try:

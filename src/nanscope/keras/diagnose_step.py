@@ -1,5 +1,8 @@
 """``nanscope.keras.diagnose``: one instrumented eager training step on one batch.
 
+(The module is not called ``diagnose.py``: importing a submodule sets it as an attribute of
+the package, which would shadow the ``nanscope.keras.diagnose`` function.)
+
 Design constraints:
     * Cheap checks first (the batch, then the weights), the per-op trace only if those are
       clean: forward (``training=True``), loss and backward under ``tf.GradientTape``, every
