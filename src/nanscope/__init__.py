@@ -28,12 +28,13 @@ _LAZY = {
     "NonFiniteError": "nanscope.core.errors",
     "BadInputError": "nanscope.core.errors",
     "fuzz_loss": "nanscope.fuzz",
+    "audit_data": "nanscope.data.audit",
 }
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("torch", "keras", "losses"):
+    if name in ("torch", "keras", "losses", "data", "audit"):
         return importlib.import_module(f"nanscope.{name}")
     module = _LAZY.get(name)
     if module is None:

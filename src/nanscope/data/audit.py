@@ -101,6 +101,9 @@ def audit(
     return AuditReport(findings, stats, framework=fw, title=title)
 
 
+audit_data = audit  # the top-level name: ``nanscope.audit_data(...)``
+
+
 class _Progress:
     """``nanscope data: 120/5000 files`` on stderr, redrawn at most 5 times a second."""
 
