@@ -202,3 +202,10 @@ def test_subprocess_writes_json_and_imports_no_framework(seg, tmp_path):
     assert {f["category"] for f in json.loads(out.read_text())["findings"]} == {"nonfinite_input", "invalid_target", "op_domain"}
     p = subprocess.run([sys.executable, "-m", "nanscope", "data", str(seg), "--workers", "0"], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.count("\n") == 1
+
+
+def test_progress_bar_only_when_asked(seg, capsys):
+    audit(seg, progress=True)
+    assert "nanscope data: " in capsys.readouterr().err
+    audit(seg)  # stderr is not a terminal under pytest: no bar
+    assert capsys.readouterr().err == ""

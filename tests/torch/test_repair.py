@@ -156,3 +156,14 @@ def test_cli_reset_without_model_and_as_subprocess(workdir):
                         "--data", "imgs", "--model", "mymodels:make", "--max-batches", "2"],
                        capture_output=True, text=True, cwd=workdir)
     assert p.returncode == 0 and "verified finite" in p.stdout, p.stderr
+
+
+def test_cli_repairs_safetensors(workdir, capsys):
+    from safetensors.torch import save_file
+
+    save_file(_poisoned().state_dict(), str(workdir / "bad.safetensors"))
+    rc = main(["repair", str(workdir / "bad.safetensors"), "-o", str(workdir / "fixed.safetensors"), "--recalibrate-bn",
+               "--data", "imgs", "--model", "mymodels:make", "--max-batches", "2"])
+    assert rc == 0, capsys.readouterr()
+    assert inspect(workdir / "bad.safetensors").exit_code == 1
+    assert inspect(workdir / "fixed.safetensors").findings == []

@@ -33,7 +33,7 @@ from nanscope.core.stats import ArrayStats, array_stats
 from nanscope.core.summary import TensorSummary, fmt, summarize
 
 HALF_MAX = LIMITS["float16"].max
-RELATIVE_EXTREME = 1e4  # a channel's running variance this many times the layer's median is suspect
+RELATIVE_EXTREME = 1e5  # a channel's running variance this many times the layer's median is suspect
 
 
 def inspect(path: str | Path, *, trust_pickle: bool = False) -> AuditReport:
