@@ -26,9 +26,9 @@ def trained(tmp_path_factory):
     model = _resnet()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        x = torch.randn(8, 3, 32, 32, generator=g)
-        y = torch.randint(0, 10, (8,), generator=g)
+    for _ in range(2):
+        x = torch.randn(4, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (4,), generator=g)
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
