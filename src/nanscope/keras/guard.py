@@ -40,6 +40,8 @@ from nanscope.core.enums import Category, Phase, Policy
 from nanscope.core.errors import NanscopeError, NonFiniteError
 from nanscope.core.trend import History
 
+ACTIVE = 0  # guards installed right now (``nanscope run`` leaves fit's steps to them)
+
 
 class NonFiniteWarning(RuntimeWarning):
     """A guarded step was non-finite and the policy was ``skip``, ``stop`` or ``warn``."""
@@ -105,7 +107,7 @@ class Guard(keras.callbacks.Callback):
         self._batches: list[Any] = []
         self._step = 0
         self._stash = _Stash()
-        self._warned_once = False
+        self._counted = False
 
     # -- callback hooks ---------------------------------------------------------------------
     def on_train_begin(self, logs=None):
@@ -191,6 +193,9 @@ class Guard(keras.callbacks.Callback):
         return old
 
     def _uninstall(self) -> None:
+        global ACTIVE
+        if self._counted:
+            ACTIVE, self._counted = ACTIVE - 1, False
         if not self._patches:
             return
         for obj, name, had, old in reversed(self._patches):
@@ -207,6 +212,7 @@ class Guard(keras.callbacks.Callback):
             model.train_function = None  # the next fit traces a clean step again
 
     def _install(self) -> None:
+        global ACTIVE
         model = self.model
         opt = getattr(model, "optimizer", None)
         if opt is None:
@@ -289,6 +295,7 @@ class Guard(keras.callbacks.Callback):
                 raise
 
         self._patch(model, "train_function", train_function)
+        ACTIVE, self._counted = ACTIVE + 1, True
 
 
 def _squared_norm(grads: list) -> tf.Tensor:

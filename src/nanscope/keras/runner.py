@@ -63,57 +63,69 @@ def _patch_fit(session: Any) -> None:
 # -- custom loops -----------------------------------------------------------------------------
 
 class _LastStep:
-    """The last training-mode call of a top-level model and the last Keras loss on its output."""
+    """The last training-mode call of a top-level model, and the recorded ops of the step."""
 
     model: Any = None
     x: Any = None
-    y_pred_id: int | None = None
-    loss: Any = None
-    y_true: Any = None
     depth: int = 0
     norms: list[float] = []
     step: int = 0
+    target: Any = None  # what tape.gradient differentiated (the loss)
+    recorder: Any = None
 
 
 def _patch_custom_loops(session: Any) -> None:
     import keras
     import tensorflow as tf
 
+    from nanscope.core.enums import Phase
+    from nanscope.keras.trace import Recorder
+
     last = _LastStep()
     last.norms = []
+    last.recorder = recorder = Recorder()
     model_call = keras.Model.__call__
 
     @functools.wraps(model_call)
     def call(self, *args, **kwargs):
-        if last.depth or not tf.executing_eagerly() or kwargs.get("training") is not True:
-            last.depth += 1
-            try:
-                return model_call(self, *args, **kwargs)
-            finally:
-                last.depth -= 1
+        outer = last.depth == 0
         last.depth += 1
         try:
             out = model_call(self, *args, **kwargs)
         finally:
             last.depth -= 1
-        try:
-            last.model, last.x, last.y_pred_id = weakref.ref(self), args[0] if args else kwargs.get("inputs"), id(out)
-            last.loss = last.y_true = None
-        except Exception as err:
-            session.internal_error("watching the model call", err)
+        if outer and kwargs.get("training") is True and tf.executing_eagerly():
+            try:
+                last.model, last.x = weakref.ref(self), args[0] if args else kwargs.get("inputs")
+            except Exception as err:
+                session.internal_error("watching the model call", err)
         return out
 
     keras.Model.__call__ = call
 
-    loss_call = keras.losses.Loss.__call__
+    tape_enter, tape_gradient = tf.GradientTape.__enter__, tf.GradientTape.gradient
 
-    @functools.wraps(loss_call)
-    def loss_wrapper(self, y_true, y_pred, *args, **kwargs):
-        if tf.executing_eagerly() and id(y_pred) == last.y_pred_id:
-            last.loss, last.y_true = self, y_true
-        return loss_call(self, y_true, y_pred, *args, **kwargs)
+    @functools.wraps(tape_enter)
+    def enter(self):
+        if tf.executing_eagerly() and not _in_guarded_fit():
+            try:
+                recorder.start()
+            except Exception as err:
+                session.internal_error("recording the step", err)
+        return tape_enter(self)
 
-    keras.losses.Loss.__call__ = loss_wrapper
+    @functools.wraps(tape_gradient)
+    def gradient(self, target, *args, **kwargs):
+        if not recorder.active:
+            return tape_gradient(self, target, *args, **kwargs)
+        recorder.phase = Phase.BACKWARD
+        try:
+            return tape_gradient(self, target, *args, **kwargs)
+        finally:
+            recorder.stop()
+            last.target = target
+
+    tf.GradientTape.__enter__, tf.GradientTape.gradient = enter, gradient
 
     from keras.src.optimizers.base_optimizer import BaseOptimizer
 
@@ -121,7 +133,8 @@ def _patch_custom_loops(session: Any) -> None:
 
     @functools.wraps(apply)
     def checked_apply(self, grads, trainable_variables=None):
-        if tf.executing_eagerly() and not isinstance(self, keras.optimizers.LossScaleOptimizer):
+        if tf.executing_eagerly() and not isinstance(self, keras.optimizers.LossScaleOptimizer) and not _in_guarded_fit():
+            recorder.stop()
             try:
                 grads = list(grads)
                 norm = _norm(grads)
@@ -135,9 +148,17 @@ def _patch_custom_loops(session: Any) -> None:
             else:
                 last.norms = [*last.norms[-63:], norm]
             last.step += 1
+            recorder.records = []
         return apply(self, grads, trainable_variables)
 
     BaseOptimizer.apply = checked_apply
+
+
+def _in_guarded_fit() -> bool:
+    """True inside ``fit`` (whose Guard checks in-graph, and explains failures itself)."""
+    from nanscope.keras import guard
+
+    return guard.ACTIVE > 0
 
 
 def _norm(grads: list) -> float:
@@ -149,40 +170,41 @@ def _norm(grads: list) -> float:
 
 
 def _diagnose_custom_step(last: _LastStep, grads: list, variables: Any, session: Any):
-    import tensorflow as tf
-
     from nanscope.core import rules
     from nanscope.core.diagnosis import Diagnosis
     from nanscope.core.enums import Category, Phase
     from nanscope.core.summary import summarize
     from nanscope.core.trend import is_exploding
-    from nanscope.keras.diagnose_step import check_batch, check_weights, diagnose, trace_step
-    from nanscope.keras.trace import all_finite, to_numpy
+    from nanscope.keras._util import batch_size_of
+    from nanscope.keras.diagnose_step import check_batch, check_weights
+    from nanscope.keras.trace import all_finite, diagnosis_from_trace, to_numpy
 
     try:
         model = last.model() if last.model is not None else None
         step = last.step
-        if model is not None and last.x is not None:
-            if last.loss is not None:
-                d = diagnose(model, (last.x, last.y_true), last.loss, step=step, grad_norms=last.norms)
-                if d is not None:
-                    return d
-            if (d := check_batch(last.x, step=step)) is not None:
+        if last.x is not None and (d := check_batch(last.x, step=step)) is not None:
+            return d
+        if model is not None and (d := check_weights(model, step=step)) is not None:
+            return d
+        bad = [g for g in grads if g is not None and not all_finite(g)]
+        if last.recorder.records:
+            n = batch_size_of(last.x) if last.x is not None else None
+            trace = last.recorder.replay(batch_size=n, external=last.x)
+            failed = last.target if last.target is not None and not all_finite(last.target) else bad
+            d = diagnosis_from_trace(trace, failed, batch_size=n, step=step)
+            if d is not None:
+                if d.category in (Category.OVERFLOW, Category.UNKNOWN) and is_exploding(last.norms):
+                    ex = rules.exploding_gradients(last.norms, framework="keras", step=step)
+                    ex.evidence.append(f"first non-finite value: {d.op}: {d.summary}")
+                    return ex
                 return d
-            if (d := check_weights(model, step=step)) is not None:
-                return d
-            d = trace_step(model, last.x, None, None, lambda x, y, y_pred, sw: tf.zeros(()), step=step)
-            if d is not None and d.phase is Phase.FORWARD:
-                return d
+        if is_exploding(last.norms):
+            return rules.exploding_gradients(last.norms, framework="keras", step=step)
         names = [getattr(v, "path", getattr(v, "name", "?")) for g, v in zip(grads, variables or [], strict=False)
                  if g is not None and not all_finite(g)]
-        if is_exploding([*last.norms, math.inf]):
-            return rules.exploding_gradients(last.norms, framework="keras", step=step)
-        first = next((g for g in grads if g is not None and not all_finite(g)), None)
         ev = [f"non-finite gradients of {len(names)} variables: {', '.join(names[:5])}"]
-        if first is not None:
-            ev.append(f"first: {summarize(to_numpy(first), first.dtype.name).describe()}")
-        ev.append("the forward pass was finite; the loss was not a Keras loss object, so it could not be re-run")
+        if bad:
+            ev.append(f"first: {summarize(to_numpy(bad[0]), bad[0].dtype.name).describe()}")
         return Diagnosis(Category.UNKNOWN, "the gradients became non-finite in a custom training loop",
                          phase=Phase.BACKWARD, step=step, framework="keras", evidence=ev,
                          fixes=["call `nanscope.keras.diagnose(model, (x, y), loss_fn)` on the failing batch for a per-op trace"])

@@ -153,12 +153,19 @@ class Tracer:
             self._busy = False
         return None
 
-    def _see(self, op_type: str, inputs: list, attrs: tuple, outputs: list) -> None:
+    def _see(self, op_type: str, inputs: list, attrs: tuple, outputs: list, recorded: tuple | None = None) -> None:
+        """Follow one op; ``recorded`` = (layer, path, location) when replaying a ``Recorder``."""
         tr = self.trace
         if isinstance(op_type, bytes):
             op_type = op_type.decode()
-        layer, path, user_code = _current_layer()
+        if recorded is None:
+            layer, path, user_code = _current_layer()
+        else:
+            layer, path, location = recorded
+            user_code = False
         rec = OpRecord(len(tr.ops), op_type, self.phase, layer, path, inputs, outputs, attrs or ())
+        if recorded is not None:
+            rec.location = location
         tr.ops.append(rec)
         if self.phase is not Phase.BACKWARD:
             if user_code:  # the user's own layer or loss: a source line worth naming
@@ -181,7 +188,8 @@ class Tracer:
         elif bad_in and not self._turns_inf_into_nan(bad_in, bad_out):
             origin = EXTERNAL  # propagates the batch's (or a constant's) values
         else:  # a new producer
-            rec.location = rec.location or self._location()
+            if recorded is None:
+                rec.location = rec.location or self._location()
             tr.producers.append(Producer(rec))
             origin = len(tr.producers) - 1
         for t in outputs:
@@ -203,6 +211,82 @@ class Tracer:
                 return Location(_display(f.f_code.co_filename, None), f.f_lineno, f.f_code.co_name)
             f = f.f_back
         return None
+
+
+class Recorder:
+    """Records the eager ops of one step without looking at their values, so that a failure
+    found afterwards (non-finite gradients reaching the optimizer in a custom loop) can be
+    explained by replaying the records through a ``Tracer``.
+
+    Used by ``nanscope run`` between ``GradientTape.__enter__`` and ``tape.gradient``: per op
+    it costs a tuple and a look at Keras' name-scope stack; the numeric work happens only on
+    failure. Phases: ops inside a layer are ``forward``, ops outside any layer after the first
+    layer ran are ``loss``, ops during ``tape.gradient`` are ``backward``.
+
+    Example:
+        >>> import tensorflow as tf
+        >>> rec = Recorder(); rec.start()
+        >>> y = tf.math.log(tf.constant([1.0, 0.0])); rec.stop()
+        >>> rec.replay(batch_size=None).producers[0].record.op
+        'Log'
+    """
+
+    def __init__(self) -> None:
+        self.records: list[tuple] = []
+        self.phase = Phase.FORWARD
+        self.active = False
+        self._seen_layer = False
+        self._user_files: dict[str, bool] = {}
+
+    def start(self) -> None:
+        self.records, self.phase, self._seen_layer = [], Phase.FORWARD, False
+        if not self.active:
+            op_callbacks.add_op_callback(self._callback)
+            self.active = True
+
+    def stop(self) -> None:
+        if self.active:
+            op_callbacks.remove_op_callback(self._callback)
+            self.active = False
+
+    def _callback(self, op_type, inputs, attrs, outputs, op_name=None, graph=None):
+        if graph is not None:
+            return None
+        try:
+            layer, path, user = _current_layer()
+            phase = self.phase
+            if layer is not None:
+                self._seen_layer = True
+            elif phase is Phase.FORWARD and self._seen_layer:
+                phase = Phase.LOSS
+            location = self._location() if user else None
+            self.records.append((op_type, list(inputs or ()), attrs, list(outputs or ()), layer, path, location, phase))
+        except Exception:  # never break the step being recorded
+            pass
+        return None
+
+    def _location(self) -> Location | None:
+        f = sys._getframe(2)
+        while f is not None:
+            name = f.f_code.co_filename
+            user = self._user_files.get(name)
+            if user is None:
+                user = self._user_files[name] = is_user_file(name)
+            if user:
+                from nanscope.core.source import _display
+
+                return Location(_display(name, None), f.f_lineno, f.f_code.co_name)
+            f = f.f_back
+        return None
+
+    def replay(self, *, batch_size: int | None, external: Any = None) -> Trace:
+        tracer = Tracer(batch_size=batch_size)
+        if external is not None:
+            tracer.mark_external(external)
+        for op_type, inputs, attrs, outputs, layer, path, location, phase in self.records:
+            tracer.phase = phase
+            tracer._see(op_type, inputs, attrs, outputs, recorded=(layer, path, location))
+        return tracer.trace
 
 
 def first_bad_layer(tr: Trace) -> OpRecord | None:
