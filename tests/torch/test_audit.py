@@ -149,3 +149,16 @@ def test_fuzzed_torch_files_never_crash(tmp_path, capsys, kind):
         err = capsys.readouterr().err
         assert code in (0, 1, 2) and "internal error" not in err and "Traceback" not in err, (trial, err)
     assert hashlib.sha256((tmp_path / "a.pt").read_bytes()).hexdigest() == digest
+
+
+def test_lightning_style_checkpoint_optimizer_states(tmp_path):
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    opt = torch.optim.Adam(m.parameters())
+    m(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    osd = opt.state_dict()
+    osd["state"][0]["exp_avg_sq"][0, 0] = float("nan")
+    torch.save({"state_dict": {"model." + k: v for k, v in m.state_dict().items()}, "optimizer_states": [osd]},
+               tmp_path / "last.ckpt")
+    (f,) = inspect(tmp_path / "last.ckpt").findings
+    assert f.category == "optimizer_state" and f.where_found["tensor"] == "optimizer[model.0.weight].exp_avg_sq"

@@ -67,6 +67,9 @@ def split_checkpoint(obj: Any) -> tuple[str | None, dict[str, torch.Tensor], dic
         v = obj[model_key]
         sd = v.state_dict() if isinstance(v, torch.nn.Module) else v
     opt_key = next((k for k in OPTIMIZER_KEYS if isinstance(obj.get(k), dict) and "state" in obj[k]), None)
+    if opt_key is None and isinstance(obj.get("optimizer_states"), list) and obj["optimizer_states"]:
+        first = obj["optimizer_states"][0]  # PyTorch Lightning: one state dict per optimizer
+        return model_key, sd, first if isinstance(first, dict) and "state" in first else None
     return model_key, sd, obj[opt_key] if opt_key else None
 
 
