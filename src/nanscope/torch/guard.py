@@ -94,6 +94,10 @@ class Guard:
             ``should_stop``), ``"warn"`` (apply it anyway). Under ``"skip"``, a failure that is
             already in the stored state (non-finite weights, corrupt BatchNorm statistics)
             cannot be skipped away, and the guard stops instead.
+        scaler: a ``torch.amp.GradScaler`` when ``train_step`` calls ``scaler.scale(loss).backward()``.
+            The guard then unscales, checks and calls ``scaler.step`` / ``scaler.update``. Inf
+            gradients under a finite loss are the scaler's business (it skips the step and
+            lowers the scale), not a failure, unless the scale collapses (every step skipped).
         reports: folder for repro bundles (``None``: write none).
         max_bundles: at most this many bundles per guard (a run that skips often stays small).
         zero_grad: call ``optimizer.zero_grad(set_to_none=True)`` before each step (turn off
@@ -138,6 +142,7 @@ class Guard:
         optimizer: torch.optim.Optimizer,
         *,
         policy: Policy | str = Policy.SKIP,
+        scaler: Any = None,
         reports: str | None = "nanscope-reports",
         max_bundles: int = 5,
         zero_grad: bool = True,
@@ -149,6 +154,9 @@ class Guard:
         self.module: torch.nn.Module = _dist.unwrap(model)
         self.optimizer = optimizer
         self.policy = Policy(policy)
+        self.scaler = scaler
+        self._scales: list[float] = []
+        self._scaler_skips: list[int] = []
         self.reports = reports
         self.max_bundles = max_bundles
         self.zero_grad = zero_grad
@@ -190,18 +198,61 @@ class Guard:
         self.steps += 1
         loss = step_fn(batch)
         try:
+            self._unscale()
             verdict = self._check(loss, index)
         except Exception as err:
             self._internal("checking the step", err)
-            self.optimizer.step()
+            self._apply()
             return loss
         if verdict is None:
-            self.optimizer.step()
+            self._apply()
             self._applied_last = True
             self._in_a_row = 0
             return loss
+        if verdict.get("scaler_overflow"):
+            try:
+                collapse = self._scaler_skip(index)
+            except Exception as err:
+                self._internal("following the loss scale", err)
+                return loss
+            if collapse is None:
+                return loss
+            self._record(collapse)
+            self._act(collapse, [], unrecoverable=False, scaler_done=True)
+            return loss
         self._fail(step_fn, batch, index, rng_before, verdict)  # raises under "raise"
         return loss
+
+    def _scaling(self) -> bool:
+        return self.scaler is not None and self.scaler.is_enabled()
+
+    def _unscale(self) -> None:
+        if self._scaling():
+            try:
+                self.scaler.unscale_(self.optimizer)
+            except RuntimeError as err:
+                if "already been called" not in str(err):  # train_step unscaled for clipping: fine
+                    raise
+
+    def _apply(self) -> None:
+        if self._scaling():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def _scaler_skip(self, index: int) -> Diagnosis | None:
+        """Inf/NaN gradients under a finite loss with a GradScaler: the scaler skips the step
+        and lowers its scale. A failure only when the scale collapses (nanscope.core.rules)."""
+        self._apply()  # GradScaler.step skips the update itself when it found Inf/NaN
+        self._scaler_skips = (self._scaler_skips + [index])[-256:]
+        self._scales = (self._scales + [float(self.scaler.get_scale())])[-256:]  # a sync, on overflow steps only
+        bad = [n for n, p in self.module.named_parameters()
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        dtype = next((str(p.dtype).replace("torch.", "") for p in self._params if p.dtype in (torch.float16, torch.bfloat16)),
+                     "float16")
+        return rules.loss_scale_collapse(self._scales, self._scaler_skips, bad_parameters=bad, framework="torch",
+                                         step=index, dtype=dtype)
 
     def _plain(self, step_fn: Callable[[Any], Any], batch: Any) -> Any:
         if self.zero_grad:
@@ -270,8 +321,15 @@ class Guard:
             self.history.add(loss_f if loss_t is not None else None, gnorm_f if grads else None)
             self._warn_growth(index)
             return None
-        return {"loss": loss_f if loss_t is not None else None, "grad_norm": gnorm_f if grads else None,
+        seen = {"loss": loss_f if loss_t is not None else None, "grad_norm": gnorm_f if grads else None,
                 "ranks_bad": ranks_bad, "weights_checked": weights}
+        if self._scaling() and loss_t is not None and math.isfinite(loss_f) and not (ranks_bad and any(int(f) & 2 for f in ranks_bad)):
+            # Finite loss, non-finite gradients: scaled gradients overflowed, which GradScaler
+            # handles (unless the weights or buffers themselves are bad: checked below).
+            other = buffers + ([p for p in self._params if p.is_floating_point()] if weights else [])
+            if all(bool(torch.isfinite(t).all()) for t in other):
+                seen["scaler_overflow"] = True
+        return seen
 
     def _warn_growth(self, index: int) -> None:
         if not self.warn_early or "growth" in self._warned or not self.history.exploding():
@@ -307,9 +365,12 @@ class Guard:
                 self._bundles += 1
             except Exception as err:  # a full disk must not stop training
                 self._warn_once("bundle", f"nanscope: could not write the repro bundle: {type(err).__name__}: {err}")
+        self._record(d)
+        self._act(d, after, unrecoverable)
+
+    def _record(self, d: Diagnosis) -> None:
         self.diagnoses = (self.diagnoses + [d])[-32:]
         self.counts[str(d.category)] += 1
-        self._act(d, after, unrecoverable)
 
     def _diagnose(self, step_fn: Callable[[Any], Any], batch: Any, index: int, rng_before: dict[str, Any],
                   seen: dict[str, Any]) -> tuple[Diagnosis, bool]:
@@ -355,8 +416,10 @@ class Guard:
                       fixes=fixes_for(Category.UNKNOWN, framework="torch"))
         return rules.with_history(d, list(self.history.grad_norm))
 
-    def _act(self, d: Diagnosis, after: list[torch.Tensor], unrecoverable: bool) -> None:
+    def _act(self, d: Diagnosis, after: list[torch.Tensor], unrecoverable: bool, *, scaler_done: bool = False) -> None:
         self._applied_last = False
+        if self._scaling() and not scaler_done and self.policy is not Policy.WARN:
+            self.scaler.update()  # close the scaler's step (unscale_ ran); it lowers the scale, as on any Inf
         policy = self.policy
         if policy is Policy.SKIP and unrecoverable:
             policy = Policy.STOP
@@ -374,7 +437,8 @@ class Guard:
                 with torch.no_grad():
                     torch._foreach_copy_(buffers, after)
             self._say(d, "the update was applied anyway (policy 'warn')")
-            self.optimizer.step()  # the gradients of the step (or of its identical replay)
+            if not scaler_done:
+                self._apply()  # the gradients of the step (or of its identical replay)
             self._applied_last = True
             return
         self.optimizer.zero_grad(set_to_none=True)  # no NaN gradient leaks into the next step
