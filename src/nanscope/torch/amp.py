@@ -12,8 +12,9 @@ Design constraints:
       backward) on a batch the caller gives; they never touch ``.grad``, parameters, buffers,
       the training flag or the RNG state (gradients are taken with ``torch.autograd.grad``,
       the float32 re-run uses a deep copy of the one module that overflowed).
-    - ``watch_scaler`` sits on the training path: it adds one fused reduction over the
-      gradients per step (``torch._foreach_norm``) and does per-parameter work only on a
+    - ``watch_scaler`` sits on the training path: it reads the verdict of the finite check
+      GradScaler already makes while unscaling (falling back to one fused
+      ``torch._foreach_norm`` over the gradients) and does per-parameter work only on a
       skipped step. Its own errors become warnings; it never stops training.
     - Root causes and fix texts come from ``nanscope.core.rules`` / ``nanscope.core.fixes``.
 """
@@ -317,25 +318,34 @@ class ScalerWatch:
     def step(self, optimizer: torch.optim.Optimizer | None = None, *args: Any, **kwargs: Any) -> bool:
         """``scaler.step(optimizer)``; returns whether the update was applied (False: skipped)."""
         opt = optimizer or self.optimizer
-        finite, bad = True, []
-        if self.scaler.is_enabled():
-            try:
-                grads = self._grads(opt)
-                if grads:
-                    # One fused reduction on the healthy path: the norm of all gradients is
-                    # finite iff every entry is (scaled gradients overflow to Inf, never wrap).
-                    norms = torch._foreach_norm([g for _, g in grads])
-                    finite = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
-                    if not finite:
-                        bad = [self._names.get(i, "?") for (i, g), n in zip(grads, norms, strict=True)
-                               if not bool(torch.isfinite(n))]
-            except Exception as err:
-                _internal("step", err)
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        if not self.scaler.is_enabled():
+            self.scaler.step(opt, *args, **kwargs)
+            return True
+        scale = self.scaler.get_scale()
         self.scaler.step(opt, *args, **kwargs)
-        if not finite:
-            self._pending = SkippedStep(self.steps, scale, bad, self._last_loss_finite)
+        finite = True
+        try:
+            finite = self._step_was_taken(opt)
+            if not finite:
+                bad = [self._names.get(i, "?") for i, g in self._grads(opt) if not bool(torch.isfinite(g).all())]
+                self._pending = SkippedStep(self.steps, scale, bad, self._last_loss_finite)
+        except Exception as err:
+            _internal("step", err)
         return finite
+
+    def _step_was_taken(self, opt: torch.optim.Optimizer) -> bool:
+        # GradScaler already ran one fused finite check while unscaling; reading its verdict
+        # costs nothing more. Its bookkeeping is private, so fall back to our own fused check.
+        state = getattr(self.scaler, "_per_optimizer_states", {}).get(id(opt))
+        found = state.get("found_inf_per_device") if isinstance(state, dict) else None
+        if found:
+            return not any(bool(v.item()) for v in found.values())
+        grads = [g for _, g in self._grads(opt)]
+        if not grads:
+            return True
+        # The norm of all gradients is finite iff every entry is (overflow gives Inf, never wraps).
+        norms = torch._foreach_norm(grads)
+        return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
 
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
         self.scaler.update(new_scale)
