@@ -305,3 +305,21 @@ def test_guard_leaves_no_hooks_and_keeps_modes():
     for m in net.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
     assert not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks
+
+
+def test_train_step_may_return_loss_with_outputs():
+    net, opt, _, batches = _tiny()
+
+    def train_step(batch):
+        x, y = batch
+        logits = net(x)
+        loss = F.cross_entropy(logits, y) + torch.log(x[:, 1] - x[:, 1]).sum() * (y.sum() > 100)  # log(0) * 0: NaN
+        loss.backward()
+        return {"loss": loss, "logits": logits}
+
+    guard = Guard(net, opt, policy="skip", reports=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = guard.step(train_step, batches[0])
+    assert set(out) == {"loss", "logits"}
+    assert guard.skipped == 1 and guard.last.op_kind == "log" and guard.last.phase is Phase.LOSS

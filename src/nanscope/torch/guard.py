@@ -187,7 +187,8 @@ class Guard:
     # -- the step ---------------------------------------------------------------------------
     def step(self, step_fn: Callable[[Any], Any], batch: Any) -> Any:
         """Run ``step_fn(batch)`` (forward + loss + backward, returns the loss), check it, and
-        apply ``optimizer.step()`` unless the policy says otherwise. Returns the loss."""
+        apply ``optimizer.step()`` unless the policy says otherwise. Returns what ``step_fn``
+        returned: the loss, or ``(loss, ...)`` / ``{"loss": loss, ...}`` (the loss is checked)."""
         if self._disabled:
             return self._plain(step_fn, batch)
         try:
@@ -286,10 +287,15 @@ class Guard:
 
     def _check(self, loss: Any, index: int) -> dict[str, Any] | None:
         """The fused check. None when finite; else what it saw (for the evidence)."""
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]  # add_param_group-proof
         grads = [p.grad for p in self._params if p.grad is not None and p.grad.is_floating_point()]
         buffers = [b for b in (getattr(m, n) for m, n in self._norm_buffers) if b.is_floating_point()]
         weights = index % self.check_weights_every == 0
         tensors: list[torch.Tensor] = []
+        if isinstance(loss, dict):  # train_step may return {"loss": ..., ...} or (loss, outputs)
+            loss = loss.get("loss")
+        elif isinstance(loss, (tuple, list)) and loss:
+            loss = loss[0]
         loss_t = loss.detach() if isinstance(loss, torch.Tensor) and loss.is_floating_point() else None
         if loss_t is not None:
             tensors.append(loss_t)
