@@ -323,3 +323,30 @@ def test_train_step_may_return_loss_with_outputs():
         out = guard.step(train_step, batches[0])
     assert set(out) == {"loss", "logits"}
     assert guard.skipped == 1 and guard.last.op_kind == "log" and guard.last.phase is Phase.LOSS
+
+
+def test_weights_outside_the_loss_are_checked_every_n_steps():
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"body": nn.Linear(4, 2), "unused_head": nn.Linear(2, 2)})
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def train_step(batch):
+        x, y = batch
+        loss = F.cross_entropy(net["body"](x), y)
+        loss.backward()
+        return loss
+
+    batch = (torch.randn(4, 4), torch.tensor([0, 1, 1, 0]))
+    guard = Guard(net, opt, policy="stop", reports=None, check_weights_every=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guard.step(train_step, batch)  # step 0: weights checked, all finite
+        with torch.no_grad():
+            net["unused_head"].weight[1, 0] = float("nan")  # written outside training (a bad load)
+        guard.step(train_step, batch)  # steps 1 and 2 check loss and gradients only: they are fine
+        guard.step(train_step, batch)
+        assert not caught and guard.last is None
+        guard.step(train_step, batch)  # step 3 checks the weights again
+    d = guard.last
+    assert (d.category, d.phase, d.module, d.step) == (Category.NONFINITE_PARAMETERS, Phase.STATE, "unused_head", 3)
+    assert guard.should_stop

@@ -387,8 +387,11 @@ class Guard:
         if state is not None and _dist.active():
             state = None  # every rank must replay (collectives); state is reported from the replay
         if state is not None:
-            if self._applied_last and state.category is Category.NONFINITE_PARAMETERS:
-                # The weights were finite when the previous update was checked: that update wrote them.
+            with_grad = {n for n, p in self.module.named_parameters() if p.grad is not None}
+            written = [n for n in state.details.get("tensors", []) if n in with_grad]
+            if self._applied_last and state.category is Category.NONFINITE_PARAMETERS and written:
+                # These weights take part in the loss, and the previous step's loss and gradients
+                # were finite, so they were finite then: the previous update wrote them.
                 opt = check_optimizer_state(self.optimizer, step=index - 1, model=self.module)
                 state = opt or rules.with_history(state, norms, lr=lr)
                 state.phase = Phase.OPTIMIZER
