@@ -221,8 +221,9 @@ def _run_blocks(flat: np.ndarray, first: int, last: int, block: int) -> ArraySta
             q = float(np.einsum("i,i->", d, d))
             mf = float(m)
             # c = sum(d) corrects for the pivot m not being the exact mean. m comes from a
-            # pairwise float sum, so |mean - m| <= ~1e-6 |m|; when the spread is not tiny next
-            # to the mean (var >= 1e-4 m^2) dropping c changes M2 by < 1e-8 relative: skip it.
+            # pairwise float sum, so |mean - m| <= ~1e-6 rms(x) = 1e-6 sqrt(var + m^2); when the
+            # spread is not tiny next to the mean (var >= 1e-4 m^2) that is <= 1e-4 std, and
+            # dropping c changes M2 by < 1e-8 relative: skip the pass.
             c = 0.0 if q >= 1e-4 * n * mf * mf else float(d.sum())
             if math.isfinite(q) and math.isfinite(c):
                 bmean = mf + c / n
