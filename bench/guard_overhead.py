@@ -127,17 +127,32 @@ def bench_model(name, make, batch_shape, rounds, steps, warmup=3):
     reports = tempfile.mkdtemp(prefix="nanscope-bench-")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for i in range(3):
+        for _ in range(3):
             for bundle, out in ((False, diag), (True, with_bundle)):
                 g = Guard(setup.model, setup.optimizer, policy="skip", reports=reports if bundle else None)
                 t0 = time.perf_counter()
                 g.step(setup.train_step, setup.bad_batch)
                 out.append(time.perf_counter() - t0)
                 assert g.last is not None and g.last.op_kind == "log", g.last
+    # The guard's own work on a healthy step, isolated (min of 30, so machine noise cannot add):
+    # prepare (zero_grad, BatchNorm snapshot, RNG state) + the fused check, with and without weights.
+    g = guards["guard"]
+    loss = setup.train_step(setup.batch)
+    own = {}
+    for label, index in (("check", 1), ("check+weights", 0)):
+        best = float("inf")
+        for _ in range(30):
+            t0 = time.perf_counter()
+            g._before()
+            g._check(loss, index)
+            best = min(best, time.perf_counter() - t0)
+        own[label] = best
+        loss = setup.train_step(setup.batch)  # _before cleared the gradients: make them again
     params = sum(p.numel() for p in setup.model.parameters())
     return {"name": name, "batch": "x".join(map(str, batch_shape)), "params": params, "med": med,
             "n": {m: len(v) for m, v in samples.items()},
-            "diag": statistics.median(diag), "bundle": statistics.median(with_bundle)}
+            "diag": statistics.median(diag), "bundle": statistics.median(with_bundle), "own": own,
+            "plain_min": min(samples["plain"])}
 
 
 def cpu_name() -> str:
@@ -157,6 +172,8 @@ def report(results, args) -> str:
         f"Machine: 2-core CPU VM ({cpu_name()}, {os.cpu_count()} logical CPUs, torch threads "
         f"{torch.get_num_threads()}), no GPU. Date: 2026-11-22. torch {torch.__version__}, Python "
         f"{platform.python_version()}.",
+        f"Load average at start / end: {args.load_start} / {args.load_end} (other jobs shared the 2 cores; "
+        "interleaving spreads their effect over all modes, but single ratios carry a few % of noise).",
         f"Method: one process; modes interleaved in shuffled order, {args.rounds} rounds x {args.steps} steps "
         "per mode after 3 warm-up steps; median step time. A step = zero_grad + forward + loss + backward + "
         "optimizer.step (SGD, momentum 0.9).",
@@ -170,6 +187,18 @@ def report(results, args) -> str:
         p = r["med"]["plain"]
         cells = [f"{p * 1e3:.1f} ms"] + [f"{r['med'][m] * 1e3:.1f} ms ({r['med'][m] / p:.3f}x)" for m in MODES[1:]]
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['batch']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The guard's own work per healthy step, isolated (prepare + fused check, min of 30 runs, so that "
+        "machine noise cannot inflate it), against the fastest plain step:",
+        "",
+        "| model | guard's own work | + all weights (every `check_weights_every` steps) | fastest plain step | own / plain |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        o = r["own"]
+        lines.append(f"| {r['name']} | {o['check'] * 1e3:.2f} ms | {o['check+weights'] * 1e3:.2f} ms | "
+                     f"{r['plain_min'] * 1e3:.1f} ms | {o['check'] / r['plain_min'] * 100:.1f}% |")
     lines += [
         "",
         "## Failure to diagnosis",
@@ -195,11 +224,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "guard_overhead.md"))
     ap.add_argument("--only", choices=["cnn", "resnet50"], default=None)
     args = ap.parse_args(argv)
+    args.load_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
     results = []
     if args.only in (None, "cnn"):
         results.append(bench_model("small CNN", small_cnn, (32, 3, 32, 32), args.rounds, args.steps * 4))
     if args.only in (None, "resnet50"):
         results.append(bench_model("ResNet-50", resnet50, (8, 3, 64, 64), args.rounds, args.steps))
+    args.load_end = " ".join(f"{x:.1f}" for x in os.getloadavg())
     text = report(results, args)
     print(text)
     if args.out != "-":

@@ -134,6 +134,8 @@ class Guard:
         ...     loss = guard.step(train_step, (x, y))      # NaN in sample 2: skipped
         >>> guard.skipped, guard.last.category, guard.last.samples
         (1, <Category.NONFINITE_INPUT: 'nonfinite_input'>, [2])
+        >>> guard
+        <nanscope Guard policy=skip: 2 steps, 1 skipped; failures: 1 nonfinite_input>
     """
 
     def __init__(
@@ -183,6 +185,12 @@ class Guard:
     def last(self) -> Diagnosis | None:
         """The latest diagnosis, or None while every step was finite."""
         return self.diagnoses[-1] if self.diagnoses else None
+
+    def __repr__(self) -> str:
+        why = ", ".join(f"{n} {c}" for c, n in self.counts.most_common())
+        state = " (stopped)" if self.should_stop else (" (unguarded after an internal error)" if self._disabled else "")
+        return (f"<nanscope Guard policy={self.policy}: {self.steps} steps, {self.skipped} skipped"
+                + (f"; failures: {why}" if why else "") + f"{state}>")
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, step_fn: Callable[[Any], Any], batch: Any) -> Any:
