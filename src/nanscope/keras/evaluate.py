@@ -44,7 +44,7 @@ def norm_statistics_audit(model: keras.Model, *, extreme: float = 1e6) -> dict[s
     Example:
         >>> import keras, numpy as np
         >>> model = keras.Sequential([keras.Input((2,)), keras.layers.BatchNormalization(name="bn")])
-        >>> model.get_layer("bn").moving_variance.assign(np.array([1.0, np.nan], "float32"))
+        >>> _ = model.get_layer("bn").moving_variance.assign(np.array([1.0, np.nan], "float32"))
         >>> norm_statistics_audit(model)
         {'bn': ['moving_variance: 1 NaN of 2']}
     """
@@ -75,7 +75,7 @@ def diagnose_eval(model: keras.Model, dataset: Any, *, max_batches: int | None =
     Example:
         >>> import keras, numpy as np
         >>> model = keras.Sequential([keras.Input((2,)), keras.layers.BatchNormalization(name="bn")])
-        >>> model.get_layer("bn").moving_mean.assign(np.array([np.nan, 0.0], "float32"))
+        >>> _ = model.get_layer("bn").moving_mean.assign(np.array([np.nan, 0.0], "float32"))
         >>> d = diagnose_eval(model, np.ones((4, 2), "float32"))
         >>> d.category, d.module
         (<Category.CORRUPT_NORM_STATISTICS: 'corrupt_norm_statistics'>, 'bn')

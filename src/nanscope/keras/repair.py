@@ -70,7 +70,7 @@ def repair_norm_statistics(
     Example:
         >>> import keras, numpy as np
         >>> model = keras.Sequential([keras.Input((2,)), keras.layers.BatchNormalization(name="bn")])
-        >>> model.get_layer("bn").moving_variance.assign(np.array([np.nan, 1.0], "float32"))
+        >>> _ = model.get_layer("bn").moving_variance.assign(np.array([np.nan, 1.0], "float32"))
         >>> r = repair_norm_statistics(model, np.random.rand(64, 2).astype("float32"))
         >>> r.layers, bool(np.isfinite(model.predict(np.ones((1, 2)), verbose=0)).all())
         (['bn'], True)
