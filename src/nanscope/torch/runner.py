@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -40,7 +41,8 @@ from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase
 from nanscope.core.errors import NonFiniteError
-from nanscope.torch.checks import check_optimizer_state
+from nanscope.torch._util import all_finite, finite_flag, named_tensors
+from nanscope.torch.checks import check_model_state, check_optimizer_state
 from nanscope.torch.trace import Analyzer, Event, ModuleTracker, first_failure, user_frame
 
 __all__ = ["attach", "detach"]
@@ -50,12 +52,29 @@ _ONES_LIKE = torch.ops.aten.ones_like.default
 _FLUSH_EVERY = 50_000  # records kept at most while all of them are finite
 
 
-def _float_outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, (tuple, list)):
-        return [o for o in out if isinstance(o, torch.Tensor) and o.is_floating_point()]
-    return []
+_WRITES: dict[Any, list[tuple[int, str]]] = {}  # op -> arguments it writes to
+
+# Ops that cannot turn finite inputs into NaN/Inf (they select, move, or bound values): no
+# flag is queued for them, since a non-finite output of theirs was already flagged upstream.
+# They are still recorded, so a replay sees them.
+_CANNOT_PRODUCE = {getattr(torch.ops.aten, name) for name in (
+    "relu", "relu_", "threshold_backward", "clone", "copy_", "cat", "stack", "detach",
+    "max_pool2d_with_indices", "max_pool2d_with_indices_backward", "zeros_like", "ones_like",
+    "empty_like", "new_empty_strided", "new_zeros", "zero_", "where", "masked_fill", "masked_fill_",
+    "abs", "neg", "sign", "index", "index_select", "gather", "slice_backward", "select_backward",
+    "clamp", "clamp_", "clamp_min", "clamp_max", "hardtanh", "hardtanh_", "sigmoid", "tanh",
+    "maximum", "minimum", "sort", "topk", "constant_pad_nd", "contiguous",
+    "embedding", "dropout", "native_dropout", "native_dropout_backward", "fill_", "full_like",
+) if hasattr(torch.ops.aten, name)}
+
+
+class _Ref:
+    """A recorded argument: ``key`` of an earlier op's output, or a ``tensor`` held as is."""
+
+    __slots__ = ("key", "tensor")
+
+    def __init__(self, key: Any, tensor: torch.Tensor | None) -> None:
+        self.key, self.tensor = key, tensor
 
 
 def _is_backward_seed() -> bool:
@@ -82,12 +101,11 @@ class _Mode(TorchDispatchMode):
             return func(*args, **kwargs)
         if func is _SCALAR:
             r.guarded(r.at_scalar, args[0])
+        snaps = r.guarded(r.snapshot_written, func, args, kwargs) if func._schema.is_mutable else None
         out = func(*args, **kwargs)
         if func is _ONES_LIKE and isinstance(args[0], torch.Tensor) and _is_backward_seed():
             r.losses.append(args[0])
-        outs = _float_outputs(out)
-        if outs:
-            r.guarded(r.record, func, args, kwargs, outs)
+        r.guarded(r.record, func, args, kwargs, out, snaps)
         return out
 
 
@@ -102,6 +120,10 @@ class Runner:
         self.records: list[Event] = []
         self.flags: list[torch.Tensor] = []
         self.losses: list[torch.Tensor] = []
+        self.produced: dict[int, tuple[weakref.ref, Any]] = {}
+        self.originals: dict[int, torch.Tensor] = {}
+        self._last_forward: tuple[Event, list[torch.Tensor]] | None = None
+        self.rng = torch.get_rng_state()
         self.grad_norms: list[float] = []
         self.step = 0
         self.in_optimizer = False
@@ -151,30 +173,145 @@ class Runner:
         finally:
             self.busy = False
 
-    # -- recording (per op: no synchronization) ----------------------------------------------
-    def record(self, func: Any, args: tuple, kwargs: dict, outs: list[torch.Tensor]) -> None:
+    # -- recording (per op: no synchronization, no tensor kept alive) -----------------------
+    # Each op is recorded with its arguments as references: a tensor an earlier recorded op
+    # produced is referred to by (op index, output slot), through a weak reference, so the
+    # activations are freed exactly as without nanscope; any other tensor (weights, the batch,
+    # masks) is held. A state tensor the op writes to (BatchNorm running stats, load_state_dict)
+    # is copied first. On a failure the ops are re-executed from those references (same RNG
+    # state) under the tracer's Analyzer: the evidence is exact, the healthy path pays nothing.
+    def _ref(self, t: torch.Tensor) -> _Ref:
+        hit = self.produced.get(id(t))
+        if hit is not None and hit[0]() is t:
+            return _Ref(hit[1], None)
+        return _Ref(None, t)
+
+    def _refs(self, seq: Any) -> Any:
+        out = []
+        for a in seq:
+            if isinstance(a, torch.Tensor):
+                out.append(self._ref(a))
+            elif isinstance(a, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in a):
+                out.append(type(a)(self._ref(x) if isinstance(x, torch.Tensor) else x for x in a))
+            else:
+                out.append(a)
+        return out
+
+    def snapshot_written(self, func: Any, args: tuple, kwargs: dict) -> dict | None:
+        """Copies of the not-yet-recorded tensors this in-place op is about to write."""
+        positions = _WRITES.get(func)
+        if positions is None:
+            positions = _WRITES[func] = [(i, a.name) for i, a in enumerate(func._schema.arguments)
+                                         if a.alias_info is not None and a.alias_info.is_write]
+        snaps = {}
+        for i, name in positions:
+            t = args[i] if i < len(args) else kwargs.get(name)
+            if isinstance(t, torch.Tensor):
+                hit = self.produced.get(id(t))
+                if hit is None or hit[0]() is not t:
+                    snaps[i if i < len(args) else name] = (t, t.detach().clone())
+        return snaps or None
+
+    def record(self, func: Any, args: tuple, kwargs: dict, out: Any, snaps: dict | None) -> None:
+        if self._last_forward is not None:  # autograd has set its outputs' grad_fn by now
+            rec, outs = self._last_forward
+            rec.grad_fns = [o.grad_fn for o in outs]
+            self._last_forward = None
+        if isinstance(out, torch.Tensor):
+            all_outs = [out]
+        elif isinstance(out, (tuple, list)):
+            all_outs = [o for o in out if isinstance(o, torch.Tensor)]
+        else:
+            all_outs = []
+        if not all_outs and not snaps:
+            return
         node = torch._C._current_autograd_node()
         tr = self.tracker
-        ev = Event(len(self.records), func, args, kwargs, outs, tr.phase(node is not None), tr.current(),
-                   tr.root, user_frame(), node)
+        i = len(self.records)
+        rargs = self._refs(args)
+        rkwargs = dict(zip(kwargs, self._refs(kwargs.values()), strict=True)) if kwargs else {}
+        if snaps:
+            for where, (t, copy) in snaps.items():
+                if isinstance(where, int):
+                    rargs[where] = _Ref(None, copy)
+                else:
+                    rkwargs[where] = _Ref(None, copy)
+                self.produced[id(t)] = (weakref.ref(t), ("w", i, where))
+                self.originals[id(copy)] = t
+        phase = tr.phase(node is not None)
+        ev = Event(i, func, tuple(rargs), rkwargs, [], phase, tr.current(), tr.root, user_frame(), node)
         self.records.append(ev)
-        if not func.is_view:  # views cannot create a non-finite value
-            for o in outs:
-                if o.numel():
-                    self.flags.append(torch.isfinite(o).all())
+        floats = []
+        for k, o in enumerate(all_outs):
+            self.produced[id(o)] = (weakref.ref(o), (i, k))
+            if o.is_floating_point():
+                floats.append(o)
+                if o.numel() and not func.is_view and func.overloadpacket not in _CANNOT_PRODUCE:
+                    self.flags.append(finite_flag(o))
+        if node is None and floats:
+            self._last_forward = (ev, floats)
         if len(self.records) >= _FLUSH_EVERY and self._all_finite():
             self._clear()
+
+    def replay(self) -> tuple[Analyzer, Any]:
+        """Re-execute the recorded ops from their inputs under the Analyzer."""
+        analyzer = Analyzer(self.tracker, step=self.step)
+        values: dict[Any, torch.Tensor] = {}
+
+        def real(ref: Any) -> Any:
+            if isinstance(ref, _Ref):
+                return ref.tensor if ref.key is None else values[ref.key]
+            if isinstance(ref, (list, tuple)):
+                return type(ref)(real(x) for x in ref)
+            return ref
+
+        rng = torch.get_rng_state()
+        torch.set_rng_state(self.rng)
+        try:
+            with torch.no_grad():
+                for ev in self.records:
+                    args = tuple(real(a) for a in ev.args)
+                    kwargs = {k: real(v) for k, v in ev.kwargs.items()}
+                    ins_fin = None
+                    if ev.func._schema.is_mutable:
+                        ins_fin = [all_finite(t) for _, t in named_tensors([list(args), kwargs], "a")]
+                    out = ev.func(*args, **kwargs)
+                    outs = [out] if isinstance(out, torch.Tensor) else [
+                        o for o in (out if isinstance(out, (tuple, list)) else []) if isinstance(o, torch.Tensor)]
+                    for k, o in enumerate(outs):
+                        values[(ev.index, k)] = o
+                    for where, ref in list(enumerate(ev.args)) + list(ev.kwargs.items()):
+                        if isinstance(ref, _Ref) and ref.key is None and id(ref.tensor) in self.originals:
+                            values[("w", ev.index, where)] = ref.tensor
+                    floats = [o for o in outs if o.is_floating_point()]
+                    if floats:
+                        analyzer.observe(Event(ev.index, ev.func, args, kwargs, floats, ev.phase, ev.module,
+                                               ev.root, ev.frame, ev.node, ins_fin, ev.grad_fns))
+        finally:
+            torch.set_rng_state(rng)
+        analyzer.originals = dict(self.originals)
+
+        def replayed(t: torch.Tensor) -> torch.Tensor:
+            hit = self.produced.get(id(t))
+            if hit is not None and hit[0]() is t and hit[1] in values:
+                return values[hit[1]]
+            return t
+
+        return analyzer, replayed
 
     def _all_finite(self) -> bool:
         if not self.flags:
             return True
-        ok = bool(torch.stack(self.flags).all())
+        ok = bool(torch.isfinite(torch.stack([f.float() for f in self.flags])).all())
         if ok:
             self.flags = []
         return ok
 
     def _clear(self) -> None:
         self.records, self.flags, self.losses = [], [], []
+        self.produced, self.originals = {}, {}
+        self._last_forward = None
+        self.rng = torch.get_rng_state()  # a replay of the ops recorded from here starts here
 
     # -- boundaries -------------------------------------------------------------------------
     def at_scalar(self, t: torch.Tensor) -> None:
@@ -240,11 +377,15 @@ class Runner:
     # -- failure ----------------------------------------------------------------------------
     def _fail(self, things: list[tuple[str, torch.Tensor]]) -> None:
         self.done = True  # stop recording: the analysis below runs ops too
-        records = self.records
-        analyzer = Analyzer(self.tracker, step=self.step)
-        for ev in records:
-            analyzer.observe(ev)
-        d = first_failure(analyzer, things)
+        root = self.tracker.root
+        if root is not None and not all(all_finite(p) for p in root.parameters()):
+            # Weights only change in optimizer.step, which is checked after every update:
+            # weights that are bad now were bad when the script got them (a checkpoint).
+            d = check_model_state(root, step=self.step)
+            if d is not None:
+                self._raise(d)
+        analyzer, replayed = self.replay()
+        d = first_failure(analyzer, [(what, replayed(t)) for what, t in things])
         if d is None:
             d = Diagnosis(Category.UNKNOWN, "a non-finite value reached the " + things[0][0] if things else "?",
                           framework="torch", step=self.step)

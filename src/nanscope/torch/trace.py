@@ -49,6 +49,7 @@ from nanscope.core.enums import Category, OpKind, Phase
 from nanscope.core.source import is_user_file, location_from_stack
 from nanscope.core.summary import summarize
 from nanscope.torch._util import (
+    all_finite,
     is_float,
     is_loss_module,
     module_names,
@@ -59,6 +60,8 @@ from nanscope.torch._util import (
 
 __all__ = ["trace_step"]
 
+# Ops that bring values in from outside torch (storages, Python data): never producers.
+_SOURCES = {"set_", "lift_fresh", "lift_fresh_copy", "from_file", "_copy_from"}
 # Arithmetic ops whose Python-number operands are quoted as evidence (x / 0.0).
 _ARITH = (OpKind.DIV, OpKind.MUL, OpKind.ADD, OpKind.SUB, OpKind.POW)
 
@@ -206,6 +209,7 @@ class Event:
     frame: tuple[str, int, str] | None = None
     node: Any = None  # autograd node running this op (backward only)
     inputs_finite: list[bool] | None = None  # taken before an in-place op changed them
+    grad_fns: list[Any] | None = None  # the outputs' grad_fn, when a replay's outputs have none
 
     @property
     def name(self) -> str:
@@ -230,9 +234,7 @@ class Origin:
 
 
 def _finite(t: torch.Tensor) -> bool:
-    if not is_float(t) or t.numel() == 0:
-        return True
-    return bool(torch.isfinite(t).all())
+    return all_finite(t)
 
 
 def _has_nan(t: torch.Tensor) -> bool:
@@ -258,6 +260,8 @@ class Analyzer:
         self.forward_events: list[Event] = []
         self._node_map: dict[int, Event] | None = None
         self.leaves: dict[int, torch.Tensor] = {}
+        # A replay works on copies of the state tensors an op wrote to: copy id -> original.
+        self.originals: dict[int, torch.Tensor] = {}
 
     # lookups
     def origin_of(self, t: torch.Tensor) -> Origin | None:
@@ -273,8 +277,7 @@ class Analyzer:
         if self._node_map is None:
             self._node_map = {}
             for ev in self.forward_events:
-                for o in ev.outputs:
-                    fn = o.grad_fn
+                for fn in (ev.grad_fns if ev.grad_fns is not None else [o.grad_fn for o in ev.outputs]):
                     if fn is not None and id(fn) not in self._node_map:
                         self._node_map[id(fn)] = ev
         return self._node_map.get(id(node))
@@ -320,6 +323,8 @@ class Analyzer:
         no_nan = not any(_has_nan(o) for o in bad_outs)
         if no_nan and (legit_in or _scalar_inf(ev.args, ev.kwargs) or not ins):
             origin = Origin("legit", ev)
+        elif _short(ev.func) in _SOURCES:  # bytes from outside (a file, a Python list): not an op's fault
+            origin = Origin("external", ev, tensor=bad_outs[0])
         else:
             origin = Origin("producer", ev, evidence=self._evidence(ev, bad_outs[0], ins, in_fin))
         for o in bad_outs:
@@ -420,7 +425,10 @@ class Analyzer:
         if root is not None:
             state = {id(p) for p in root.parameters()} | {id(b) for b in root.buffers()}
             # Read from the model's state, or written into it (load_state_dict's copy_).
-            if id(t) in state or any(id(o) in state for o in ev.outputs):
+            def real(x: torch.Tensor) -> int:
+                return id(self.originals.get(id(x), x))
+
+            if real(t) in state or any(real(o) in state for o in ev.outputs):
                 d = check_model_state(root, step=self.step)
                 if d is not None:
                     return d
