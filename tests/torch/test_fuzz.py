@@ -138,3 +138,13 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
+
+
+def test_without_an_example_the_inputs_are_guessed_from_parameter_names():
+    def bce(pred, target):
+        return F.binary_cross_entropy(pred, target) + (-(target * torch.log(pred))).mean()
+
+    report = nanscope.fuzz_loss(bce)
+    assert report.stats["inputs"] == {"argument 1": "probabilities", "argument 2": "mask"}
+    assert "probabilities_exactly_0_and_1" in {f.where_found["case"] for f in report.findings}
+    assert all(f.op_kind == "log" for f in report.findings)
