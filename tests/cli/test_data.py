@@ -12,6 +12,9 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from nanscope.cli.main import main
@@ -209,3 +212,22 @@ def test_progress_bar_only_when_asked(seg, capsys):
     assert "nanscope data: " in capsys.readouterr().err
     audit(seg)  # stderr is not a terminal under pytest: no bar
     assert capsys.readouterr().err == ""
+
+
+@settings(max_examples=25, deadline=None)
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 30), st.integers(1, 6)),
+                  elements=st.one_of(st.floats(-10, 10, width=32), st.sampled_from([np.nan, np.inf, -np.inf]))),
+       st.integers(1, 5))
+def test_nonfinite_samples_match_a_reference(x, rows_per_chunk):
+    import nanscope.data.readers as readers
+
+    old = readers.CHUNK_BYTES
+    readers.CHUNK_BYTES = rows_per_chunk * x.shape[1] * 4  # several chunks: indices must stay global
+    try:
+        r = audit(x, progress=False)
+    finally:
+        readers.CHUNK_BYTES = old
+    want = [int(i) for i in np.flatnonzero(~np.isfinite(x).all(axis=1))]
+    got = [f.samples for f in r.findings if f.category == "nonfinite_input"]
+    assert got == ([want] if want else [])
+    assert r.stats["inputs"]["x"]["nan"] == int(np.isnan(x).sum())
