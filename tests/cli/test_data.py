@@ -231,3 +231,22 @@ def test_nonfinite_samples_match_a_reference(x, rows_per_chunk):
     got = [f.samples for f in r.findings if f.category == "nonfinite_input"]
     assert got == ([want] if want else [])
     assert r.stats["inputs"]["x"]["nan"] == int(np.isnan(x).sum())
+
+
+@settings(max_examples=25, deadline=None)
+@given(hnp.arrays(np.int64, st.tuples(st.integers(1, 20), st.integers(1, 5)), elements=st.integers(-2, 6)),
+       st.integers(1, 6))
+def test_label_checks_match_a_reference(y, num_classes):
+    ignore = -1
+    x = np.zeros((y.shape[0], 2), np.float32) + np.arange(2, dtype=np.float32)
+    r = audit({"x": x, "y": y}, num_classes=num_classes, ignore_index=ignore, progress=False)
+    valid = y != ignore
+    bad = valid & ((y < 0) | (y >= num_classes))
+    want_rows = [int(i) for i in np.flatnonzero(bad.any(axis=1))]
+    got = [f.samples for f in r.findings if "outside" in f.summary]
+    assert got == ([want_rows] if want_rows else [])
+    good = y[valid & ~bad]
+    hist = np.bincount(good, minlength=num_classes)
+    assert r.stats["targets"]["y"]["histogram"] == {str(c): int(hist[c]) for c in range(num_classes)}
+    all_ignored = [int(i) for i in np.flatnonzero(~valid.any(axis=1))] if y.shape[1] > 1 else []
+    assert [f.samples for f in r.findings if "0/0" in f.summary] == ([all_ignored] if all_ignored else [])
