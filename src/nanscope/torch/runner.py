@@ -376,7 +376,6 @@ class Runner:
 
     # -- failure ----------------------------------------------------------------------------
     def _fail(self, things: list[tuple[str, torch.Tensor]]) -> None:
-        self.done = True  # stop recording: the analysis below runs ops too
         root = self.tracker.root
         if root is not None and not all(all_finite(p) for p in root.parameters()):
             # Weights only change in optimizer.step, which is checked after every update:
@@ -387,8 +386,13 @@ class Runner:
         analyzer, replayed = self.replay()
         d = first_failure(analyzer, [(what, replayed(t)) for what, t in things])
         if d is None:
-            d = Diagnosis(Category.UNKNOWN, "a non-finite value reached the " + things[0][0] if things else "?",
-                          framework="torch", step=self.step)
+            if all(what != "gradient" for what, _ in things):
+                # Only intentional infinities (a -inf mask) reached the output: not a failure.
+                self._clear()
+                return
+            d = Diagnosis(Category.UNKNOWN, "a gradient is non-finite but no recorded op produced it",
+                          framework="torch", step=self.step,
+                          evidence=["the value was written outside the watched ops (another thread, a C++ hook)"])
         self._raise(d)
 
     def _raise(self, d: Diagnosis) -> None:
