@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "data_throughput.md"))
+    ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     args = ap.parse_args()
 
@@ -74,6 +75,29 @@ def main() -> None:
         add("nanscope.data.audit(x.npy), 2 workers (page cache warm)", lambda: audit(path, workers=2),
             max(2, args.repeat // 3), size)
 
+    # Images: decode speed with PIL alone vs the whole audit (decode + statistics + checks).
+    from PIL import Image
+
+    img_rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for i in range(args.images):
+            Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
+        files = sorted(folder.iterdir())
+
+        def decode_only() -> None:
+            for f in files:
+                with Image.open(f) as im:
+                    np.asarray(im)
+
+        for name, fn in [("PIL decode only, 1 thread", decode_only),
+                         ("nanscope.data.audit(folder), 1 worker", lambda: audit(folder.parent, workers=1, progress=False)),
+                         ("nanscope.data.audit(folder), 2 workers", lambda: audit(folder.parent, workers=2, progress=False))]:
+            ts = _times(fn, 3)
+            img_rows.append((name, len(files) / ts[0], len(files) / ts[1]))
+            print(f"{name:58s} best {img_rows[-1][1]:7.0f} images/s, median {img_rows[-1][2]:7.0f} images/s")
+
     lines = [
         "# data_throughput: fused statistics of in-memory float32 arrays",
         "",
@@ -87,6 +111,12 @@ def main() -> None:
         "| what | best GB/s | median GB/s |",
         "| --- | ---: | ---: |",
         *[f"| {name} | {best:.2f} | {median:.2f} |" for name, best, median in rows],
+        "",
+        f"Image folders: {args.images} JPEG files of 256x256x3 (random pixels, quality 90), 3 runs each:",
+        "",
+        "| what | best images/s | median images/s |",
+        "| --- | ---: | ---: |",
+        *[f"| {name} | {best:.0f} | {median:.0f} |" for name, best, median in img_rows],
         "",
         "Reproduce: `.venv/bin/python bench/data_throughput.py`",
         "",

@@ -197,8 +197,9 @@ def _run(flat: np.ndarray, first: int, last: int, block: int) -> ArrayStats:
 def _run_blocks(flat: np.ndarray, first: int, last: int, block: int) -> ArrayStats:
     work = _work_dtype(flat.dtype)
     convert = flat.dtype != work
-    buf = np.empty(block, dtype=work)
-    tmp = np.empty(block, dtype=work) if convert else None
+    size = min(block, flat.size)  # a small array gets small buffers (no page faults for 1 MiB)
+    buf = np.empty(size, dtype=work)
+    tmp = np.empty(size, dtype=work) if convert else None
     n_total = 0
     mean_total = 0.0
     m2_total = 0.0
