@@ -151,7 +151,17 @@ class _InputAudit:
             self.channel_axis = _channel_axis(self.sample_shape)
         elif tuple(x.shape[1:]) != self.sample_shape:
             self.shapes_vary = True
-        part = array_stats(x, workers=workers)
+        ax = self.channel_axis
+        per = None
+        if ax is not None and x.ndim == len(self.sample_shape or ()) + 1 and x.shape[1 + ax] == (self.sample_shape or ())[ax]:
+            # per-channel statistics merge exactly into the whole batch's: one pass, not two
+            per = [array_stats(np.ascontiguousarray(np.take(x, c, axis=1 + ax)), workers=workers) for c in range(x.shape[1 + ax])]
+            self.channels = per if self.channels is None else [a.merge(b) for a, b in zip(self.channels, per, strict=True)]
+            part = ArrayStats()
+            for c in per:
+                part = part.merge(c)
+        else:
+            part = array_stats(x, workers=workers)
         self.stats = self.stats.merge(part)
         if not n or not x[0].size:
             return
@@ -162,15 +172,15 @@ class _InputAudit:
                 self.nonfinite.add(start + i, names[i] if names else None,
                                    f"{_label(start, i, names)}: {bad[i]} non-finite of {flat.shape[1]}")
         if flat.shape[1] >= 16 or x.ndim >= 3:
-            with np.errstate(invalid="ignore"):
-                lo, hi = flat.min(axis=1), flat.max(axis=1)
+            if n == 1:  # one image: its statistics already say whether it is constant
+                lo = np.array([part.min if part.count and not part.nonfinite else np.nan])
+                hi = np.array([part.max if part.count and not part.nonfinite else np.nan])
+            else:
+                with np.errstate(invalid="ignore"):
+                    lo, hi = flat.min(axis=1), flat.max(axis=1)
             for i in np.flatnonzero((lo == hi) & np.isfinite(lo)):
                 self.constant.add(start + i, names[i] if names else None,
                                   f"{_label(start, i, names)}: every value is {fmt(float(lo[i]))}")
-        ax = self.channel_axis
-        if ax is not None and x.ndim == len(self.sample_shape or ()) + 1 and x.shape[1 + ax] == (self.sample_shape or ())[ax]:
-            per = [array_stats(np.ascontiguousarray(np.take(x, c, axis=1 + ax)), workers=1) for c in range(x.shape[1 + ax])]
-            self.channels = per if self.channels is None else [a.merge(b) for a, b in zip(self.channels, per, strict=True)]
 
     def to_dict(self) -> dict:
         d: dict = {"dtype": self.dtype, "sample_shape": list(self.sample_shape or ()) if not self.shapes_vary else "varies"}
