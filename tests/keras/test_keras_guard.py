@@ -134,3 +134,28 @@ def test_steps_per_execution_keeps_every_batch():
     with pytest.raises(NonFiniteError) as info:
         model.fit(x, y, batch_size=4, shuffle=False, verbose=0, callbacks=[Guard()])
     assert info.value.diagnosis.samples == [1] and info.value.diagnosis.category is Category.NONFINITE_INPUT
+
+
+def test_an_internal_error_is_a_warning_and_training_goes_on():
+    import tensorflow as tf
+
+    def ce_on_probabilities(y_true, logits):
+        p = tf.nn.softmax(logits)
+        y = tf.one_hot(tf.cast(tf.reshape(y_true, [-1]), tf.int32), 3)
+        return -tf.reduce_mean(tf.reduce_sum(y * tf.math.log(p), axis=-1))
+
+    def broken(y_true, y_pred):  # the diagnosis re-run fails: nanscope's problem, not the user's
+        raise RuntimeError("boom")
+
+    model = small_cnn()
+    model.compile(keras.optimizers.SGD(0.01), ce_on_probabilities)
+    model.fit(*data(n=8), batch_size=8, verbose=0)
+    head = model.get_layer("logits")
+    head.kernel.assign(head.kernel * 1e6)
+    guard = Guard(policy="skip", loss=broken)
+    with pytest.warns(RuntimeWarning) as record:
+        model.fit(*data(n=16), batch_size=8, verbose=0, callbacks=[guard])
+    messages = [str(r.message) for r in record]
+    assert any("internal error in diagnosing the failed step (RuntimeError: boom)" in m for m in messages)
+    assert guard.skipped == 2 and guard.diagnoses[0].category is Category.UNKNOWN
+    assert all(np.isfinite(v.numpy()).all() for v in model.variables)
