@@ -139,3 +139,10 @@ def test_subprocess_safetensors_imports_no_framework(tmp_path):
             "assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules; sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code, "inspect", str(tmp_path / "m.safetensors")], capture_output=True, text=True)
     assert p.returncode == 1 and p.stderr == "" and "corrupt_norm_statistics" in p.stdout
+
+
+def test_h5_without_weights_is_refused(tmp_path, capsys):
+    with h5py.File(tmp_path / "data.h5", "w") as h:
+        h.create_group("nothing/here")
+    assert main(["inspect", str(tmp_path / "data.h5")]) == 2
+    assert "no model weights" in capsys.readouterr().err

@@ -81,6 +81,8 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
     else:
         raise BadInputError(f"{str(p)!r}: unknown checkpoint format {suffix or '(no suffix)'!r}; "
                             "expected .pt/.pth, .safetensors, .keras or .h5")
+    if not ck.tensors and not ck.optimizer:
+        raise BadInputError(f"{str(p)!r} holds no model weights nanscope recognizes ({ck.format} file)", path=str(p))
     ck.norm_layers = ck.norm_layers or find_norm_layers(ck.tensors)
     return ck
 
