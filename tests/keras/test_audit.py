@@ -77,3 +77,27 @@ def test_reset_bn_fallback(files, tmp_path, capsys):
     assert main(["repair", str(files / "bad.keras"), "-o", str(out), "--reset-bn"]) == 0
     assert "accuracy usually drops" in capsys.readouterr().out
     assert inspect(out).findings == []
+
+
+FACTORY = """
+import keras
+
+def make():
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inp)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(2, name="head")(x))
+"""
+
+
+def test_repair_weights_file_with_model_factory(files, tmp_path, monkeypatch, capsys):
+    (tmp_path / "kmodels.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = keras.saving.load_model(files / "bad.keras")
+    m.save_weights(tmp_path / "bad.weights.h5")
+    assert inspect(tmp_path / "bad.weights.h5").exit_code == 1
+    rc = main(["repair", str(tmp_path / "bad.weights.h5"), "-o", str(tmp_path / "fixed.weights.h5"), "--recalibrate-bn",
+               "--data", str(files / "x.npy"), "--model", "kmodels:make"])
+    assert rc == 0, capsys.readouterr()
+    assert inspect(tmp_path / "fixed.weights.h5").findings == []
