@@ -115,3 +115,14 @@ def test_safe_ops_match_stock_and_masked_softmax():
     with tf.GradientTape() as tape:
         y = tf.reduce_sum(L.double_where(v > 0, tf.sqrt, v))
     assert np.isfinite(tape.gradient(y, v)).all()
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import nanscope.keras.amp
+    import nanscope.keras.losses
+
+    for module in (nanscope.keras.losses, nanscope.keras.amp):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

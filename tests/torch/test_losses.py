@@ -180,3 +180,16 @@ def test_importing_losses_and_fuzz_imports_no_framework():
     code = ("import sys, nanscope, nanscope.losses, nanscope.fuzz, nanscope.core.headroom; nanscope.fuzz_loss; "
             "assert not {'torch', 'tensorflow', 'keras'} & set(sys.modules), sorted(sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import nanscope.fuzz
+    import nanscope.losses
+    import nanscope.torch.amp
+    import nanscope.torch.losses
+
+    for module in (nanscope.losses, nanscope.torch.losses, nanscope.torch.amp, nanscope.fuzz):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
