@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = {
-    "core": ["tests/core", "tests/cli", "src/nanscope/core", "--doctest-modules"],
+    "core": ["tests/core", "tests/cli", "src/nanscope/core", "src/nanscope/data", "src/nanscope/audit", "--doctest-modules"],
     "torch": ["tests/torch"],
     "keras": ["tests/keras"],
 }
