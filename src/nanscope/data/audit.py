@@ -155,7 +155,8 @@ class _InputAudit:
         per = None
         if ax is not None and x.ndim == len(self.sample_shape or ()) + 1 and x.shape[1 + ax] == (self.sample_shape or ())[ax]:
             # per-channel statistics merge exactly into the whole batch's: one pass, not two
-            per = [array_stats(np.ascontiguousarray(np.take(x, c, axis=1 + ax)), workers=workers) for c in range(x.shape[1 + ax])]
+            by_channel = np.ascontiguousarray(np.moveaxis(x, 1 + ax, 0))  # one copy (none if already channel-major)
+            per = [array_stats(by_channel[c], workers=workers) for c in range(by_channel.shape[0])]
             self.channels = per if self.channels is None else [a.merge(b) for a, b in zip(self.channels, per, strict=True)]
             part = ArrayStats()
             for c in per:

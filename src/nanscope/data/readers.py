@@ -281,7 +281,7 @@ def _folder(root: Path, masks: Path | None, workers: int) -> Source:
         raise BadInputError(f"{str(root)!r} holds no images (.png/.jpg/.tif/...) or .npy samples")
     # ImageFolder layout (root/class_name/xxx.png): the folder name is the class label.
     top = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
-    if top and all(len(f.relative_to(root).parts) == 2 for f in files):
+    if len(top) >= 2 and all(len(f.relative_to(root).parts) == 2 for f in files):
         index = {name: i for i, name in enumerate(top)}
         labels = [index[f.relative_to(root).parts[0]] for f in files]
         return Source(_file_batches(files, None, root, workers, labels=labels), len(files), "folder", "files")
