@@ -214,3 +214,26 @@ def test_nan_in_discarded_where_branch_is_not_a_failure():
     model = keras.Model(inp, keras.layers.Dense(1)(out))
     x = np.array([[0.0, 1.0, 2.0, 3.0], [1.0, 0.0, 0.5, 2.0]], "float32")
     assert diagnose(model, (x, np.zeros((2, 1), "float32")), "mse") is None
+
+
+class SafeLog(keras.layers.Layer):
+    """log only where positive, 0 elsewhere: a finite forward pass, the where trap backward."""
+
+    def call(self, x):
+        return tf.where(x > 0, tf.math.log(x), tf.zeros_like(x))
+
+
+def test_where_trap_is_singular_gradient_at_the_discarded_log():
+    inp = keras.Input((3,))
+    hidden = keras.layers.Dense(3, activation="relu", name="pre")(inp)
+    model = keras.Model(inp, keras.layers.Dense(1, name="out")(SafeLog(name="safe_log")(hidden)))
+    pre = model.get_layer("pre")
+    pre.kernel.assign(np.eye(3, dtype="float32"))
+    pre.bias.assign(np.array([0.0, 0.0, -5.0], "float32"))  # relu: the third feature is exactly 0
+    x = np.random.rand(4, 3).astype("float32")
+    assert np.isfinite(model(x).numpy()).all()  # the forward pass is finite
+    d = diagnose(model, (x, np.zeros((4, 1), "float32")), "mse")
+    assert d.category is Category.SINGULAR_GRADIENT and d.phase is Phase.BACKWARD
+    assert d.module == "safe_log" and d.location.function == "call" and d.samples == [0, 1, 2, 3]
+    assert any("forward op Log" in e for e in d.evidence) and any("the where trap" in e for e in d.evidence)
+    assert "where" in d.fixes[1]

@@ -163,7 +163,8 @@ def trace_step(
             if norm is not None and norm * norm > _FLOAT32_MAX:  # every gradient finite, the norm past float32
                 return rules.exploding_gradients(history, framework=_FW, step=step, lr=learning_rate)
             return None
-        d = diagnosis_from_trace(tr, failed, batch_size=n, step=step, valid_targets=valid, ignore_index=ignore_index)
+        d = diagnosis_from_trace(tr, failed, batch_size=n, step=step, valid_targets=valid, ignore_index=ignore_index,
+                                 gradients_only=failed is not y_pred and failed is not value)
         if d is None:
             return Diagnosis(
                 Category.UNKNOWN, "the step is non-finite but no op produced the first NaN/Inf in an eager re-run",

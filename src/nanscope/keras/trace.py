@@ -344,6 +344,11 @@ def producer_evidence(
             forward_inputs = [summarize(a, t.dtype.name) for t in fwd.inputs if is_float(t) and (a := to_numpy(t)) is not None]
             extra.append(f"forward op {fwd.op}" + (f" in layer {fwd.layer}" if fwd.layer else "")
                          + ": input " + "; ".join(s.describe() for s in forward_inputs))
+            discarded = [t for t in fwd.outputs if is_float(t) and not all_finite(t)]
+            if discarded:
+                extra.append(f"{fwd.op}'s own output was non-finite ({summarize(to_numpy(discarded[0])).describe()}) "
+                             "but never reached the loss: a where/select discarded it, and its gradient still "
+                             "flows (the where trap)")
             if not samples and batch_size:
                 for t in fwd.inputs:
                     a = to_numpy(t) if is_float(t) else None
@@ -395,9 +400,14 @@ def _rerun_in_float32(rec: OpRecord) -> float | None:
 
 def diagnosis_from_trace(
     tr: Trace, failed: Any, *, batch_size: int | None, step: int | None = None,
-    valid_targets: int | None = None, ignore_index: int | None = None,
+    valid_targets: int | None = None, ignore_index: int | None = None, gradients_only: bool = False,
 ) -> Diagnosis | None:
-    """Classify the producer whose values reached ``failed`` (first producer as a fallback)."""
+    """Classify the producer whose values reached ``failed`` (first producer as a fallback).
+
+    ``gradients_only``: the loss and the output were finite and only gradients were not. A
+    forward producer found then had its NaN discarded (``tf.where``) in the forward pass and
+    brought back by the gradient: the where trap, a singular gradient.
+    """
     if not tr.producers:
         return None
     idx = tr.origin_of(failed) if failed is not None else None
@@ -405,4 +415,10 @@ def diagnosis_from_trace(
     prod.reached = True
     ev = producer_evidence(tr, prod, batch_size=batch_size, step=step,
                            valid_targets=valid_targets, ignore_index=ignore_index)
+    if gradients_only and ev.phase is not Phase.BACKWARD:
+        ev.forward_op, ev.forward_inputs, ev.phase = ev.op, list(ev.inputs), Phase.BACKWARD
+        ev.details["where_trap"] = True
+        ev.extra_evidence.append(
+            f"{ev.op} made NaN/Inf in the forward pass, the loss stayed finite (a where/select discarded it), "
+            "and the gradient brought it back")
     return classify_producer(ev)
