@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -54,6 +55,19 @@ def backend_for(*tensors: Any) -> Any:
             return importlib.import_module("nanscope.keras.losses")
     kinds = ", ".join(type(x).__name__ for x in tensors) or "nothing"
     raise TypeError(f"nanscope.losses expects torch or TensorFlow/Keras tensors, got {kinds}")
+
+
+def user_stacklevel() -> int:
+    """``warnings.warn`` stacklevel of the caller's first frame outside nanscope.
+
+    The backends warn through it, so a warning points at the user's line whether they
+    called ``nanscope.losses.f`` (one more frame) or ``nanscope.torch.losses.f``.
+    """
+    root = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(root):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def _dispatch(name: str):

@@ -20,6 +20,7 @@ import keras
 from keras import ops
 
 from nanscope.core.limits import limits
+from nanscope.losses import user_stacklevel
 
 __all__ = [
     "binary_cross_entropy", "cross_entropy", "dice_loss", "double_where", "focal_loss",
@@ -95,7 +96,7 @@ def _say_once_if(condition: Any, message: str) -> None:
     except Exception:  # symbolic / graph tensor: the value is not known here
         return
     if flag:
-        warnings.warn(f"nanscope: {message}", UserWarning, stacklevel=3)
+        warnings.warn(f"nanscope: {message}", UserWarning, stacklevel=user_stacklevel())
 
 
 def cross_entropy(logits: Any, target: Any, *, ignore_index: int = -100, weight: Any = None,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from nanscope.core.limits import limits
+from nanscope.losses import user_stacklevel
 
 __all__ = [
     "binary_cross_entropy", "cross_entropy", "dice_loss", "double_where", "focal_loss",
@@ -123,7 +124,8 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> t
 
 def _say_once(message: str) -> None:
     # Python's default filter shows a warning once per call site: "said once", not per step.
-    warnings.warn(f"nanscope: {message}", UserWarning, stacklevel=3)
+    warnings.warn(f"nanscope: {message}", UserWarning, stacklevel=user_stacklevel())
+
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
