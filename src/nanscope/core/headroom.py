@@ -112,17 +112,15 @@ class HeadroomReport:
         Writes PNG or SVG (by ``path``'s suffix) when ``path`` is given; returns the figure.
         Needs matplotlib (``pip install 'nanscope[plot]'``).
         """
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
+        try:  # a bare Figure: no pyplot, so the user's matplotlib backend and state stay untouched
+            from matplotlib.figure import Figure
         except ImportError as err:
             from nanscope.core.errors import MissingDependencyError
 
             raise MissingDependencyError("matplotlib", "plot") from err
         rows = self.layers[:top][::-1]
-        fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
+        fig = Figure(figsize=(8, 0.35 * len(rows) + 1.5))
+        ax = fig.subplots()
         ys = range(len(rows))
         log = lambda v: math.log10(v) if v and v > 0 else float("nan")  # noqa: E731
         ax.barh([y + 0.2 for y in ys], [log(r.act_absmax) for r in rows], height=0.4, label="max |activation|",
@@ -141,5 +139,4 @@ class HeadroomReport:
         fig.tight_layout()
         if path is not None:
             fig.savefig(path)
-            plt.close(fig)
         return fig
