@@ -186,10 +186,12 @@ def test_cuda_autocast_float16_overflow_and_scaler():
             scaler.update()
 
 
-def test_headroom_leaves_rng_and_mode_as_they_were():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)).train()
+def test_headroom_leaves_rng_buffers_and_mode_as_they_were():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2)).train()
     x, y = torch.randn(3, 4), torch.randint(0, 2, (3,))
     state = torch.get_rng_state()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     headroom(model, (x, y), F.cross_entropy)
     locate_overflow(model, x, dtype=torch.float16)
     assert torch.equal(state, torch.get_rng_state()) and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running stats too

@@ -66,6 +66,21 @@ def _absmax(ts: list[torch.Tensor]) -> float:
     return max(vals) if vals else 0.0
 
 
+class _KeepBuffers:
+    """Restore every buffer on exit: a train-mode forward updates BatchNorm running stats."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for b, old in self.saved:
+                b.copy_(old)
+
+
 def _call(model: torch.nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, dict):
         return model(**inputs)
@@ -120,7 +135,8 @@ def headroom(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], t
     handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n]
     was_training = model.training
     try:
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():  # dropout must not move the user's RNG
+        # Dropout must not move the user's RNG, nor BatchNorm its running statistics.
+        with torch.random.fork_rng(devices=[]), _KeepBuffers(model), torch.enable_grad():
             output = _call(model, inputs)
             loss = loss_fn(output, targets) if loss_fn is not None else None
             grads: dict[str, list[torch.Tensor | None]] = {}
@@ -189,7 +205,7 @@ def locate_overflow(model: torch.nn.Module, inputs: Any, *, dtype: torch.dtype |
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()]
     was_training = model.training
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=[]), _KeepBuffers(model), torch.no_grad():
             if dtype is not None:
                 dev = device_type or next((p.device.type for p in model.parameters()), "cpu")
                 with torch.autocast(dev, dtype=getattr(torch, dtype_name(dtype))):
