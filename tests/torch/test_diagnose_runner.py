@@ -93,3 +93,24 @@ def test_our_internal_error_is_a_warning_and_the_script_finishes(tmp_path, capsy
         rc, report = run(tmp_path, TRAINING)
     assert rc == 0 and report["status"] == "clean"
     assert "trained" in capsys.readouterr().out
+
+
+CONSTANT_INF = """
+import torch
+best = torch.tensor(float("inf"))          # the usual "best loss so far"
+w = torch.nn.Parameter(torch.ones(2))
+opt = torch.optim.SGD([w], lr=0.1)
+for step in range(3):
+    opt.zero_grad()
+    loss = (w ** 2).sum()
+    loss.backward()
+    opt.step()
+    print("best was", best.item())
+    best = torch.minimum(best, loss.detach())
+"""
+
+
+def test_the_scripts_own_infinite_constant_is_not_a_failure(tmp_path, capsys):
+    rc, report = run(tmp_path, CONSTANT_INF)
+    assert rc == 0 and report["status"] == "clean"
+    assert "best was inf" in capsys.readouterr().out

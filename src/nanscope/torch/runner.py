@@ -53,6 +53,10 @@ _FLUSH_EVERY = 50_000  # records kept at most while all of them are finite
 
 
 _WRITES: dict[Any, list[tuple[int, str]]] = {}  # op -> arguments it writes to
+# Ops that make a tensor from Python values: an infinity they hold was written by the script.
+_CONSTANTS = {getattr(torch.ops.aten, name) for name in (
+    "lift_fresh", "lift_fresh_copy", "full", "scalar_tensor", "fill_", "full_like", "new_full",
+) if hasattr(torch.ops.aten, name)}
 
 # Ops that cannot turn finite inputs into NaN/Inf (they select, move, or bound values): no
 # flag is queued for them, since a non-finite output of theirs was already flagged upstream.
@@ -318,8 +322,15 @@ class Runner:
         if not self.records or self._all_finite():
             self._clear()
             return
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()) and not self._is_constant(t):
             self._fail([("loss", t)])
+
+    def _is_constant(self, t: torch.Tensor) -> bool:
+        """``best = torch.tensor(float("inf")); best.item()``: the script's own constant."""
+        hit = self.produced.get(id(t))
+        if hit is None or hit[0]() is not t or not isinstance(hit[1], tuple) or hit[1][0] == "w":
+            return hit is None  # never made by a recorded op: created before we watched
+        return self.records[hit[1][0]].func.overloadpacket in _CONSTANTS
 
     def at_model_output(self) -> None:
         if not self.records or not self.flags:
