@@ -195,3 +195,25 @@ def test_headroom_leaves_rng_buffers_and_mode_as_they_were():
     locate_overflow(model, x, dtype=torch.float16)
     assert torch.equal(state, torch.get_rng_state()) and model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running stats too
+
+
+HEADROOM_TABLE = """\
+nanscope headroom against float16 (max 65504, smallest normal 6.1e-05)
+  layer   kind    max|act|   max|grad|  grad→0  bits left  status
+  ffn.wo  Linear  2.326e+04  9.3e-07    5%      1.5        danger
+  ffn.wi  Linear  1.78       0.0118     0%      15.2       ok
+  head    Linear  0.425      0.0986     -       17.2       ok
+parameter gradients that flush to zero in float16:
+  ffn.wo.weight: 9% of non-zero entries"""
+
+
+def test_headroom_table_golden():
+    from nanscope.core.headroom import HeadroomReport, LayerHeadroom
+
+    rows = [LayerHeadroom("ffn.wo", "Linear", 23260.0, 9.3e-07, 0.05), LayerHeadroom("ffn.wi", "Linear", 1.78, 0.0118, 0.0),
+            LayerHeadroom("head", "Linear", 0.425, 0.0986, None)]
+    report = HeadroomReport(rows, "float16", {"ffn.wo.weight": 0.09, "head.bias": 0.0})
+    assert str(report) == HEADROOM_TABLE
+    assert [r.status for r in report.layers] == ["danger", "ok", "ok"]
+    assert LayerHeadroom("x", "Linear", 70000.0).status == "overflow"
+    assert LayerHeadroom("x", "Linear", 1.0, 1e-9, 0.5).status == "underflow"
