@@ -217,3 +217,23 @@ def test_headroom_table_golden():
     assert [r.status for r in report.layers] == ["danger", "ok", "ok"]
     assert LayerHeadroom("x", "Linear", 70000.0).status == "overflow"
     assert LayerHeadroom("x", "Linear", 1.0, 1e-9, 0.5).status == "underflow"
+
+
+def test_watch_scaler_with_unscale_and_clipping():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = watch_scaler(torch.amp.GradScaler("cpu", init_scale=2.0**24), opt, model)
+    x, y = batch()
+    taken = []
+    for _ in range(10):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        taken.append(scaler.step(opt))
+        scaler.update()
+    assert taken[0] is False and taken[-1] is True and taken.count(False) == len(scaler.skipped)
+    assert scaler.skipped[0].parameters and scaler.diagnosis is None
