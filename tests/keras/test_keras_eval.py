@@ -52,6 +52,12 @@ def test_predict_nan_is_corrupt_norm_statistics_then_repaired(resnet):
     assert d.evidence[0] == "train-mode output finite: True; eval-mode output finite: False"
     assert d.samples == [0, 1, 2, 3]
     assert "repair_norm_statistics" in d.fixes[0]
+    # As in the seed, the backbone nested in a multi-output model: the same layers are named.
+    inp = keras.Input((32, 32, 3))
+    features = model(inp)
+    outer = keras.Model(inp, [keras.layers.Dense(2, name="head_a")(features), keras.layers.Dense(3, name="head_b")(features)])
+    nested = diagnose_eval(outer, x, batch_size=4)
+    assert nested.category is Category.CORRUPT_NORM_STATISTICS and list(nested.details["layers"]) == list(layers)
     # the training-mode comparison changed nothing
     assert all(np.array_equal(a, v.numpy(), equal_nan=True) for a, v in zip(trainable_before, model.variables, strict=True))
 

@@ -13,7 +13,7 @@ from nanscope.keras import Guard
 from nanscope.keras.guard import NonFiniteWarning
 
 
-def small_cnn(jit_compile=False, optimizer=None):
+def small_cnn(jit_compile=False, optimizer=None, run_eagerly=False):
     model = keras.Sequential([
         keras.Input((8, 8, 3)),
         keras.layers.Conv2D(4, 3, padding="same", name="conv"),
@@ -23,7 +23,7 @@ def small_cnn(jit_compile=False, optimizer=None):
         keras.layers.Dense(3, name="logits"),
     ])
     model.compile(optimizer or keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], jit_compile=jit_compile)
+                  metrics=["accuracy"], jit_compile=jit_compile, run_eagerly=run_eagerly)
     return model
 
 
@@ -52,9 +52,9 @@ def trained():
     return model
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_raise_keeps_every_variable_exactly(jit_compile):
-    model = small_cnn(jit_compile=jit_compile)
+@pytest.mark.parametrize("mode", ["tf.function", "jit_compile", "run_eagerly"])
+def test_raise_keeps_every_variable_exactly(mode):
+    model = small_cnn(jit_compile=mode == "jit_compile", run_eagerly=mode == "run_eagerly")
     model.fit(*data(), batch_size=8, verbose=0)
     snap = snapshot(model)
     x, y = data(bad_rows=[3])

@@ -59,6 +59,10 @@ def is_float(t: Any) -> bool:
 
 
 def all_finite(t: Any) -> bool:
+    """True when every float tensor in ``t`` (a tensor or a nested structure: multi-output
+    models) holds only finite values."""
+    if isinstance(t, list | tuple | dict):
+        return all(all_finite(u) for u in tf.nest.flatten(t))
     a = to_numpy(t) if is_float(t) else None
     return True if a is None else bool(np.isfinite(a).all())
 
