@@ -218,30 +218,13 @@ def _run_blocks(flat: np.ndarray, first: int, last: int, block: int) -> ArraySta
             np.copyto(b, raw, casting="unsafe")
         else:
             b = raw
-        s = b.sum()
-        if math.isfinite(s):
-            m = s / n  # block mean in the working dtype, the pivot of the second pass
-            d = buf[:n]
-            np.subtract(b, m, out=d)
-            q = float(np.einsum("i,i->", d, d))
-            mf = float(m)
-            # c = sum(d) corrects for the pivot m not being the exact mean. m comes from a
-            # pairwise float sum, so |mean - m| <= ~1e-6 rms(x) = 1e-6 sqrt(var + m^2); when the
-            # spread is not tiny next to the mean (var >= 1e-4 m^2) that is <= 1e-4 std, and
-            # dropping c changes M2 by < 1e-8 relative: skip the pass.
-            c = 0.0 if q >= 1e-4 * n * mf * mf else float(d.sum())
-            if math.isfinite(q) and math.isfinite(c):
-                bmean = mf + c / n
-                bm2 = max(q - c * c / n, 0.0)
-                bmin, bmax = float(b.min()), float(b.max())
-                count = n
-            else:  # finite values whose squares overflow the working dtype
-                count, bmin, bmax, bmean, bm2, k_nan, k_pos, k_neg = _slow(raw)
-        else:
-            count, bmin, bmax, bmean, bm2, k_nan, k_pos, k_neg = _slow(raw)
+        part = _fast(b, buf)
+        if part is None:  # NaN/Inf in the block, or finite values whose sums overflow
+            part, k_nan, k_pos, k_neg = _slow(b, buf)
             nan += k_nan
             posinf += k_pos
             neginf += k_neg
+        count, bmin, bmax, bmean, bm2 = part
         if not count:
             continue
         lo, hi = min(lo, bmin), max(hi, bmax)
@@ -258,16 +241,46 @@ def _run_blocks(flat: np.ndarray, first: int, last: int, block: int) -> ArraySta
     return ArrayStats(n_total, nan, posinf, neginf, lo, hi, mean_total, m2_total)
 
 
-def _slow(raw: np.ndarray) -> tuple[int, float, float, float, float, int, int, int]:
-    """A block with NaN/Inf (or overflowing sums): masks, and float64 throughout."""
-    b = raw.astype(np.float64) if raw.dtype != np.float64 else raw
-    finite_mask = np.isfinite(b)
-    f = b[finite_mask]
-    k_nan = int(np.count_nonzero(np.isnan(b)))
-    k_pos = int(np.count_nonzero(b == np.inf))
+_Part = tuple[int, float, float, float, float]  # count, min, max, mean, M2
+
+
+def _fast(b: np.ndarray, buf: np.ndarray) -> _Part | None:
+    """One cached block with no NaN/Inf: sum, pivot, sum of squares, min, max. None otherwise."""
+    n = b.size
+    s = b.sum()
+    if not math.isfinite(s):  # a NaN makes the sum NaN, an Inf makes it Inf or NaN
+        return None
+    m = s / n  # block mean in the working dtype, the pivot of the second pass
+    d = buf[:n]
+    np.subtract(b, m, out=d)
+    q = float(np.einsum("i,i->", d, d))
+    mf = float(m)
+    # c = sum(d) corrects for the pivot m not being the exact mean. m comes from a pairwise
+    # float sum, so |mean - m| <= ~1e-6 rms(x) = 1e-6 sqrt(var + m^2); when the spread is not
+    # tiny next to the mean (var >= 1e-4 m^2) that is <= 1e-4 std, and dropping c changes M2
+    # by < 1e-8 relative: skip the pass.
+    c = 0.0 if q >= 1e-4 * n * mf * mf else float(d.sum())
+    if not (math.isfinite(q) and math.isfinite(c)):  # finite values whose squares overflow
+        return None
+    return n, float(b.min()), float(b.max()), mf + c / n, max(q - c * c / n, 0.0)
+
+
+def _slow(b: np.ndarray, buf: np.ndarray) -> tuple[_Part, int, int, int]:
+    """A block with NaN/Inf (or overflowing sums): count them, then reduce the finite values."""
+    finite = np.isfinite(b)
+    f = b[finite]
+    k_nan = int(np.count_nonzero(np.isnan(b))) if f.size < b.size else 0
+    k_pos = int(np.count_nonzero(b == np.inf)) if f.size < b.size else 0
     k_neg = int(b.size - f.size - k_nan - k_pos)
     if not f.size:
-        return 0, 0.0, 0.0, 0.0, 0.0, k_nan, k_pos, k_neg
+        return (0, 0.0, 0.0, 0.0, 0.0), k_nan, k_pos, k_neg
+    part = _fast(f, buf) if f.size < b.size else None  # only the masked values: usually fast again
+    return (part or _exact64(f)), k_nan, k_pos, k_neg
+
+
+def _exact64(f: np.ndarray) -> _Part:
+    """Finite values whose sums overflow the working dtype: float64, scaled if even that overflows."""
+    f = f.astype(np.float64)
     mean = float(f.mean())
     if not math.isfinite(mean):  # float64 sum overflow: scale down, exact in binary
         scale = float(np.abs(f).max())
@@ -277,7 +290,10 @@ def _slow(raw: np.ndarray) -> tuple[int, float, float, float, float, int, int, i
         m2 = float(np.square(g - gm).sum()) * scale * scale
     else:
         m2 = float(np.square(f - mean).sum())
-    return int(f.size), float(f.min()), float(f.max()), mean, m2, k_nan, k_pos, k_neg
+        if not math.isfinite(m2):
+            scale = float(np.abs(f).max())
+            m2 = float(np.square((f - mean) / scale).sum()) * scale * scale
+    return int(f.size), float(f.min()), float(f.max()), mean, m2
 
 
 def reference_stats(array: object) -> ArrayStats:
