@@ -69,6 +69,8 @@ def test_two_threads_agree_with_one_on_a_large_array_with_bad_values():
 def test_extremes_and_non_contiguous_views():
     x = np.array([3e38, -3e38, 3.4e38, 1.0], dtype=np.float32)  # the float32 sum overflows
     _assert_same(array_stats(x), reference_stats(x), 3.4e38)
+    x = np.array([np.nan, 3e38, 3.4e38, np.inf], dtype=np.float32)  # masked, and still overflowing
+    _assert_same(array_stats(x), reference_stats(x), 3.4e38)
     y = np.arange(60, dtype=np.float32).reshape(3, 4, 5)[:, ::2, 1:]
     _assert_same(array_stats(y, block=4), reference_stats(y), 60.0)
     big = np.full(4, 1e300)
