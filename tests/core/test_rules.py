@@ -162,3 +162,10 @@ def test_tensorflow_op_names_normalize():
     names = {"MatMul": "matmul", "Conv2D": "conv", "Conv3D": "conv", "BiasAdd": "add", "SqrtGrad": "sqrt",
              "Conv2DBackpropInput": "conv", "BatchMatMulV2": "matmul", "RealDiv": "div", "Xlogy": "log"}
     assert {n: str(OpKind.of(n)) for n in names} == names
+
+
+def test_bce_gradient_at_exact_probabilities_suggests_logits():
+    from nanscope.core.fixes import fixes_for
+
+    f = fixes_for(Category.SINGULAR_GRADIENT, op_kind="other", forward_op_kind="cross_entropy", framework="torch")
+    assert "binary_cross_entropy_with_logits" in f[0] and "nanscope.losses.binary_cross_entropy" in f[0]

@@ -95,6 +95,9 @@ def fixes_for(
         fk = OpKind(forward_op_kind) if forward_op_kind else k
         if fk in (OpKind.SQRT, OpKind.POW):
             first = f"add an epsilon inside the root: {'`torch.sqrt(x + 1e-12)`' if t else '`tf.sqrt(x + 1e-12)`'}, or `nanscope.losses.safe_sqrt` / `safe_norm` (finite gradient at 0){at}"
+        elif fk is OpKind.CROSS_ENTROPY:
+            first = (f"compute the loss from logits ({'`F.binary_cross_entropy_with_logits` / `F.cross_entropy`' if t else '`from_logits=True`'}), "
+                     f"or on float32 probabilities clamped away from 0 and 1: `nanscope.losses.binary_cross_entropy`{at}")
         else:
             first = f"the derivative is infinite at this input{at}: keep the input away from the singular point"
         return [
