@@ -148,3 +148,21 @@ def test_without_an_example_the_inputs_are_guessed_from_parameter_names():
     assert report.stats["inputs"] == {"argument 1": "probabilities", "argument 2": "mask"}
     assert "probabilities_exactly_0_and_1" in {f.where_found["case"] for f in report.findings}
     assert all(f.op_kind == "log" for f in report.findings)
+
+
+def test_stock_safe_losses_are_clean_and_float16_bce_is_caught():
+    probs, mask = _seg_example()
+    g = torch.Generator().manual_seed(3)
+    logits, other = torch.randn(4, 16, generator=g) * 3, torch.randn(4, 16, generator=g)
+    for fn, example in [
+        (F.mse_loss, (probs, mask)),
+        (F.binary_cross_entropy_with_logits, (logits, (logits > 0).float())),
+        (F.smooth_l1_loss, (logits, other)),
+        (lambda a, b: F.pairwise_distance(a, b).mean(), (logits, other)),
+    ]:
+        report = nanscope.fuzz_loss(fn, example)
+        assert report.findings == [], (fn, [str(f) for f in report.findings])
+    bce = nanscope.fuzz_loss(F.binary_cross_entropy, (probs, mask))
+    assert [f.where_found["case"] for f in bce.findings] == ["float16_extreme"]  # eps 1e-12 is 0 in float16
+    assert bce.findings[0].category is Category.SINGULAR_GRADIENT
+    assert "binary_cross_entropy_with_logits" in bce.findings[0].fixes[0]
