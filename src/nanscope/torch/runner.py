@@ -72,6 +72,22 @@ _CANNOT_PRODUCE = {getattr(torch.ops.aten, name) for name in (
 ) if hasattr(torch.ops.aten, name)}
 
 
+def _per_device(scalars: list[torch.Tensor]) -> list[torch.Tensor]:
+    """0-d tensors stacked per device (a model may span devices): one sync per device later."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in scalars:
+        by_device.setdefault(t.device, []).append(t)
+    return [torch.stack(ts) for ts in by_device.values()]
+
+
+def _sum_per_device(scalars: list[torch.Tensor]) -> float:
+    return sum(float(ts.sum()) for ts in _per_device(scalars))
+
+
+def _all_finite_per_device(scalars: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(ts).all()) for ts in _per_device([t.float() for t in scalars]))
+
+
 class _Ref:
     """A recorded argument: ``key`` of an earlier op's output, or a ``tensor`` held as is."""
 
@@ -306,7 +322,7 @@ class Runner:
     def _all_finite(self) -> bool:
         if not self.flags:
             return True
-        ok = bool(torch.isfinite(torch.stack([f.float() for f in self.flags])).all())
+        ok = _all_finite_per_device(self.flags)
         if ok:
             self.flags = []
         return ok
@@ -351,7 +367,7 @@ class Runner:
         with torch.no_grad():
             dense = [g for g in grads if not g.is_sparse]
             norms = torch._foreach_norm(dense) if dense else []
-            total = float(torch.stack([n.float() for n in norms]).norm()) if norms else 0.0
+            total = math.sqrt(_sum_per_device([n.double() ** 2 for n in norms])) if norms else 0.0
         if math.isfinite(total):
             self.grad_norms.append(total)
             del self.grad_norms[:-64]
@@ -375,7 +391,7 @@ class Runner:
             return
         with torch.no_grad():
             norms = torch._foreach_norm([p.detach() for p in params if not p.is_sparse])
-            if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+            if _all_finite_per_device(norms):
                 return
         root = self.tracker.root
         d = check_optimizer_state(optimizer, step=self.step, model=root)
