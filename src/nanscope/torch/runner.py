@@ -99,7 +99,7 @@ class _Ref:
 
 def _is_backward_seed() -> bool:
     """True when ``ones_like`` is called by autograd to seed ``loss.backward()``."""
-    f = sys._getframe(2)
+    f = sys._getframe(3)
     for _ in range(6):
         if f is None:
             return False
@@ -123,8 +123,8 @@ class _Mode(TorchDispatchMode):
             r.guarded(r.at_scalar, args[0])
         snaps = r.guarded(r.snapshot_written, func, args, kwargs) if func._schema.is_mutable else None
         out = func(*args, **kwargs)
-        if func is _ONES_LIKE and isinstance(args[0], torch.Tensor) and _is_backward_seed():
-            r.losses.append(args[0])
+        if func is _ONES_LIKE:
+            r.guarded(r.note_backward_seed, args[0])
         r.guarded(r.record, func, args, kwargs, out, snaps)
         return out
 
@@ -216,6 +216,11 @@ class Runner:
             else:
                 out.append(a)
         return out
+
+    def note_backward_seed(self, t: Any) -> None:
+        """``loss.backward()`` seeds its gradient with ``ones_like(loss)``: that is the loss."""
+        if isinstance(t, torch.Tensor) and _is_backward_seed():
+            self.losses.append(t)
 
     def snapshot_written(self, func: Any, args: tuple, kwargs: dict) -> dict | None:
         """Copies of the not-yet-recorded tensors this in-place op is about to write."""
