@@ -123,7 +123,9 @@ def test_cli_recalibrate_writes_a_verified_copy(workdir, capsys):
 
 def test_cli_refusals(workdir, capsys):
     src = str(workdir / "bad.pt")
+    np.save(workdir / "wrong.npy", np.zeros((4, 5), np.float32))  # not images: the model cannot run on it
     cases = [
+        ["repair", src, "-o", "x.pt", "--recalibrate-bn", "--data", "wrong.npy", "--model", "mymodels:make"],
         ["repair", src, "-o", src, "--reset-bn"],  # never over the input
         ["repair", src, "-o", "x.pt", "--recalibrate-bn", "--data", "imgs"],  # no --model
         ["repair", src, "-o", "x.pt", "--recalibrate-bn", "--model", "mymodels:make"],  # no --data

@@ -175,13 +175,19 @@ def _repair_torch(args: argparse.Namespace, src: Path, out: Path) -> int:
     def batches():
         return (torch.from_numpy(b) if isinstance(b, np.ndarray) else b for b in input_batches(args, channels_first=True))
 
-    if args.recalibrate_bn:
-        report = repair_norm_statistics(model, batches(), max_batches=args.max_batches, verify=True, verify_batches=8)
-        new_sd = model.state_dict()
-    elif model is not None:
-        report = reset_norm_statistics(model)
-        if args.data:
-            report.outputs_finite = _torch_outputs_finite(model, batches())
+    try:
+        if args.recalibrate_bn:
+            report = repair_norm_statistics(model, batches(), max_batches=args.max_batches, verify=True, verify_batches=8)
+        elif model is not None:
+            report = reset_norm_statistics(model)
+            if args.data:
+                report.outputs_finite = _torch_outputs_finite(model, batches())
+    except BadInputError:
+        raise
+    except Exception as err:  # the user's model and data do not fit together: their input, one line
+        raise BadInputError(f"the model from --model failed on the --data batches: {type(err).__name__}: "
+                            f"{' '.join(str(err).split())[:200]}") from None
+    if model is not None:
         new_sd = model.state_dict()
     else:  # reset on the tensors themselves: no model code needed
         report, new_sd = _reset_state_dict(sd)
@@ -280,20 +286,27 @@ def _repair_keras(args: argparse.Namespace, src: Path, out: Path) -> int:
     except Exception as err:
         raise BadInputError(f"Keras cannot load {str(src)!r}: {' '.join(str(err).split())[:200]}") from None
     data = list(input_batches(args, channels_first=False)) if args.data else None
-    if args.recalibrate_bn:
-        result = repair_norm_statistics(model, data, max_batches=args.max_batches, batch_size=args.batch_size)
-    else:
-        import warnings
+    try:
+        if args.recalibrate_bn:
+            result = repair_norm_statistics(model, data, max_batches=args.max_batches, batch_size=args.batch_size)
+        else:
+            import warnings
 
-        with warnings.catch_warnings():  # the CLI prints the cost itself (RESET_COST)
-            warnings.simplefilter("ignore", UserWarning)
-            result = repair_norm_statistics(model, None, reset=True)
+            with warnings.catch_warnings():  # the CLI prints the cost itself (RESET_COST)
+                warnings.simplefilter("ignore", UserWarning)
+                result = repair_norm_statistics(model, None, reset=True)
+        finite = None
+        if data:
+            finite = all(bool(np.all(np.isfinite(np.asarray(model(x, training=False))))) for x in data[:8])
+    except BadInputError:
+        raise
+    except Exception as err:  # the model and the data do not fit together: the user's input
+        raise BadInputError(f"the model failed on the --data batches: {type(err).__name__}: "
+                            f"{' '.join(str(err).split())[:200]}") from None
     print(result)
     if args.reset_bn:
         print("note: " + RESET_COST)
-    finite = None
     if data:
-        finite = all(bool(np.all(np.isfinite(np.asarray(model(x, training=False))))) for x in data[:8])
         if not finite:
             print("nanscope repair: the repaired model still gives non-finite outputs on the data; nothing written",
                   file=sys.stderr)
