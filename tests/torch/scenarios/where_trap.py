@@ -46,6 +46,8 @@ def main():
         loss = s.train_step(batch)
         s.optimizer.step()
         print(f"step {i} loss {loss.item():.4f}")
+    # The loss looks fine, but the weights before the where are NaN since the first step.
+    print("fc1.weight finite:", bool(torch.isfinite(s.model.fc1.weight).all()))
 
 
 if __name__ == "__main__":
