@@ -6,8 +6,10 @@ in .npz/.h5. Healthy data must give no finding at all.
 """
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -30,18 +32,19 @@ def _healthy_mask(n_classes=21):
 @pytest.fixture
 def seg(tmp_path):
     """images/ + masks/ with one NaN TIFF, one constant image, one all-255 mask, one label 21."""
+    rng = np.random.default_rng(42)  # its own generator: the same files whatever the test order
     root = tmp_path / "seg"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     for i in range(5):
-        Image.fromarray(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"images/{i:04d}.png")
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"images/{i:04d}.png")
         Image.fromarray(_healthy_mask()).save(root / f"masks/{i:04d}.png")
     Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(root / "images/0001.png")  # constant
     Image.fromarray(np.full((16, 16), 255, np.uint8)).save(root / "masks/0002.png")  # all ignored
     m = _healthy_mask()
     m[0, :4] = 21
     Image.fromarray(m).save(root / "masks/0003.png")  # label 21 of 21 classes
-    f = RNG.random((16, 16)).astype(np.float32)
+    f = rng.random((16, 16)).astype(np.float32)
     f[3, 3] = np.nan
     Image.fromarray(f).save(root / "images/0005.tif")  # a float TIFF with one NaN pixel
     Image.fromarray(_healthy_mask()).save(root / "masks/0005.png")
@@ -250,3 +253,16 @@ def test_label_checks_match_a_reference(y, num_classes):
     assert r.stats["targets"]["y"]["histogram"] == {str(c): int(hist[c]) for c in range(num_classes)}
     all_ignored = [int(i) for i in np.flatnonzero(~valid.any(axis=1))] if y.shape[1] > 1 else []
     assert [f.samples for f in r.findings if "0/0" in f.summary] == ([all_ignored] if all_ignored else [])
+
+
+GOLDEN = Path(__file__).parent / "golden" / "data_seg.txt"
+
+
+def test_text_report_matches_golden_file(seg, capsys):
+    """The rendered report (problems first, then statistics); NANSCOPE_UPDATE_GOLDEN=1 rewrites it."""
+    main(["data", str(seg), "--num-classes", "21", "--ignore-index", "255"])
+    text = capsys.readouterr().out
+    if os.environ.get("NANSCOPE_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()

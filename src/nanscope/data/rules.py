@@ -150,7 +150,7 @@ def target_findings(name: str, *, nonfinite: Hits, out_of_range: Hits, all_ignor
         out.append(_finding(
             Category.INVALID_TARGET,
             f"{_plural(all_ignored.count, 'sample')} of target {name!r} {_verb(all_ignored.count, 'has', 'have')} every value = ignore_index{ign}: "
-            f"a loss averaged over them is 0/0 = NaN ({all_ignored.names_text()})",
+            f"a loss averaged over {_verb(all_ignored.count, 'it', 'them')} is 0/0 = NaN ({all_ignored.names_text()})",
             all_ignored, all_ignored.where(target=name), ["0 valid targets in each", *all_ignored.notes],
             audit_fixes("all_ignored", framework, ignore_index=ignore_index), framework=framework))
     if bad_soft.count:
