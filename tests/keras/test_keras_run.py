@@ -34,6 +34,12 @@ def test_clean_script_keeps_its_exit_status_and_reports_clean(tmp_path):
     assert "training finished" in proc.stdout and "nanscope" not in proc.stderr
 
 
+def test_clean_compiled_loop_is_silent(tmp_path):
+    proc, report = run(tmp_path, "compiled_loop.py", "--clean")
+    assert proc.returncode == 0, proc.stderr
+    assert report["status"] == "clean" and "training finished" in proc.stdout and "nanscope" not in proc.stderr
+
+
 def test_custom_gradient_tape_loop_names_the_log(tmp_path):
     proc, report = run(tmp_path, "custom_loop.py")
     assert proc.returncode == 1, proc.stderr
@@ -41,3 +47,13 @@ def test_custom_gradient_tape_loop_names_the_log(tmp_path):
     assert d["category"] == "op_domain" and d["phase"] == "loss" and d["op"] == "Log" and d["op_kind"] == "log"
     assert d["step"] == 2
     assert d["location"]["file"].endswith("custom_loop.py") and d["location"]["function"] == "handwritten"
+
+
+def test_compiled_custom_loop_is_replayed_eagerly_and_explained(tmp_path):
+    proc, report = run(tmp_path, "compiled_loop.py")
+    assert proc.returncode == 1, proc.stderr
+    d = report["diagnosis"]
+    assert d["category"] == "singular_gradient" and d["phase"] == "backward" and d["op"] == "SqrtGrad"
+    assert d["module"] == "distance" and d["samples"] == [4] and d["step"] == 3
+    assert d["location"]["file"].endswith("compiled_loop.py") and d["location"]["function"] == "call"
+    assert "training finished" not in proc.stdout

@@ -5,10 +5,15 @@ Design constraints:
       (TensorFlow imports it lazily): it only records the session. The patches go in with
       ``attach(session, "keras")``, once Keras is importable.
     * ``keras.Model.fit`` gets a ``Guard(policy="raise")`` unless the script passes its own.
-    * Custom ``tf.GradientTape`` loops: the optimizer's ``apply`` checks the gradients with one
-      reduction when it runs eagerly; on a non-finite gradient it re-runs the last training-mode
-      forward pass (and the last Keras loss called on its output) under the tracer. Inside a
-      ``tf.function`` the check is left out (documented in docs/keras.md).
+    * Custom ``tf.GradientTape`` loops, eager: the ops between ``GradientTape.__enter__`` and
+      ``tape.gradient`` are recorded (no numeric work per op); ``optimizer.apply`` checks the
+      gradients with one reduction, and on a non-finite gradient the recording is replayed
+      through the tracer (``nanscope.keras.trace.Recorder``).
+    * Custom loops whose step is a ``tf.function``: in-graph, ``apply`` updates only under
+      ``tf.cond(finite)`` and raises a flag variable; after each eager call of a
+      ``tf.function`` the flag is read (one scalar), and a flagged step's Python function is
+      re-run eagerly (``run_functions_eagerly``) and recorded, to be explained as above. The
+      re-run never applies an update.
     * A failure ends the script with ``raise session.fail(diagnosis)``; nanscope's own errors go
       to ``session.internal_error`` and never stop the script.
 """
@@ -131,27 +136,118 @@ def _patch_custom_loops(session: Any) -> None:
 
     apply = BaseOptimizer.apply
 
+    compiled: dict[str, Any] = {"flag": None, "replaying": False}
+
     @functools.wraps(apply)
     def checked_apply(self, grads, trainable_variables=None):
-        if tf.executing_eagerly() and not isinstance(self, keras.optimizers.LossScaleOptimizer) and not _in_guarded_fit():
-            recorder.stop()
-            try:
-                grads = list(grads)
-                norm = _norm(grads)
-            except Exception as err:
-                session.internal_error("checking the gradients", err)
-                norm = 0.0
-            if not math.isfinite(norm):
-                d = _diagnose_custom_step(last, grads, trainable_variables, session)
-                if d is not None:
-                    raise session.fail(d)
-            else:
-                last.norms = [*last.norms[-63:], norm]
-            last.step += 1
-            recorder.records = []
+        if isinstance(self, keras.optimizers.LossScaleOptimizer) or _in_guarded_fit():
+            return apply(self, grads, trainable_variables)
+        if not tf.executing_eagerly():  # traced inside the script's own tf.function
+            return _graph_apply(self, grads, trainable_variables)
+        recorder.stop()
+        try:
+            last.step = int(self.iterations.numpy())  # optimizer steps so far, compiled ones included
+        except Exception:
+            pass
+        try:
+            grads = list(grads)
+            norm = _norm(grads)
+        except Exception as err:
+            session.internal_error("checking the gradients", err)
+            norm = 0.0
+        if not math.isfinite(norm):
+            d = _diagnose_custom_step(last, grads, trainable_variables, session)
+            if d is not None:
+                raise session.fail(d)
+        elif compiled["replaying"]:
+            raise _ReplayStayedFinite
+        else:
+            last.norms = [*last.norms[-63:], norm]
+        recorder.records = []
         return apply(self, grads, trainable_variables)
 
+    def _graph_apply(self, grads, trainable_variables):
+        """In-graph: apply only finite gradients, and flag the step for the host."""
+        try:
+            grads = list(grads)
+            if compiled["flag"] is None:
+                with tf.init_scope():
+                    compiled["flag"] = tf.Variable(False, trainable=False, name="nanscope_nonfinite_step")
+            if not self.built:
+                with tf.init_scope():
+                    self.build(list(trainable_variables) if trainable_variables is not None else [])
+                    self.built = True
+            flag = compiled["flag"]
+            ok = tf.math.is_finite(_graph_squared_norm(grads))
+        except Exception as err:
+            session.internal_error("guarding the compiled step", err)
+            return apply(self, grads, trainable_variables)
+        flag.assign(tf.logical_or(flag, tf.logical_not(ok)))
+
+        def update():
+            apply(self, grads, trainable_variables)
+            return tf.constant(True)
+
+        tf.cond(ok, update, lambda: tf.constant(False))
+
     BaseOptimizer.apply = checked_apply
+
+    # After a compiled step flagged non-finite gradients (its update was not applied), re-run
+    # the step's Python function eagerly, recorded, to explain it.
+    from tensorflow.python.eager.polymorphic_function import polymorphic_function
+
+    function_call = polymorphic_function.Function.__call__
+
+    @functools.wraps(function_call)
+    def call_function(self, *args, **kwargs):
+        out = function_call(self, *args, **kwargs)
+        flag = compiled["flag"]
+        if flag is None or compiled["replaying"] or not tf.executing_eagerly() or _in_guarded_fit():
+            return out
+        try:
+            failed = bool(flag.numpy())
+        except Exception as err:
+            session.internal_error("reading the compiled step's flag", err)
+            return out
+        if failed:
+            flag.assign(False)
+            _replay(self, args, kwargs)
+        return out
+
+    def _replay(function, args, kwargs):
+        from nanscope.core.diagnosis import Diagnosis
+        from nanscope.core.enums import Category, Phase
+
+        compiled["replaying"] = True
+        eager_before = tf.config.functions_run_eagerly()
+        tf.config.run_functions_eagerly(True)
+        try:
+            function.python_function(*args, **kwargs)
+            evidence = "the eager re-run of the step did not reach the optimizer"
+        except _ReplayStayedFinite:
+            evidence = "the eager re-run of the step stayed finite: the compiled (graph/XLA) step differs numerically"
+        finally:
+            tf.config.run_functions_eagerly(eager_before)
+            compiled["replaying"] = False
+            recorder.stop()
+        raise session.fail(Diagnosis(
+            Category.UNKNOWN, f"a compiled step ({getattr(function, '__name__', 'tf.function')}) made the gradients non-finite",
+            phase=Phase.BACKWARD, step=last.step, framework="keras", evidence=[evidence, "its update was not applied"],
+            fixes=["call `nanscope.keras.diagnose(model, (x, y), loss_fn)` on the failing batch for a per-op trace"]))
+
+    polymorphic_function.Function.__call__ = call_function
+
+
+class _ReplayStayedFinite(Exception):
+    """The eager re-run of a compiled step reached the optimizer with finite gradients."""
+
+
+def _graph_squared_norm(grads: list):
+    import tensorflow as tf
+
+    parts = [tf.reduce_sum(tf.square(tf.cast(g.values if isinstance(g, tf.IndexedSlices) else g, tf.float32)))
+             for g in grads if g is not None]
+    return tf.add_n(parts) if parts else tf.constant(0.0)
 
 
 def _in_guarded_fit() -> bool:
