@@ -162,3 +162,17 @@ def test_lightning_style_checkpoint_optimizer_states(tmp_path):
                tmp_path / "last.ckpt")
     (f,) = inspect(tmp_path / "last.ckpt").findings
     assert f.category == "optimizer_state" and f.where_found["tensor"] == "optimizer[model.0.weight].exp_avg_sq"
+
+
+def test_nonfinite_learning_rate_and_strict_json(tmp_path):
+    m = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=float("nan"))
+    torch.save({"model": m.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "x.pt")
+    assert main(["inspect", str(tmp_path / "x.pt"), "--json", str(tmp_path / "r.json")]) == 1
+
+    def no_nan(token):
+        raise ValueError(f"JSON holds {token}")
+
+    doc = json.loads((tmp_path / "r.json").read_text(), parse_constant=no_nan)
+    (f,) = doc["findings"]
+    assert f["category"] == "optimizer_state" and any("learning rate nan" in e for e in f["evidence"])

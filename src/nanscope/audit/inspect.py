@@ -132,7 +132,7 @@ def analyze(ck: Checkpoint) -> AuditReport:
              "optimizer_tensors": len(ck.optimizer), "norm_layers": len(ck.norm_layers),
              "layers": _layer_table(ck, stats_of)}
     if ck.hyper:
-        stats["optimizer"] = dict(ck.hyper)
+        stats["optimizer"] = {k: v if math.isfinite(v) else str(v) for k, v in ck.hyper.items()}  # JSON has no NaN
     if ck.notes:
         stats["notes"] = list(ck.notes)
     return AuditReport(findings, stats, framework=fw, title=f"inspect {ck.path.name}")
