@@ -266,3 +266,17 @@ def test_text_report_matches_golden_file(seg, capsys):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
+
+
+def test_npy_samples_in_an_image_folder(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+    x = rng.random((8, 8, 3)).astype(np.float32)
+    x[1, 1, 1] = np.inf
+    np.save(folder / "0003.npy", x)
+    (f,) = audit(folder).findings
+    assert f.category == "nonfinite_input" and f.where_found["file"] == "0003.npy" and f.samples == [3]
+    assert "1 +Inf" in f.evidence[0]
