@@ -169,3 +169,14 @@ def test_bce_gradient_at_exact_probabilities_suggests_logits():
 
     f = fixes_for(Category.SINGULAR_GRADIENT, op_kind="other", forward_op_kind="cross_entropy", framework="torch")
     assert "binary_cross_entropy_with_logits" in f[0] and "nanscope.losses.binary_cross_entropy" in f[0]
+
+
+def test_matmul_nan_from_huge_finite_inputs_is_overflow_in_the_accumulation():
+    a = summarize(np.array([[1e20, 1e20]], dtype=np.float32))
+    w = summarize(np.array([[1e20], [-1e20]], dtype=np.float32))
+    out = summarize(np.array([[np.nan]], dtype=np.float32))
+    d = classify_producer(ProducerEvidence("MatMul", Phase.FORWARD, [a, w], out, framework="keras"))
+    assert d.category is Category.OVERFLOW and "inf - inf" in d.evidence[0]
+    small = summarize(np.array([[1.0, 2.0]], dtype=np.float32))
+    d = classify_producer(ProducerEvidence("MatMul", Phase.FORWARD, [small, small], out, framework="keras"))
+    assert d.category is Category.UNKNOWN

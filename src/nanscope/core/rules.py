@@ -195,6 +195,15 @@ def _decide(ev: ProducerEvidence, k: OpKind, evidence: list[str]) -> tuple[Categ
         return Category.OVERFLOW, f"{k} overflowed {out.dtype}" + (f" (max {fmt(lim.max)})" if lim and out.dtype in ('float16', 'bfloat16') else "")
     if out.nan and k in (OpKind.VAR, OpKind.STD) and x is not None and x.numel <= 1:
         return Category.OP_DOMAIN, f"{k} of a single element divides by zero (n - 1 = 0)"
+    # Finite inputs, NaN result from an accumulation: partial products or sums overflowed to
+    # +Inf and -Inf inside the op and cancelled (inf - inf).
+    if out.nan and lim and ins and k in (OpKind.MATMUL, OpKind.CONV, OpKind.SUM, OpKind.MEAN):
+        sizes = [s.absmax or 0.0 for s in ins]
+        reach = sizes[0] * sizes[1] if k in (OpKind.MATMUL, OpKind.CONV) and len(sizes) > 1 else sizes[0] * ins[0].numel
+        if reach > lim.max:
+            evidence.insert(0, f"{out.dtype} holds at most {fmt(lim.max)}; largest |inputs| {', '.join(fmt(v) for v in sizes)}: "
+                               "partial results overflowed to +Inf and -Inf and cancelled (inf - inf)")
+            return Category.OVERFLOW, f"{k} overflowed {out.dtype} inside its accumulation (inf - inf made NaN)"
     return Category.UNKNOWN, f"{ev.op} produced {made} from finite inputs"
 
 
