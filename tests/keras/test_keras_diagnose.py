@@ -237,3 +237,14 @@ def test_where_trap_is_singular_gradient_at_the_discarded_log():
     assert d.module == "safe_log" and d.location.function == "call" and d.samples == [0, 1, 2, 3]
     assert any("forward op Log" in e for e in d.evidence) and any("the where trap" in e for e in d.evidence)
     assert "where" in d.fixes[1]
+
+
+def test_an_update_that_overflows_the_weights_is_blamed_on_the_optimizer():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden"), keras.layers.Dense(1, name="out")])
+    model.compile(keras.optimizers.SGD(learning_rate=1e38), "mse")  # finite gradients, infinite steps
+    x, y = np.random.rand(16, 4).astype("float32"), np.full((16, 1), 100.0, "float32")
+    with pytest.raises(NonFiniteError) as info:
+        model.fit(x, y, batch_size=8, verbose=0, callbacks=[Guard()])
+    d = info.value.diagnosis
+    assert d.category is Category.NONFINITE_PARAMETERS and d.phase is Phase.OPTIMIZER and d.step == 1
+    assert "finite when training began" in d.evidence[0] and "learning rate 1e+38" in d.evidence[-1]

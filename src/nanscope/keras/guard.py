@@ -108,11 +108,17 @@ class Guard(keras.callbacks.Callback):
         self._step = 0
         self._stash = _Stash()
         self._counted = False
+        self._weights_finite_at_start = False
 
     # -- callback hooks ---------------------------------------------------------------------
     def on_train_begin(self, logs=None):
         self._uninstall()
         try:
+            from nanscope.keras.diagnose_step import check_weights
+
+            # Once per fit: were the weights finite to begin with? Then weights found bad later
+            # were written by an update made during this fit (phase "optimizer").
+            self._weights_finite_at_start = check_weights(self.model) is None
             self._install()
         except Exception as err:
             self._uninstall()
@@ -165,7 +171,7 @@ class Guard(keras.callbacks.Callback):
                              grad_norms=list(self.history.grad_norm), learning_rate=lr)
                 if d is not None:
                     self.batch = batch
-                    return d
+                    return self._blame_an_earlier_update(d, lr)
             self.batch = self._batches[0] if self._batches else None
             evidence = ["the compiled step saw a non-finite loss or gradient; an eager re-run of the batch stayed finite"]
         except NanscopeError as err:
@@ -176,6 +182,27 @@ class Guard(keras.callbacks.Callback):
         return Diagnosis(Category.UNKNOWN, "the step made loss or gradients non-finite", phase=Phase.BACKWARD,
                          step=step, framework="keras", evidence=evidence,
                          fixes=["diagnose the kept batch: `nanscope.keras.diagnose(model, guard.batch)`"])
+
+    def _blame_an_earlier_update(self, d: Diagnosis, lr: float | None) -> Diagnosis:
+        """Weights that were finite when fit began and are not now were written by an update
+        whose gradients were finite (the guard vetoes the others): the update overflowed them."""
+        if d.category is not Category.NONFINITE_PARAMETERS or not self._weights_finite_at_start:
+            return d
+        from nanscope.core import rules
+        from nanscope.core.trend import is_exploding
+
+        norms = list(self.history.grad_norm)
+        why = "the weights were finite when training began; the previous update (finite gradients) made them non-finite"
+        if is_exploding(norms):
+            ex = rules.exploding_gradients(norms, framework="keras", step=d.step, lr=lr, phase=Phase.OPTIMIZER)
+            ex.module, ex.evidence = d.module, [*ex.evidence, why, *d.evidence]
+            return ex
+        d.phase = Phase.OPTIMIZER
+        d.summary = f"an update made weights non-finite: {', '.join(d.details.get('tensors', [])[:3])}"
+        d.evidence.insert(0, why)
+        if lr is not None:
+            d.evidence.append(f"learning rate {lr:g}; last gradient norms: {', '.join(f'{n:.3g}' for n in norms[-4:])}")
+        return d
 
     def _internal_error(self, where: str, err: BaseException) -> None:
         if self._session is not None:
