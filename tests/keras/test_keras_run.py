@@ -57,3 +57,10 @@ def test_compiled_custom_loop_is_replayed_eagerly_and_explained(tmp_path):
     assert d["module"] == "distance" and d["samples"] == [4] and d["step"] == 3
     assert d["location"]["file"].endswith("compiled_loop.py") and d["location"]["function"] == "call"
     assert "training finished" not in proc.stdout
+
+
+def test_eager_loop_with_bad_inputs_is_nonfinite_input(tmp_path):
+    proc, report = run(tmp_path, "loop_bad_input.py")
+    assert proc.returncode == 1, proc.stderr
+    d = report["diagnosis"]
+    assert d["category"] == "nonfinite_input" and d["phase"] == "data" and d["samples"] == [0, 1, 2, 3]

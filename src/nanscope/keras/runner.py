@@ -99,7 +99,7 @@ def _patch_custom_loops(session: Any) -> None:
             out = model_call(self, *args, **kwargs)
         finally:
             last.depth -= 1
-        if outer and kwargs.get("training") is True and tf.executing_eagerly():
+        if outer and (kwargs.get("training") is True or recorder.active) and tf.executing_eagerly():
             try:
                 last.model, last.x = weakref.ref(self), args[0] if args else kwargs.get("inputs")
             except Exception as err:
