@@ -16,7 +16,7 @@ Model: a small CNN (3 conv + BatchNorm + linear) on 32x3x32x32 batches. Then fai
 diagnosis: a step whose loss takes log(0) with the runner attached; the time from the
 optimizer step that sees the NaN gradient to the raised diagnosis, as a multiple of a plain step.
 
-Usage: python bench/run_overhead.py [--rounds N] [--steps N] [--out bench/results/run_overhead.md]
+Usage: python bench/run_overhead.py [--rounds N] [--steps N] [--clock cpu|wall] [--out bench/results/run_overhead.md]
 """
 
 from __future__ import annotations
@@ -71,12 +71,15 @@ def step(model, opt, x, y, loss_fn=F.cross_entropy):
     return loss.item()
 
 
+CLOCK = time.perf_counter  # set from --clock
+
+
 def timed(n, model, opt, x, y):
     out = []
     for _ in range(n):
-        t = time.perf_counter()
+        t = CLOCK()
         step(model, opt, x, y)
-        out.append(time.perf_counter() - t)
+        out.append(CLOCK() - t)
     return out
 
 
@@ -85,7 +88,12 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="cpu: this process's CPU time (other jobs on the VM disturb it less); wall: elapsed time")
     a = p.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
+    load_start = " ".join(f"{v:.1f}" for v in os.getloadavg())
     torch.set_num_threads(os.cpu_count() or 1)
     model, opt, x, y = make()
     modes = ["plain", "nanscope run", "per-op sync"]
@@ -131,11 +139,11 @@ def main(argv=None):
             opt.zero_grad()
             loss = log_zero_loss(model(x), y)
             loss.backward()
-            t = time.perf_counter()
+            t = CLOCK()
             try:
                 opt.step()
             except NonFiniteError as err:
-                diag_times.append(time.perf_counter() - t)
+                diag_times.append(CLOCK() - t)
                 d = err.diagnosis
         finally:
             session.close()
@@ -149,7 +157,9 @@ def main(argv=None):
         f"Python {sys.version.split()[0]}, torch {torch.__version__}. Date: 2026-11-22.",
         f"Small CNN (3 conv + BatchNorm + linear), batch 32x3x32x32, SGD momentum; {a.rounds} rounds, each "
         f"timing {a.steps} steps of every mode back to back (rotated order); medians.",
-        "The VM is shared with other jobs, so absolute times drift; the per-round ratio is the number to read.",
+        f"Clock: {'process CPU time (all threads of this process)' if a.clock == 'cpu' else 'wall time'}. "
+        f"Load average at start / end: {load_start} / {' '.join(f'{v:.1f}' for v in os.getloadavg())}; the VM is "
+        "shared with other jobs, so absolute times drift and the per-round ratio is the number to read.",
         "",
         "| mode | median step (ms) | median of per-round ratios to plain |",
         "| --- | --- | --- |",

@@ -68,7 +68,9 @@ def all_finite(t: torch.Tensor) -> bool:
         t = t.abs()
     if bool(torch.isfinite(finite_flag(t))):  # cheap path, exact when it says finite
         return True
-    return bool(torch.isfinite(t.detach()).all())
+    # Exact: x * 0 is 0 for every finite x and NaN for NaN/Inf, and a sum of zeros cannot
+    # overflow. Two plain passes; ``isfinite(t).all()`` is ~10x slower on this CPU build.
+    return bool(torch.isfinite((t.detach() * 0).sum(dtype=_WIDE.get(t.dtype))))
 
 
 def named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
