@@ -53,6 +53,7 @@ _FLUSH_EVERY = 50_000  # records kept at most while all of them are finite
 
 
 _WRITES: dict[Any, list[tuple[int, str]]] = {}  # op -> arguments it writes to
+_F32 = torch.float32
 # Ops that make a tensor from Python values: an infinity they hold was written by the script.
 _CONSTANTS = {getattr(torch.ops.aten, name) for name in (
     "lift_fresh", "lift_fresh_copy", "full", "scalar_tensor", "fill_", "full_like", "new_full",
@@ -207,8 +208,13 @@ class Runner:
         return _Ref(None, t)
 
     def _refs(self, seq: Any) -> Any:
+        produced = self.produced
         out = []
         for a in seq:
+            if type(a) is torch.Tensor or type(a) is torch.nn.Parameter:  # the common case, inlined
+                hit = produced.get(id(a))
+                out.append(_Ref(hit[1], None) if hit is not None and hit[0]() is a else _Ref(None, a))
+                continue
             if isinstance(a, torch.Tensor):
                 out.append(self._ref(a))
             elif isinstance(a, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in a):
@@ -267,12 +273,15 @@ class Runner:
         ev = Event(i, func, tuple(rargs), rkwargs, [], phase, tr.current(), tr.root, user_frame(), node)
         self.records.append(ev)
         floats = []
+        produced, flags = self.produced, self.flags
+        check = not func.is_view and func.overloadpacket not in _CANNOT_PRODUCE
         for k, o in enumerate(all_outs):
-            self.produced[id(o)] = (weakref.ref(o), (i, k))
+            produced[id(o)] = (weakref.ref(o), (i, k))
             if o.is_floating_point():
                 floats.append(o)
-                if o.numel() and not func.is_view and func.overloadpacket not in _CANNOT_PRODUCE:
-                    self.flags.append(finite_flag(o))
+                if check and o.numel():
+                    # Below autograd already (inside the dispatch mode): no detach needed.
+                    flags.append(o.sum() if o.dtype is _F32 else finite_flag(o))
         if node is None and floats:
             self._last_forward = (ev, floats)
         if len(self.records) >= _FLUSH_EVERY and self._all_finite():

@@ -126,6 +126,7 @@ class ModuleTracker:
         self._in_model: dict[int, bool] = {}
         self._handles: list[Any] = []
         self.on_root_done: Callable[[Any], None] | None = None
+        self._phase: Phase | None = None
 
     def install(self) -> None:
         self._handles = [
@@ -139,6 +140,7 @@ class ModuleTracker:
         self._handles = []
 
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
+        self._phase = None
         if not self.stack and (self.model is None or module is self.model):
             if self.model is None:
                 self.root = module
@@ -146,6 +148,7 @@ class ModuleTracker:
         self.stack.append(module)
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self._phase = None
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
         elif module in self.stack:  # an exception skipped some pops
@@ -157,6 +160,7 @@ class ModuleTracker:
                 self.on_root_done(output)
 
     def new_step(self) -> None:
+        self._phase = None
         self.root_done = False
         self.root_outputs = []
 
@@ -174,6 +178,12 @@ class ModuleTracker:
     def phase(self, backward: bool) -> Phase:
         if backward:
             return Phase.BACKWARD
+        # Only changes when a module enters or returns: cached between those hooks.
+        if self._phase is None:
+            self._phase = self._forward_phase()
+        return self._phase
+
+    def _forward_phase(self) -> Phase:
         if not self.stack:
             return Phase.LOSS if self.root_done else Phase.FORWARD
         names = self.names(self.root)
@@ -194,7 +204,7 @@ class ModuleTracker:
 # -- events and origins -----------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     """One aten op as the tracer saw it."""
 
