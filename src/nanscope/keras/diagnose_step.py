@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
-from nanscope.core.enums import Category, OpKind, Phase
+from nanscope.core.enums import Category, Phase
 from nanscope.core.summary import bad_rows, summarize
 from nanscope.core.trend import is_exploding
 from nanscope.keras._util import (
@@ -171,7 +171,6 @@ def trace_step(
                 phase=Phase.LOSS if all_finite(y_pred) else Phase.FORWARD, step=step, framework=_FW,
                 evidence=["the eager re-run of this batch stayed finite op by op; the compiled step may differ (XLA)"],
             )
-        d = _invalid_target_in_loss(d, valid, ignore_index)
         if d.category in (Category.OVERFLOW, Category.UNKNOWN) and is_exploding(history):
             ex = rules.exploding_gradients(history, framework=_FW, step=step, lr=learning_rate,
                                            phase=Phase(d.phase) if d.phase else Phase.BACKWARD)
@@ -181,20 +180,6 @@ def trace_step(
         return d
     finally:
         snapshot.restore()
-
-
-def _invalid_target_in_loss(d: Diagnosis, valid: int | None, ignore_index: int | None) -> Diagnosis:
-    """A 0/0 in the loss when no target is valid is the targets' fault, not the division's."""
-    if valid == 0 and d.phase is Phase.LOSS and d.category is Category.OP_DOMAIN and d.op_kind in (
-        OpKind.DIV, OpKind.MEAN, OpKind.SUM
-    ):
-        from nanscope.core.fixes import fixes_for
-
-        d.category = Category.INVALID_TARGET
-        d.evidence.insert(0, f"0 valid targets: every target equals ignore_index {ignore_index}")
-        d.summary = f"the loss averaged over 0 valid targets (0/0) at {d.op}" + (f" at {d.location}" if d.location else "")
-        d.fixes = fixes_for(Category.INVALID_TARGET, op_kind=d.op_kind, framework=_FW, location=d.location)
-    return d
 
 
 def _global_norm(grads: list) -> float | None:
