@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanscope.core.enums import Category, Phase
 from nanscope.torch import diagnose
+from nanscope.torch._util import all_finite, finite_flag
 from nanscope.torch.checks import check_batch, check_model_state, check_optimizer_state
 from nanscope.torch.trace import trace_step
 
@@ -164,3 +167,20 @@ def test_check_model_state_negative_running_var_and_buffers():
     d = check_model_state(net)
     assert d.category is Category.CORRUPT_NORM_STATISTICS and d.module == "1"
     assert any("negative" in e for e in d.evidence)
+
+
+# -- the fast finite checks against a slow obvious reference ---------------------------------
+
+_VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                    st.sampled_from([0.0, -0.0, 65504.0, 7e4, 3e38, -3e38, 1e-45]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(_VALUES, min_size=0, max_size=40),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]))
+def test_all_finite_matches_isfinite(values, dtype):
+    t = torch.tensor(values, dtype=torch.float64).to(dtype)  # casting may overflow: that is the point
+    expected = bool(torch.isfinite(t).all()) if t.numel() else True
+    assert all_finite(t) is expected
+    if t.numel() and not expected:  # the cheap flag never misses a non-finite value
+        assert not bool(torch.isfinite(finite_flag(t)))
