@@ -114,3 +114,18 @@ def test_the_scripts_own_infinite_constant_is_not_a_failure(tmp_path, capsys):
     rc, report = run(tmp_path, CONSTANT_INF)
     assert rc == 0 and report["status"] == "clean"
     assert "best was inf" in capsys.readouterr().out
+
+
+def test_a_failed_replay_still_stops_the_script_with_a_diagnosis(tmp_path, capsys, monkeypatch):
+    def broken_replay(self):
+        raise RuntimeError("simulated replay bug")
+
+    monkeypatch.setattr(runner_module.Runner, "replay", broken_replay)  # fault injection
+    script = tmp_path / "script.py"
+    script.write_text(TRAINING.replace("(model(torch.randn(4, 3)) ** 2).mean()",
+                                       "torch.log(model(torch.randn(4, 3)) * 0).mean()"))
+    report = tmp_path / "report.json"
+    with pytest.warns(RuntimeWarning, match="replaying the failing step"):
+        rc = cli_main(["run", str(script), "--json", str(report)])
+    d = json.loads(report.read_text())["diagnosis"]
+    assert rc == 1 and d["category"] == "unknown" and "simulated replay bug" in d["evidence"][0]

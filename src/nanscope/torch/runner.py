@@ -424,8 +424,16 @@ class Runner:
             d = check_model_state(root, step=self.step)
             if d is not None:
                 self._raise(d)
-        analyzer, replayed = self.replay()
-        d = first_failure(analyzer, [(what, replayed(t)) for what, t in things])
+        try:
+            analyzer, replayed = self.replay()
+            d = first_failure(analyzer, [(what, replayed(t)) for what, t in things])
+        except Exception as err:  # the failure is real even if our replay of it is not
+            self.session.internal_error("replaying the failing step", err)
+            what = things[0][0] if things else "value"
+            d = Diagnosis(Category.UNKNOWN, f"a non-finite {what} (nanscope could not replay the step to find "
+                          "its producer)", framework="torch", step=self.step,
+                          evidence=[f"replay failed: {type(err).__name__}: {err}"],
+                          fixes=["run the failing step under `nanscope.torch.diagnose(model, batch, loss_fn)`"])
         if d is None:
             if all(what != "gradient" for what, _ in things):
                 # Only intentional infinities (a -inf mask) reached the output: not a failure.
