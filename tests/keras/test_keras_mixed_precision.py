@@ -49,3 +49,28 @@ def test_same_model_in_float32_is_clean():
     model(x)
     wide.kernel.assign(wide.kernel * 30000.0)
     assert diagnose(model, (x, np.random.randint(0, 3, 8))) is None
+
+
+def test_a_loss_scale_that_keeps_halving_is_a_failure_with_its_root_cause(mixed_float16):
+    import tensorflow as tf
+
+    class Distance(keras.layers.Layer):
+        def call(self, inputs):
+            a, b = inputs
+            return tf.sqrt(tf.reduce_sum(tf.square(a - b), axis=-1, keepdims=True))
+
+    left, right = keras.Input((5,)), keras.Input((5,))
+    embed = keras.layers.Dense(4, name="embed")
+    dist = Distance(name="distance")([embed(left), embed(right)])
+    model = keras.Model([left, right], keras.layers.Dense(1, name="score", dtype="float32")(dist))
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    a = np.random.rand(48, 5).astype("float32")
+    b = a + 0.2
+    b[::4] = a[::4]  # every batch of 4 holds an identical pair: sqrt at 0, every step skipped
+    guard = Guard()
+    with pytest.raises(NonFiniteError) as info:
+        model.fit((a, b), np.ones((48, 1), "float32"), batch_size=4, shuffle=False, verbose=0, callbacks=[guard])
+    d = info.value.diagnosis
+    assert d.category is Category.SINGULAR_GRADIENT and d.module == "distance" and d.op == "SqrtGrad"
+    assert d.samples == [0] and d.step == 9  # the 10th skip in a row
+    assert any(e.startswith("symptom: ") for e in d.evidence)

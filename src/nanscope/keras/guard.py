@@ -109,6 +109,8 @@ class Guard(keras.callbacks.Callback):
         self._stash = _Stash()
         self._counted = False
         self._weights_finite_at_start = False
+        self._scales: list[float] = []
+        self._scale_skips: list[int] = []
 
     # -- callback hooks ---------------------------------------------------------------------
     def on_train_begin(self, logs=None):
@@ -131,25 +133,49 @@ class Guard(keras.callbacks.Callback):
         if self._status is None:
             return
         try:
-            ok, sq = (float(v) for v in self._status.numpy())
+            ok, sq, scale, scale_skipped = (float(v) for v in self._status.numpy())
         except Exception as err:
             self._internal_error("reading the step status", err)
             return
         step = self._step
         self._step += 1
-        if ok > 0.5:
-            self.history.add(None, math.sqrt(sq) if math.isfinite(sq) and sq >= 0 else sq)
+        if ok <= 0.5:
+            self._on_failure(step)
             return
-        self._on_failure(step)
+        if scale_skipped <= 0.5:
+            self.history.add(None, math.sqrt(sq) if math.isfinite(sq) and sq >= 0 else sq)
+        if scale > 0:
+            self._watch_loss_scale(step, scale, scale_skipped > 0.5)
+
+    def _watch_loss_scale(self, step: int, scale: float, skipped: bool) -> None:
+        """A LossScaleOptimizer skip is not a failure; a scale that keeps halving is (the
+        gradients are non-finite whatever the scale): ``core.rules.loss_scale_collapse``."""
+        from nanscope.core import rules
+
+        self._scales.append(scale * 0.5 if skipped else scale)
+        if skipped:
+            self._scale_skips.append(len(self._scales) - 1)
+        collapse = rules.loss_scale_collapse(self._scales, self._scale_skips, framework="keras",
+                                             step=len(self._scales) - 1)
+        if collapse is None:
+            return
+        self._scales, self._scale_skips = [], []
+        collapse.step = step
+        self._on_failure(step, collapse=collapse)
 
     # -- failure ----------------------------------------------------------------------------
-    def _on_failure(self, step: int) -> None:
+    def _on_failure(self, step: int, collapse: Diagnosis | None = None) -> None:
         vetoed = self.policy is not Policy.WARN
         if vetoed:
             self.skipped += 1
         if len(self.diagnoses) >= self.max_diagnoses or (self.policy is Policy.WARN and self.diagnoses):
             return
         d = self._diagnose(step)
+        if collapse is not None:
+            if d.category is Category.UNKNOWN:
+                d = collapse
+            else:  # the root cause, found by the unscaled eager re-run; the collapse is its symptom
+                d.evidence += [f"symptom: {collapse.summary}", *collapse.evidence]
         self.diagnoses.append(d)
         if self.policy is Policy.RAISE:
             self._uninstall()
@@ -248,7 +274,9 @@ class Guard(keras.callbacks.Callback):
             opt.build(model.trainable_variables)
         lso = isinstance(opt, keras.optimizers.LossScaleOptimizer)
         veto = self.policy is not Policy.WARN
-        status = self._status = tf.Variable([1.0, 0.0], dtype=tf.float32, trainable=False, name="nanscope_status")
+        # [loss and gradients finite, squared gradient norm, loss scale, loss-scale skip]
+        status = self._status = tf.Variable([1.0, 0.0, 0.0, 0.0], dtype=tf.float32, trainable=False,
+                                            name="nanscope_status")
         stash = self._stash
         state = _state_variables(model)
 
@@ -266,13 +294,16 @@ class Guard(keras.callbacks.Callback):
             grads = list(grads)
             sq = _squared_norm(grads)
             if lso:  # report the unscaled norm; non-finite scaled gradients are the scale's business
-                sq = sq / tf.square(tf.cast(opt.dynamic_scale, tf.float32))
+                scale = tf.cast(opt.dynamic_scale, tf.float32)
+                scale_skipped = tf.cast(tf.logical_not(tf.math.is_finite(sq)), tf.float32)
+                sq = sq / tf.square(scale)
                 ok = tf.constant(True)
             else:
+                scale, scale_skipped = tf.constant(0.0), tf.constant(0.0)
                 ok = tf.math.is_finite(sq)
             if stash.loss is not None:
                 ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(tf.cast(stash.loss, tf.float32))))
-            status.assign(tf.stack([tf.cast(ok, tf.float32), sq]))
+            status.assign(tf.stack([tf.cast(ok, tf.float32), sq, scale, scale_skipped]))
             if not veto:
                 return orig_apply(grads, trainable_variables)
 
@@ -289,7 +320,7 @@ class Guard(keras.callbacks.Callback):
         def train_step(data):
             stash.loss = None
             saved = [tf.identity(v.value) for v in state] if veto else []
-            status.assign([1.0, 0.0])
+            status.assign([1.0, 0.0, 0.0, 0.0])
             logs = orig_train_step(data)
             if veto and saved:
                 def restore():

@@ -364,7 +364,7 @@ def producer_evidence(
     out_summary = summarize(a_out, t_out.dtype.name)
     if out_summary.dtype in ("float16", "bfloat16") and (out_summary.posinf or out_summary.neginf):
         wide = _rerun_in_float32(rec)
-        if wide is not None:
+        if wide is not None and np.isfinite(wide):  # finite in float32: float16's range was the problem
             extra.append(f"max |activation| of {rec.op}" + (f" in {layer}" if layer else "")
                          + f" computed in float32: {wide:.4g}, above the {out_summary.dtype} limit 65504"
                          if out_summary.dtype == "float16" else f"max |activation| in float32: {wide:.4g}")
