@@ -34,3 +34,15 @@ def test_clean_script_keeps_its_exit_status_and_argv(tmp_path):
 def test_bad_usage_is_exit_2():
     out = subprocess.run([sys.executable, "-m", "nanscope", "frobnicate"], capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_closed_pipe_is_quiet(tmp_path):
+    """`nanscope ... | head` must not print an internal error when head stops reading."""
+    import numpy as np
+
+    arr = np.random.default_rng(0).normal(size=(64, 3, 4, 4)).astype("float32")
+    arr[5, 0, 0, 0] = np.nan
+    np.save(tmp_path / "x.npy", arr)
+    out = subprocess.run(f"{sys.executable} -m nanscope data {tmp_path / 'x.npy'} | head -c 1",
+                         shell=True, capture_output=True, text=True)
+    assert "internal error" not in out.stderr and "Traceback" not in out.stderr
