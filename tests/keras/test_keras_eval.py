@@ -86,3 +86,18 @@ def test_nonfinite_weight_at_inference_is_nonfinite_parameters():
     model.get_layer("head").kernel.assign(kernel)
     d = diagnose_eval(model, [(np.ones((2, 3), "float32"), np.zeros(2))])
     assert d.category is Category.NONFINITE_PARAMETERS and d.module == "head"
+
+
+def test_bad_input_is_one_line_bad_input_error():
+    from nanscope.core.errors import BadInputError
+    from nanscope.keras import diagnose
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(name="bn")])
+    with pytest.raises(BadInputError, match="loss="):
+        diagnose(model, (np.ones((2, 3), "float32"), np.ones((2, 3), "float32")))  # not compiled, no loss
+    with pytest.raises(BadInputError, match="needs data"):
+        repair_norm_statistics(model)
+    with pytest.raises(BadInputError, match="cannot read batches"):
+        diagnose_eval(model, 42)
+    with pytest.raises(BadInputError, match="a batch is"):
+        diagnose(model, (1, 2, 3, 4), "mse")

@@ -195,7 +195,8 @@ def _global_norm(grads: list) -> float | None:
 def _loss_function(model: keras.Model, loss: Callable | str | None) -> Callable:
     """``f(x, y, y_pred, sample_weight) -> scalar`` for the user's loss or the compiled one."""
     if loss is None:
-        if getattr(model, "compiled_loss", None) is None and getattr(model, "loss", None) is None:
+        overridden = type(model).compute_loss is not keras.Model.compute_loss
+        if not overridden and getattr(model, "loss", None) is None and not model.losses:
             from nanscope.core.errors import BadInputError
 
             raise BadInputError("the model is not compiled with a loss: pass loss=, e.g. diagnose(model, batch, 'mse')")
