@@ -159,3 +159,40 @@ def test_an_internal_error_is_a_warning_and_training_goes_on():
     assert any("internal error in diagnosing the failed step (RuntimeError: boom)" in m for m in messages)
     assert guard.skipped == 2 and guard.diagnoses[0].category is Category.UNKNOWN
     assert all(np.isfinite(v.numpy()).all() for v in model.variables)
+
+
+class CustomStepModel(keras.Model):
+    """A model with its own train_step, as Keras' "customizing fit" guide writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
+        self.out = keras.layers.Dense(1, name="out")
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(y=y, y_pred=self(x, training=True))
+        self.optimizer.apply(tape.gradient(loss, self.trainable_variables), self.trainable_variables)
+        return {"loss": loss}
+
+
+def test_custom_train_step_is_guarded_too():
+    model = CustomStepModel()
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    x, y = np.random.rand(16, 4).astype("float32"), np.random.rand(16, 1).astype("float32")
+    model.fit(x, y, batch_size=8, verbose=0)
+    snap = snapshot(model)
+    x[9, 2] = np.inf
+    with pytest.raises(NonFiniteError) as info:
+        model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[Guard()])
+    assert info.value.diagnosis.category is Category.NONFINITE_INPUT and info.value.diagnosis.samples == [1]
+    assert info.value.diagnosis.step == 1
+    assert int(model.optimizer.iterations.numpy()) == 2 + 1  # first fit: 2 steps; the guarded fit: 1 good step
+    assert all(np.isfinite(v.numpy()).all() for v in model.variables)
+    assert not unchanged(model, snap)  # the good first batch was applied, the bad second one was not
