@@ -316,10 +316,14 @@ class Guard:
         device = tensors[0].device
         # One reduction per device group inside _foreach_norm; norms in float32 so that a
         # finite float16 gradient cannot overflow its own norm. NaN/Inf anywhere -> NaN/Inf sum.
-        norms = [n.to(device) for n in torch._foreach_norm(tensors, 2, dtype=torch.float32)]
-        total = torch.stack(norms).sum()
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        try:
+            stacked = torch.stack(norms)
+        except RuntimeError:  # tensors on several devices (model parallel): gather the norms first
+            stacked = torch.stack([n.to(device) for n in norms])
+        total = stacked.sum()
         g0 = 1 if loss_t is not None else 0
-        gnorm = torch.linalg.vector_norm(torch.stack(norms[g0:g0 + len(grads)])) if grads else total.new_zeros(())
+        gnorm = torch.linalg.vector_norm(stacked[g0:g0 + len(grads)]) if grads else total.new_zeros(())
         loss_v = loss_t.float().sum().to(device) if loss_t is not None else total.new_zeros(())
         stats = torch.stack([loss_v, gnorm, total])
         ranks_bad: list[float] | None = None
@@ -346,7 +350,11 @@ class Guard:
         return seen
 
     def _warn_growth(self, index: int) -> None:
-        if not self.warn_early or "growth" in self._warned or not self.history.exploding():
+        norms = self.history.grad_norm
+        # Only a step whose norm grew can start an explosion: the full test runs on those alone.
+        if not self.warn_early or "growth" in self._warned or len(norms) < 3 or not norms[-1] > norms[-2]:
+            return
+        if not self.history.exploding():
             return
         self._warned.add("growth")
         norms = list(self.history.grad_norm)
@@ -450,7 +458,7 @@ class Guard:
             raise NonFiniteError(d)
         if policy is Policy.WARN:
             buffers = [getattr(m, n) for m, n in self._norm_buffers]
-            if buffers:
+            if buffers and len(after) == len(buffers):  # the step's own BatchNorm update goes through too
                 with torch.no_grad():
                     torch._foreach_copy_(buffers, after)
             self._say(d, "the update was applied anyway (policy 'warn')")
