@@ -106,18 +106,19 @@ def run_mode(setup: Setup, mode: str, guards: dict, steps: int) -> list[float]:
 MODES = ["plain", "guard", "guard, w/1", "detect_anomaly", "hook checker"]
 
 
-def bench_model(name, make, batch_shape, rounds, steps, warmup=3):
+def bench_model(name, make, batch_shape, rounds, steps, warmup=3, modes=None):
+    modes = modes or MODES
     setup = Setup(make, batch_shape)
     guards = {"guard": Guard(setup.model, setup.optimizer, policy="skip", reports=None),
               "guard, w/1": Guard(setup.model, setup.optimizer, policy="skip", reports=None, check_weights_every=1)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # detect_anomaly warns on every use
-        for mode in MODES:
+        for mode in modes:
             run_mode(setup, mode, guards, warmup)
-        samples: dict[str, list[float]] = {m: [] for m in MODES}
+        samples: dict[str, list[float]] = {m: [] for m in modes}
         rng = random.Random(0)
         for _ in range(rounds):
-            order = MODES[:]
+            order = modes[:]
             rng.shuffle(order)
             for mode in order:
                 samples[mode] += run_mode(setup, mode, guards, steps)
@@ -190,7 +191,8 @@ def report(results, args) -> str:
     ]
     for r in results:
         p = r["med"]["plain"]
-        cells = [f"{p * 1e3:.1f} ms"] + [f"{r['med'][m] * 1e3:.1f} ms ({r['med'][m] / p:.3f}x)" for m in MODES[1:]]
+        cells = [f"{p * 1e3:.1f} ms"] + [f"{r['med'][m] * 1e3:.1f} ms ({r['med'][m] / p:.3f}x)" if m in r["med"] else "not run"
+                                         for m in MODES[1:]]
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['batch']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -232,6 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "guard_overhead.md"))
     ap.add_argument("--only", choices=["cnn", "resnet50"], default=None)
+    ap.add_argument("--full-size", action="store_true", help="also ResNet-50 on 8x3x224x224 (plain vs guard)")
     args = ap.parse_args(argv)
     args.load_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
     results = []
@@ -239,6 +242,9 @@ def main(argv=None) -> int:
         results.append(bench_model("small CNN", small_cnn, (32, 3, 32, 32), args.rounds, args.steps * 4))
     if args.only in (None, "resnet50"):
         results.append(bench_model("ResNet-50", resnet50, (8, 3, 64, 64), args.rounds, args.steps))
+        if args.full_size:  # the same model on full-size images: the guard's cost per step is the same
+            results.append(bench_model("ResNet-50", resnet50, (8, 3, 224, 224), max(2, args.rounds // 3), 2,
+                                       warmup=1, modes=["plain", "guard"]))
     args.load_end = " ".join(f"{x:.1f}" for x in os.getloadavg())
     text = report(results, args)
     print(text)
