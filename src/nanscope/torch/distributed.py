@@ -34,10 +34,13 @@ def rank() -> int:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's module inside a DDP / DataParallel wrapper."""
+    """The user's module inside a DDP / DataParallel wrapper (and a ``torch.compile`` one)."""
     inner = getattr(model, "module", None)
     wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    return inner if isinstance(model, wrappers) and isinstance(inner, torch.nn.Module) else model
+    if isinstance(model, wrappers) and isinstance(inner, torch.nn.Module):
+        model = inner
+    orig = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    return orig if isinstance(orig, torch.nn.Module) else model
 
 
 def no_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager:

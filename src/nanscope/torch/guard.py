@@ -276,8 +276,9 @@ class Guard:
             self.optimizer.zero_grad(set_to_none=True)
         buffers = [getattr(m, n) for m, n in self._norm_buffers]
         snap = self._snapshot
-        if snap is None or len(snap) != len(buffers) or any(s.shape != b.shape or s.dtype != b.dtype
-                                                             for s, b in zip(snap, buffers, strict=True)):
+        if snap is None or len(snap) != len(buffers) or any(
+                s.shape != b.shape or s.dtype != b.dtype or s.device != b.device  # model.to(...) since
+                for s, b in zip(snap, buffers, strict=True)):
             self._snapshot = [b.detach().clone() for b in buffers]
         elif buffers:
             with torch.no_grad():
