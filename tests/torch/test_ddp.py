@@ -1,6 +1,7 @@
 """The Guard under DistributedDataParallel: 2 processes, gloo on CPU, one rank fed a NaN
 sample. Both ranks must skip the same step (nobody steps while the other skips, nothing
-hangs), stay bit-identical, and the diagnosis must name the rank that saw the NaN first."""
+hangs), stay bit-identical, and the diagnosis must name the rank that saw the NaN first.
+Also a backward-only NaN on one rank, and nanscope failing on one rank only."""
 
 import json
 import socket
@@ -76,6 +77,20 @@ WORKER = textwrap.dedent('''
         guard2.step(pair_step, (a, b))
         result["backward"] = guard2.last.fields_dict() if guard2.last else None
         result["backward_skipped"] = guard2.skipped
+
+        # nanscope fails on rank 1 only: both ranks must step aside together, nothing may hang.
+        guard3 = Guard(ddp, opt, policy="skip", reports=None)
+        if rank == 1:
+            def broken():
+                raise RuntimeError("injected failure on rank 1")
+            guard3._before = broken
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for batch in batches[:2] + batches[3:]:
+                guard3.step(train_step, batch)
+        result["internal_warnings"] = [str(w.message) for w in caught]
+        result["internal_disabled"] = guard3._disabled
+        result["weights_after"] = [p.detach().double().sum().item() for p in model.parameters()]
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
         dist.barrier()
         dist.destroy_process_group()
@@ -112,5 +127,8 @@ def test_ddp_ranks_agree_and_the_bad_rank_is_named(tmp_path):
         d = r["backward"]
         assert r["backward_skipped"] == 1
         assert (d["category"], d["phase"], d["op_kind"], d["ranks"]) == ("singular_gradient", "backward", "sqrt", [0])
+    for r, text in ((r0, "failed on rank 1"), (r1, "injected failure on rank 1")):
+        assert r["internal_disabled"] and len(r["internal_warnings"]) == 1 and text in r["internal_warnings"][0]
+    assert r0["weights_after"] == r1["weights_after"] != r0["weights"]  # both went on training, in step
     bundles = list((tmp_path / "reports").iterdir())
     assert len(bundles) == 1 and r1["diagnosis"]["bundle"] == str(bundles[0])  # written once, by the bad rank

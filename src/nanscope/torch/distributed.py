@@ -49,10 +49,16 @@ def no_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def flags(*, bad: torch.Tensor, local_first: torch.Tensor) -> torch.Tensor:
-    """All ranks' flags (``world_size`` floats), after one all_reduce; no host sync here."""
+INTERNAL = 4  # flag bit: nanscope failed on this rank; every rank then steps aside together
+
+
+def flags(*, bad: torch.Tensor, local_first: torch.Tensor, internal: bool = False) -> torch.Tensor:
+    """All ranks' flags (``world_size`` floats), after one all_reduce; no host sync here.
+
+    Every rank calls this on every guarded step, even after nanscope failed on it (``internal``),
+    so that no rank waits in a collective another rank skipped."""
     world, me = dist.get_world_size(), dist.get_rank()
-    mine = bad.float() + 2 * local_first.float()
+    mine = bad.float() + 2 * local_first.float() + (INTERNAL if internal else 0)
     onehot = torch.zeros(world, device=mine.device)
     onehot[me] = 1.0
     v = onehot * mine

@@ -180,6 +180,7 @@ class Guard:
         self._norm_buffers = [(m, n) for m in self.module.modules() if is_norm_layer(m)
                               for n, b in m.named_buffers(recurse=False) if b is not None]
         self._snapshot: list[torch.Tensor] | None = None
+        self._reduced = False  # this step's flag all_reduce has run (DDP)
 
     @property
     def last(self) -> Diagnosis | None:
@@ -199,16 +200,20 @@ class Guard:
         returned: the loss, or ``(loss, ...)`` / ``{"loss": loss, ...}`` (the loss is checked)."""
         if self._disabled:
             return self._plain(step_fn, batch)
+        index, rng_before, early = self.steps, None, None
         try:
-            index, rng_before = self.steps, self._before()
+            rng_before = self._before()
         except Exception as err:
-            self._internal("preparing the step", err)
-            return self._plain(step_fn, batch)
+            if not _dist.active():
+                self._internal("preparing the step", err)
+                return self._plain(step_fn, batch)
+            early = err  # under DDP, still take part in this step's flag all_reduce (below)
         self.steps += 1
         loss = step_fn(batch)
         try:
-            self._unscale()
-            verdict = self._check(loss, index)
+            if early is None:
+                self._unscale()
+            verdict = self._check(loss, index, local_error=early)
         except Exception as err:
             self._internal("checking the step", err)
             self._apply()
@@ -294,8 +299,26 @@ class Guard:
                 torch._foreach_copy_(buffers, self._snapshot)
         return after
 
-    def _check(self, loss: Any, index: int) -> dict[str, Any] | None:
-        """The fused check. None when finite; else what it saw (for the evidence)."""
+    def _check(self, loss: Any, index: int, local_error: BaseException | None = None) -> dict[str, Any] | None:
+        """The fused check. None when finite; else what it saw (for the evidence).
+
+        Under DDP every rank reaches the flag all_reduce, even when nanscope failed locally: the
+        failure travels as a flag, and then every rank raises (and steps aside) together."""
+        ddp = _dist.active()
+        self._reduced = False
+        try:
+            if local_error is not None:
+                raise local_error
+            return self._check_local(loss, index, ddp)
+        except Exception as err:
+            if not ddp or self._reduced:  # after the all_reduce every rank knows already
+                raise
+            device = next((p.device for p in self._params), torch.device("cpu"))
+            no = torch.zeros((), dtype=torch.bool, device=device)
+            _dist.flags(bad=no, local_first=no, internal=True)
+            raise err from None
+
+    def _check_local(self, loss: Any, index: int, ddp: bool) -> dict[str, Any] | None:
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]  # add_param_group-proof
         grads = [p.grad for p in self._params if p.grad is not None and p.grad.is_floating_point()]
         buffers = [b for b in (getattr(m, n) for m, n in self._norm_buffers) if b.is_floating_point()]
@@ -328,10 +351,15 @@ class Guard:
         loss_v = loss_t.float().sum().to(device) if loss_t is not None else total.new_zeros(())
         stats = torch.stack([loss_v, gnorm, total])
         ranks_bad: list[float] | None = None
-        if _dist.active():
+        if ddp:
             flags = _dist.flags(bad=~torch.isfinite(total), local_first=~torch.isfinite(loss_v))
+            self._reduced = True
             values = torch.cat([stats, flags]).tolist()  # the one synchronization of the step
             ranks_bad = values[3:]
+            failed = [r for r, f in enumerate(ranks_bad) if int(f) & _dist.INTERNAL]
+            if failed:
+                raise RuntimeError(f"the guard failed on rank{'s' if len(failed) > 1 else ''} "
+                                   f"{', '.join(map(str, failed))}, so every rank steps aside")
         else:
             values = stats.tolist()  # the one synchronization of the step
         loss_f, gnorm_f, total_f = values[:3]
@@ -417,13 +445,27 @@ class Guard:
             return state, True
         # 2. The batch itself, then 3. the replay (every rank replays under DDP, so that
         # collectives inside the model's forward stay matched).
-        data = check_batch(*_split_batch(batch), step=index)
+        ddp = _dist.active()
+        try:
+            data = check_batch(*_split_batch(batch), step=index)
+        except Exception as err:
+            if not ddp:
+                raise
+            data = None  # under DDP: say so, but reach the collectives below
+            self._warn_once("check_batch", f"nanscope: checking the batch failed on rank {_dist.rank()} "
+                                           f"({type(err).__name__}: {err})")
         traced: Diagnosis | None = None
-        if data is None or _dist.active():
+        if data is None or ddp:
             self.optimizer.zero_grad(set_to_none=True)
             _bundle.set_rng_state(rng_before)
-            with _dist.no_sync(self.model):
-                traced = _replay(lambda: step_fn(batch), self.module, index)
+            try:
+                with _dist.no_sync(self.model):
+                    traced = _replay(lambda: step_fn(batch), self.module, index)
+            except Exception as err:
+                if not ddp:
+                    raise
+                self._warn_once("replay", f"nanscope: the replay failed on rank {_dist.rank()} "
+                                          f"({type(err).__name__}: {err}); the other ranks' findings are used")
         local = data or traced
         if local is not None:
             local = rules.with_history(local, norms, lr=lr)
