@@ -350,3 +350,39 @@ def test_weights_outside_the_loss_are_checked_every_n_steps():
     d = guard.last
     assert (d.category, d.phase, d.module, d.step) == (Category.NONFINITE_PARAMETERS, Phase.STATE, "unused_head", 3)
     assert guard.should_stop
+
+
+def test_policy_warn_applies_exactly_the_unguarded_update():
+    def make():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 1))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+        def train_step(batch):
+            x, shift = batch
+            loss = torch.log(net(x).abs().squeeze(1) * shift).mean()  # log(0) where shift is 0
+            loss.backward()
+            return loss
+
+        return net, opt, train_step
+
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(5, 4, generator=g), torch.ones(5)) for _ in range(2)]
+    batches[1][1][2] = 0.0  # the last step fails (after it, the weights are NaN either way)
+    net, opt, train_step = make()
+    for b in batches:  # no nanscope
+        opt.zero_grad(set_to_none=True)
+        train_step(b)
+        opt.step()
+    plain = snapshot(net, opt)
+
+    net, opt, train_step = make()
+    guard = Guard(net, opt, policy="warn", reports=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for b in batches:
+            guard.step(train_step, b)
+    assert len(caught) == 1 and "applied anyway" in str(caught[0].message)
+    assert guard.last.op_kind == "log" and guard.last.samples == [2] and guard.skipped == 0
+    assert_identical(plain, snapshot(net, opt))  # weights, BatchNorm statistics, Adam moments
+    assert not torch.isfinite(net[0].weight).all()

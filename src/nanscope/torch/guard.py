@@ -456,6 +456,10 @@ class Guard:
                                            f"({type(err).__name__}: {err})")
         traced: Diagnosis | None = None
         if data is None or ddp:
+            # Under "warn" the step's own gradients are applied afterwards: keep them (the replay
+            # makes its own, and under DDP those are local, not all-reduced).
+            kept = {p: p.grad.detach().clone() for p in self._params if p.grad is not None} \
+                if self.policy is Policy.WARN else None
             self.optimizer.zero_grad(set_to_none=True)
             _bundle.set_rng_state(rng_before)
             try:
@@ -466,6 +470,10 @@ class Guard:
                     raise
                 self._warn_once("replay", f"nanscope: the replay failed on rank {_dist.rank()} "
                                           f"({type(err).__name__}: {err}); the other ranks' findings are used")
+            finally:
+                if kept is not None:
+                    for p in self._params:
+                        p.grad = kept.get(p)
         local = data or traced
         if local is not None:
             local = rules.with_history(local, norms, lr=lr)
