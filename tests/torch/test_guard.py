@@ -224,8 +224,9 @@ def test_policy_raise_carries_the_diagnosis_and_a_bundle(tmp_path):
 def test_policy_stop_and_warn():
     net, opt, train_step, batches = _tiny()
     guard = Guard(net, opt, policy="stop", reports=None)
-    with pytest.warns(RuntimeWarning, match="stopping"):
+    with pytest.warns(RuntimeWarning, match="stopping") as record:
         guard.step(train_step, batches[2])
+    assert record[0].filename == __file__  # the warning points at the user's guard.step line
     assert guard.should_stop and guard.skipped == 1 and torch.isfinite(net[0].weight).all()
 
     net, opt, train_step, batches = _tiny()

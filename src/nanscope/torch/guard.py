@@ -38,6 +38,8 @@ Design constraints:
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -68,6 +70,17 @@ def _replay(step_fn: Callable[[], Any], model: torch.nn.Module, step: int) -> Di
     from nanscope.torch.trace import trace_step
 
     return trace_step(step_fn, model=model, step=step)
+
+
+_NANSCOPE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _warn(text: str) -> None:
+    """A RuntimeWarning attributed to the user's line that called into nanscope."""
+    level, f = 1, sys._getframe(0)
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_NANSCOPE_DIR):
+        f, level = f.f_back, level + 1
+    warnings.warn(text, RuntimeWarning, stacklevel=level)
 
 
 def _split_batch(batch: Any) -> tuple[Any, Any]:
@@ -389,11 +402,11 @@ class Guard:
         norms = list(self.history.grad_norm)
         rate = growth_rate(norms)
         fix = fixes_for(Category.EXPLODING_GRADIENTS, framework="torch")
-        warnings.warn(
+        _warn(
             f"nanscope: the gradient norm is growing fast at step {index} "
             f"({', '.join(fmt(n) for n in norms[-5:])}{f'; x{rate:.3g} per step' if rate else ''}); "
             f"it will overflow if this goes on: {fix[0]}, or {fix[1]}",
-            RuntimeWarning, stacklevel=3)
+            )
 
     # -- the failure path -------------------------------------------------------------------
     def _fail(self, step_fn: Callable[[Any], Any], batch: Any, index: int, rng_before: dict[str, Any],
@@ -529,12 +542,12 @@ class Guard:
         key = f"{d.category}:{d.op}:{d.module}"
         text = f"{d}\n  {what}" if key not in self._warned else f"nanscope: {d.headline()} ({what})"
         self._warned.add(key)
-        warnings.warn(text, RuntimeWarning, stacklevel=4)
+        _warn(text)
 
     def _warn_once(self, key: str, text: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(text, RuntimeWarning, stacklevel=4)
+            _warn(text)
 
     def _internal(self, where: str, err: BaseException) -> None:
         self._disabled = True
