@@ -33,12 +33,20 @@ from typing import Any
 
 import numpy as np
 
-from nanscope.core.diagnosis import AuditReport, Finding
+from nanscope.core.diagnosis import AuditReport, Diagnosis, Finding
 from nanscope.core.errors import BadInputError
 
 __all__ = ["Case", "edge_cases", "fuzz_loss"]
 
 IGNORE_CANDIDATES = (-100, 255)
+
+
+@dataclass
+class CaseResult:
+    """What a framework runner saw for one edge case."""
+
+    outcome: str  # "finite", "non-finite value", "non-finite gradient", "error: ..."
+    diagnosis: Diagnosis | None = None
 
 
 @dataclass

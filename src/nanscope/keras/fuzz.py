@@ -8,7 +8,6 @@ under a ``tf.GradientTape``) runs first; only a failing case is re-run eagerly u
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,15 +15,9 @@ import tensorflow as tf
 
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase
-from nanscope.fuzz import Case
+from nanscope.fuzz import Case, CaseResult
 
 __all__ = ["CaseResult", "run_case"]
-
-
-@dataclass
-class CaseResult:
-    outcome: str  # "finite", "non-finite value", "non-finite gradient", "error: ..."
-    diagnosis: Diagnosis | None = None
 
 
 def _tensors(case: Case) -> tuple[list[Any], dict[str, Any], list[Any]]:

@@ -8,7 +8,6 @@ cheap check (value and gradients finite?) runs first; only a failing case is re-
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,15 +15,9 @@ import torch
 
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category
-from nanscope.fuzz import Case
+from nanscope.fuzz import Case, CaseResult
 
 __all__ = ["CaseResult", "run_case"]
-
-
-@dataclass
-class CaseResult:
-    outcome: str  # "finite", "non-finite value", "non-finite gradient", "error: ..."
-    diagnosis: Diagnosis | None = None
 
 
 def _tensors(case: Case) -> tuple[list[Any], dict[str, Any], list[torch.Tensor]]:
