@@ -180,3 +180,13 @@ def test_matmul_nan_from_huge_finite_inputs_is_overflow_in_the_accumulation():
     small = summarize(np.array([[1.0, 2.0]], dtype=np.float32))
     d = classify_producer(ProducerEvidence("MatMul", Phase.FORWARD, [small, small], out, framework="keras"))
     assert d.category is Category.UNKNOWN
+
+
+def test_optimizer_state_says_when_eps_underflows():
+    from nanscope.core.rules import optimizer_state
+
+    w = summarize(np.array([np.nan, 1.0], np.float16))
+    d = optimizer_state({"fc.weight": w}, eps=1e-8, param_dtype="float16")
+    assert "rounds to 0 in float16" in d.summary and "fc.weight" in d.summary
+    d32 = optimizer_state({"fc.weight.exp_avg_sq": w}, eps=1e-8, param_dtype="float32")
+    assert d32.summary.startswith("optimizer state went non-finite")

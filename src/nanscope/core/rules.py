@@ -301,9 +301,14 @@ def optimizer_state(
         ev.insert(0, f"eps={eps:g} in {param_dtype}: " + ("rounds to 0 (smallest subnormal is " + fmt(lim.subnormal) + ")" if eps < lim.subnormal / 2 else "representable"))
     if lr is not None:
         ev.append(f"learning rate {lr!r}")
+    names = ", ".join(list(bad)[:3]) + (" …" if len(bad) > 3 else "")
+    if eps is not None and lim is not None and eps < lim.subnormal / 2:
+        summary = f"eps={eps:g} rounds to 0 in {param_dtype}, so the optimizer's update divided by zero: {names}"
+    else:
+        summary = f"optimizer state went non-finite: {names}"
     return Diagnosis(
         category=Category.OPTIMIZER_STATE, phase=Phase.OPTIMIZER, framework=fw, dtype=param_dtype, step=step,
-        summary=f"optimizer state went non-finite: {', '.join(list(bad)[:3])}" + (f" (eps={eps:g} with {param_dtype} parameters)" if eps is not None and param_dtype else ""),
+        summary=summary,
         evidence=ev, fixes=fixes_for(Category.OPTIMIZER_STATE, framework=fw),
     )
 
