@@ -8,6 +8,7 @@
     repair_norm_statistics   recompute BatchNorm running statistics from data
     headroom                 per-layer max |activation| / |gradient| against float16 limits
     watch_scaler             explain GradScaler's skipped steps
+    locate_overflow          the first module whose float16 output overflowed (float32 proves it)
 
 Everything here imports torch; nothing imports tensorflow.
 """
@@ -32,6 +33,7 @@ _LAZY = {
     "repair_norm_statistics": "nanscope.torch.repair",
     "headroom": "nanscope.torch.amp",
     "watch_scaler": "nanscope.torch.amp",
+    "locate_overflow": "nanscope.torch.amp",
 }
 __all__ = sorted(_LAZY)
 
