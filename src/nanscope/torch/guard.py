@@ -352,31 +352,37 @@ class Guard:
             return None
         device = tensors[0].device
         # One reduction per device group inside _foreach_norm; norms in float32 so that a
-        # finite float16 gradient cannot overflow its own norm. NaN/Inf anywhere -> NaN/Inf sum.
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        # finite float16 gradient cannot overflow its own norm. NaN/Inf anywhere -> NaN/Inf norm.
+        # The per-tensor norms come back in one .tolist(); the arithmetic on them (total, the
+        # gradient norm) is done in Python, because on small models each extra tensor op costs
+        # more dispatcher time than the whole reduction.
+        norms = list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+        if loss_t is not None:
+            norms.append(loss_t.float().sum())  # the signed loss value, for the history
         try:
             stacked = torch.stack(norms)
         except RuntimeError:  # tensors on several devices (model parallel): gather the norms first
             stacked = torch.stack([n.to(device) for n in norms])
-        total = stacked.sum()
-        g0 = 1 if loss_t is not None else 0
-        gnorm = torch.linalg.vector_norm(stacked[g0:g0 + len(grads)]) if grads else total.new_zeros(())
-        loss_v = loss_t.float().sum().to(device) if loss_t is not None else total.new_zeros(())
-        stats = torch.stack([loss_v, gnorm, total])
         ranks_bad: list[float] | None = None
         if ddp:
-            flags = _dist.flags(bad=~torch.isfinite(total), local_first=~torch.isfinite(loss_v))
+            total = stacked.sum()
+            flags = _dist.flags(bad=~torch.isfinite(total),
+                                local_first=~torch.isfinite(stacked[-1]) if loss_t is not None else torch.zeros_like(total, dtype=torch.bool))
             self._reduced = True
-            values = torch.cat([stats, flags]).tolist()  # the one synchronization of the step
-            ranks_bad = values[3:]
+            values = torch.cat([stacked, flags]).tolist()  # the one synchronization of the step
+            ranks_bad = values[len(norms):]
+            values = values[:len(norms)]
             failed = [r for r, f in enumerate(ranks_bad) if int(f) & _dist.INTERNAL]
             if failed:
                 raise RuntimeError(f"the guard failed on rank{'s' if len(failed) > 1 else ''} "
                                    f"{', '.join(map(str, failed))}, so every rank steps aside")
         else:
-            values = stats.tolist()  # the one synchronization of the step
-        loss_f, gnorm_f, total_f = values[:3]
-        bad = not math.isfinite(total_f) or (ranks_bad is not None and any(ranks_bad))
+            values = stacked.tolist()  # the one synchronization of the step
+        g0 = 1 if loss_t is not None else 0
+        grad_norms = values[g0:g0 + len(grads)]
+        gnorm_f = math.sqrt(sum(v * v for v in grad_norms)) if grads else 0.0
+        loss_f = values[-1] if loss_t is not None else 0.0
+        bad = not all(map(math.isfinite, values)) or (ranks_bad is not None and any(ranks_bad))
         if not bad:
             self.history.add(loss_f if loss_t is not None else None, gnorm_f if grads else None)
             self._warn_growth(index)
