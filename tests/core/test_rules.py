@@ -190,3 +190,14 @@ def test_optimizer_state_says_when_eps_underflows():
     assert "rounds to 0 in float16" in d.summary and "fc.weight" in d.summary
     d32 = optimizer_state({"fc.weight.exp_avg_sq": w}, eps=1e-8, param_dtype="float32")
     assert d32.summary.startswith("optimizer state went non-finite")
+
+
+def test_nonfinite_input_without_a_name_says_what_was_seen():
+    from nanscope.core.rules import nonfinite_input
+
+    s = summarize(np.array([[1.0, np.nan], [0.0, 2.0]], np.float32))
+    named = nonfinite_input("images", s, [0])
+    assert named.summary.startswith("the batch's input 'images' holds 1 non-finite value (sample 0)")
+    unnamed = nonfinite_input(None, s, [0])
+    assert unnamed.summary.startswith("an input tensor already held 1 non-finite value (sample 0)")
+    assert unnamed.evidence[0].startswith("input tensor: float32[2, 2]")

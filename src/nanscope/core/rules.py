@@ -210,16 +210,22 @@ def _decide(ev: ProducerEvidence, k: OpKind, evidence: list[str]) -> tuple[Categ
 # -- state and data-level diagnoses ---------------------------------------------------------
 
 def nonfinite_input(
-    name: str, summary: TensorSummary, samples: list[int], *, framework: str = "torch",
+    name: str | None, summary: TensorSummary, samples: list[int], *, framework: str = "torch",
     step: int | None = None, phase: Phase = Phase.DATA, category: Category = Category.NONFINITE_INPUT,
 ) -> Diagnosis:
     """The batch itself holds NaN/Inf (inputs, or targets with ``category=INVALID_TARGET``)."""
     fw = _NAMES.get(framework, framework)
     what = "input" if category is Category.NONFINITE_INPUT else "target"
+    n = summary.nonfinite
+    values = f"{n} non-finite value{'s' if n != 1 else ''}{_samples_text(samples)}"
+    # name=None: a tracer saw a tensor that was already bad before any op of the step read it
+    # (a dataset tensor, a constant), so it cannot say which argument of the batch it was.
+    text = (f"the batch's {what} {name!r} holds {values}" if name is not None
+            else f"an {what} tensor already held {values} before the first op read it")
     return Diagnosis(
         category=category, phase=phase, step=step, framework=fw, samples=samples, dtype=summary.dtype,
-        summary=f"the batch's {what} {name!r} holds {summary.nonfinite} non-finite value{'s' if summary.nonfinite != 1 else ''}{_samples_text(samples)}",
-        evidence=[f"{name}: {summary.describe()}", f"bad samples: {samples}"],
+        summary=text,
+        evidence=[f"{name or what + ' tensor'}: {summary.describe()}", f"bad samples: {samples}"],
         fixes=fixes_for(category, framework=fw),
     )
 

@@ -445,7 +445,7 @@ class Analyzer:
         assert t is not None
         if isinstance(t, torch.nn.Parameter):
             return rules.nonfinite_parameters({"parameter": summary_of(t)}, framework="torch", step=self.step)
-        d = rules.nonfinite_input("inputs", summary_of(t), samples_of(t), framework="torch", step=self.step)
+        d = rules.nonfinite_input(None, summary_of(t), samples_of(t), framework="torch", step=self.step)
         d.location = _location(ev.frame)
         where = self.tracker.path(ev.module, ev.root)
         d.evidence.append(f"first op to read it: {ev.name}" + (f" in {where}" if where else ""))
