@@ -201,3 +201,17 @@ def test_nonfinite_input_without_a_name_says_what_was_seen():
     unnamed = nonfinite_input(None, s, [0])
     assert unnamed.summary.startswith("an input tensor already held 1 non-finite value (sample 0)")
     assert unnamed.evidence[0].startswith("input tensor: float32[2, 2]")
+
+
+def test_nonfinite_input_in_every_sample_points_at_preprocessing():
+    from nanscope.core.rules import nonfinite_input
+
+    with np.errstate(divide="ignore"):
+        x = np.random.default_rng(0).uniform(size=(20, 4)).astype(np.float32) / 0.0
+    d = nonfinite_input("x", summarize(x), list(range(20)), framework="keras")
+    assert "every sample is bad" in d.summary and d.fixes[0].startswith("check the preprocessing")
+    assert d.evidence[1].endswith("… (20 in all)")
+    one = x.copy()
+    one[1:] = 1.0
+    d1 = nonfinite_input("x", summarize(one), [0], framework="keras")
+    assert "every sample" not in d1.summary and d1.fixes[0].startswith("drop or repair")

@@ -222,11 +222,19 @@ def nonfinite_input(
     # (a dataset tensor, a constant), so it cannot say which argument of the batch it was.
     text = (f"the batch's {what} {name!r} holds {values}" if name is not None
             else f"an {what} tensor already held {values} before the first op read it")
+    fixes = fixes_for(category, framework=fw)
+    evidence = [f"{name or what + ' tensor'}: {summary.describe()}",
+                f"bad samples: {samples[:12]}" + (f" … ({len(samples)} in all)" if len(samples) > 12 else "")]
+    rows = summary.shape[0] if summary.shape else 0
+    if rows > 1 and len(samples) == rows:
+        # Every sample bad: a broken transform (x / 0, log of 0, a zero std), not a few bad files.
+        text += "; every sample is bad, so suspect the preprocessing"
+        evidence.append(f"all {rows} samples hold non-finite values")
+        if category is Category.NONFINITE_INPUT:
+            fixes = [fixes[1], fixes[0], *fixes[2:]]
     return Diagnosis(
         category=category, phase=phase, step=step, framework=fw, samples=samples, dtype=summary.dtype,
-        summary=text,
-        evidence=[f"{name or what + ' tensor'}: {summary.describe()}", f"bad samples: {samples}"],
-        fixes=fixes_for(category, framework=fw),
+        summary=text, evidence=evidence, fixes=fixes,
     )
 
 
