@@ -73,6 +73,11 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite((t.detach() * 0).sum(dtype=_WIDE.get(t.dtype))))
 
 
+def tree_finite(obj: Any) -> bool:
+    """True if no tensor in a tensor or nested tuple / list / dict holds NaN/Inf."""
+    return all(all_finite(t) for _, t in named_tensors(obj, ""))
+
+
 def named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` for every tensor in a nested tuple / list / dict.
 

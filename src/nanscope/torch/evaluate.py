@@ -28,16 +28,13 @@ import torch
 from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category
-from nanscope.torch._util import all_finite, is_float, named_tensors, samples_of
+from nanscope.torch._util import is_float, named_tensors, samples_of
+from nanscope.torch._util import tree_finite as _finite
 from nanscope.torch.checks import check_batch, check_model_state
 from nanscope.torch.diagnose import call_model, preserved, split_batch
 from nanscope.torch.trace import trace_step
 
 __all__ = ["diagnose_eval"]
-
-
-def _finite(obj: Any) -> bool:
-    return all(all_finite(t) for _, t in named_tensors(obj, "x") if is_float(t))
 
 
 def _bad_samples(obj: Any) -> list[int]:

@@ -24,6 +24,7 @@ from torch import nn
 
 from nanscope.core.errors import BadInputError
 from nanscope.core.summary import fmt
+from nanscope.torch._util import tree_finite as _finite  # also used by cli/repair.py
 
 _NORM = nn.modules.batchnorm._BatchNorm
 
@@ -100,16 +101,6 @@ def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     return x.to(device) if isinstance(x, torch.Tensor) else x
-
-
-def _finite(x: Any) -> bool:
-    if isinstance(x, torch.Tensor):
-        return not x.is_floating_point() or bool(torch.isfinite(x).all())
-    if isinstance(x, list | tuple):
-        return all(_finite(v) for v in x)
-    if isinstance(x, dict):
-        return all(_finite(v) for v in x.values())
-    return True
 
 
 def repair_norm_statistics(model: nn.Module, loader: Iterable, *, max_batches: int | None = None,
