@@ -86,6 +86,8 @@ def test_keras_layout_without_keras(tmp_path):
     (f,) = inspect(tmp_path / "bad.keras").findings
     assert f.category == "corrupt_norm_statistics" and f.where_found["tensor"] == "bn.moving_variance"
     assert f.framework == "keras" and "keras.repair_norm_statistics" in f.fixes[0]
+    # Keras's own names, never torch's running_var:
+    assert f.evidence == ["bn: moving_variance: 1 NaN of 3", "bn: moving_variance: 1 negative (min -2)"]
 
 
 def test_legacy_h5_layout(tmp_path):
@@ -94,7 +96,7 @@ def test_legacy_h5_layout(tmp_path):
         h["model_weights/bn1/bn1/moving_variance:0"] = np.array([1.0, np.inf], np.float32)
         h["model_weights/bn1/bn1/moving_mean:0"] = np.zeros(2, np.float32)
     (f,) = inspect(tmp_path / "old.h5").findings
-    assert f.where_found["tensor"] == "bn1.moving_variance"
+    assert f.where_found["tensor"] == "bn1.moving_variance" and f.evidence == ["bn1: moving_variance: 1 +Inf of 2"]
 
 
 def test_bad_inputs_one_line_exit_2(tmp_path, capsys):

@@ -81,12 +81,15 @@ def analyze(ck: Checkpoint) -> AuditReport:
         mean = ck.tensors.get(mean_name) if mean_name else None
         var = ck.tensors.get(var_name) if var_name else None
         norm_tensors.update(n for n in (mean_name, var_name) if n)
-        problems = norm_statistics_problems(_summary(mean, ck, mean_name), _summary(var, ck, var_name))
+        # The statistics' own names (torch running_var, keras moving_variance) label the problems.
+        labels = (_leaf(mean_name) or "running_mean", _leaf(var_name) or "running_var")
+        problems = norm_statistics_problems(_summary(mean, ck, mean_name), _summary(var, ck, var_name), names=labels)
         if var is not None and _is_float(var) and var.size > 1:
-            problems += _relative_extremes(var)
+            problems += _relative_extremes(var, labels[1])
         if problems:
             bad_layers[layer] = problems
-            bad_tensors += [n for n in (var_name, mean_name) if n and any(p.startswith("running_var" if n == var_name else "running_mean") for p in problems)]
+            bad_tensors += [n for n, label in ((var_name, labels[1]), (mean_name, labels[0]))
+                            if n and any(p.startswith(label + ":") for p in problems)]
     if bad_layers:
         d = corrupt_norm_statistics(bad_layers, framework=fw)
         d.fixes = [f.replace("CKPT", str(ck.path.name)) for f in d.fixes]
@@ -148,7 +151,11 @@ def _absmax(s: ArrayStats) -> float:
     return max(abs(s.min), abs(s.max)) if s.count else 0.0
 
 
-def _relative_extremes(var: np.ndarray) -> list[str]:
+def _leaf(name: str | None) -> str | None:
+    return name.rsplit(".", 1)[-1] if name else None
+
+
+def _relative_extremes(var: np.ndarray, label: str) -> list[str]:
     v = np.asarray(var, dtype=np.float64).reshape(-1)
     v = v[np.isfinite(v)]
     if v.size < 2:
@@ -159,7 +166,7 @@ def _relative_extremes(var: np.ndarray) -> list[str]:
     far = v[np.abs(v) > RELATIVE_EXTREME * max(med, 1e-2)]
     if far.size == 0 or float(np.abs(far).max()) > 1e6:  # none, or already named by the absolute rule
         return []
-    return [f"running_var: {far.size} channel{'s' if far.size != 1 else ''} extreme relative to the layer (max {fmt(float(np.abs(far).max()))}, layer median {fmt(med)})"]
+    return [f"{label}: {far.size} channel{'s' if far.size != 1 else ''} extreme relative to the layer (max {fmt(float(np.abs(far).max()))}, layer median {fmt(med)})"]
 
 
 def _layer_table(ck: Checkpoint, stats_of: dict[str, ArrayStats]) -> dict[str, dict]:
