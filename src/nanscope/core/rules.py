@@ -131,7 +131,7 @@ def _decide(ev: ProducerEvidence, k: OpKind, evidence: list[str]) -> tuple[Categ
             zeros = sum(s.zeros for s in at_zero)
             evidence.insert(0, f"forward {name} was finite; its derivative is not" + (f" at {_plural(zeros, 'input')} == 0" if zeros else ""))
             return Category.SINGULAR_GRADIENT, f"the gradient of {fk} is {made} at its input" + (" 0" if zeros else "")
-        if "where" in (ev.forward_op or "").lower() or ev.details.get("where_trap"):
+        if "where" in (ev.forward_op or "").lower():
             evidence.insert(0, "the NaN comes from the branch `where` discarded in the forward pass")
             return Category.SINGULAR_GRADIENT, f"the gradient through where is {made} (the where trap)"
         if lim and out.posinf + out.neginf and not out.nan:
