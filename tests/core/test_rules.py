@@ -44,6 +44,8 @@ def test_all_masked_softmax():
     s = np.array([[0.0, -np.inf], [-np.inf, -np.inf]], np.float32)
     d = ev("aten::_softmax", Phase.FORWARD, [s], np.array([[1, 0], [np.nan, np.nan]], np.float32), all_masked_rows=[1], samples=[1])
     assert d.category is Category.ALL_MASKED_SOFTMAX and d.samples == [1]
+    assert d.summary == "softmax over a row where every position is masked (-Inf) (sample 1)"
+    assert d.evidence[0] == "1 row entirely -Inf"
 
 
 def test_all_ignored_targets():
@@ -57,21 +59,28 @@ def test_backward_of_sqrt_at_zero_is_singular_gradient():
     d = ev("SqrtBackward0", Phase.BACKWARD, [x], np.array([np.inf, 0.5], np.float32), forward_op="aten::sqrt",
            forward_inputs=[summarize(x)])
     assert d.category is Category.SINGULAR_GRADIENT and "safe_sqrt" in d.fixes[0]
+    assert d.summary == "the gradient of sqrt is +Inf at its input 0"
+    assert d.evidence[0] == "forward aten::sqrt was finite; its derivative is not at 1 input == 0"
 
 
-@pytest.mark.parametrize("op,x", [("aten::acos", np.array([1.5], np.float32)), ("aten::sqrt", np.array([-1.0], np.float32)),
-                                  ("aten::pow", np.array([-8.0], np.float32))])
-def test_domain_errors(op, x):
+@pytest.mark.parametrize("op,x,summary", [
+    ("aten::acos", np.array([1.5], np.float32), "acos received values outside [-1, 1] (max |x| 1.5)"),
+    ("aten::sqrt", np.array([-1.0], np.float32), "sqrt received 1 negative value, min -1"),
+    ("aten::pow", np.array([-8.0], np.float32), "pow of a negative base to a fractional exponent"),
+])
+def test_domain_errors(op, x, summary):
     with np.errstate(all="ignore"):
         out = {"aten::acos": np.arccos, "aten::sqrt": np.sqrt, "aten::pow": lambda a: np.power(a, 0.5)}[op](x)
-    assert ev(op, Phase.FORWARD, [x], out).category is Category.OP_DOMAIN
+    d = ev(op, Phase.FORWARD, [x], out)
+    assert d.category is Category.OP_DOMAIN and d.summary == summary
 
 
 def test_exp_overflow_float32():
     x = np.array([100.0, 1.0], np.float32)
     with np.errstate(all="ignore"):
         d = ev("aten::exp", Phase.FORWARD, [x], np.exp(x))
-    assert d.category is Category.OVERFLOW and "max" in d.fixes[0]
+    assert d.category is Category.OVERFLOW and "max" in d.fixes[0] and d.summary == "exp overflowed float32"
+    assert d.evidence[0].startswith("float32 holds at most 3.403e+38; largest |input| 100")
 
 
 def test_norm_statistics_problems():
