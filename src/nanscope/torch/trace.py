@@ -243,10 +243,6 @@ class Origin:
     details: dict = field(default_factory=dict)
 
 
-def _finite(t: torch.Tensor) -> bool:
-    return all_finite(t)
-
-
 def _has_nan(t: torch.Tensor) -> bool:
     return is_float(t) and bool(torch.isnan(t).any())
 
@@ -293,20 +289,20 @@ class Analyzer:
         return self._node_map.get(id(node))
 
     # the core step
-    def observe(self, ev: Event, outputs_finite: list[bool] | None = None) -> None:
+    def observe(self, ev: Event) -> None:
         if ev.phase is not Phase.BACKWARD:
             self.forward_events.append(ev)
             self._node_map = None
             for t in ev.tensor_inputs():
                 if t.requires_grad and t.is_leaf and is_float(t):
                     self.leaves.setdefault(id(t), t)
-        fin = outputs_finite if outputs_finite is not None else [_finite(o) for o in ev.outputs]
+        fin = [all_finite(o) for o in ev.outputs]
         if all(fin):
             for o in ev.outputs:  # an in-place op may have repaired a tensor
                 self.taint.pop(id(o), None)
             return
         ins = ev.tensor_inputs()
-        in_fin = ev.inputs_finite if ev.inputs_finite is not None else [_finite(t) for t in ins]
+        in_fin = ev.inputs_finite if ev.inputs_finite is not None else [all_finite(t) for t in ins]
         bad_origin: Origin | None = None
         legit_in = False
         for t, ok in zip(ins, in_fin, strict=False):
@@ -490,7 +486,7 @@ class TraceMode(TorchDispatchMode):
         mutable = func._schema.is_mutable
         ins_fin = None
         if mutable:
-            ins_fin = [_finite(t) for _, t in named_tensors([list(args), kwargs], "a")]
+            ins_fin = [all_finite(t) for _, t in named_tensors([list(args), kwargs], "a")]
         out = func(*args, **kwargs)
         outs = [t for _, t in named_tensors(out, "o") if is_float(t)]
         if not outs:
@@ -518,7 +514,7 @@ def first_failure(analyzer: Analyzer, things: list[tuple[str, torch.Tensor]]) ->
     best: tuple[int, Origin, str] | None = None
     unexplained: str | None = None
     for what, t in things:
-        if _finite(t):
+        if all_finite(t):
             continue
         o = analyzer.origin_of(t)
         if o is None:
