@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     when_imported("keras", _attach(session, "keras", "keras"))
 
     exit_code = 0
-    saved_argv, saved_path0 = sys.argv[:], sys.path[0] if sys.path else None
+    saved_argv = sys.argv[:]
     sys.argv = [args.script, *script_args]
     sys.path.insert(0, session.script_dir)
     try:
@@ -98,8 +98,6 @@ def main(args: argparse.Namespace) -> int:
         sys.argv = saved_argv
         if sys.path and sys.path[0] == session.script_dir:
             sys.path.pop(0)
-        elif saved_path0 is not None and saved_path0 in sys.path:
-            pass
 
     framework = session.frameworks[0] if session.frameworks else None
     if session.diagnosis is not None:
