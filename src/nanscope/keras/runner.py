@@ -84,6 +84,7 @@ def _patch_custom_loops(session: Any) -> None:
     import tensorflow as tf
 
     from nanscope.core.enums import Phase
+    from nanscope.keras.guard import _squared_norm
     from nanscope.keras.trace import Recorder
 
     last = _LastStep()
@@ -151,7 +152,7 @@ def _patch_custom_loops(session: Any) -> None:
             pass
         try:
             grads = list(grads)
-            norm = _norm(grads)
+            norm = math.sqrt(float(_squared_norm(grads)))
         except Exception as err:
             session.internal_error("checking the gradients", err)
             norm = 0.0
@@ -178,7 +179,7 @@ def _patch_custom_loops(session: Any) -> None:
                     self.build(list(trainable_variables) if trainable_variables is not None else [])
                     self.built = True
             flag = compiled["flag"]
-            ok = tf.math.is_finite(_graph_squared_norm(grads))
+            ok = tf.math.is_finite(_squared_norm(grads))
         except Exception as err:
             session.internal_error("guarding the compiled step", err)
             return apply(self, grads, trainable_variables)
@@ -242,27 +243,11 @@ class _ReplayStayedFinite(Exception):
     """The eager re-run of a compiled step reached the optimizer with finite gradients."""
 
 
-def _graph_squared_norm(grads: list):
-    import tensorflow as tf
-
-    parts = [tf.reduce_sum(tf.square(tf.cast(g.values if isinstance(g, tf.IndexedSlices) else g, tf.float32)))
-             for g in grads if g is not None]
-    return tf.add_n(parts) if parts else tf.constant(0.0)
-
-
 def _in_guarded_fit() -> bool:
     """True inside ``fit`` (whose Guard checks in-graph, and explains failures itself)."""
     from nanscope.keras import guard
 
     return guard.ACTIVE > 0
-
-
-def _norm(grads: list) -> float:
-    import tensorflow as tf
-
-    parts = [tf.reduce_sum(tf.square(tf.cast(g.values if isinstance(g, tf.IndexedSlices) else g, tf.float32)))
-             for g in grads if g is not None]
-    return math.sqrt(float(tf.add_n(parts))) if parts else 0.0
 
 
 def _diagnose_custom_step(last: _LastStep, grads: list, variables: Any, session: Any):
