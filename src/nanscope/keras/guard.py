@@ -39,6 +39,7 @@ from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase, Policy
 from nanscope.core.errors import NanscopeError, NonFiniteError
 from nanscope.core.trend import History
+from nanscope.keras._util import state_variables
 
 ACTIVE = 0  # guards installed right now (``nanscope run`` leaves fit's steps to them)
 
@@ -278,7 +279,7 @@ class Guard(keras.callbacks.Callback):
         status = self._status = tf.Variable([1.0, 0.0, 0.0, 0.0], dtype=tf.float32, trainable=False,
                                             name="nanscope_status")
         stash = self._stash
-        state = _state_variables(model)
+        state = state_variables(model)
 
         orig_scale_loss = self._patch(opt, "scale_loss", None)
 
@@ -365,12 +366,6 @@ def _squared_norm(grads: list) -> tf.Tensor:
             g = g.values
         parts.append(tf.reduce_sum(tf.square(tf.cast(g, tf.float32))))
     return tf.add_n(parts) if parts else tf.constant(0.0)
-
-
-def _state_variables(model: keras.Model) -> list[Any]:
-    from nanscope.keras._util import state_variables
-
-    return state_variables(model)
 
 
 def _learning_rate(opt: Any) -> float | None:
