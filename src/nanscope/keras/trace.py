@@ -33,7 +33,7 @@ from tensorflow.python.framework import op_callbacks
 from nanscope.core.diagnosis import Diagnosis, Location
 from nanscope.core.enums import OpKind, Phase
 from nanscope.core.rules import ProducerEvidence, classify_producer
-from nanscope.core.source import is_user_file
+from nanscope.core.source import _display, is_user_file
 from nanscope.core.summary import bad_rows, summarize
 
 EXTERNAL = -1  # a non-finite value that came from outside any traced op (batch, constant)
@@ -128,6 +128,7 @@ class Tracer:
         self.entry = entry
         self.batch_size = batch_size
         self._busy = False
+        self._user_files: dict[str, bool] = {}
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> Tracer:
@@ -207,14 +208,7 @@ class Tracer:
         return no_nan_in and nan_out
 
     def _location(self) -> Location | None:
-        f = sys._getframe(3)
-        while f is not None and f is not self.entry:
-            if is_user_file(f.f_code.co_filename):
-                from nanscope.core.source import _display
-
-                return Location(_display(f.f_code.co_filename, None), f.f_lineno, f.f_code.co_name)
-            f = f.f_back
-        return None
+        return _user_location(sys._getframe(3), self._user_files, stop=self.entry)
 
 
 class Recorder:
@@ -270,18 +264,7 @@ class Recorder:
         return None
 
     def _location(self) -> Location | None:
-        f = sys._getframe(2)
-        while f is not None:
-            name = f.f_code.co_filename
-            user = self._user_files.get(name)
-            if user is None:
-                user = self._user_files[name] = is_user_file(name)
-            if user:
-                from nanscope.core.source import _display
-
-                return Location(_display(name, None), f.f_lineno, f.f_code.co_name)
-            f = f.f_back
-        return None
+        return _user_location(sys._getframe(2), self._user_files)
 
     def replay(self, *, batch_size: int | None, external: Any = None) -> Trace:
         tracer = Tracer(batch_size=batch_size)
@@ -291,6 +274,20 @@ class Recorder:
             tracer.phase = phase
             tracer._see(op_type, inputs, attrs, outputs, recorded=(layer, path, location))
         return tracer.trace
+
+
+def _user_location(f: FrameType | None, cache: dict[str, bool], *, stop: FrameType | None = None) -> Location | None:
+    """The innermost frame of user code from ``f`` outwards (up to ``stop``); ``cache``
+    remembers which files are the user's."""
+    while f is not None and f is not stop:
+        name = f.f_code.co_filename
+        user = cache.get(name)
+        if user is None:
+            user = cache[name] = is_user_file(name)
+        if user:
+            return Location(_display(name, None), f.f_lineno, f.f_code.co_name)
+        f = f.f_back
+    return None
 
 
 def first_bad_layer(tr: Trace) -> OpRecord | None:
