@@ -314,12 +314,7 @@ def _repair_keras(args: argparse.Namespace, src: Path, out: Path) -> int:
     if not result.layers:
         print("nanscope repair: no BatchNormalization layer found; nothing written", file=sys.stderr)
         return 1
-    tmp = out.parent / f".{out.name}.{os.getpid()}.part{suffix}"
-    try:
-        (model.save_weights if args.model else model.save)(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save = model.save_weights if args.model else model.save
+    atomic_write(out, lambda tmp: save(str(tmp)), what="repaired checkpoint", suffix=".part" + suffix)
     print(f"wrote {out} (" + ("eval-mode outputs verified finite on the data" if finite else "not verified on data") + ")")
     return 0

@@ -29,10 +29,15 @@ def check_writable(path: str | os.PathLike, *, what: str = "output file") -> Pat
     return p
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, what: str = "output file") -> Path:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Path], None], *, what: str = "output file", suffix: str = ".part",
+) -> Path:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
+
+    ``suffix`` ends the temporary file's name, for writers that insist on one (Keras: ``.keras``).
+    """
     p = check_writable(path, what=what)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".part", dir=p.parent if str(p.parent) else ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=p.parent if str(p.parent) else ".")
     os.close(fd)
     try:
         write(Path(tmp))
