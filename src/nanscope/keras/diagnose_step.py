@@ -29,7 +29,6 @@ from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase
 from nanscope.core.summary import bad_rows, summarize
-from nanscope.core.trend import is_exploding
 from nanscope.keras._util import (
     VariableSnapshot,
     batch_size_of,
@@ -171,13 +170,7 @@ def trace_step(
                 phase=Phase.LOSS if all_finite(y_pred) else Phase.FORWARD, step=step, framework=_FW,
                 evidence=["the eager re-run of this batch stayed finite op by op; the compiled step may differ (XLA)"],
             )
-        if d.category in (Category.OVERFLOW, Category.UNKNOWN) and is_exploding(history):
-            ex = rules.exploding_gradients(history, framework=_FW, step=step, lr=learning_rate,
-                                           phase=Phase(d.phase) if d.phase else Phase.BACKWARD)
-            ex.evidence.append(f"first non-finite value: {d.op} in {d.module or 'the loss'}: {d.summary}")
-            ex.op, ex.op_kind, ex.module, ex.location, ex.samples = d.op, d.op_kind, d.module, d.location, d.samples
-            return ex
-        return d
+        return rules.with_history(d, history, lr=learning_rate)
     finally:
         snapshot.restore()
 
