@@ -274,11 +274,7 @@ def _diagnose_custom_step(last: _LastStep, grads: list, variables: Any, session:
             failed = last.target if last.target is not None and not all_finite(last.target) else bad
             d = diagnosis_from_trace(trace, failed, batch_size=n, step=step)
             if d is not None:
-                if d.category in (Category.OVERFLOW, Category.UNKNOWN) and is_exploding(last.norms):
-                    ex = rules.exploding_gradients(last.norms, framework="keras", step=step)
-                    ex.evidence.append(f"first non-finite value: {d.op}: {d.summary}")
-                    return ex
-                return d
+                return rules.with_history(d, last.norms)
         if is_exploding(last.norms):
             return rules.exploding_gradients(last.norms, framework="keras", step=step)
         names = [getattr(v, "path", getattr(v, "name", "?")) for g, v in zip(grads, variables or [], strict=False)
