@@ -17,15 +17,18 @@ from nanscope.core.summary import TensorSummary, bad_rows, summarize
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A detached CPU numpy copy; bfloat16 (which numpy lacks) goes through float32."""
+    """A detached CPU numpy copy; dtypes numpy lacks (bfloat16, float8, quantized) go through
+    float32, complex through its magnitude, sparse through a dense copy."""
     t = t.detach()
+    if t.is_quantized:
+        t = t.dequantize()
     if t.is_complex():
         t = t.abs()
-    if t.dtype == torch.bfloat16:
+    if t.dtype == torch.bfloat16 or (t.is_floating_point() and t.element_size() == 1):
         t = t.float()
     if t.device.type != "cpu":
         t = t.cpu()
-    if t.is_sparse or t.layout != torch.strided:
+    if t.layout != torch.strided:
         t = t.to_dense()
     return t.numpy()
 

@@ -21,6 +21,8 @@ import torch
 
 from nanscope.audit.checkpoint import Checkpoint
 from nanscope.core.errors import BadInputError
+from nanscope.core.limits import dtype_name
+from nanscope.torch import _util
 
 MODEL_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "model_state")
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt", "optimizer_state")
@@ -74,16 +76,8 @@ def split_checkpoint(obj: Any) -> tuple[str | None, dict[str, torch.Tensor], dic
 
 
 def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
-    """A tensor as numpy (bfloat16 through float32) and its dtype name."""
-    name = str(t.dtype).replace("torch.", "")
-    t = t.detach().cpu()
-    if t.is_sparse or t.is_quantized:
-        t = t.dequantize() if t.is_quantized else t.to_dense()
-    if t.dtype in (torch.bfloat16,) or t.dtype.is_floating_point and t.element_size() == 1:
-        t = t.float()
-    if t.is_complex():
-        t = t.abs()
-    return t.numpy(), name
+    """A tensor as numpy (see ``nanscope.torch._util.to_numpy``) and its dtype name."""
+    return _util.to_numpy(t), dtype_name(t.dtype)
 
 
 def read_torch_checkpoint(path: Path, *, trust_pickle: bool = False) -> Checkpoint:
