@@ -249,10 +249,7 @@ def fuzz_loss(fn: Callable[..., Any], example: Any = None, *, ignore_index: int 
         outcome[case.name] = result.outcome
         if result.diagnosis is not None:
             d = result.diagnosis
-            f = Finding(**{k: getattr(d, k) for k in ("category", "phase", "op", "op_kind", "module", "location",
-                                                      "dtype", "samples", "evidence", "fixes", "framework", "details")},
-                        summary=f"{case.description}: {d.summary}",
-                        where_found={"case": case.name, "function": _qualname(fn)})
+            f = Finding.of(d, {"case": case.name, "function": _qualname(fn)}, summary=f"{case.description}: {d.summary}")
             f.evidence = [f"input: {case.description}", f"non-finite {result.outcome.removeprefix('non-finite ')}"] + list(f.evidence)
             findings.append(f)
     roles = {(_label(k).rstrip("=") if k.isdigit() else k): _role(a) for k, a in _slots(np_args, np_kwargs)}

@@ -65,3 +65,12 @@ def test_nonfinite_error_carries_diagnosis_and_pickles():
     assert again.diagnosis.category is Category.OP_DOMAIN
     assert "op_domain" in str(again)
     assert np.isfinite(1.0)
+
+
+def test_finding_of_keeps_every_field_of_the_diagnosis():
+    d = _diag()
+    f = Finding.of(d, {"tensor": "bn.running_var"}, severity="warning", summary="case: " + d.summary)
+    assert f.where_found == {"tensor": "bn.running_var"} and f.severity == "warning"
+    assert f.summary == "case: log received 1 zero" and d.summary == "log received 1 zero"
+    assert (f.category, f.op, f.location, f.samples, f.step, f.evidence, f.fixes, f.framework) == (
+        d.category, d.op, d.location, d.samples, d.step, d.evidence, d.fixes, d.framework)

@@ -13,13 +13,12 @@ Design constraints:
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 from nanscope.audit.checkpoint import Checkpoint, read_checkpoint
-from nanscope.core.diagnosis import AuditReport, Diagnosis, Finding
+from nanscope.core.diagnosis import AuditReport, Finding
 from nanscope.core.enums import Category, Phase
 from nanscope.core.fixes import audit_fixes
 from nanscope.core.limits import LIMITS
@@ -58,11 +57,6 @@ def inspect(path: str | Path, *, trust_pickle: bool = False) -> AuditReport:
     return analyze(read_checkpoint(path, trust_pickle=trust_pickle))
 
 
-def _finding(d: Diagnosis, where: dict, severity: str = "error") -> Finding:
-    kw = {f.name: getattr(d, f.name) for f in fields(Diagnosis)}
-    return Finding(**kw, where_found=where, severity=severity)
-
-
 def _is_float(a: np.ndarray) -> bool:
     return a.dtype.kind == "f"
 
@@ -93,13 +87,13 @@ def analyze(ck: Checkpoint) -> AuditReport:
     if bad_layers:
         d = corrupt_norm_statistics(bad_layers, framework=fw)
         d.fixes = [f.replace("CKPT", str(ck.path.name)) for f in d.fixes]
-        findings.append(_finding(d, {"tensor": bad_tensors[0], "tensors": bad_tensors, "layers": list(bad_layers)}))
+        findings.append(Finding.of(d, {"tensor": bad_tensors[0], "tensors": bad_tensors, "layers": list(bad_layers)}))
 
     # Non-finite parameters and other buffers.
     bad = {n: _summary(ck.tensors[n], ck, n) for n, s in stats_of.items() if s.nonfinite and n not in norm_tensors}
     if bad:
         d = nonfinite_parameters(bad, framework=fw, phase=Phase.STATE, kind="tensor")
-        findings.append(_finding(d, {"tensor": next(iter(bad)), "tensors": list(bad)}))
+        findings.append(Finding.of(d, {"tensor": next(iter(bad)), "tensors": list(bad)}))
 
     # Weights that a cast to float16 would turn into Inf.
     over = {n: s for n, s in stats_of.items() if s.count and _absmax(s) > HALF_MAX and ck.dtypes.get(n) != "float16"
@@ -120,7 +114,7 @@ def analyze(ck: Checkpoint) -> AuditReport:
         d = optimizer_state(bad_opt or {"lr": summarize(np.array([lr]))}, framework=fw, eps=ck.hyper.get("eps"), lr=lr)
         d.phase = Phase.STATE
         names = list(bad_opt) or ["lr"]
-        findings.append(_finding(d, {"tensor": names[0], "tensors": names}))
+        findings.append(Finding.of(d, {"tensor": names[0], "tensors": names}))
     big_opt = [n for n, s in opt_stats.items() if s.count and _absmax(s) > HALF_MAX and n not in bad_opt]
     if big_opt:
         findings.append(Finding(

@@ -191,6 +191,14 @@ class Finding(Diagnosis):
     where_found: dict[str, Any] = field(default_factory=dict)
     severity: str = "error"  # "error" makes the audit fail; "warning" is reported only
 
+    @classmethod
+    def of(cls, diagnosis: Diagnosis, where_found: dict[str, Any], *, severity: str = "error",
+           **changes: Any) -> Finding:
+        """A rule's diagnosis as an audit finding; ``changes`` replace fields (e.g. ``summary``)."""
+        kw = {f.name: getattr(diagnosis, f.name) for f in fields(Diagnosis)}
+        kw.update(changes)
+        return cls(**kw, where_found=where_found, severity=severity)
+
     def fields_dict(self) -> dict:
         d = super().fields_dict()
         d["where"] = dict(self.where_found)
