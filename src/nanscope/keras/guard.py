@@ -216,20 +216,18 @@ class Guard(keras.callbacks.Callback):
         if d.category is not Category.NONFINITE_PARAMETERS or not self._weights_finite_at_start:
             return d
         from nanscope.core import rules
-        from nanscope.core.trend import is_exploding
 
         norms = list(self.history.grad_norm)
-        why = "the weights were finite when training began; the previous update (finite gradients) made them non-finite"
-        if is_exploding(norms):
-            ex = rules.exploding_gradients(norms, framework="keras", step=d.step, lr=lr, phase=Phase.OPTIMIZER)
-            ex.module, ex.evidence = d.module, [*ex.evidence, why, *d.evidence]
-            return ex
         d.phase = Phase.OPTIMIZER
         d.summary = f"an update made weights non-finite: {', '.join(d.details.get('tensors', [])[:3])}"
-        d.evidence.insert(0, why)
-        if lr is not None:
+        d.evidence.insert(0, "the weights were finite when training began; the previous update (finite gradients) "
+                             "made them non-finite")
+        ex = rules.with_history(d, norms, lr=lr)  # gradient norms that grew: exploding_gradients
+        if ex is not d:
+            ex.evidence += d.evidence
+        elif lr is not None:
             d.evidence.append(f"learning rate {lr:g}; last gradient norms: {', '.join(f'{n:.3g}' for n in norms[-4:])}")
-        return d
+        return ex
 
     def _internal_error(self, where: str, err: BaseException) -> None:
         if self._session is not None:
