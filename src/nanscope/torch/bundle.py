@@ -34,6 +34,7 @@ import torch
 from nanscope.core.bundle import BUNDLE_FORMAT, DIAGNOSIS_FILE, read_bundle, sha256
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.errors import BadInputError
+from nanscope.core.limits import dtype_name
 
 __all__ = ["write_bundle", "read_bundle", "load_state", "replay", "rng_state", "set_rng_state"]
 
@@ -75,7 +76,7 @@ def _safe(obj: Any, path: str, dropped: list[str]) -> Any:
 
 def _describe(obj: Any, path: str = "batch") -> list[str]:
     if isinstance(obj, torch.Tensor):
-        return [f"{path}: {str(obj.dtype).replace('torch.', '')}[{', '.join(map(str, obj.shape))}]"]
+        return [f"{path}: {dtype_name(obj.dtype)}[{', '.join(map(str, obj.shape))}]"]
     if isinstance(obj, dict):
         return [line for k, v in obj.items() for line in _describe(v, f"{path}[{k!r}]")]
     if isinstance(obj, (list, tuple)):

@@ -19,7 +19,7 @@ import torch
 from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase
-from nanscope.core.limits import limits
+from nanscope.core.limits import dtype_name, limits
 from nanscope.torch._util import (
     all_finite,
     is_float,
@@ -133,7 +133,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, *, step: int | None 
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and is_float(value) and not all_finite(value):
                     bad[f"{names[id(p)]}.{key}"] = summary_of(value)
-                    dtype = dtype or str(p.dtype).replace("torch.", "")
+                    dtype = dtype or dtype_name(p.dtype)
             if g_lr is not None and not math.isfinite(g_lr):
                 lr = g_lr
             g_eps = group.get("eps")
@@ -141,7 +141,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, *, step: int | None 
             if isinstance(g_eps, float) and lim is not None and g_eps < lim.subnormal / 2 and not all_finite(p):
                 # The update divided by (sqrt(v) + eps) where eps rounded to 0 in this dtype.
                 bad[names[id(p)]] = summary_of(p)
-                eps, dtype = g_eps, str(p.dtype).replace("torch.", "")
+                eps, dtype = g_eps, dtype_name(p.dtype)
         if lr is not None:
             break
     if not bad and lr is None:

@@ -52,6 +52,7 @@ from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase, Policy
 from nanscope.core.errors import NonFiniteError
 from nanscope.core.fixes import fixes_for
+from nanscope.core.limits import dtype_name
 from nanscope.core.summary import fmt
 from nanscope.core.trend import History, growth_rate
 from nanscope.torch import bundle as _bundle
@@ -276,7 +277,7 @@ class Guard:
         self._scales = (self._scales + [float(self.scaler.get_scale())])[-256:]  # a sync, on overflow steps only
         bad = [n for n, p in self.module.named_parameters()
                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        dtype = next((str(p.dtype).replace("torch.", "") for p in self._params if p.dtype in (torch.float16, torch.bfloat16)),
+        dtype = next((dtype_name(p.dtype) for p in self._params if p.dtype in (torch.float16, torch.bfloat16)),
                      "float16")
         return rules.loss_scale_collapse(self._scales, self._scaler_skips, bad_parameters=bad, framework="torch",
                                          step=index, dtype=dtype)
