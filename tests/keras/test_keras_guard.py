@@ -196,3 +196,27 @@ def test_custom_train_step_is_guarded_too():
     assert int(model.optimizer.iterations.numpy()) == 2 + 1  # first fit: 2 steps; the guarded fit: 1 good step
     assert all(np.isfinite(v.numpy()).all() for v in model.variables)
     assert not unchanged(model, snap)  # the good first batch was applied, the bad second one was not
+
+
+def test_weights_an_update_overflowed_after_growing_norms_are_exploding_gradients():
+    from nanscope.core import rules
+    from nanscope.core.summary import summarize
+
+    def overflowed_weights():
+        bad = {"hidden.kernel": summarize(np.array([np.inf, 1.0], "float32"), "float32")}
+        return rules.nonfinite_parameters(bad, framework="keras", step=5)
+
+    growing, steady = Guard(), Guard()
+    for guard, norms in ((growing, [1.0, 4.0, 16.0, 70.0, 300.0]), (steady, [1.0, 1.1, 0.9, 1.0])):
+        guard._weights_finite_at_start = True
+        for n in norms:
+            guard.history.add(None, n)
+    d = growing._blame_an_earlier_update(overflowed_weights(), 0.5)
+    assert d.category is Category.EXPLODING_GRADIENTS and d.phase is Phase.OPTIMIZER
+    assert d.module == "hidden" and d.step == 5 and d.details["grad_norms"] == [1.0, 4.0, 16.0, 70.0, 300.0]
+    assert "learning rate 0.5" in d.evidence and any("finite when training began" in e for e in d.evidence)
+    assert any(e.startswith("hidden.kernel: ") and "1 +Inf of 2" in e for e in d.evidence)
+    d = steady._blame_an_earlier_update(overflowed_weights(), 0.5)
+    assert d.category is Category.NONFINITE_PARAMETERS and d.phase is Phase.OPTIMIZER and d.module == "hidden"
+    assert d.summary == "an update made weights non-finite: hidden.kernel"
+    assert "finite when training began" in d.evidence[0] and d.evidence[-1].startswith("learning rate 0.5")
