@@ -145,7 +145,7 @@ class Diagnosis:
         if self.dtype:
             facts.append(f"dtype {self.dtype}")
         if self.samples:
-            facts.append("samples " + _samples_text(self.samples))
+            facts.append("samples " + samples_text(self.samples))
         if self.ranks:
             facts.append("ranks " + ", ".join(map(str, self.ranks)))
         if facts:
@@ -170,7 +170,7 @@ class Diagnosis:
             body.append(w + "\n")
         if self.samples:
             body.append("samples  ", style="bold")
-            body.append(_samples_text(self.samples) + "\n")
+            body.append(samples_text(self.samples) + "\n")
         for e in self.evidence:
             body.append("• " + e + "\n", style="dim")
         for i, f in enumerate(self.fixes, 1):
@@ -179,7 +179,8 @@ class Diagnosis:
         yield Panel(body, title=f"[bold red]{self.category}[/] {self.summary}")
 
 
-def _samples_text(samples: list[int], limit: int = 12) -> str:
+def samples_text(samples: list[int], limit: int = 12) -> str:
+    """``0, 1, 2`` or, past ``limit``, ``0, 1, … (40 in all)``."""
     head = ", ".join(map(str, samples[:limit]))
     return head + (f", … ({len(samples)} in all)" if len(samples) > limit else "")
 

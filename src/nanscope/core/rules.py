@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanscope.core.diagnosis import Diagnosis, Location
+from nanscope.core.diagnosis import Diagnosis, Location, samples_text
 from nanscope.core.enums import Category, OpKind, Phase
 from nanscope.core.fixes import fixes_for, loss_scale_fixes
 from nanscope.core.limits import limits
@@ -224,7 +224,7 @@ def nonfinite_input(
             else f"an {what} tensor already held {values} before the first op read it")
     fixes = fixes_for(category, framework=fw)
     evidence = [f"{name or what + ' tensor'}: {summary.describe()}",
-                f"bad samples: {samples[:12]}" + (f" … ({len(samples)} in all)" if len(samples) > 12 else "")]
+                f"bad samples: {samples_text(samples)}"]
     rows = summary.shape[0] if summary.shape else 0
     if rows > 1 and len(samples) == rows:
         # Every sample bad: a broken transform (x / 0, log of 0, a zero std), not a few bad files.
