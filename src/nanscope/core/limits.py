@@ -24,7 +24,6 @@ LIMITS = {
     "float32": FloatLimits("float32", 3.4028234663852886e38, 1.1754943508222875e-38, 1.401298464324817e-45, 1.1920928955078125e-07),
     "float64": FloatLimits("float64", 1.7976931348623157e308, 2.2250738585072014e-308, 5e-324, 2.220446049250313e-16),
 }
-REDUCED_PRECISION = ("float16", "bfloat16")
 
 
 def dtype_name(dtype: object) -> str:
