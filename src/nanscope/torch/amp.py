@@ -35,7 +35,10 @@ from nanscope.core.headroom import HeadroomReport, LayerHeadroom
 from nanscope.core.limits import dtype_name, limits
 from nanscope.core.rules import ProducerEvidence, classify_producer, loss_scale_collapse
 from nanscope.core.source import user_location
-from nanscope.core.summary import fmt, summarize
+from nanscope.core.summary import fmt
+from nanscope.torch._util import samples_of, summary_of
+from nanscope.torch.checks import param_names
+from nanscope.torch.diagnose import call_model
 
 __all__ = ["HeadroomReport", "LayerHeadroom", "ScalerWatch", "headroom", "locate_overflow", "watch_scaler"]
 
@@ -79,14 +82,6 @@ class _KeepBuffers:
         with torch.no_grad():
             for b, old in self.saved:
                 b.copy_(old)
-
-
-def _call(model: torch.nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, list | tuple):
-        return model(*inputs)
-    return model(inputs)
 
 
 # -- headroom -------------------------------------------------------------------------------
@@ -137,7 +132,7 @@ def headroom(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], t
     try:
         # Dropout must not move the user's RNG, nor BatchNorm its running statistics.
         with torch.random.fork_rng(devices=[]), _KeepBuffers(model), torch.enable_grad():
-            output = _call(model, inputs)
+            output = call_model(model, inputs)
             loss = loss_fn(output, targets) if loss_fn is not None else None
             grads: dict[str, list[torch.Tensor | None]] = {}
             param_underflow: dict[str, float] = {}
@@ -209,9 +204,9 @@ def locate_overflow(model: torch.nn.Module, inputs: Any, *, dtype: torch.dtype |
             if dtype is not None:
                 dev = device_type or next((p.device.type for p in model.parameters()), "cpu")
                 with torch.autocast(dev, dtype=getattr(torch, dtype_name(dtype))):
-                    _call(model, inputs)
+                    call_model(model, inputs)
             else:
-                _call(model, inputs)
+                call_model(model, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -234,20 +229,13 @@ def locate_overflow(model: torch.nn.Module, inputs: Any, *, dtype: torch.dtype |
         extra.append("the same module recomputed in float32 is non-finite too: not a precision problem")
     ev = ProducerEvidence(
         op=op, phase=Phase.FORWARD, op_kind=OpKind.of(op), module=name or None, step=step,
-        inputs=[summarize(t.detach().float().cpu().numpy(), t.dtype) for t in in_ts],
-        output=summarize(out_t.detach().float().cpu().numpy(), out_t.dtype),
-        samples=_bad_samples(out_t), location=location, extra_evidence=extra, framework="torch",
+        inputs=[summary_of(t) for t in in_ts],
+        output=summary_of(out_t),
+        samples=samples_of(out_t), location=location, extra_evidence=extra, framework="torch",
         details={"float32_recompute_finite": f32_finite, "float32_absmax": f32_max,
                  "module_type": type(module).__name__},
     )
     return classify_producer(ev)
-
-
-def _bad_samples(t: torch.Tensor) -> list[int]:
-    if t.ndim == 0:
-        return []
-    bad = ~torch.isfinite(t.detach())
-    return [int(i) for i in torch.nonzero(bad.reshape(bad.shape[0], -1).any(1)).flatten()]
 
 
 def _rerun_float32(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
@@ -304,18 +292,10 @@ class ScalerWatch:
         self.skipped: list[SkippedStep] = []
         self.diagnosis: Diagnosis | None = None
         self.steps = 0
-        self._names = self._param_names(optimizer, model)
+        self._names = param_names(optimizer, model)
         self._last_loss_finite: bool | None = None
         self._pending: SkippedStep | None = None
         self._taken: bool | None = None
-
-    @staticmethod
-    def _param_names(optimizer, model) -> dict[int, str]:
-        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-        for gi, group in enumerate(optimizer.param_groups):
-            for pi, p in enumerate(group["params"]):
-                names.setdefault(id(p), f"param_groups[{gi}].params[{pi}]")
-        return names
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.scaler, name)

@@ -96,7 +96,8 @@ def check_model_state(model: torch.nn.Module, *, step: int | None = None) -> Dia
     return None
 
 
-def _param_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None) -> dict[int, str]:
+def param_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None) -> dict[int, str]:
+    """``id(parameter) -> name``: its path in ``model``, else ``param_groups[i].params[j]``."""
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
     out = {}
     for gi, group in enumerate(optimizer.param_groups):
@@ -122,7 +123,7 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, *, step: int | None 
         >>> check_optimizer_state(torch.optim.SGD([w], lr=0.1)) is None
         True
     """
-    names = _param_names(optimizer, model)
+    names = param_names(optimizer, model)
     bad = {}
     eps = lr = dtype = None
     for group in optimizer.param_groups:
