@@ -107,7 +107,7 @@ def _explain(model: keras.Model, x: Any, entry) -> Diagnosis:
     first = None
     if tr.producers:
         idx = tr.origin_of(out)
-        first = tr.producers[idx if idx is not None and idx >= 0 else 0].record
+        first = tr.producers[idx if idx is not None and idx >= 0 else 0]
     else:  # the NaN came from stored state (a variable read): the first layer whose output is bad
         first = first_bad_layer(tr)
     bad_stats = norm_statistics_audit(model)

@@ -80,13 +80,6 @@ class OpRecord:
     outputs: list[Any]
     attrs: tuple
     location: Location | None = None
-    bad_inputs: bool = False
-
-
-@dataclass
-class Producer:
-    record: OpRecord
-    reached: bool = False  # its non-finite values reached what failed
 
 
 @dataclass
@@ -94,7 +87,7 @@ class Trace:
     """The producers found in one traced step, in execution order."""
 
     ops: list[OpRecord] = field(default_factory=list)
-    producers: list[Producer] = field(default_factory=list)
+    producers: list[OpRecord] = field(default_factory=list)  # ops that made the first NaN/Inf of a value
     origin: dict[int, int] = field(default_factory=dict)  # id(tensor) -> producer index | EXTERNAL
     keep: list[Any] = field(default_factory=list)  # keeps traced tensors alive (unique ids)
     by_tensor: dict[int, list[OpRecord]] = field(default_factory=dict)  # id(forward tensor) -> ops
@@ -118,7 +111,7 @@ class Tracer:
         >>> import tensorflow as tf
         >>> with Tracer() as tr:
         ...     y = tf.math.log(tf.constant([1.0, 0.0]))
-        >>> tr.trace.producers[0].record.op
+        >>> tr.trace.producers[0].op
         'Log'
     """
 
@@ -185,7 +178,6 @@ class Tracer:
         in_origins = [tr.origin.get(id(t)) for t in inputs]
         known = [o for o in in_origins if o is not None and o != EXTERNAL]
         bad_in = [t for t in inputs if is_float(t) and not all_finite(t)]
-        rec.bad_inputs = bool(bad_in)
         if known:  # propagates a producer's values
             origin = min(known)
         elif not any(is_float(t) for t in inputs):
@@ -195,7 +187,7 @@ class Tracer:
         else:  # a new producer
             if recorded is None:
                 rec.location = rec.location or self._location()
-            tr.producers.append(Producer(rec))
+            tr.producers.append(rec)
             origin = len(tr.producers) - 1
         for t in outputs:
             tr.origin[id(t)] = origin
@@ -225,7 +217,7 @@ class Recorder:
         >>> import tensorflow as tf
         >>> rec = Recorder(); rec.start()
         >>> y = tf.math.log(tf.constant([1.0, 0.0])); rec.stop()
-        >>> rec.replay(batch_size=None).producers[0].record.op
+        >>> rec.replay(batch_size=None).producers[0].op
         'Log'
     """
 
@@ -326,11 +318,10 @@ def _current_layer() -> tuple[str | None, str | None, bool]:
 # -- evidence --------------------------------------------------------------------------------
 
 def producer_evidence(
-    tr: Trace, prod: Producer, *, batch_size: int | None, step: int | None = None,
+    tr: Trace, rec: OpRecord, *, batch_size: int | None, step: int | None = None,
     valid_targets: int | None = None, ignore_index: int | None = None,
 ) -> ProducerEvidence:
     """Summaries of the producer's inputs and output, its samples, and (backward) its forward op."""
-    rec = prod.record
     ins = [summarize(a, t.dtype.name) for t in rec.inputs if is_float(t) and (a := to_numpy(t)) is not None]
     outs = [(t, to_numpy(t)) for t in rec.outputs if is_float(t)]
     bad = [(t, a) for t, a in outs if a is not None and not np.isfinite(a).all()]
@@ -413,7 +404,6 @@ def diagnosis_from_trace(
         return None
     idx = tr.origin_of(failed) if failed is not None else None
     prod = tr.producers[idx] if idx is not None and idx >= 0 else tr.producers[0]
-    prod.reached = True
     ev = producer_evidence(tr, prod, batch_size=batch_size, step=step,
                            valid_targets=valid_targets, ignore_index=ignore_index)
     if gradients_only and ev.phase is not Phase.BACKWARD:
