@@ -28,7 +28,7 @@ import torch
 from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category
-from nanscope.torch._util import is_float, named_tensors, samples_of
+from nanscope.torch._util import named_tensors, samples_of
 from nanscope.torch._util import tree_finite as _finite
 from nanscope.torch.checks import check_batch, check_model_state
 from nanscope.torch.diagnose import call_model, preserved, split_batch
@@ -38,11 +38,7 @@ __all__ = ["diagnose_eval"]
 
 
 def _bad_samples(obj: Any) -> list[int]:
-    rows: set[int] = set()
-    for _, t in named_tensors(obj, "x"):
-        if is_float(t) and t.dim() > 0:
-            rows.update(samples_of(t))
-    return sorted(rows)
+    return sorted({row for _, t in named_tensors(obj, "") for row in samples_of(t)})
 
 
 def diagnose_eval(model: torch.nn.Module, loader: Iterable[Any], loss_fn: Callable[[Any, Any], Any], *,
@@ -72,7 +68,7 @@ def diagnose_eval(model: torch.nn.Module, loader: Iterable[Any], loss_fn: Callab
             if max_batches is not None and i >= max_batches:
                 break
             inputs, targets = split_batch(batch)
-            ok = _finite(inputs) and (targets is None or _finite(targets))
+            ok = _finite(inputs) and _finite(targets)
             if ok:
                 out = call_model(model, inputs)
                 ok = _finite(out) and _finite(loss_fn(out, targets))
