@@ -35,6 +35,7 @@ from nanscope.core.bundle import BUNDLE_FORMAT, DIAGNOSIS_FILE, read_bundle, sha
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.errors import BadInputError
 from nanscope.core.limits import dtype_name
+from nanscope.torch._util import named_tensors
 
 __all__ = ["write_bundle", "read_bundle", "load_state", "replay", "rng_state", "set_rng_state"]
 
@@ -74,14 +75,9 @@ def _safe(obj: Any, path: str, dropped: list[str]) -> Any:
     return None
 
 
-def _describe(obj: Any, path: str = "batch") -> list[str]:
-    if isinstance(obj, torch.Tensor):
-        return [f"{path}: {dtype_name(obj.dtype)}[{', '.join(map(str, obj.shape))}]"]
-    if isinstance(obj, dict):
-        return [line for k, v in obj.items() for line in _describe(v, f"{path}[{k!r}]")]
-    if isinstance(obj, (list, tuple)):
-        return [line for i, v in enumerate(obj) for line in _describe(v, f"{path}[{i}]")]
-    return []
+def _describe(batch: Any) -> list[str]:
+    return [f"{name}: {dtype_name(t.dtype)}[{', '.join(map(str, t.shape))}]"
+            for name, t in named_tensors(batch, "batch")]
 
 
 def write_bundle(
