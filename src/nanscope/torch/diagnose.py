@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from nanscope.core.diagnosis import Diagnosis
+from nanscope.torch.bundle import rng_state, set_rng_state
 from nanscope.torch.checks import check_batch, check_model_state, check_optimizer_state
 from nanscope.torch.trace import trace_step
 
@@ -52,8 +53,7 @@ def preserved(model: torch.nn.Module):
     """Restore training flags, grad mode, RNG state, ``.grad`` and buffers on exit."""
     modes = [(m, m.training) for m in model.modules()]
     grad_mode = torch.is_grad_enabled()
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    rng = rng_state()
     grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
@@ -66,9 +66,7 @@ def preserved(model: torch.nn.Module):
             p.grad = g
         for m, training in modes:
             m.training = training
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        set_rng_state(rng)
         torch.set_grad_enabled(grad_mode)
 
 
