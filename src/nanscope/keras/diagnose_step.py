@@ -137,7 +137,7 @@ def trace_step(
     n = batch_size_of(x)
     snapshot = VariableSnapshot(state_variables(model))
     try:
-        with Tracer(entry=entry, batch_size=n) as tracer:
+        with Tracer(entry=entry) as tracer:
             tracer.mark_external((x, y))
             with tf.GradientTape() as tape:
                 y_pred = model(x, training=True)

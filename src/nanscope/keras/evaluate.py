@@ -95,7 +95,7 @@ def diagnose_eval(model: keras.Model, dataset: Any, *, max_batches: int | None =
 
 def _explain(model: keras.Model, x: Any, entry) -> Diagnosis:
     n = batch_size_of(x)
-    with Tracer(entry=entry, batch_size=n) as tracer:
+    with Tracer(entry=entry) as tracer:
         out = model(x, training=False)
     eval_samples = _samples(out, n)
     snapshot = VariableSnapshot(state_variables(model))

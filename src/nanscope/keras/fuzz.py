@@ -85,7 +85,7 @@ def run_case(fn, case: Case) -> CaseResult:
         n = next((int(t.shape[0]) for t in leaves if t.shape.rank), None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Tracer(batch_size=n) as tracer:
+            with Tracer() as tracer:
                 tracer.phase = Phase.LOSS
                 loss, grads = _run(fn, args, kwargs, leaves, tracer)
         failed = loss if not _finite(loss) else [g for g in grads if not _finite(g)]

@@ -270,7 +270,7 @@ def _diagnose_custom_step(last: _LastStep, grads: list, variables: Any, session:
         bad = [g for g in grads if g is not None and not all_finite(g)]
         if last.recorder.records:
             n = batch_size_of(last.x) if last.x is not None else None
-            trace = last.recorder.replay(batch_size=n, external=last.x)
+            trace = last.recorder.replay(external=last.x)
             failed = last.target if last.target is not None and not all_finite(last.target) else bad
             d = diagnosis_from_trace(trace, failed, batch_size=n, step=step)
             if d is not None:

@@ -115,11 +115,10 @@ class Tracer:
         'Log'
     """
 
-    def __init__(self, *, entry: FrameType | None = None, batch_size: int | None = None) -> None:
+    def __init__(self, *, entry: FrameType | None = None) -> None:
         self.trace = Trace()
         self.phase = Phase.FORWARD
         self.entry = entry
-        self.batch_size = batch_size
         self._busy = False
         self._user_files: dict[str, bool] = {}
 
@@ -217,7 +216,7 @@ class Recorder:
         >>> import tensorflow as tf
         >>> rec = Recorder(); rec.start()
         >>> y = tf.math.log(tf.constant([1.0, 0.0])); rec.stop()
-        >>> rec.replay(batch_size=None).producers[0].op
+        >>> rec.replay().producers[0].op
         'Log'
     """
 
@@ -258,8 +257,8 @@ class Recorder:
     def _location(self) -> Location | None:
         return _user_location(sys._getframe(2), self._user_files)
 
-    def replay(self, *, batch_size: int | None, external: Any = None) -> Trace:
-        tracer = Tracer(batch_size=batch_size)
+    def replay(self, *, external: Any = None) -> Trace:
+        tracer = Tracer()
         if external is not None:
             tracer.mark_external(external)
         for op_type, inputs, attrs, outputs, layer, path, location, phase in self.records:
