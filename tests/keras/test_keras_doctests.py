@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["_util", "diagnose_step", "evaluate", "guard", "repair", "trace"]
+MODULES = ["_util", "amp", "diagnose_step", "evaluate", "guard", "losses", "repair", "trace"]
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # Guard's example warns by design (policy "skip")
