@@ -49,6 +49,7 @@ def no_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+LOCAL_LOSS = 2  # flag bit: this rank's own loss was non-finite (before the gradient all-reduce)
 INTERNAL = 4  # flag bit: nanscope failed on this rank; every rank then steps aside together
 
 
@@ -58,7 +59,7 @@ def flags(*, bad: torch.Tensor, local_first: torch.Tensor, internal: bool = Fals
     Every rank calls this on every guarded step, even after nanscope failed on it (``internal``),
     so that no rank waits in a collective another rank skipped."""
     world, me = dist.get_world_size(), dist.get_rank()
-    mine = bad.float() + 2 * local_first.float() + (INTERNAL if internal else 0)
+    mine = bad.float() + LOCAL_LOSS * local_first.float() + (INTERNAL if internal else 0)
     onehot = torch.zeros(world, device=mine.device)
     onehot[me] = 1.0
     v = onehot * mine
@@ -75,7 +76,7 @@ def agree(local: Diagnosis | None, ranks_bad: list[float] | None) -> Diagnosis |
     dist.all_gather_object(everyone, local.to_dict() if local is not None else None)
     found = {r: Diagnosis.from_dict(d) for r, d in enumerate(everyone) if d is not None}
     named = [r for r, d in found.items() if d.category is not Category.UNKNOWN]
-    by_loss = [r for r, f in enumerate(ranks_bad or []) if int(f) & 2]
+    by_loss = [r for r, f in enumerate(ranks_bad or []) if int(f) & LOCAL_LOSS]
     first = named or by_loss or sorted(found) or [r for r, f in enumerate(ranks_bad or []) if f]
     if not found:
         return None

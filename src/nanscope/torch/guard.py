@@ -390,7 +390,7 @@ class Guard:
             return None
         seen = {"loss": loss_f if loss_t is not None else None, "grad_norm": gnorm_f if grads else None,
                 "ranks_bad": ranks_bad, "weights_checked": weights}
-        if self._scaling() and loss_t is not None and math.isfinite(loss_f) and not (ranks_bad and any(int(f) & 2 for f in ranks_bad)):
+        if self._scaling() and loss_t is not None and math.isfinite(loss_f) and not (ranks_bad and any(int(f) & _dist.LOCAL_LOSS for f in ranks_bad)):
             # Finite loss, non-finite gradients: scaled gradients overflowed, which GradScaler
             # handles (unless the weights or buffers themselves are bad: checked below).
             other = buffers + ([p for p in self._params if p.is_floating_point()] if weights else [])
