@@ -41,9 +41,16 @@ from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase
 from nanscope.core.errors import NonFiniteError
-from nanscope.torch._util import all_finite, finite_flag, named_tensors
+from nanscope.torch._util import all_finite, finite_flag
 from nanscope.torch.checks import check_model_state, check_optimizer_state
-from nanscope.torch.trace import Analyzer, Event, ModuleTracker, first_failure, user_frame
+from nanscope.torch.trace import (
+    Analyzer,
+    Event,
+    ModuleTracker,
+    first_failure,
+    inputs_finite,
+    user_frame,
+)
 
 __all__ = ["attach", "detach"]
 
@@ -306,9 +313,7 @@ class Runner:
                 for ev in self.records:
                     args = tuple(real(a) for a in ev.args)
                     kwargs = {k: real(v) for k, v in ev.kwargs.items()}
-                    ins_fin = None
-                    if ev.func._schema.is_mutable:
-                        ins_fin = [all_finite(t) for _, t in named_tensors([list(args), kwargs], "a")]
+                    ins_fin = inputs_finite(ev.func, args, kwargs)
                     out = ev.func(*args, **kwargs)
                     outs = [out] if isinstance(out, torch.Tensor) else [
                         o for o in (out if isinstance(out, (tuple, list)) else []) if isinstance(o, torch.Tensor)]

@@ -473,6 +473,14 @@ def _where_trap(fwd: rules.ProducerEvidence, origin: Origin) -> rules.ProducerEv
 # -- the tracing mode ------------------------------------------------------------------------
 
 
+def inputs_finite(func: Any, args: tuple, kwargs: dict) -> list[bool] | None:
+    """For an in-place op, whether each tensor input is finite, taken before the op writes to
+    it (``Event.inputs_finite``); None for other ops (their inputs are still as they were)."""
+    if not func._schema.is_mutable:
+        return None
+    return [all_finite(t) for _, t in named_tensors([list(args), kwargs], "a")]
+
+
 class TraceMode(TorchDispatchMode):
     """Sees every aten op of a step, forward and backward, and feeds an ``Analyzer``."""
 
@@ -483,10 +491,7 @@ class TraceMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        mutable = func._schema.is_mutable
-        ins_fin = None
-        if mutable:
-            ins_fin = [all_finite(t) for _, t in named_tensors([list(args), kwargs], "a")]
+        ins_fin = inputs_finite(func, args, kwargs)
         out = func(*args, **kwargs)
         outs = [t for _, t in named_tensors(out, "o") if is_float(t)]
         if not outs:
