@@ -28,7 +28,8 @@ def _assert_finite(fn, *xs):
     out, grads = _value_and_grad(fn, *xs)
     assert np.isfinite(np.asarray(tf.cast(out, tf.float32))).all(), out
     for g in grads:
-        assert g is None or np.isfinite(np.asarray(tf.cast(tf.convert_to_tensor(g), tf.float32))).all(), g
+        assert g is not None, "no gradient reached the input"
+        assert np.isfinite(np.asarray(tf.cast(tf.convert_to_tensor(g), tf.float32))).all(), g
 
 
 def test_dispatch_picks_keras_and_never_torch():
