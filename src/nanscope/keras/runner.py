@@ -27,6 +27,7 @@ import weakref
 from typing import Any
 
 _state: dict[str, Any] = {"session": None, "patched": False}
+_TRACE_IT = "call `nanscope.keras.diagnose(model, (x, y), loss_fn)` on the failing batch for a per-op trace"
 
 
 def attach(session: Any, module_name: str) -> None:
@@ -234,7 +235,7 @@ def _patch_custom_loops(session: Any) -> None:
         raise session.fail(Diagnosis(
             Category.UNKNOWN, f"a compiled step ({getattr(function, '__name__', 'tf.function')}) made the gradients non-finite",
             phase=Phase.BACKWARD, step=last.step, framework="keras", evidence=[evidence, "its update was not applied"],
-            fixes=["call `nanscope.keras.diagnose(model, (x, y), loss_fn)` on the failing batch for a per-op trace"]))
+            fixes=[_TRACE_IT]))
 
     polymorphic_function.Function.__call__ = call_function
 
@@ -284,7 +285,7 @@ def _diagnose_custom_step(last: _LastStep, grads: list, variables: Any, session:
             ev.append(f"first: {summarize(to_numpy(bad[0]), bad[0].dtype.name).describe()}")
         return Diagnosis(Category.UNKNOWN, "the gradients became non-finite in a custom training loop",
                          phase=Phase.BACKWARD, step=step, framework="keras", evidence=ev,
-                         fixes=["call `nanscope.keras.diagnose(model, (x, y), loss_fn)` on the failing batch for a per-op trace"])
+                         fixes=[_TRACE_IT])
     except Exception as err:
         session.internal_error("diagnosing the custom training step", err)
         return None
