@@ -24,6 +24,7 @@ import functools
 import inspect
 import math
 import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 _state: dict[str, Any] = {"session": None, "patched": False}
@@ -68,16 +69,17 @@ def _patch_fit(session: Any) -> None:
 
 # -- custom loops -----------------------------------------------------------------------------
 
+@dataclass
 class _LastStep:
     """The last training-mode call of a top-level model, and the recorded ops of the step."""
 
+    recorder: Any  # nanscope.keras.trace.Recorder
     model: Any = None
     x: Any = None
     depth: int = 0
-    norms: list[float] = []
+    norms: list[float] = field(default_factory=list)
     step: int = 0
     target: Any = None  # what tape.gradient differentiated (the loss)
-    recorder: Any = None
 
 
 def _patch_custom_loops(session: Any) -> None:
@@ -88,9 +90,8 @@ def _patch_custom_loops(session: Any) -> None:
     from nanscope.keras.guard import _squared_norm
     from nanscope.keras.trace import Recorder
 
-    last = _LastStep()
-    last.norms = []
-    last.recorder = recorder = Recorder()
+    last = _LastStep(Recorder())
+    recorder = last.recorder
     model_call = keras.Model.__call__
 
     @functools.wraps(model_call)
