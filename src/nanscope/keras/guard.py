@@ -16,8 +16,10 @@ Design constraints:
       it (``jit_compile``, ``tf.function``). Everything is restored on ``on_train_end`` and
       before raising.
     * Healthy-step cost: one fused reduction (the squared gradient norm, finite iff every
-      gradient is finite and the norm does not overflow float32) plus one 2-float variable read
-      on the host. No per-op work.
+      gradient is finite and the norm does not overflow float32), an in-graph copy of the
+      non-trainable state (BatchNorm moving statistics, metric accumulators; policies that
+      veto only) to restore on a veto, and one 4-float variable read on the host. No per-op
+      work.
     * On failure only: the eager tracer re-runs that batch (``nanscope.keras.diagnose``).
     * Under a ``LossScaleOptimizer`` non-finite gradients are the loss scale's business (it
       skips the step and halves the scale): not a failure. A non-finite *loss* still is.
