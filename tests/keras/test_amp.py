@@ -42,7 +42,7 @@ def test_headroom_flags_wo_before_float16_overflows(tmp_path):
     report = headroom(model, (x, y), LOSS)
     top = report.layers[0]
     assert top.name == "wo" and top.status == "danger" and 4096 < top.act_absmax < 65504
-    assert report["head"].status == "ok" and top.grad_absmax is not None
+    assert report["head"].status == "ok" and 0 < top.grad_absmax < np.inf and 0 <= top.grad_underflow <= 1
     assert all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights(), strict=True))
     assert report.to_dict()["layers"][0]["name"] == "wo" and "wo" in str(report)
     report.plot(tmp_path / "headroom.png")
