@@ -90,9 +90,8 @@ def diagnose(
     loss_fn = _loss_function(model, loss)
     if ignore_index is None:
         ignore_index = _ignore_index(model, loss)
-    d = trace_step(model, x, y, sample_weight, loss_fn, entry=entry, step=step, ignore_index=ignore_index,
-                   grad_norms=grad_norms, learning_rate=learning_rate)
-    return d
+    return trace_step(model, x, y, sample_weight, loss_fn, entry=entry, step=step, ignore_index=ignore_index,
+                      grad_norms=grad_norms, learning_rate=learning_rate)
 
 
 # -- cheap checks ------------------------------------------------------------------------------
