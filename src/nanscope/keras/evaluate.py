@@ -21,7 +21,7 @@ import keras
 
 from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
-from nanscope.core.enums import Phase
+from nanscope.core.enums import Category, Phase
 from nanscope.core.summary import bad_rows, summarize
 from nanscope.keras._util import (
     VariableSnapshot,
@@ -140,8 +140,6 @@ def _samples(out: Any, n: int | None) -> list[int]:
 
 
 def _unknown(samples: list[int]) -> Diagnosis:
-    from nanscope.core.enums import Category
-
     return Diagnosis(Category.UNKNOWN, "inference output is non-finite but no op produced it in an eager re-run",
                      phase=Phase.FORWARD, framework="keras", samples=samples,
                      evidence=["the eager re-run stayed finite op by op"], fixes=[])
