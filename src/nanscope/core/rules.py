@@ -114,6 +114,46 @@ def classify_producer(ev: ProducerEvidence) -> Diagnosis:
     )
 
 
+def where_trap(fwd: ProducerEvidence, backward_op: str | None = None) -> ProducerEvidence:
+    """A forward producer whose NaN/Inf never reached the loss (``where`` or a mask discarded
+    it) but poisoned a gradient: the backward of the discarded branch multiplied a zero
+    gradient by it (0 * NaN = NaN). Re-read as a backward producer, ``singular_gradient``."""
+    ev = ProducerEvidence(
+        op=backward_op or fwd.op, phase=Phase.BACKWARD, inputs=fwd.inputs, output=fwd.output,
+        framework=fwd.framework, op_kind=fwd.op_kind, module=fwd.module, location=fwd.location,
+        samples=fwd.samples, step=fwd.step, forward_op=fwd.op, forward_inputs=fwd.inputs,
+        extra_evidence=list(fwd.extra_evidence),
+        details={**fwd.details, "where_trap": True, "forward_producer": fwd.op},
+    )
+    ev.extra_evidence.append(
+        f"forward {fwd.op} made NaN/Inf that `where` (or a mask) discarded, so the loss stayed finite; "
+        f"its backward{' (' + backward_op + ')' if backward_op else ''} multiplied the zero gradient by it: "
+        "0 * NaN = NaN")
+    return ev
+
+
+def diagnose_failure(evidence: ProducerEvidence, *, reached: str, backward_op: str | None = None) -> Diagnosis:
+    """The diagnosis of the producer whose values reached ``reached`` (``loss``, ``output``,
+    ``gradient``): a forward producer reached only through a gradient is the where trap."""
+    if reached == "gradient" and evidence.phase is not Phase.BACKWARD:
+        evidence = where_trap(evidence, backward_op)
+    d = classify_producer(evidence)
+    d.details.setdefault("reached", reached)
+    return d
+
+
+def unexplained(what: str, *, framework: str = "torch", step: int | None = None,
+                why: str | None = None) -> Diagnosis:
+    """A non-finite ``what`` (loss, gradient, output) that no watched op produced."""
+    fw = _NAMES.get(framework, framework)
+    return Diagnosis(
+        Category.UNKNOWN, f"the {what} is non-finite but no watched op produced it", framework=fw, step=step,
+        evidence=[why or f"no op nanscope watched made the {what} non-finite: it was written by code nanscope "
+                  "does not see (a custom C++/CUDA extension, a hook, another thread), or before the step began"],
+        fixes=fixes_for(Category.UNKNOWN, framework=fw),
+    )
+
+
 def _decide(ev: ProducerEvidence, k: OpKind, evidence: list[str]) -> tuple[Category, str]:
     ins, out = ev.inputs, ev.output
     lim = limits(out.dtype)
@@ -212,8 +252,12 @@ def _decide(ev: ProducerEvidence, k: OpKind, evidence: list[str]) -> tuple[Categ
 def nonfinite_input(
     name: str | None, summary: TensorSummary, samples: list[int], *, framework: str = "torch",
     step: int | None = None, phase: Phase = Phase.DATA, category: Category = Category.NONFINITE_INPUT,
+    location: Location | None = None, read_by: str | None = None, read_in: str | None = None,
 ) -> Diagnosis:
-    """The batch itself holds NaN/Inf (inputs, or targets with ``category=INVALID_TARGET``)."""
+    """The batch itself holds NaN/Inf (inputs, or targets with ``category=INVALID_TARGET``).
+
+    A tracer that found the bad tensor only when an op read it passes ``name=None`` with the
+    op (``read_by``), its module (``read_in``) and the user's line (``location``)."""
     fw = _NAMES.get(framework, framework)
     what = "input" if category is Category.NONFINITE_INPUT else "target"
     n = summary.nonfinite
@@ -232,9 +276,11 @@ def nonfinite_input(
         evidence.append(f"all {rows} samples hold non-finite values")
         if category is Category.NONFINITE_INPUT:
             fixes = [fixes[1], fixes[0], *fixes[2:]]
+    if read_by is not None:
+        evidence.append(f"first op to read it: {read_by}" + (f" in {read_in}" if read_in else ""))
     return Diagnosis(
         category=category, phase=phase, step=step, framework=fw, samples=samples, dtype=summary.dtype,
-        summary=text, evidence=evidence, fixes=fixes,
+        summary=text, evidence=evidence, fixes=fixes, location=location,
     )
 
 

@@ -32,7 +32,8 @@ from tensorflow.python.framework import op_callbacks
 
 from nanscope.core.diagnosis import Diagnosis, Location
 from nanscope.core.enums import OpKind, Phase
-from nanscope.core.rules import ProducerEvidence, classify_producer
+from nanscope.core.origin import OpSeen, OriginKind, OriginTracker, Value
+from nanscope.core.rules import ProducerEvidence, diagnose_failure
 from nanscope.core.source import _display, is_user_file
 from nanscope.core.summary import bad_rows, summarize
 
@@ -67,6 +68,14 @@ def all_finite(t: Any) -> bool:
     return True if a is None else bool(np.isfinite(a).all())
 
 
+def _value(t: Any) -> Value:
+    """The origin tracker's view of one float tensor."""
+    a = to_numpy(t)
+    if a is None or np.isfinite(a).all():
+        return Value(id(t), True)
+    return Value(id(t), False, nan=bool(np.isnan(a).any()), posinf=bool((a == np.inf).any()))
+
+
 @dataclass
 class OpRecord:
     """One executed op as the tracer saw it."""
@@ -88,19 +97,28 @@ class Trace:
 
     ops: list[OpRecord] = field(default_factory=list)
     producers: list[OpRecord] = field(default_factory=list)  # ops that made the first NaN/Inf of a value
-    origin: dict[int, int] = field(default_factory=dict)  # id(tensor) -> producer index | EXTERNAL
+    origins: OriginTracker = field(default_factory=OriginTracker)
     keep: list[Any] = field(default_factory=list)  # keeps traced tensors alive (unique ids)
     by_tensor: dict[int, list[OpRecord]] = field(default_factory=dict)  # id(forward tensor) -> ops
+
+    def producer_index(self, t: Any) -> int | None:
+        """Index in ``producers`` of the op whose values reached ``t``; EXTERNAL for a bad value
+        from outside (or a legitimate infinity); None when nothing non-finite reached it."""
+        o = self.origins.origin_of(id(t))
+        if o is None:
+            return EXTERNAL if is_float(t) and not all_finite(t) else None
+        if o.kind is OriginKind.PRODUCER:
+            return self.producers.index(o.op.record)
+        return EXTERNAL
 
     def origin_of(self, tensors: Any) -> int | None:
         """Producer index whose values reached one of ``tensors`` (EXTERNAL, or None: finite)."""
         found = None
         for t in tf.nest.flatten(tensors):
-            o = self.origin.get(id(t))
+            o = self.producer_index(t)
             if o is not None and o != EXTERNAL:
                 return o
-            if o is not None or (is_float(t) and not all_finite(t)):
-                found = EXTERNAL
+            found = found if o is None else EXTERNAL
         return found
 
 
@@ -134,7 +152,8 @@ class Tracer:
         """Tensors that enter the step from outside (the batch): non-finite ones are EXTERNAL."""
         for t in tf.nest.flatten(tensors):
             if is_float(t) and not all_finite(t):
-                self.trace.origin[id(t)] = EXTERNAL
+                op = OpSeen(-1, "batch", Phase.DATA, [], [])
+                self.trace.origins.mark_external(_value(t), op)
                 self.trace.keep.append(t)
 
     # -- the callback ----------------------------------------------------------------------
@@ -170,33 +189,19 @@ class Tracer:
             for t in (*inputs, *outputs):
                 tr.by_tensor.setdefault(id(t), []).append(rec)
             tr.keep.append(rec)
-        bad_out = [t for t in outputs if is_float(t) and not all_finite(t)]
-        if not bad_out:
+        outs = [_value(t) for t in outputs if is_float(t)]
+        if all(v.finite for v in outs):
+            tr.origins.see(OpSeen(rec.index, op_type, self.phase, [], outs))
             return
         tr.keep.append(rec)
-        in_origins = [tr.origin.get(id(t)) for t in inputs]
-        known = [o for o in in_origins if o is not None and o != EXTERNAL]
-        bad_in = [t for t in inputs if is_float(t) and not all_finite(t)]
-        if known:  # propagates a producer's values
-            origin = min(known)
-        elif not any(is_float(t) for t in inputs):
-            origin = EXTERNAL  # a variable read or a constant: stored state, not computed here
-        elif bad_in and not self._turns_inf_into_nan(bad_in, bad_out):
-            origin = EXTERNAL  # propagates the batch's (or a constant's) values
-        else:  # a new producer
+        ins = [_value(t) if is_float(t) else Value(id(t), True) for t in inputs]
+        op = OpSeen(rec.index, op_type, self.phase, ins, outs,
+                    # a variable read or a constant: stored state, not computed here
+                    source=not any(is_float(t) for t in inputs), record=rec)
+        if tr.origins.see(op) is not None:  # a new producer
             if recorded is None:
                 rec.location = rec.location or self._location()
             tr.producers.append(rec)
-            origin = len(tr.producers) - 1
-        for t in outputs:
-            tr.origin[id(t)] = origin
-
-    @staticmethod
-    def _turns_inf_into_nan(bad_in: list, bad_out: list) -> bool:
-        """Inf that entered on purpose (a mask) and a NaN made here: this op is the culprit."""
-        no_nan_in = all(not np.isnan(to_numpy(t)).any() for t in bad_in)
-        nan_out = any(np.isnan(to_numpy(t)).any() for t in bad_out)
-        return no_nan_in and nan_out
 
     def _location(self) -> Location | None:
         return _user_location(sys._getframe(3), self._user_files, stop=self.entry)
@@ -405,10 +410,4 @@ def diagnosis_from_trace(
     prod = tr.producers[idx] if idx is not None and idx >= 0 else tr.producers[0]
     ev = producer_evidence(tr, prod, batch_size=batch_size, step=step,
                            valid_targets=valid_targets, ignore_index=ignore_index)
-    if gradients_only and ev.phase is not Phase.BACKWARD:
-        ev.forward_op, ev.forward_inputs, ev.phase = ev.op, list(ev.inputs), Phase.BACKWARD
-        ev.details["where_trap"] = True
-        ev.extra_evidence.append(
-            f"{ev.op} made NaN/Inf in the forward pass, the loss stayed finite (a where/select discarded it), "
-            "and the gradient brought it back")
-    return classify_producer(ev)
+    return diagnose_failure(ev, reached="gradient" if gradients_only else "loss")

@@ -35,7 +35,7 @@ import os
 import sys
 import sysconfig
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis, Location
-from nanscope.core.enums import Category, OpKind, Phase
+from nanscope.core.enums import OpKind, Phase
+from nanscope.core.origin import Failure, OpSeen, Origin, OriginKind, OriginTracker, Value
 from nanscope.core.source import is_user_file, location_from_stack
 from nanscope.core.summary import summarize
 from nanscope.torch._util import (
@@ -231,18 +232,6 @@ class Event:
         return ins
 
 
-@dataclass
-class Origin:
-    """Where the bad values of a tensor came from."""
-
-    kind: str  # "producer", "external" or "legit"
-    event: Event
-    tensor: torch.Tensor | None = None  # the external tensor
-    evidence: rules.ProducerEvidence | None = None
-    first_backward: Event | None = None
-    details: dict = field(default_factory=dict)
-
-
 def _has_nan(t: torch.Tensor) -> bool:
     return is_float(t) and bool(torch.isnan(t).any())
 
@@ -257,25 +246,32 @@ def _scalar_inf(args: tuple, kwargs: dict) -> bool:
 
 
 class Analyzer:
-    """Follows the origin of every non-finite tensor through a sequence of ``Event`` s."""
+    """Feeds every ``Event`` to the core ``OriginTracker`` and takes the producer's evidence
+    at once (a later in-place op may change its tensors). Tensors are keyed by ``id``; every
+    non-finite one is held alive while the analyzer lives, so no id is reused."""
 
     def __init__(self, tracker: ModuleTracker, *, step: int | None = None) -> None:
         self.tracker = tracker
         self.step = step
-        self.taint: dict[int, tuple[torch.Tensor, Origin]] = {}
+        self.origins = OriginTracker()
+        self._alive: dict[int, torch.Tensor] = {}
         self.forward_events: list[Event] = []
         self._node_map: dict[int, Event] | None = None
         self.leaves: dict[int, torch.Tensor] = {}
         # A replay works on copies of the state tensors an op wrote to: copy id -> original.
         self.originals: dict[int, torch.Tensor] = {}
 
-    # lookups
-    def origin_of(self, t: torch.Tensor) -> Origin | None:
-        hit = self.taint.get(id(t))
-        return hit[1] if hit is not None and hit[0] is t else None
+    def value(self, t: torch.Tensor, finite: bool | None = None) -> Value:
+        """The tracker's view of ``t`` (its flags read now)."""
+        if finite is None:
+            finite = all_finite(t)
+        if finite:
+            return Value(id(t), True)
+        self._alive[id(t)] = t
+        return Value(id(t), False, nan=_has_nan(t), posinf=_has_posinf(t))
 
-    def _mark(self, t: torch.Tensor, origin: Origin) -> None:
-        self.taint[id(t)] = (t, origin)
+    def origin_of(self, t: torch.Tensor) -> Origin | None:
+        return self.origins.origin_of(id(t))
 
     def forward_of(self, node: Any) -> Event | None:
         if node is None:
@@ -288,7 +284,6 @@ class Analyzer:
                         self._node_map[id(fn)] = ev
         return self._node_map.get(id(node))
 
-    # the core step
     def observe(self, ev: Event) -> None:
         if ev.phase is not Phase.BACKWARD:
             self.forward_events.append(ev)
@@ -298,43 +293,20 @@ class Analyzer:
                     self.leaves.setdefault(id(t), t)
         fin = [all_finite(o) for o in ev.outputs]
         if all(fin):
-            for o in ev.outputs:  # an in-place op may have repaired a tensor
-                self.taint.pop(id(o), None)
+            self.origins.see(OpSeen(ev.index, ev.name, ev.phase, [], [Value(id(o), True) for o in ev.outputs]))
             return
         ins = ev.tensor_inputs()
         in_fin = ev.inputs_finite if ev.inputs_finite is not None else [all_finite(t) for t in ins]
-        bad_origin: Origin | None = None
-        legit_in = False
-        for t, ok in zip(ins, in_fin, strict=False):
-            if ok:
-                continue
-            o = self.origin_of(t)
-            if o is None:
-                # Bad before we saw it: an infinity-only constant (a mask) is legitimate;
-                # anything else is external state or data.
-                legit = not _has_nan(t) and not _has_posinf(t)
-                o = Origin("legit" if legit else "external", ev, tensor=t)
-                self._mark(t, o)
-            if o.kind == "legit":
-                legit_in = True
-            elif bad_origin is None:
-                bad_origin = o
-        bad_outs = [o for o, ok in zip(ev.outputs, fin, strict=False) if not ok]
-        if bad_origin is not None:
-            if ev.phase is Phase.BACKWARD and bad_origin.first_backward is None:
-                bad_origin.first_backward = ev
-            for o in bad_outs:
-                self._mark(o, bad_origin)
-            return
-        no_nan = not any(_has_nan(o) for o in bad_outs)
-        if no_nan and (legit_in or _scalar_inf(ev.args, ev.kwargs) or not ins):
-            origin = Origin("legit", ev)
-        elif _short(ev.func) in _SOURCES:  # bytes from outside (a file, a Python list): not an op's fault
-            origin = Origin("external", ev, tensor=bad_outs[0])
-        else:
-            origin = Origin("producer", ev, evidence=self._evidence(ev, bad_outs[0], ins, in_fin))
-        for o in bad_outs:
-            self._mark(o, origin)
+        op = OpSeen(
+            ev.index, ev.name, ev.phase,
+            inputs=[self.value(t, ok) for t, ok in zip(ins, in_fin, strict=False)],
+            outputs=[self.value(o, ok) for o, ok in zip(ev.outputs, fin, strict=False)],
+            scalar_inf=_scalar_inf(ev.args, ev.kwargs), source=_short(ev.func) in _SOURCES, record=ev,
+        )
+        origin = self.origins.see(op)
+        if origin is not None:
+            bad = next(o for o, ok in zip(ev.outputs, fin, strict=False) if not ok)
+            origin.evidence = self._evidence(ev, bad, ins, in_fin)
 
     # evidence at the producer, taken while its tensors are as the op saw them
     def _evidence(self, ev: Event, out: torch.Tensor, ins: list[torch.Tensor],
@@ -408,28 +380,35 @@ class Analyzer:
         if fwd_samples:
             evidence.samples = sorted(set(fwd_samples))
 
-    # from an origin to a diagnosis
-    def diagnose(self, origin: Origin, *, reached: str) -> Diagnosis:
-        ev = origin.event
-        if origin.kind == "external":
+    # from a failure to a diagnosis
+    def diagnose(self, failure: Failure, tensor: torch.Tensor | None = None) -> Diagnosis:
+        """The diagnosis of what ``OriginTracker.first_failure`` found (``tensor``: the value
+        that mattered, for a legitimate infinity that reached the loss)."""
+        origin = failure.origin
+        if origin is None:
+            return rules.unexplained(failure.reached, framework="torch", step=self.step)
+        if origin.kind is OriginKind.EXTERNAL:
             return self._external(origin)
-        assert origin.evidence is not None
         evidence = origin.evidence
-        if reached == "gradient" and ev.phase is not Phase.BACKWARD:
-            # A forward NaN that never reached the loss but poisoned a gradient: where trap.
-            evidence = _where_trap(evidence, origin)
-        d = rules.classify_producer(evidence)
-        d.details.setdefault("reached", reached)
-        return d
+        if evidence is None:  # a legitimate infinity that reached the loss: blame its maker
+            ev = origin.op.record
+            out = tensor if tensor is not None else ev.outputs[0]
+            evidence = self._evidence(ev, out, [], [])
+        bwd = origin.first_backward.record if origin.first_backward is not None else None
+        return rules.diagnose_failure(
+            evidence, reached=failure.reached,
+            backward_op=bwd.node.name() if bwd is not None and bwd.node is not None else None)
 
     def _external(self, origin: Origin) -> Diagnosis:
         from nanscope.torch.checks import check_model_state
 
-        t = origin.tensor
-        ev = origin.event
+        assert origin.value is not None
+        t = self._alive[origin.value.key]
+        ev = origin.op.record
         root = self.tracker.model or ev.root or self.tracker.root
         if root is not None:
             state = {id(p) for p in root.parameters()} | {id(b) for b in root.buffers()}
+
             # Read from the model's state, or written into it (load_state_dict's copy_).
             def real(x: torch.Tensor) -> int:
                 return id(self.originals.get(id(x), x))
@@ -438,14 +417,11 @@ class Analyzer:
                 d = check_model_state(root, step=self.step)
                 if d is not None:
                     return d
-        assert t is not None
         if isinstance(t, torch.nn.Parameter):
             return rules.nonfinite_parameters({"parameter": summary_of(t)}, framework="torch", step=self.step)
-        d = rules.nonfinite_input(None, summary_of(t), samples_of(t), framework="torch", step=self.step)
-        d.location = _location(ev.frame)
-        where = self.tracker.path(ev.module, ev.root)
-        d.evidence.append(f"first op to read it: {ev.name}" + (f" in {where}" if where else ""))
-        return d
+        return rules.nonfinite_input(
+            None, summary_of(t), samples_of(t), framework="torch", step=self.step,
+            location=_location(ev.frame), read_by=ev.name, read_in=self.tracker.path(ev.module, ev.root))
 
 
 def _zero_rows(t: torch.Tensor) -> list[int]:
@@ -453,21 +429,6 @@ def _zero_rows(t: torch.Tensor) -> list[int]:
         return []
     z = (t.detach() == 0).reshape(t.shape[0], -1).any(1)
     return [int(i) for i in torch.nonzero(z).flatten()] if bool(z.any()) and t.shape[0] > 1 else []
-
-
-def _where_trap(fwd: rules.ProducerEvidence, origin: Origin) -> rules.ProducerEvidence:
-    bwd = origin.first_backward
-    node_name = bwd.node.name() if bwd is not None and bwd.node is not None else None
-    ev = rules.ProducerEvidence(
-        op=node_name or fwd.op, phase=Phase.BACKWARD, inputs=fwd.inputs, output=fwd.output,
-        framework="torch", op_kind=fwd.op_kind, module=fwd.module, location=fwd.location,
-        samples=fwd.samples, step=fwd.step, forward_op=fwd.op, forward_inputs=fwd.inputs,
-        details={"where_trap": True, "forward_producer": fwd.op},
-    )
-    ev.extra_evidence.append(
-        f"forward {fwd.op} made NaN/Inf that `where` (or a mask) discarded, so the loss stayed finite; "
-        f"its backward{' (' + node_name + ')' if node_name else ''} multiplied the zero gradient by it: 0 * NaN = NaN")
-    return ev
 
 
 # -- the tracing mode ------------------------------------------------------------------------
@@ -516,28 +477,12 @@ def _matters(analyzer: Analyzer, result: Any, model: torch.nn.Module | None) -> 
 
 def first_failure(analyzer: Analyzer, things: list[tuple[str, torch.Tensor]]) -> Diagnosis | None:
     """The diagnosis of the earliest origin among the non-finite things that matter."""
-    best: tuple[int, Origin, str] | None = None
-    unexplained: str | None = None
-    for what, t in things:
-        if all_finite(t):
-            continue
-        o = analyzer.origin_of(t)
-        if o is None:
-            unexplained = unexplained or what
-            continue
-        if o.kind == "legit" and what != "output":
-            o = Origin("producer", o.event, evidence=analyzer._evidence(o.event, t, [], []))
-        if o.kind == "legit":
-            continue  # an intentional -inf in the model's output (a mask) is not a failure
-        if best is None or o.event.index < best[1].event.index:
-            best = (o.event.index, o, what)
-    if best is not None:
-        return analyzer.diagnose(best[1], reached=best[2])
-    if unexplained is not None:
-        return Diagnosis(Category.UNKNOWN, f"the {unexplained} is non-finite but no traced op produced it",
-                         framework="torch", step=analyzer.step,
-                         evidence=["the value was written outside the traced step (a hook, another thread)"])
-    return None
+    values = [(what, analyzer.value(t)) for what, t in things]
+    failure = analyzer.origins.first_failure(values)
+    if failure is None:
+        return None
+    tensor = next((t for (_, v), (_, t) in zip(values, things, strict=True) if v.key == failure.key), None)
+    return analyzer.diagnose(failure, tensor)
 
 
 def trace_step(fn: Callable[[], Any], *, model: torch.nn.Module | None = None,
