@@ -23,6 +23,8 @@ class Category(StrEnum):
     CORRUPT_NORM_STATISTICS = "corrupt_norm_statistics"
     OPTIMIZER_STATE = "optimizer_state"
     ALL_MASKED_SOFTMAX = "all_masked_softmax"
+    COMPILED_NUMERICS = "compiled_numerics"  # the compiled step failed, its eager replay did not
+    TRANSIENT = "transient"  # the failure did not reproduce when replayed from the same state
     UNKNOWN = "unknown"
 
 
