@@ -119,6 +119,12 @@ class Guard:
         check_weights_every: also check every weight on the first step and every this many
             steps (a weight pass costs as much as the gradient pass); 1 checks every step.
         warn_early: warn once when the gradient norm grows geometrically, before it overflows.
+        on_failure: called with each ``Diagnosis`` (after it is recorded, before the policy acts).
+        sinks: where else to send failures: ``"auto"`` (the trackers already running: TensorBoard,
+            Weights & Biases, MLflow; see ``nanscope.sinks``), a list of sinks / writers, or None.
+
+    An ``accelerator.prepare``'d or ``fabric.setup``'d optimizer is fine: the guard checks the
+    torch optimizer inside it, takes its loss scaler, and lets the wrapper step.
 
     Attributes:
         should_stop: True after a failure under ``"stop"`` (or an unrecoverable one under ``"skip"``).
@@ -165,6 +171,8 @@ class Guard:
         check_weights_every: int = 10,
         max_skips_in_a_row: int = 10,
         warn_early: bool = True,
+        on_failure: Callable[[Diagnosis], Any] | None = None,
+        sinks: Any = None,
     ) -> None:
         self.model = model
         self.module: torch.nn.Module = _dist.unwrap(model)
@@ -195,6 +203,11 @@ class Guard:
                               for n, b in m.named_buffers(recurse=False) if b is not None]
         self._snapshot: list[torch.Tensor] | None = None
         self._reduced = False  # this step's flag all_reduce has run (DDP)
+        # -- library integrations (nanscope.lightning, nanscope.hf, nanscope.sinks) --
+        self.on_failure = on_failure
+        self.sinks = sinks
+        self._host_optimizer: Any = None
+        self._accept_wrapped(model, optimizer)
 
     @property
     def last(self) -> Diagnosis | None:
@@ -263,6 +276,9 @@ class Guard:
                     raise
 
     def _apply(self) -> None:
+        if self._host_optimizer is not None:  # accelerate / Fabric: their step runs scaler.step + update
+            self._host_optimizer.step()
+            return
         if self._scaling():
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -524,6 +540,7 @@ class Guard:
         if policy is Policy.SKIP and self._in_a_row >= self.max_skips_in_a_row:
             policy = Policy.STOP
             d.evidence.append(f"{self._in_a_row} steps in a row failed: skipping does not help, so the guard stops")
+        self._notify(d, policy)
         if policy is Policy.RAISE:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(d)
@@ -544,6 +561,50 @@ class Guard:
             self._say(d, "the update was not applied; stopping (guard.should_stop is True)")
         else:
             self._say(d, f"the update was not applied; training goes on ({self.skipped} skipped so far)")
+
+    # -- library integrations: wrapped optimizers, on_failure, sinks ---------------------------
+    def _accept_wrapped(self, model: Any, optimizer: Any) -> None:
+        """Accept ``accelerator.prepare``'d and ``fabric.setup``'d optimizers (and Fabric's module).
+
+        Both wrap a torch optimizer as ``.optimizer``, and their ``step()`` runs their own loss
+        scaler (``scaler.step`` + ``scaler.update``). The guard then checks and unscales the inner
+        optimizer, takes the wrapper's scaler, and lets the wrapper step (``_apply``)."""
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
+            self._host_optimizer, self.optimizer = optimizer, inner
+            if self.scaler is None:
+                strategy = getattr(optimizer, "_strategy", None)  # Fabric: the precision plugin's scaler
+                self.scaler = getattr(optimizer, "scaler", None) or getattr(
+                    getattr(strategy, "precision", None), "scaler", None)
+        forward = getattr(model, "_forward_module", None)  # Fabric's _FabricModule
+        if isinstance(forward, torch.nn.Module) and isinstance(getattr(model, "_original_module", None), torch.nn.Module):
+            self.model = forward
+            self.module = _dist.unwrap(forward)
+            self._norm_buffers = [(m, n) for m in self.module.modules() if is_norm_layer(m)
+                                  for n, b in m.named_buffers(recurse=False) if b is not None]
+
+    @property
+    def step_was_skipped(self) -> bool:
+        """The last update was not applied: vetoed by the guard, or skipped by the wrapped
+        optimizer's own loss scaler (accelerate's ``optimizer.step_was_skipped``)."""
+        host = getattr(self._host_optimizer, "step_was_skipped", False)
+        return not self._applied_last or bool(host)
+
+    def _notify(self, d: Diagnosis, action: Policy) -> None:
+        """Tell ``on_failure`` and the trackers (``sinks``) about a failure, with what is done."""
+        if self.on_failure is not None:
+            self.on_failure(d)  # the user's callable: its errors are the user's
+        if self.sinks is None:
+            return
+        try:
+            from nanscope import sinks as _sinks
+
+            skipped = self.skipped + (action in (Policy.SKIP, Policy.STOP))
+            _sinks.send(self.sinks, d, action=str(action), nonfinite_steps=sum(self.counts.values()),
+                        skipped_steps=skipped, step=d.step, rank=_dist.rank())
+        except Exception as err:  # a tracker that fails must not stop training
+            self._warn_once("sinks", f"nanscope: could not send the diagnosis to the trackers: "
+                                     f"{type(err).__name__}: {err}")
 
     def _say(self, d: Diagnosis, what: str) -> None:
         key = f"{d.category}:{d.op}:{d.module}"
