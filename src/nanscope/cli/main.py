@@ -23,6 +23,7 @@ COMMANDS = {
     "repair": "nanscope.cli.repair",
     "show": "nanscope.cli.show",
     "fuzz-loss": "nanscope.cli.fuzz_loss",
+    "report": "nanscope.cli.report",
 }
 
 
