@@ -36,6 +36,10 @@ import numpy as np
 
 BLOCK = 1 << 17  # elements per block: 512 KiB of float32, half of a 1 MiB L2
 _MIN_PARALLEL = 1 << 21  # below 2 Mi elements one thread is faster than starting two
+# row_stats reduces groups of rows with ~10 numpy calls of ~2 us fixed cost each; 256 Ki elements
+# per group (1 MiB of float32 plus its 1 MiB of deviations, the L2) measured fastest: 4.0 GB/s on
+# one core against 3.5 at 128 Ki and 3.2-3.9 at 512 Ki (rows of 1 Ki, 2-core EPYC VM).
+ROW_BLOCK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,205 @@ def array_stats(array: object, *, workers: int = 2, block: int = BLOCK) -> Array
     for p in results:
         out = out.merge(p)  # type: ignore[arg-type]
     return out
+
+
+@dataclass(frozen=True)
+class RowStats:
+    """:class:`ArrayStats` of many rows at once, as arrays of one shape (one entry per row).
+
+    ``count``/``nan``/``posinf``/``neginf`` are int64, ``min``/``max``/``mean``/``m2`` float64; a
+    row with no finite value has ``min`` +Inf, ``max`` -Inf, ``mean`` and ``m2`` 0.
+
+    Example:
+        >>> r = row_stats(np.array([[1.0, 3.0], [np.nan, 2.0]]))
+        >>> r.count.tolist(), r.nan.tolist(), r.mean.tolist(), r.combine(0).item().mean
+        ([2, 1], [0, 1], [2.0, 2.0], 2.0)
+    """
+
+    count: np.ndarray
+    nan: np.ndarray
+    posinf: np.ndarray
+    neginf: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.count.shape
+
+    @property
+    def nonfinite(self) -> np.ndarray:
+        return self.nan + self.posinf + self.neginf
+
+    def reshape(self, *shape: int) -> RowStats:
+        return RowStats(*(getattr(self, f).reshape(*shape) for f in _ROW_FIELDS))
+
+    def combine(self, axis: int) -> RowStats:
+        """Merge the rows along ``axis`` (the exact pairwise-update formula, vectorized)."""
+        n = self.count.sum(axis=axis)
+        w = self.count.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, (w * self.mean).sum(axis=axis) / np.maximum(n, 1), 0.0)
+            dev = self.mean - np.expand_dims(mean, axis)
+            m2 = self.m2.sum(axis=axis) + (w * dev * dev).sum(axis=axis)
+        return RowStats(n, self.nan.sum(axis=axis), self.posinf.sum(axis=axis), self.neginf.sum(axis=axis),
+                        self.min.min(axis=axis), self.max.max(axis=axis), mean, m2)
+
+    def item(self, *index: int) -> ArrayStats:
+        """One row as :class:`ArrayStats`."""
+        count = int(self.count[index])
+        counts = (int(self.nan[index]), int(self.posinf[index]), int(self.neginf[index]))
+        if not count:
+            return ArrayStats(0, *counts)
+        return ArrayStats(count, *counts, float(self.min[index]), float(self.max[index]), float(self.mean[index]),
+                          float(self.m2[index]))
+
+
+_ROW_FIELDS = ("count", "nan", "posinf", "neginf", "min", "max", "mean", "m2")
+
+
+def _numeric(array: object) -> np.ndarray:
+    a = np.asarray(array)
+    if a.dtype.kind == "b":
+        a = a.view(np.uint8)
+    if a.dtype.kind == "c":
+        a = np.abs(a)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"cannot compute statistics of dtype {a.dtype}")
+    return a
+
+
+def row_stats(array: object, *, workers: int = 2, block: int = ROW_BLOCK) -> RowStats:
+    """:func:`array_stats` of every row (the last axis) of an array, in one fused pass.
+
+    One read of memory gives the statistics of each row: per sample and per channel at once,
+    so an audit gets per-channel means, per-sample NaN counts and constant samples without a
+    second pass or a copy. Rows are reduced in cache-sized groups; an array that is not
+    C-contiguous (a channels-last batch seen as ``(n, C, H*W)``) or not in the working dtype
+    is copied one cached group at a time, never as a whole. Threads take groups from a shared
+    counter; each row's result does not depend on which thread computed it (deterministic).
+
+    Args:
+        array: at least 2-D; rows are all indices but the last.
+        workers: threads for large arrays.
+        block: elements per cache block.
+
+    Example:
+        >>> x = np.arange(12, dtype=np.float32).reshape(2, 2, 3)   # (sample, channel, pixel)
+        >>> r = row_stats(x)
+        >>> r.shape, r.mean.tolist(), r.combine(1).max.tolist()
+        ((2, 2), [[1.0, 4.0], [7.0, 10.0]], [5.0, 11.0])
+    """
+    a = _numeric(array)
+    if a.ndim < 2:
+        raise ValueError(f"row_stats needs at least 2 dimensions, got shape {a.shape}")
+    rows_shape = a.shape[:-1]
+    n_rows = math.prod(rows_shape)
+    length = a.shape[-1]
+    out = _empty_rows(n_rows)
+    if n_rows and length:
+        if length > block:  # rows longer than a block: the whole-array kernel, row by row
+            _long_rows(a.reshape(n_rows, length) if a.flags.c_contiguous else a, out, workers, block)
+        else:
+            _short_rows(a, out, workers, block)
+    return RowStats(*(v.reshape(rows_shape) for v in out))
+
+
+def _empty_rows(n: int) -> list[np.ndarray]:
+    z = np.zeros(n, np.int64)
+    return [z, z.copy(), z.copy(), z.copy(), np.full(n, np.inf), np.full(n, -np.inf), np.zeros(n), np.zeros(n)]
+
+
+def _put(out: list[np.ndarray], i: int, s: ArrayStats) -> None:
+    out[0][i], out[1][i], out[2][i], out[3][i] = s.count, s.nan, s.posinf, s.neginf
+    if s.count:
+        out[4][i], out[5][i], out[6][i], out[7][i] = s.min, s.max, s.mean, s.m2
+
+
+def _long_rows(a: np.ndarray, out: list[np.ndarray], workers: int, block: int) -> None:
+    flat = a.reshape(-1, a.shape[-1]) if a.flags.c_contiguous else None
+    for i in range(out[0].size):
+        row = flat[i] if flat is not None else a[np.unravel_index(i, a.shape[:-1])]
+        _put(out, i, array_stats(row, workers=workers, block=block))
+
+
+def _short_rows(a: np.ndarray, out: list[np.ndarray], workers: int, block: int) -> None:
+    length = a.shape[-1]
+    per_lead = math.prod(a.shape[1:-1])  # rows per index of the first axis
+    work = _work_dtype(a.dtype)
+    direct = a.flags.c_contiguous and a.dtype == work
+    flat = a.reshape(-1, length) if direct else None
+    # Groups are whole indices of the first axis, so a group of a strided view copies as one slice.
+    lead_per_group = max(1, block // max(1, per_lead * length))
+    n_lead = a.shape[0]
+    n_groups = -(-n_lead // lead_per_group)
+    rows_per_group = lead_per_group * per_lead
+    counter = itertools.count()
+
+    def work_loop() -> None:
+        size = min(rows_per_group, per_lead * n_lead) * length
+        d = np.empty(size, dtype=work)
+        tmp = None if direct else np.empty(size, dtype=work)
+        with np.errstate(over="ignore", invalid="ignore"):
+            while (g := next(counter)) < n_groups:
+                lo, hi = g * lead_per_group, min(n_lead, (g + 1) * lead_per_group)
+                r0, r1 = lo * per_lead, hi * per_lead
+                if direct:
+                    b = flat[r0:r1]
+                else:
+                    part = a[lo:hi]
+                    b = tmp[: part.size].reshape(part.shape)
+                    np.copyto(b, part, casting="unsafe")
+                    b = b.reshape(-1, length)
+                _rows_block(b, d[: b.size].reshape(b.shape), out, r0)
+
+    threads = min(workers, n_groups) if n_lead * per_lead * length >= _MIN_PARALLEL else 1
+    if threads <= 1:
+        work_loop()
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(work_loop) for _ in range(threads)]:
+            f.result()
+
+
+def _rows_block(b: np.ndarray, d: np.ndarray, out: list[np.ndarray], r0: int) -> None:
+    """Rows ``r0 ..`` of the result from one cached group ``b`` (rows x length): the fast path
+    of :func:`_fast`, vectorized over rows; rows with NaN/Inf or overflowing sums go one by one.
+
+    Few small numpy calls per group: at 128 rows of 1 Ki, each call's ~1 us overhead is 1% of
+    the group's work, and the GIL is held only during those overheads."""
+    r, length = b.shape
+    s = b.sum(axis=1)
+    m = s / length
+    np.subtract(b, m[:, None], out=d)
+    q = np.einsum("ij,ij->i", d, d)
+    sl = slice(r0, r0 + r)
+    out[0][sl] = length
+    out[4][sl] = b.min(axis=1)
+    out[5][sl] = b.max(axis=1)
+    out[6][sl] = m
+    out[7][sl] = q
+    # The same shortcut as _fast: the pivot's error matters only when the spread is tiny.
+    near = np.flatnonzero(q < (1e-4 * length) * (m * m))
+    if near.size:
+        c = d[near].sum(axis=1, dtype=np.float64)
+        i = near + r0
+        out[6][i] += c / length
+        out[7][i] = np.maximum(out[7][i] - c * c / length, 0.0)
+    if math.isfinite(float(s.sum(dtype=np.float64)) + float(q.sum(dtype=np.float64))):
+        return  # no NaN/Inf and no overflow in any row
+    bad = np.flatnonzero(~(np.isfinite(s) & np.isfinite(q)))
+    for k in bad.tolist():
+        part, nan, pos, neg = _slow(b[k], d[k])
+        count, lo, hi, mean, m2 = part
+        i = r0 + k
+        out[0][i], out[1][i], out[2][i], out[3][i] = count, nan, pos, neg
+        if count:
+            out[4][i], out[5][i], out[6][i], out[7][i] = lo, hi, mean, m2
+        else:
+            out[4][i], out[5][i], out[6][i], out[7][i] = np.inf, -np.inf, 0.0, 0.0
 
 
 def _strided(a: np.ndarray, workers: int, block: int) -> ArrayStats:

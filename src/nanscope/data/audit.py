@@ -12,6 +12,7 @@ Design constraints:
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from nanscope.core.stats import ArrayStats, array_stats
 from nanscope.core.summary import fmt
 from nanscope.data import readers
 from nanscope.data.rules import Hits, input_findings, target_findings
+from nanscope.data.samples import SampleStats, batch_stats, channel_axis
 
 _HIST_CAP = 1 << 16  # without num_classes, labels above this are counted apart, not binned
 
@@ -139,49 +141,65 @@ class _InputAudit:
         self.channels: list[ArrayStats] | None = None
         self.nonfinite, self.constant = Hits(), Hits()
 
-    def update(self, x: np.ndarray, start: int, names: list[str] | None, workers: int) -> None:
-        x = np.asarray(x)
-        if x.dtype.kind == "b":
-            x = x.view(np.uint8)
-        if x.dtype.kind not in "fiu" or x.ndim == 0:
-            return
-        n = x.shape[0]
+    def update(self, x: np.ndarray | SampleStats, start: int, names: list[str] | None, workers: int) -> None:
+        summary = x if isinstance(x, SampleStats) else None
+        if summary is None:
+            x = np.asarray(x)
+            if x.dtype.kind == "b":
+                x = x.view(np.uint8)
+            if x.dtype.kind not in "fiu" or x.ndim == 0:
+                return
+        n, sample_shape = x.shape[0], tuple(x.shape[1:])
         if self.dtype is None:
-            self.dtype, self.sample_shape = dtype_name(x.dtype), tuple(x.shape[1:])
-            self.channel_axis = _channel_axis(self.sample_shape)
-        elif tuple(x.shape[1:]) != self.sample_shape:
+            self.dtype, self.sample_shape = dtype_name(x.dtype), sample_shape
+            self.channel_axis = channel_axis(self.sample_shape)
+        elif sample_shape != self.sample_shape:
             self.shapes_vary = True
+        per_sample = math.prod(sample_shape)
+        if not n or not per_sample:
+            return
         ax = self.channel_axis
-        per = None
-        if ax is not None and x.ndim == len(self.sample_shape or ()) + 1 and x.shape[1 + ax] == (self.sample_shape or ())[ax]:
-            # per-channel statistics merge exactly into the whole batch's: one pass, not two
-            by_channel = np.ascontiguousarray(np.moveaxis(x, 1 + ax, 0))  # one copy (none if already channel-major)
-            per = [array_stats(by_channel[c], workers=workers) for c in range(by_channel.shape[0])]
+        by_channel = ax is not None and len(sample_shape) == len(self.sample_shape or ()) and sample_shape[ax] == (self.sample_shape or ())[ax]
+        check_constant = per_sample >= 16 or x.ndim >= 3
+        if summary is None and not (by_channel or check_constant):
+            # few values per sample (tabular rows): the whole-batch kernel, rows only when needed
+            self._update_flat(x, start, names, workers)
+            return
+        if summary is None:
+            summary = batch_stats(x, ax if by_channel else None, workers=workers)
+        rows = summary.rows  # (n, channels): one fused pass gave every number below
+        if by_channel and summary.channel_axis == ax:
+            per_c = rows.combine(0)
+            per = [per_c.item(c) for c in range(per_c.shape[0])]
             self.channels = per if self.channels is None else [a.merge(b) for a, b in zip(self.channels, per, strict=True)]
             part = ArrayStats()
-            for c in per:
+            for c in per:  # the batch is the merge of its channels, in channel order
                 part = part.merge(c)
         else:
-            part = array_stats(x, workers=workers)
+            part = rows.combine(1).combine(0).item()
         self.stats = self.stats.merge(part)
-        if not n or not x[0].size:
-            return
-        flat = x.reshape(n, -1)
+        sample = rows.combine(1)
         if part.nonfinite:
+            bad = sample.nonfinite
+            for i in np.flatnonzero(bad).tolist():
+                self.nonfinite.add(start + i, names[i] if names else None,
+                                   f"{_label(start, i, names)}: {bad[i]} non-finite of {per_sample}")
+        if check_constant:
+            # min == max over the finite values of a sample with no NaN/Inf: every value is the same
+            same = (sample.nonfinite == 0) & (sample.count > 0) & (sample.min == sample.max)
+            for i in np.flatnonzero(same).tolist():
+                self.constant.add(start + i, names[i] if names else None,
+                                  f"{_label(start, i, names)}: every value is {fmt(float(sample.min[i]))}")
+
+    def _update_flat(self, x: np.ndarray, start: int, names: list[str] | None, workers: int) -> None:
+        part = array_stats(x, workers=workers)
+        self.stats = self.stats.merge(part)
+        if part.nonfinite:
+            flat = x.reshape(x.shape[0], -1)
             bad = np.count_nonzero(~np.isfinite(flat), axis=1)
             for i in np.flatnonzero(bad):
                 self.nonfinite.add(start + i, names[i] if names else None,
                                    f"{_label(start, i, names)}: {bad[i]} non-finite of {flat.shape[1]}")
-        if flat.shape[1] >= 16 or x.ndim >= 3:
-            if n == 1:  # one image: its statistics already say whether it is constant
-                lo = np.array([part.min if part.count and not part.nonfinite else np.nan])
-                hi = np.array([part.max if part.count and not part.nonfinite else np.nan])
-            else:
-                with np.errstate(invalid="ignore"):
-                    lo, hi = flat.min(axis=1), flat.max(axis=1)
-            for i in np.flatnonzero((lo == hi) & np.isfinite(lo)):
-                self.constant.add(start + i, names[i] if names else None,
-                                  f"{_label(start, i, names)}: every value is {fmt(float(lo[i]))}")
 
     def to_dict(self) -> dict:
         d: dict = {"dtype": self.dtype, "sample_shape": list(self.sample_shape or ()) if not self.shapes_vary else "varies"}
@@ -195,17 +213,6 @@ class _InputAudit:
                 d["channel_mean_01"] = [round(c.mean / 255, 4) if c.mean is not None else None for c in self.channels]
                 d["channel_std_01"] = [round(c.std / 255, 4) if c.std is not None else None for c in self.channels]
         return d
-
-
-def _channel_axis(sample_shape: tuple[int, ...]) -> int | None:
-    """Channels last (H, W, C) or first (C, H, W) for image-like samples; None otherwise."""
-    if len(sample_shape) != 3:
-        return None
-    if sample_shape[-1] in (1, 2, 3, 4) and sample_shape[0] > 4:
-        return 2
-    if sample_shape[0] in (1, 2, 3, 4):
-        return 0
-    return None
 
 
 class _TargetAudit:
