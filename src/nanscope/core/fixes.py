@@ -11,6 +11,180 @@ from nanscope.core.enums import Category, OpKind
 _T, _K = "torch", "keras"
 
 
+class Fix(tuple):
+    """One fix spelled per framework: ``Fix(torch_text, keras_text)``; ``{at}`` is filled
+    with the user's line and module, ``{module}`` with the module path."""
+
+    def __new__(cls, torch: str, keras: str | None = None) -> Fix:
+        return super().__new__(cls, (torch, torch if keras is None else keras))
+
+    def text(self, framework: str, **fill: str) -> str:
+        return self[0 if framework == _T else 1].format(**fill)
+
+
+_WHERE_TRAP = Fix(
+    "the where trap: NaN from the discarded branch of `where` still poisons the gradient; "
+    "apply where twice (`safe = where(mask, x, 1.0); where(mask, f(safe), 0.0)`) or use `nanscope.losses.double_where`")
+
+# (category, variant) -> fixes, best first. The variant is the producer's op kind, or for
+# overflow the dtype ("float16"), for singular gradients the forward op's kind; None is the
+# category's default. ``fixes_for`` composes them (see there for the order).
+TABLE: dict[tuple[Category, str | None], tuple[Fix, ...]] = {
+    (Category.NONFINITE_INPUT, None): (
+        Fix("drop or repair the bad samples before training: `nanscope data PATH` lists every file/index with NaN/Inf"),
+        Fix("check the preprocessing that produced them (division by a zero std, log of 0, a corrupt file)"),
+        Fix("filter inside the loader: `torch.isfinite(x).all()` per sample",
+            "filter inside the loader: `dataset.filter(lambda x, y: tf.reduce_all(tf.math.is_finite(x)))`"),
+    ),
+    (Category.INVALID_TARGET, OpKind.CTC_LOSS): (
+        Fix("every target must fit its input: target length (plus repeats) must be <= input length; "
+            "drop or crop the impossible samples"),
+        Fix("pass zero_infinity=True to CTCLoss to zero out impossible samples instead of returning Inf",
+            "drop impossible samples before `tf.nn.ctc_loss`"),
+    ),
+    (Category.INVALID_TARGET, None): (
+        Fix("skip batches with no valid target, or use a loss that returns 0 then: "
+            "`nanscope.losses.cross_entropy(..., ignore_index=...)`"),
+        Fix("check the labels: `nanscope data PATH --num-classes N --ignore-index I` reports masks with no valid "
+            "pixel and labels out of range"),
+        Fix("use reduction='sum' divided by max(1, number of valid targets)",
+            "divide the summed loss by max(1, number of valid targets)"),
+    ),
+    (Category.OP_DOMAIN, OpKind.LOG): (
+        Fix("replace log(softmax(x)) with log_softmax(x) (or F.cross_entropy on the logits){at}",
+            "compute the loss from logits: `from_logits=True` (or tf.nn.log_softmax) instead of log(softmax(x)){at}"),
+        Fix("clamp the argument: `torch.log(x.clamp_min(1e-7))`",
+            "clamp the argument: `tf.math.log(tf.clip_by_value(p, 1e-7, 1.0))`"),
+        Fix("or use `nanscope.losses.safe_log`"),
+    ),
+    (Category.OP_DOMAIN, OpKind.SQRT): (
+        Fix("clamp before the root: `torch.sqrt(x.clamp_min(0) + 1e-12)`{at}",
+            "clamp before the root: `tf.sqrt(tf.maximum(x, 0.0) + 1e-12)`{at}"),
+        Fix("or use `nanscope.losses.safe_sqrt`"),
+    ),
+    (Category.OP_DOMAIN, OpKind.RSQRT): (
+        Fix("add an epsilon: rsqrt(x + eps){at}"),
+        Fix("check why the value is <= 0 (a variance of a constant input?)"),
+    ),
+    (Category.OP_DOMAIN, OpKind.DIV): (
+        Fix("guard the denominator: `x / d.clamp_min(eps)`{at}", "guard the denominator: `tf.math.divide_no_nan(x, d)`{at}"),
+        Fix("or use `nanscope.losses.safe_div`; check for empty masks or zero counts"),
+    ),
+    (Category.OP_DOMAIN, OpKind.POW): (
+        Fix("raise only non-negative bases to fractional powers: `x.clamp_min(0) ** p`{at}",
+            "raise only non-negative bases to fractional powers: `tf.pow(tf.maximum(x, 0.0), p)`{at}"),
+    ),
+    (Category.OP_DOMAIN, OpKind.ACOS): (
+        Fix("clamp into the domain: `torch.acos(x.clamp(-1 + 1e-7, 1 - 1e-7))`{at}",
+            "clamp into the domain: `tf.acos(tf.clip_by_value(x, -1+1e-7, 1-1e-7))`{at}"),
+    ),
+    (Category.OP_DOMAIN, OpKind.ASIN): (
+        Fix("clamp into the domain: `torch.asin(x.clamp(-1 + 1e-7, 1 - 1e-7))`{at}",
+            "clamp into the domain: `tf.asin(tf.clip_by_value(x, -1+1e-7, 1-1e-7))`{at}"),
+    ),
+    (Category.OP_DOMAIN, OpKind.STD): (
+        Fix("a standard deviation over one element divides by N - 1 = 0: pass `correction=0` (`unbiased=False`) "
+            "or reduce over more than one element{at}",
+            "a standard deviation over one element with ddof=1 divides by N - 1 = 0: use ddof=0 "
+            "(`keras.ops.std` is the population one) or reduce over more than one element{at}"),
+        Fix("check the batch size: a batch of one sample reaches this (the last, incomplete batch: `drop_last=True`)",
+            "check the batch size: a batch of one sample reaches this (the last, incomplete batch: "
+            "`dataset.batch(n, drop_remainder=True)`)"),
+    ),
+    (Category.OP_DOMAIN, None): (
+        Fix("an input reached this op outside its domain{at}: clamp it or mask the bad elements"),
+        Fix("inf - inf and 0 * inf give NaN: find where the Inf came from first"),
+    ),
+    (Category.OVERFLOW, OpKind.EXP): (
+        Fix("subtract the max before exp (use `torch.softmax`/`torch.logsumexp`, which do){at}",
+            "subtract the max before exp (use `tf.nn.softmax`/`tf.reduce_logsumexp`, which do){at}"),
+    ),
+    (Category.OVERFLOW, "float16"): (
+        Fix("keep this module in float32{at}: wrap its forward in "
+            "`with torch.autocast(device_type, enabled=False): y = {module_call}(x.float())`",
+            "keep this module in float32{at}: give the layer {layer}`dtype='float32'` under mixed_float16"),
+        Fix("train in bfloat16 instead of float16 (same range as float32)"),
+        Fix("scale down the branch that grows: normalize before it, or scale residual additions"),
+    ),
+    (Category.OVERFLOW, None): (
+        Fix("the values grew past the dtype's range{at}: normalize the inputs, lower the learning rate, or clip activations"),
+        Fix("check for exploding weights: `nanscope inspect` on the last checkpoint"),
+    ),
+    (Category.SINGULAR_GRADIENT, OpKind.SQRT): (
+        Fix("add an epsilon inside the root: `torch.sqrt(x + 1e-12)`, or `nanscope.losses.safe_sqrt` / `safe_norm` "
+            "(finite gradient at 0){at}",
+            "add an epsilon inside the root: `tf.sqrt(x + 1e-12)`, or `nanscope.losses.safe_sqrt` / `safe_norm` "
+            "(finite gradient at 0){at}"),
+        _WHERE_TRAP,
+    ),
+    (Category.SINGULAR_GRADIENT, OpKind.CROSS_ENTROPY): (
+        Fix("compute the loss from logits (`F.binary_cross_entropy_with_logits` / `F.cross_entropy`), or on float32 "
+            "probabilities clamped away from 0 and 1: `nanscope.losses.binary_cross_entropy`{at}",
+            "compute the loss from logits (`from_logits=True`), or on float32 probabilities clamped away from 0 and 1: "
+            "`nanscope.losses.binary_cross_entropy`{at}"),
+        _WHERE_TRAP,
+    ),
+    (Category.SINGULAR_GRADIENT, None): (
+        Fix("the derivative is infinite at this input{at}: keep the input away from the singular point"),
+        _WHERE_TRAP,
+    ),
+    (Category.EXPLODING_GRADIENTS, None): (
+        Fix("lower the learning rate (10x is a good first try)"),
+        Fix("clip gradients: `torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)` before `optimizer.step()`",
+            "clip gradients: `optimizer = keras.optimizers.Adam(..., clipnorm=1.0)`"),
+        Fix("add a learning-rate warm-up; check the loss scale and weight decay"),
+    ),
+    (Category.NONFINITE_PARAMETERS, None): (
+        Fix("the weights were already bad before this step: load an earlier checkpoint "
+            "(`nanscope inspect CHECKPOINT` names every bad tensor)"),
+        Fix("find the step that first wrote them: run with `nanscope.torch.Guard(policy='raise')`",
+            "find the step that first wrote them: add `nanscope.keras.Guard(policy='raise')` to fit"),
+    ),
+    (Category.CORRUPT_NORM_STATISTICS, None): (
+        Fix("recompute the normalization statistics from data: `nanscope.torch.repair_norm_statistics(model, loader)` "
+            "or `nanscope repair CKPT --recalibrate-bn --data PATH -o NEW`",
+            "recompute the normalization statistics from data: `nanscope.keras.repair_norm_statistics(model, dataset)`"),
+        Fix("find what poisoned them during training (a NaN batch in train mode, float16 variance overflow): "
+            "guard training with policy 'skip'"),
+        Fix("fallback: reset them (mean 0, var 1) with `nanscope repair CKPT --reset-bn -o NEW`; this loses what the "
+            "model learned about activation scale and usually costs accuracy"),
+    ),
+    (Category.OPTIMIZER_STATE, None): (
+        Fix("keep the optimizer state in float32: train float32 master weights (autocast / mixed precision) "
+            "instead of float16 parameters"),
+        Fix("raise the epsilon to one float16 can hold (eps=1e-4), or use bfloat16"),
+        Fix("check the learning rate and scheduler for NaN/Inf values"),
+    ),
+    (Category.ALL_MASKED_SOFTMAX, None): (
+        Fix("a row with every key masked has no valid softmax: give it at least one unmasked position or zero the "
+            "row after softmax{at}"),
+        Fix("use `nanscope.losses.masked_softmax` (returns zeros for fully masked rows), or mask with a large "
+            "negative number (-1e4 in float16) instead of -inf"),
+    ),
+    (Category.COMPILED_NUMERICS, None): (
+        Fix("run the step eagerly to confirm and localize: `torch.compiler.set_stance('force_eager')` "
+            "(or `nanscope run` without compiling), then fix the op the eager trace names",
+            "run the step eagerly to confirm and localize: `model.compile(..., jit_compile=False)` "
+            "or `tf.config.run_functions_eagerly(True)`"),
+        Fix("the compiler fused ops or changed their precision: keep the failing region out of the compiled graph "
+            "(`torch.compiler.disable` on that module), or compile in float32",
+            "the compiler fused ops or changed their precision: turn XLA off for the model (jit_compile=False) "
+            "or keep the failing layer in float32"),
+    ),
+    (Category.TRANSIENT, None): (
+        Fix("the same step replayed from the same state and batch stayed finite: suspect non-deterministic kernels "
+            "(`torch.use_deterministic_algorithms(True)`), a data race (a buffer written by another thread or "
+            "stream), or a faulty device",
+            "the same step replayed from the same state and batch stayed finite: suspect non-deterministic kernels "
+            "(`tf.config.experimental.enable_op_determinism()`), a data race, or a faulty device"),
+        Fix("keep training with policy 'skip' and watch whether it recurs, and on which device or rank"),
+    ),
+    (Category.UNKNOWN, None): (
+        Fix("run `nanscope run` on the script or `diagnose(...)` on the failing batch for a per-op trace"),
+    ),
+}
+
+
 def _at(location: object | None, module: str | None) -> str:
     where = []
     if location:
@@ -30,113 +204,31 @@ def fixes_for(
     dtype: str | None = None,
     forward_op_kind: OpKind | str | None = None,
 ) -> list[str]:
-    """Fixes for one diagnosis, best first.
+    """Fixes for one diagnosis, best first, from ``TABLE``.
+
+    The op kind's own entry comes first (for a singular gradient, the forward op's), then,
+    for an overflow in float16, the float16 entry; the category's default only when neither
+    applies.
 
     >>> fixes_for("op_domain", op_kind="log", location="train.py:41")[0]
     'replace log(softmax(x)) with log_softmax(x) (or F.cross_entropy on the logits) at train.py:41'
     """
     c, k = Category(category), OpKind(op_kind) if op_kind else OpKind.OTHER
     fw = _K if framework in ("keras", "tensorflow", "tf") else _T
-    at = _at(location, module)
-    t = fw == _T
-    if c is Category.NONFINITE_INPUT:
-        return [
-            "drop or repair the bad samples before training: `nanscope data PATH` lists every file/index with NaN/Inf",
-            "check the preprocessing that produced them (division by a zero std, log of 0, a corrupt file)",
-            "filter inside the loader: " + ("`torch.isfinite(x).all()` per sample" if t else "`dataset.filter(lambda x, y: tf.reduce_all(tf.math.is_finite(x)))`"),
-        ]
-    if c is Category.INVALID_TARGET:
-        if k is OpKind.CTC_LOSS:
-            return [
-                "every target must fit its input: target length (plus repeats) must be <= input length; drop or crop the impossible samples",
-                "pass zero_infinity=True to CTCLoss to zero out impossible samples instead of returning Inf" if t else "drop impossible samples before `tf.nn.ctc_loss`",
-            ]
-        return [
-            "skip batches with no valid target, or use a loss that returns 0 then: `nanscope.losses.cross_entropy(..., ignore_index=...)`",
-            "check the labels: `nanscope data PATH --num-classes N --ignore-index I` reports masks with no valid pixel and labels out of range",
-            "use reduction='sum' divided by max(1, number of valid targets)" if t else "divide the summed loss by max(1, number of valid targets)",
-        ]
-    if c is Category.OP_DOMAIN:
-        out = {
-            OpKind.LOG: [
-                f"replace log(softmax(x)) with log_softmax(x) (or F.cross_entropy on the logits){at}" if t
-                else f"compute the loss from logits: `from_logits=True` (or tf.nn.log_softmax) instead of log(softmax(x)){at}",
-                "clamp the argument: " + ("`torch.log(x.clamp_min(1e-7))`" if t else "`tf.math.log(tf.clip_by_value(p, 1e-7, 1.0))`"),
-                "or use `nanscope.losses.safe_log`",
-            ],
-            OpKind.SQRT: [f"clamp before the root: {'`torch.sqrt(x.clamp_min(0) + 1e-12)`' if t else '`tf.sqrt(tf.maximum(x, 0.0) + 1e-12)`'}{at}",
-                          "or use `nanscope.losses.safe_sqrt`"],
-            OpKind.RSQRT: [f"add an epsilon: rsqrt(x + eps){at}", "check why the value is <= 0 (a variance of a constant input?)"],
-            OpKind.DIV: [f"guard the denominator: {'`x / d.clamp_min(eps)`' if t else '`tf.math.divide_no_nan(x, d)`'}{at}",
-                         "or use `nanscope.losses.safe_div`; check for empty masks or zero counts"],
-            OpKind.POW: [f"raise only non-negative bases to fractional powers: {'`x.clamp_min(0) ** p`' if t else '`tf.pow(tf.maximum(x, 0.0), p)`'}{at}"],
-            OpKind.ACOS: [f"clamp into the domain: {'`torch.acos(x.clamp(-1 + 1e-7, 1 - 1e-7))`' if t else '`tf.acos(tf.clip_by_value(x, -1+1e-7, 1-1e-7))`'}{at}"],
-            OpKind.ASIN: [f"clamp into the domain: {'`torch.asin(x.clamp(-1 + 1e-7, 1 - 1e-7))`' if t else '`tf.asin(tf.clip_by_value(x, -1+1e-7, 1-1e-7))`'}{at}"],
-        }.get(k)
-        return out or [f"an input reached this op outside its domain{at}: clamp it or mask the bad elements",
-                       "inf - inf and 0 * inf give NaN: find where the Inf came from first"]
-    if c is Category.OVERFLOW:
-        fixes = []
-        if dtype == "float16":
-            fixes.append(
-                f"keep this module in float32{at}: "
-                + (f"wrap its forward in `with torch.autocast(device_type, enabled=False): y = {('model.' + module) if module else 'module'}(x.float())`" if t
-                   else f"give the layer {('`' + module + '` ') if module else ''}`dtype='float32'` under mixed_float16")
-            )
-            fixes.append("train in bfloat16 instead of float16 (same range as float32)")
-            fixes.append("scale down the branch that grows: normalize before it, or scale residual additions")
-        if k is OpKind.EXP:
-            fixes.insert(0, f"subtract the max before exp (use {'`torch.softmax`/`torch.logsumexp`' if t else '`tf.nn.softmax`/`tf.reduce_logsumexp`'}, which do){at}")
-        if not fixes:
-            fixes = [f"the values grew past the dtype's range{at}: normalize the inputs, lower the learning rate, or clip activations",
-                     "check for exploding weights: `nanscope inspect` on the last checkpoint"]
-        return fixes
-    if c is Category.SINGULAR_GRADIENT:
-        fk = OpKind(forward_op_kind) if forward_op_kind else k
-        if fk in (OpKind.SQRT, OpKind.POW):
-            first = f"add an epsilon inside the root: {'`torch.sqrt(x + 1e-12)`' if t else '`tf.sqrt(x + 1e-12)`'}, or `nanscope.losses.safe_sqrt` / `safe_norm` (finite gradient at 0){at}"
-        elif fk is OpKind.CROSS_ENTROPY:
-            first = (f"compute the loss from logits ({'`F.binary_cross_entropy_with_logits` / `F.cross_entropy`' if t else '`from_logits=True`'}), "
-                     f"or on float32 probabilities clamped away from 0 and 1: `nanscope.losses.binary_cross_entropy`{at}")
-        else:
-            first = f"the derivative is infinite at this input{at}: keep the input away from the singular point"
-        return [
-            first,
-            "the where trap: NaN from the discarded branch of `where` still poisons the gradient; "
-            "apply where twice (`safe = where(mask, x, 1.0); where(mask, f(safe), 0.0)`) or use `nanscope.losses.double_where`",
-        ]
-    if c is Category.EXPLODING_GRADIENTS:
-        return [
-            "lower the learning rate (10x is a good first try)",
-            "clip gradients: " + ("`torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)` before `optimizer.step()`" if t
-                                  else "`optimizer = keras.optimizers.Adam(..., clipnorm=1.0)`"),
-            "add a learning-rate warm-up; check the loss scale and weight decay",
-        ]
-    if c is Category.NONFINITE_PARAMETERS:
-        return [
-            "the weights were already bad before this step: load an earlier checkpoint (`nanscope inspect CHECKPOINT` names every bad tensor)",
-            "find the step that first wrote them: run with `nanscope.torch.Guard(policy='raise')`" if t else "find the step that first wrote them: add `nanscope.keras.Guard(policy='raise')` to fit",
-        ]
-    if c is Category.CORRUPT_NORM_STATISTICS:
-        return [
-            "recompute the normalization statistics from data: " + (
-                "`nanscope.torch.repair_norm_statistics(model, loader)` or `nanscope repair CKPT --recalibrate-bn --data PATH -o NEW`" if t
-                else "`nanscope.keras.repair_norm_statistics(model, dataset)`"),
-            "find what poisoned them during training (a NaN batch in train mode, float16 variance overflow): guard training with policy 'skip'",
-            "fallback: reset them (mean 0, var 1) with `nanscope repair CKPT --reset-bn -o NEW`; this loses what the model learned about activation scale and usually costs accuracy",
-        ]
-    if c is Category.OPTIMIZER_STATE:
-        return [
-            "keep the optimizer state in float32: train float32 master weights (autocast / mixed precision) instead of float16 parameters",
-            "raise the epsilon to one float16 can hold (eps=1e-4), or use bfloat16",
-            "check the learning rate and scheduler for NaN/Inf values",
-        ]
-    if c is Category.ALL_MASKED_SOFTMAX:
-        return [
-            f"a row with every key masked has no valid softmax: give it at least one unmasked position or zero the row after softmax{at}",
-            "use `nanscope.losses.masked_softmax` (returns zeros for fully masked rows), or mask with a large negative number (-1e4 in float16) instead of -inf",
-        ]
-    return ["run `nanscope run` on the script or `diagnose(...)` on the failing batch for a per-op trace"]
+    if c is Category.SINGULAR_GRADIENT and forward_op_kind:
+        k = OpKind(forward_op_kind)
+    if c is Category.SINGULAR_GRADIENT and k is OpKind.POW:
+        k = OpKind.SQRT  # x ** 0.5 and sqrt share the singular point and the fix
+    if c is Category.OP_DOMAIN and k is OpKind.VAR:
+        k = OpKind.STD
+    fill = {"at": _at(location, module), "module_call": f"model.{module}" if module else "module",
+            "layer": f"`{module}` " if module else ""}
+    rows = [TABLE.get((c, k), ())]
+    if c is Category.OVERFLOW and dtype == "float16":
+        rows.append(TABLE[(c, "float16")])
+    if not any(rows):
+        rows = [TABLE.get((c, None), TABLE[(Category.UNKNOWN, None)])]
+    return [f.text(fw, **fill) for row in rows for f in row]
 
 
 def loss_scale_fixes(framework: str | None = "torch", *, forward_overflow: bool = False) -> list[str]:

@@ -14,6 +14,7 @@ Entry points:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,6 +225,13 @@ def _decide(ev: ProducerEvidence, k: OpKind, evidence: list[str]) -> tuple[Categ
         return Category.OP_DOMAIN, "pow of a negative base to a fractional exponent"
     if k in (OpKind.ACOS, OpKind.ASIN) and x is not None and x.absmax is not None and x.absmax > 1:
         return Category.OP_DOMAIN, f"{k} received values outside [-1, 1] (max |x| {fmt(x.absmax)})"
+    if out.nan and k in (OpKind.VAR, OpKind.STD) and x is not None and not out.posinf + out.neginf:
+        # Finite inputs: a variance is NaN only as 0/0, the sample correction over one element.
+        n = ev.details.get("reduced_size")
+        evidence.insert(0, f"{k} with the default correction divides by N - 1"
+                        + (f" = {n} - 1 = {n - 1}" if isinstance(n, int) else " = 0")
+                        + "; over one element that is 0/0")
+        return Category.OP_DOMAIN, f"{k} over one element divides by zero (N - 1 = 0)"
     if k in (OpKind.MEAN, OpKind.CROSS_ENTROPY) and x is not None and x.numel == 0:
         return Category.INVALID_TARGET, f"{k} over an empty set (0/0)"
 
@@ -233,8 +241,6 @@ def _decide(ev: ProducerEvidence, k: OpKind, evidence: list[str]) -> tuple[Categ
             biggest = max((s.absmax or 0.0) for s in ins) if ins else 0.0
             evidence.insert(0, f"{out.dtype} holds at most {fmt(lim.max)}; largest |input| {fmt(biggest)}")
         return Category.OVERFLOW, f"{k} overflowed {out.dtype}" + (f" (max {fmt(lim.max)})" if lim and out.dtype in ('float16', 'bfloat16') else "")
-    if out.nan and k in (OpKind.VAR, OpKind.STD) and x is not None and x.numel <= 1:
-        return Category.OP_DOMAIN, f"{k} of a single element divides by zero (n - 1 = 0)"
     # Finite inputs, NaN result from an accumulation: partial products or sums overflowed to
     # +Inf and -Inf inside the op and cancelled (inf - inf).
     if out.nan and lim and ins and k in (OpKind.MATMUL, OpKind.CONV, OpKind.SUM, OpKind.MEAN):
@@ -443,6 +449,119 @@ def loss_scale_collapse(
         details={"scales": [float(x) for x in scales[-64:]], "skipped_steps": sorted(skipped)[-64:],
                  "bad_parameters": bad[:50]},
     )
+
+
+def not_reproduced(
+    what: str, *, framework: str = "torch", step: int | None = None, compiled: str | None = None,
+    phase: Phase | None = None, samples: list[int] | None = None, evidence: list[str] | None = None,
+) -> Diagnosis:
+    """The step made ``what`` (the loss, a gradient, the output) non-finite, and the same step
+    replayed from the same state and batch stayed finite.
+
+    ``compiled`` names the compiled function (``torch.compile``, XLA) when the failing run was
+    compiled and the replay eager: their numerics differ, ``compiled_numerics``. Otherwise
+    the failure did not reproduce at all: ``transient``.
+
+    >>> not_reproduced("loss", step=3).category, not_reproduced("loss", compiled="train_step").category
+    (<Category.TRANSIENT: 'transient'>, <Category.COMPILED_NUMERICS: 'compiled_numerics'>)
+    """
+    fw = _NAMES.get(framework, framework)
+    ev = list(evidence or [])
+    if compiled is not None:
+        category = Category.COMPILED_NUMERICS
+        summary = (f"the compiled step ({compiled}) made the {what} non-finite; the same step run eagerly "
+                   "from the same state and batch stayed finite")
+        ev.insert(0, f"compiled run: {what} non-finite; eager replay: finite")
+    else:
+        category = Category.TRANSIENT
+        summary = (f"the {what} was non-finite, but the same step replayed from the same state and batch "
+                   "stayed finite: the failure did not reproduce")
+        ev.insert(0, f"first run: {what} non-finite; replay: finite")
+    return Diagnosis(category, summary, phase=phase, framework=fw, step=step, samples=list(samples or []),
+                     evidence=ev, fixes=fixes_for(category, framework=fw))
+
+
+def not_localized(what: str, error: BaseException | str, *, framework: str = "torch",
+                  step: int | None = None, evidence: list[str] | None = None) -> Diagnosis:
+    """A non-finite ``what`` that nanscope saw but could not trace to its producer, because
+    its own replay or tracer failed (``error``): the failure is real, the cause unknown."""
+    fw = _NAMES.get(framework, framework)
+    why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return Diagnosis(
+        Category.UNKNOWN, f"the {what} was non-finite; nanscope could not trace it to the op that produced it",
+        framework=fw, step=step, evidence=[*(evidence or []), f"nanscope's replay of the step failed ({why})"],
+        fixes=[("trace the failing batch by hand: `nanscope.torch.diagnose(model, batch, loss_fn)`" if fw == "torch"
+                else "trace the failing batch by hand: `nanscope.keras.diagnose(model, batch, loss)`"),
+               *fixes_for(Category.UNKNOWN, framework=fw)],
+    )
+
+
+def written_by_update(
+    found: Diagnosis, *, step: int, grad_norms: list[float], lr: float | None = None,
+    optimizer: Diagnosis | None = None,
+) -> Diagnosis:
+    """Weights found non-finite at ``step`` that were finite at the step before, whose loss
+    and gradients were finite (a guard vetoes the others): the update of ``step - 1`` wrote
+    them. ``optimizer`` is what the optimizer-state check found, if anything; otherwise the
+    gradient-norm history tells an explosion from a one-off overflow of the update.
+
+    >>> from nanscope.core.summary import summarize
+    >>> import numpy as np
+    >>> bad = nonfinite_parameters({"fc.weight": summarize(np.array([np.inf], np.float32))}, step=5)
+    >>> d = written_by_update(bad, step=5, grad_norms=[1.0, 1.0], lr=0.1)
+    >>> d.phase, d.step, d.evidence[-1]
+    (<Phase.OPTIMIZER: 'optimizer'>, 4, 'the update of step 4 made them non-finite; step 5 found them')
+    """
+    d = optimizer or with_history(found, grad_norms, lr=lr)
+    d.phase, d.step = Phase.OPTIMIZER, step - 1
+    if d is found and lr is not None:
+        d.evidence.append(f"learning rate {lr:g}; last gradient norms: {', '.join(fmt(n) for n in grad_norms[-4:])}")
+    d.evidence.append(f"the update of step {step - 1} made them non-finite; step {step} found them")
+    return d
+
+
+def update_overflowed(
+    bad_parameters: list[str], *, framework: str = "torch", step: int | None = None, lr: float | None = None,
+    dtype: str | None = None,
+) -> Diagnosis:
+    """``optimizer.step()`` made weights non-finite from finite gradients and finite state:
+    a non-finite learning rate, or an update too large for the weights' dtype."""
+    fw = _NAMES.get(framework, framework)
+    names = ", ".join(bad_parameters[:3]) + (" …" if len(bad_parameters) > 3 else "")
+    ev = [f"learning rate {lr!r}"] if lr is not None else []
+    if bad_parameters:
+        ev.append(f"{len(bad_parameters)} weight{'s' if len(bad_parameters) != 1 else ''} non-finite after the "
+                  f"update: {names}")
+    if lr is not None and not math.isfinite(lr):
+        return Diagnosis(Category.OPTIMIZER_STATE, f"the learning rate is {lr!r}, so the update wrote NaN/Inf weights",
+                         phase=Phase.OPTIMIZER, framework=fw, step=step, dtype=dtype, evidence=ev,
+                         fixes=fixes_for(Category.OPTIMIZER_STATE, framework=fw))
+    return Diagnosis(
+        Category.OVERFLOW, "the optimizer's update made the weights non-finite from finite gradients and state"
+        + (f": {names}" if names else ""), phase=Phase.OPTIMIZER, framework=fw, step=step, dtype=dtype,
+        module=bad_parameters[0].rsplit(".", 1)[0] if bad_parameters and "." in bad_parameters[0] else None,
+        evidence=ev, fixes=fixes_for(Category.EXPLODING_GRADIENTS, framework=fw),
+    )
+
+
+def growth_warning(grad_norms: list[float], *, step: int, framework: str = "torch") -> str | None:
+    """An early warning while every gradient is still finite: the norm grows geometrically
+    and will overflow if it goes on. None when it does not grow that way.
+
+    >>> growth_warning([1.0, 1.0, 1.1], step=3) is None
+    True
+    >>> growth_warning([1.0, 4.0, 16.0, 64.0, 256.0], step=5).startswith("nanscope: the gradient norm is growing")
+    True
+    """
+    from nanscope.core.trend import growth_rate, is_exploding
+
+    if not is_exploding(grad_norms):
+        return None
+    rate = growth_rate(grad_norms)
+    fix = fixes_for(Category.EXPLODING_GRADIENTS, framework=_NAMES.get(framework, framework))
+    return (f"nanscope: the gradient norm is growing fast at step {step} "
+            f"({', '.join(fmt(n) for n in grad_norms[-5:])}{f'; x{rate:.3g} per step' if rate else ''}); "
+            f"it will overflow if this goes on: {fix[0]}, or {fix[1]}")
 
 
 # Categories that a growing gradient norm explains better than the op that finally overflowed.

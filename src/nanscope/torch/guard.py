@@ -41,7 +41,6 @@ import math
 import os
 import sys
 import warnings
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -51,10 +50,9 @@ from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase, Policy
 from nanscope.core.errors import NonFiniteError
-from nanscope.core.fixes import fixes_for
+from nanscope.core.guarding import STATE_PHASES, Ledger
 from nanscope.core.limits import dtype_name
 from nanscope.core.summary import fmt
-from nanscope.core.trend import History, growth_rate
 from nanscope.torch import bundle as _bundle
 from nanscope.torch import distributed as _dist
 from nanscope.torch._util import is_norm_layer
@@ -62,8 +60,6 @@ from nanscope.torch.checks import check_batch, check_model_state, check_optimize
 
 __all__ = ["Guard"]
 
-# Failures that live in the stored state: skipping the update cannot undo them.
-_STATE_PHASES = (Phase.STATE, Phase.OPTIMIZER)
 
 
 def _replay(step_fn: Callable[[], Any], model: torch.nn.Module, step: int) -> Diagnosis | None:
@@ -93,6 +89,16 @@ def _split_batch(batch: Any) -> tuple[Any, Any]:
         return ({k: v for k, v in batch.items() if k not in keys},
                 {k: v for k, v in batch.items() if k in keys} or None)
     return batch, None
+
+
+def _ledger_attr(name: str, doc: str | None = None) -> property:
+    def get(self: Guard) -> Any:
+        return getattr(self.ledger, name)
+
+    def set_(self: Guard, value: Any) -> None:
+        setattr(self.ledger, name, value)
+
+    return property(get, set_, doc=doc)
 
 
 class Guard:
@@ -177,26 +183,14 @@ class Guard:
         self.model = model
         self.module: torch.nn.Module = _dist.unwrap(model)
         self.optimizer = optimizer
-        self.policy = Policy(policy)
+        self.ledger = Ledger(policy, max_skips_in_a_row=max_skips_in_a_row, warn=_warn)
         self.scaler = scaler
-        self._scales: list[float] = []
-        self._scaler_skips: list[int] = []
         self.reports = reports
         self.max_bundles = max_bundles
         self.zero_grad = zero_grad
         self.check_weights_every = max(1, int(check_weights_every))
-        self.max_skips_in_a_row = max(1, int(max_skips_in_a_row))
         self.warn_early = warn_early
-        self._in_a_row = 0
-        self.should_stop = False
-        self.skipped = 0
-        self.counts: Counter[str] = Counter()
-        self.diagnoses: list[Diagnosis] = []
-        self.history = History()
-        self.steps = 0  # guard.step calls so far; the contract's ``step`` of the next one
-        self._disabled = False
         self._applied_last = False  # the previous step's update was applied
-        self._warned: set[str] = set()
         self._bundles = 0
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._norm_buffers = [(m, n) for m in self.module.modules() if is_norm_layer(m)
@@ -209,23 +203,32 @@ class Guard:
         self._host_optimizer: Any = None
         self._accept_wrapped(model, optimizer)
 
+    # The bookkeeping lives in the framework-free ledger (nanscope.core.guarding), shared
+    # with nanscope.keras.Guard: same names, same policy decisions.
+    policy = _ledger_attr("policy")
+    should_stop = _ledger_attr("should_stop")
+    skipped = _ledger_attr("skipped")
+    counts = _ledger_attr("counts")
+    diagnoses = _ledger_attr("diagnoses")
+    history = _ledger_attr("history")
+    steps = _ledger_attr("steps", "guard.step calls so far; the contract's ``step`` of the next one")
+    max_skips_in_a_row = _ledger_attr("max_skips_in_a_row")
+    disabled = _ledger_attr("disabled", "True after nanscope's own error: the loop goes on unguarded")
+
     @property
     def last(self) -> Diagnosis | None:
         """The latest diagnosis, or None while every step was finite."""
-        return self.diagnoses[-1] if self.diagnoses else None
+        return self.ledger.last
 
     def __repr__(self) -> str:
-        why = ", ".join(f"{n} {c}" for c, n in self.counts.most_common())
-        state = " (stopped)" if self.should_stop else (" (unguarded after an internal error)" if self._disabled else "")
-        return (f"<nanscope Guard policy={self.policy}: {self.steps} steps, {self.skipped} skipped"
-                + (f"; failures: {why}" if why else "") + f"{state}>")
+        return self.ledger.describe()
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, step_fn: Callable[[Any], Any], batch: Any) -> Any:
         """Run ``step_fn(batch)`` (forward + loss + backward, returns the loss), check it, and
         apply ``optimizer.step()`` unless the policy says otherwise. Returns what ``step_fn``
         returned: the loss, or ``(loss, ...)`` / ``{"loss": loss, ...}`` (the loss is checked)."""
-        if self._disabled:
+        if self.ledger.disabled:
             return self._plain(step_fn, batch)
         index, rng_before, early = self.steps, None, None
         try:
@@ -248,7 +251,7 @@ class Guard:
         if verdict is None:
             self._apply()
             self._applied_last = True
-            self._in_a_row = 0
+            self.ledger.healthy()
             return loss
         if verdict.get("scaler_overflow"):
             try:
@@ -258,7 +261,7 @@ class Guard:
                 return loss
             if collapse is None:
                 return loss
-            self._record(collapse)
+            self.ledger.record(collapse)
             self._act(collapse, [], unrecoverable=False, scaler_done=True)
             return loss
         self._fail(step_fn, batch, index, rng_before, verdict)  # raises under "raise"
@@ -289,13 +292,13 @@ class Guard:
         """Inf/NaN gradients under a finite loss with a GradScaler: the scaler skips the step
         and lowers its scale. A failure only when the scale collapses (nanscope.core.rules)."""
         self._apply()  # GradScaler.step skips the update itself when it found Inf/NaN
-        self._scaler_skips = (self._scaler_skips + [index])[-256:]
-        self._scales = (self._scales + [float(self.scaler.get_scale())])[-256:]  # a sync, on overflow steps only
+        scales = self.ledger.loss_scale
+        scales.add(self.scaler.get_scale(), skipped_step=index)  # a sync, on overflow steps only
         bad = [n for n, p in self.module.named_parameters()
                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
         dtype = next((dtype_name(p.dtype) for p in self._params if p.dtype in (torch.float16, torch.bfloat16)),
                      "float16")
-        return rules.loss_scale_collapse(self._scales, self._scaler_skips, bad_parameters=bad, framework="torch",
+        return rules.loss_scale_collapse(scales.scales, scales.skipped, bad_parameters=bad, framework="torch",
                                          step=index, dtype=dtype)
 
     def _plain(self, step_fn: Callable[[Any], Any], batch: Any) -> Any:
@@ -417,19 +420,11 @@ class Guard:
     def _warn_growth(self, index: int) -> None:
         norms = self.history.grad_norm
         # Only a step whose norm grew can start an explosion: the full test runs on those alone.
-        if not self.warn_early or "growth" in self._warned or len(norms) < 3 or not norms[-1] > norms[-2]:
+        if not self.warn_early or len(norms) < 3 or not norms[-1] > norms[-2]:
             return
-        if not self.history.exploding():
-            return
-        self._warned.add("growth")
-        norms = list(self.history.grad_norm)
-        rate = growth_rate(norms)
-        fix = fixes_for(Category.EXPLODING_GRADIENTS, framework="torch")
-        _warn(
-            f"nanscope: the gradient norm is growing fast at step {index} "
-            f"({', '.join(fmt(n) for n in norms[-5:])}{f'; x{rate:.3g} per step' if rate else ''}); "
-            f"it will overflow if this goes on: {fix[0]}, or {fix[1]}",
-            )
+        warning = rules.growth_warning(list(norms), step=index, framework="torch")
+        if warning is not None:
+            self.ledger.warn_once("growth", warning)
 
     # -- the failure path -------------------------------------------------------------------
     def _fail(self, step_fn: Callable[[Any], Any], batch: Any, index: int, rng_before: dict[str, Any],
@@ -441,7 +436,7 @@ class Guard:
             d, unrecoverable = self._diagnose(step_fn, batch, index, rng_before, seen)
         except Exception as err:
             self._internal("diagnosing the step", err)
-            d = self._fallback(index, seen, f"nanscope could not localize it: internal error {type(err).__name__}: {err}")
+            d = self._not_found(index, seen, err)
         finally:
             self._restore_buffers()
             _bundle.set_rng_state(rng_after)
@@ -451,13 +446,9 @@ class Guard:
                                      reports=self.reports)
                 self._bundles += 1
             except Exception as err:  # a full disk must not stop training
-                self._warn_once("bundle", f"nanscope: could not write the repro bundle: {type(err).__name__}: {err}")
-        self._record(d)
+                self.ledger.warn_once("bundle", f"nanscope: could not write the repro bundle: {type(err).__name__}: {err}")
+        self.ledger.record(d)
         self._act(d, after, unrecoverable)
-
-    def _record(self, d: Diagnosis) -> None:
-        self.diagnoses = (self.diagnoses + [d])[-32:]
-        self.counts[str(d.category)] += 1
 
     def _diagnose(self, step_fn: Callable[[Any], Any], batch: Any, index: int, rng_before: dict[str, Any],
                   seen: dict[str, Any]) -> tuple[Diagnosis, bool]:
@@ -473,11 +464,9 @@ class Guard:
             if self._applied_last and state.category is Category.NONFINITE_PARAMETERS and written:
                 # These weights take part in the loss, and the previous step's loss and gradients
                 # were finite, so they were finite then: the previous update wrote them.
-                opt = check_optimizer_state(self.optimizer, step=index - 1, model=self.module)
-                state = opt or rules.with_history(state, norms, lr=lr)
-                state.phase = Phase.OPTIMIZER
-                state.step = index - 1
-                state.evidence.append(f"the update of step {index - 1} made them non-finite; step {index} found them")
+                state = rules.written_by_update(
+                    state, step=index, grad_norms=norms, lr=lr,
+                    optimizer=check_optimizer_state(self.optimizer, step=index - 1, model=self.module))
             return state, True
         # 2. The batch itself, then 3. the replay (every rank replays under DDP, so that
         # collectives inside the model's forward stay matched).
@@ -488,7 +477,7 @@ class Guard:
             if not ddp:
                 raise
             data = None  # under DDP: say so, but reach the collectives below
-            self._warn_once("check_batch", f"nanscope: checking the batch failed on rank {_dist.rank()} "
+            self.ledger.warn_once("check_batch", f"nanscope: checking the batch failed on rank {_dist.rank()} "
                                            f"({type(err).__name__}: {err})")
         traced: Diagnosis | None = None
         if data is None or ddp:
@@ -504,7 +493,7 @@ class Guard:
             except Exception as err:
                 if not ddp:
                     raise
-                self._warn_once("replay", f"nanscope: the replay failed on rank {_dist.rank()} "
+                self.ledger.warn_once("replay", f"nanscope: the replay failed on rank {_dist.rank()} "
                                           f"({type(err).__name__}: {err}); the other ranks' findings are used")
             finally:
                 if kept is not None:
@@ -516,30 +505,27 @@ class Guard:
         if _dist.active():
             local = _dist.agree(local, seen.get("ranks_bad"))
         if local is None:
-            local = self._fallback(index, seen, "the replay of the step stayed finite (a non-deterministic op?)")
+            local = self._not_found(index, seen)
         local.step = index
-        return local, local.phase in _STATE_PHASES
+        return local, local.phase in STATE_PHASES
 
-    def _fallback(self, index: int, seen: dict[str, Any], why: str) -> Diagnosis:
+    def _not_found(self, index: int, seen: dict[str, Any], error: BaseException | None = None) -> Diagnosis:
+        """The step was non-finite, and the replay either failed (``error``) or stayed finite."""
         loss, gnorm = seen.get("loss"), seen.get("grad_norm")
-        what = "the loss" if loss is not None and not math.isfinite(loss) else "a gradient or buffer"
-        d = Diagnosis(Category.UNKNOWN, f"{what} was non-finite at step {index}", step=index, framework="torch",
-                      evidence=[f"loss {fmt(loss)}, gradient norm {fmt(gnorm)}", why],
-                      fixes=fixes_for(Category.UNKNOWN, framework="torch"))
+        what = "loss" if loss is not None and not math.isfinite(loss) else "gradient"
+        evidence = [f"loss {fmt(loss)}, gradient norm {fmt(gnorm)}"]
+        if error is not None:
+            d = rules.not_localized(what, error, framework="torch", step=index, evidence=evidence)
+        else:
+            d = rules.not_reproduced(what, framework="torch", step=index, evidence=evidence,
+                                     phase=Phase.LOSS if what == "loss" else Phase.BACKWARD)
         return rules.with_history(d, list(self.history.grad_norm))
 
     def _act(self, d: Diagnosis, after: list[torch.Tensor], unrecoverable: bool, *, scaler_done: bool = False) -> None:
         self._applied_last = False
         if self._scaling() and not scaler_done and self.policy is not Policy.WARN:
             self.scaler.update()  # close the scaler's step (unscale_ ran); it lowers the scale, as on any Inf
-        policy = self.policy
-        if policy is Policy.SKIP and unrecoverable:
-            policy = Policy.STOP
-            d.evidence.append("skipping cannot help: the stored state itself is non-finite, so the guard stops")
-        self._in_a_row += 1
-        if policy is Policy.SKIP and self._in_a_row >= self.max_skips_in_a_row:
-            policy = Policy.STOP
-            d.evidence.append(f"{self._in_a_row} steps in a row failed: skipping does not help, so the guard stops")
+        policy = self.ledger.act(d, unrecoverable=unrecoverable)
         self._notify(d, policy)
         if policy is Policy.RAISE:
             self.optimizer.zero_grad(set_to_none=True)
@@ -549,18 +535,14 @@ class Guard:
             if buffers and len(after) == len(buffers):  # the step's own BatchNorm update goes through too
                 with torch.no_grad():
                     torch._foreach_copy_(buffers, after)
-            self._say(d, "the update was applied anyway (policy 'warn')")
+            self.ledger.say(d, self.ledger.outcome_text(policy))
             if not scaler_done:
                 self._apply()  # the gradients of the step (or of its identical replay)
             self._applied_last = True
             return
         self.optimizer.zero_grad(set_to_none=True)  # no NaN gradient leaks into the next step
-        self.skipped += 1
-        if policy is Policy.STOP:
-            self.should_stop = True
-            self._say(d, "the update was not applied; stopping (guard.should_stop is True)")
-        else:
-            self._say(d, f"the update was not applied; training goes on ({self.skipped} skipped so far)")
+        suffix = " (guard.should_stop is True)" if policy is Policy.STOP else ""
+        self.ledger.say(d, self.ledger.outcome_text(policy) + suffix)
 
     # -- library integrations: wrapped optimizers, on_failure, sinks ---------------------------
     def _accept_wrapped(self, model: Any, optimizer: Any) -> None:
@@ -599,25 +581,11 @@ class Guard:
         try:
             from nanscope import sinks as _sinks
 
-            skipped = self.skipped + (action in (Policy.SKIP, Policy.STOP))
             _sinks.send(self.sinks, d, action=str(action), nonfinite_steps=sum(self.counts.values()),
-                        skipped_steps=skipped, step=d.step, rank=_dist.rank())
+                        skipped_steps=self.skipped, step=d.step, rank=_dist.rank())
         except Exception as err:  # a tracker that fails must not stop training
-            self._warn_once("sinks", f"nanscope: could not send the diagnosis to the trackers: "
+            self.ledger.warn_once("sinks", f"nanscope: could not send the diagnosis to the trackers: "
                                      f"{type(err).__name__}: {err}")
 
-    def _say(self, d: Diagnosis, what: str) -> None:
-        key = f"{d.category}:{d.op}:{d.module}"
-        text = f"{d}\n  {what}" if key not in self._warned else f"nanscope: {d.headline()} ({what})"
-        self._warned.add(key)
-        _warn(text)
-
-    def _warn_once(self, key: str, text: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            _warn(text)
-
     def _internal(self, where: str, err: BaseException) -> None:
-        self._disabled = True
-        self._warn_once("internal", f"nanscope Guard: internal error while {where} ({type(err).__name__}: {err}); "
-                                    "training continues unguarded. Please report this with NANSCOPE_DEBUG=1 output.")
+        self.ledger.internal(where, err)
