@@ -68,7 +68,7 @@ def test_bundle_holds_only_safe_tensors_and_loads_with_weights_only(tmp_path):
     guard, _, _ = failing_run(tmp_path)
     folder = Path(guard.last.bundle)
     assert folder.parent == tmp_path / "reports" and folder.name.startswith(f"step{guard.last.step:06d}-op_domain")
-    assert sorted(p.name for p in folder.iterdir()) == ["diagnosis.json", "state.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["diagnosis.json", "samples.npz", "state.pt"]
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     state = torch.load(folder / "state.pt", weights_only=True)
     assert set(state) >= {"model", "optimizer", "batch", "rng", "step"}

@@ -7,6 +7,8 @@ A bundle is one folder under ``nanscope-reports/`` (configurable)::
                          the size and SHA-256 of state.pt
         state.pt         torch.save of plain containers of tensors: the model's state_dict and
                          the optimizer's from before the step, the batch, the RNG states
+        samples.npz      the offending rows of each batch tensor as numpy (a preview for
+                         `nanscope report`, readable without torch; best effort)
 
 Design constraints:
 
@@ -40,6 +42,7 @@ from nanscope.torch._util import named_tensors
 __all__ = ["write_bundle", "read_bundle", "load_state", "replay", "rng_state", "set_rng_state"]
 
 STATE_FILE = "state.pt"
+SAMPLES_FILE = "samples.npz"  # the offending rows as numpy, for `nanscope report` (no torch needed)
 
 
 # -- RNG --------------------------------------------------------------------------------------
@@ -98,7 +101,7 @@ def write_bundle(
         >>> folder = write_bundle(d, model=net, optimizer=None, batch=(torch.ones(1, 2),),
         ...                       rng=rng_state(), reports=tempfile.mkdtemp())
         >>> sorted(p.name for p in folder.iterdir()), d.bundle == str(folder)
-        (['diagnosis.json', 'state.pt'], True)
+        (['diagnosis.json', 'samples.npz', 'state.pt'], True)
     """
     root = Path(reports)
     root.mkdir(parents=True, exist_ok=True)
@@ -142,6 +145,8 @@ def write_bundle(
             "left_out": dropped,
             "rng": sorted(rng),
         }
+        if _write_samples(tmp / SAMPLES_FILE, batch, diagnosis.samples):
+            doc["bundle"]["samples_file"] = SAMPLES_FILE
         (tmp / DIAGNOSIS_FILE).write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
         os.replace(tmp, final)
     except BaseException:
@@ -149,6 +154,27 @@ def write_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _write_samples(path: Path, batch: Any, samples: list[int], limit: int = 8, max_values: int = 1 << 20) -> bool:
+    """A small framework-free preview: the offending rows of each batch tensor (best effort)."""
+    try:
+        import numpy as np
+
+        rows = list(samples[:limit]) or [0]
+        arrays = {}
+        for name, t in named_tensors(batch, "batch"):
+            if t.dim() == 0 or t.shape[0] <= max(rows) or t.is_complex():
+                continue
+            part = t.detach()[rows].cpu()
+            if part.numel() <= max_values:
+                arrays[name] = (part.float() if part.is_floating_point() else part).numpy()
+        if not arrays:
+            return False
+        np.savez_compressed(path, samples=np.array(rows), **arrays)
+        return True
+    except Exception:  # the preview only feeds the HTML report: never fail the bundle for it
+        return False
 
 
 # -- reading ----------------------------------------------------------------------------------
