@@ -27,7 +27,7 @@ import torch
 
 from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
-from nanscope.core.enums import Category
+from nanscope.core.enums import Category, Phase
 from nanscope.torch._util import named_tensors, samples_of
 from nanscope.torch._util import tree_finite as _finite
 from nanscope.torch.checks import check_batch, check_model_state
@@ -110,8 +110,8 @@ def _explain(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], A
 
 def _trace(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], Any]) -> Diagnosis:
     d = trace_step(lambda: loss_fn(call_model(model, inputs), targets), model=model)
-    if d is None:  # finite under the tracer: should not happen (the walk saw it non-finite)
-        d = Diagnosis(Category.UNKNOWN, "the batch was non-finite once and finite when traced again "
-                      "(non-deterministic model?)", framework="torch")
+    if d is None:  # finite under the tracer, though the walk saw it non-finite
+        d = rules.not_reproduced("output", framework="torch", phase=Phase.FORWARD,
+                                 evidence=["evaluation: non-finite; the traced re-run of the same batch: finite"])
     return d
 

@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanscope.core.diagnosis import Diagnosis
-from nanscope.core.enums import Category
+from nanscope.core import rules
 from nanscope.fuzz import Case, CaseResult
 
 __all__ = ["CaseResult", "run_case"]
@@ -82,9 +81,7 @@ def run_case(fn, case: Case) -> CaseResult:
             warnings.simplefilter("ignore")
             diagnosis = trace_step(_step(fn, args, kwargs))
     except Exception as err:  # the tracer must never hide the finding
-        diagnosis = Diagnosis(Category.UNKNOWN, f"the loss gave a {outcome}; tracing failed ({type(err).__name__})",
-                              framework="torch")
+        diagnosis = rules.not_localized("loss" if not value_ok else "gradient", err, framework="torch")
     if diagnosis is None:
-        diagnosis = Diagnosis(Category.UNKNOWN, f"the loss gave a {outcome} but no traced op produced it",
-                              framework="torch")
+        diagnosis = rules.unexplained("loss" if not value_ok else "gradient", framework="torch")
     return CaseResult(outcome, diagnosis)

@@ -39,10 +39,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
-from nanscope.core.enums import Category, Phase
 from nanscope.core.errors import NonFiniteError
+from nanscope.core.limits import dtype_name
 from nanscope.torch._util import all_finite, finite_flag
-from nanscope.torch.checks import check_model_state, check_optimizer_state
+from nanscope.torch.checks import check_model_state, check_optimizer_state, param_names
 from nanscope.torch.trace import (
     Analyzer,
     Event,
@@ -415,9 +415,10 @@ class Runner:
         root = self.tracker.root
         d = check_optimizer_state(optimizer, step=self.step, model=root)
         if d is None:
-            d = Diagnosis(Category.UNKNOWN, "the optimizer's update made the weights non-finite from finite "
-                          "gradients and state", phase=Phase.OPTIMIZER, framework="torch", step=self.step,
-                          evidence=[f"learning rate {self._lr!r}"])
+            names = param_names(optimizer, root)
+            bad = [names.get(id(p), "parameter") for p in params if not all_finite(p)]
+            d = rules.update_overflowed(bad, framework="torch", step=self.step, lr=self._lr,
+                                        dtype=dtype_name(params[0].dtype))
         self._raise(d)
 
     # -- failure ----------------------------------------------------------------------------
@@ -434,19 +435,13 @@ class Runner:
             d = first_failure(analyzer, [(what, replayed(t)) for what, t in things])
         except Exception as err:  # the failure is real even if our replay of it is not
             self.session.internal_error("replaying the failing step", err)
-            what = things[0][0] if things else "value"
-            d = Diagnosis(Category.UNKNOWN, f"a non-finite {what} (nanscope could not replay the step to find "
-                          "its producer)", framework="torch", step=self.step,
-                          evidence=[f"replay failed: {type(err).__name__}: {err}"],
-                          fixes=["run the failing step under `nanscope.torch.diagnose(model, batch, loss_fn)`"])
+            d = rules.not_localized(things[0][0] if things else "value", err, framework="torch", step=self.step)
         if d is None:
             if all(what != "gradient" for what, _ in things):
                 # Only intentional infinities (a -inf mask) reached the output: not a failure.
                 self._clear()
                 return
-            d = Diagnosis(Category.UNKNOWN, "a gradient is non-finite but no recorded op produced it",
-                          framework="torch", step=self.step,
-                          evidence=["the value was written outside the watched ops (another thread, a C++ hook)"])
+            d = rules.unexplained("gradient", framework="torch", step=self.step)
         self._raise(d)
 
     def _raise(self, d: Diagnosis) -> None:
