@@ -15,17 +15,19 @@ import runpy
 import sys
 import traceback
 
-from nanscope.core.diagnosis import clean_report
+from nanscope.core.diagnosis import Diagnosis, clean_report
 from nanscope.core.errors import BadInputError, NonFiniteError
 from nanscope.core.importwatch import stop_watching, when_imported
 from nanscope.core.io import check_writable, write_json
 from nanscope.core.session import RunSession
+from nanscope.report.console import echo
 
 HELP = "run a training script unchanged; stop at the first non-finite value and diagnose it"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write the diagnosis as JSON (the contract's schema)")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report (plots, source, fixes)")
     p.add_argument("--reports", metavar="DIR", default="nanscope-reports", help="where repro bundles go (default: %(default)s)")
     p.add_argument("script", help="the Python script to run")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
@@ -70,6 +72,8 @@ def main(args: argparse.Namespace) -> int:
                             else f"script {args.script!r} is not a file")
     if json_path:
         check_writable(json_path, what="JSON report")
+    if args.html:
+        check_writable(args.html, what="HTML report")
     session = RunSession(script=args.script, reports_dir=args.reports)
     when_imported("torch", _attach(session, "torch", "torch"))
     when_imported("tensorflow", _attach(session, "keras", "tensorflow"))
@@ -101,10 +105,28 @@ def main(args: argparse.Namespace) -> int:
 
     framework = session.frameworks[0] if session.frameworks else None
     if session.diagnosis is not None:
-        print(str(session.diagnosis), file=sys.stderr)
+        echo(session.diagnosis, file=sys.stderr)
         if json_path:
             write_json(json_path, session.diagnosis.to_dict())
+        _write_html(args.html, session.diagnosis, session)
         return 1
     if json_path:
         write_json(json_path, clean_report(framework))
+    _write_html(args.html, clean_report(framework), session)
     return exit_code
+
+
+def _write_html(path: str | None, what, session: RunSession) -> None:
+    if not path:
+        return
+    from nanscope.core.bundle import read_bundle
+    from nanscope.report import write_report
+
+    bundle = None
+    if getattr(what, "bundle", None):
+        try:
+            bundle = read_bundle(what.bundle, verify=False)
+        except Exception:  # a bundle that failed to write: the page shows the diagnosis alone
+            bundle = None
+    kw = {"source_search": [session.script_dir], "bundle": bundle} if isinstance(what, Diagnosis) else {}
+    print(f"nanscope: HTML report written to {write_report(path, what, **kw)}", file=sys.stderr)

@@ -30,7 +30,7 @@ from typing import Any
 from nanscope.core.diagnosis import AuditReport, Diagnosis
 from nanscope.core.errors import BadInputError
 
-__all__ = ["render", "render_diagnosis", "render_audit", "load", "write_html", "default_output", "Loaded"]
+__all__ = ["render", "render_diagnosis", "render_audit", "load", "write_html", "write_report", "default_output", "Loaded"]
 
 
 def render_diagnosis(d: Diagnosis, **kw: Any) -> str:
@@ -141,3 +141,11 @@ def write_html(path: str | os.PathLike, page: str) -> Path:
     from nanscope.core.io import write_text
 
     return write_text(path, page, what="HTML report")
+
+
+def write_report(path: str | os.PathLike, what: dict | Diagnosis | AuditReport, **kw: Any) -> Path:
+    """Render ``what`` (see ``render``) and write it to ``path`` atomically; returns the path.
+
+    The ``--html FILE`` option of ``nanscope run / show / data / inspect / demo`` calls this.
+    """
+    return write_html(path, render(what, **kw))

@@ -248,10 +248,18 @@ def plots_html(d: Diagnosis, stats: list[dict]) -> str:
         out.append(plot(plots.headroom(head["layers"], dtype=head.get("dtype") or dtype, limit=head.get("max")),
                         f"largest magnitude per layer against {head.get('dtype') or dtype}", id="plot-headroom"))
     elif str(d.category) == "overflow" and stats:
-        rows = [{"name": s["label"], "max_abs": max(abs(s["min"] or 0.0), abs(s["max"] or 0.0))} for s in stats
-                if s["min"] is not None or s["max"] is not None]
+        dtype = d.dtype or stats[0]["dtype"]
+        from nanscope.core.limits import limits
+
+        top = limits(dtype).max if limits(dtype) else None
+        rows = []
+        for s in stats:
+            if "Inf" in s["nonfinite"] and top:  # past the limit: drawn beyond the line
+                rows.append({"name": s["label"] + " (Inf)", "max_abs": top * 4})
+            elif s["min"] is not None or s["max"] is not None:
+                rows.append({"name": s["label"], "max_abs": max(abs(s["min"] or 0.0), abs(s["max"] or 0.0))})
         if rows:
-            out.append(plot(plots.headroom(rows, dtype=stats[0]["dtype"] if d.dtype is None else dtype),
+            out.append(plot(plots.headroom(rows, dtype=dtype),
                             f"the producer's tensors against the {dtype} maximum (log10 of the largest magnitude)",
                             id="plot-headroom"))
     if not plots.available() and (grad_norms or det.get("scales") or head):
@@ -312,8 +320,8 @@ def render(d: Diagnosis, *, bundle: Any = None, samples: tuple[dict[str, np.ndar
         sample_views = samples_mod.from_arrays(arrays, indices, ignore_index=ignore,
                                                num_classes=samples_mod.num_classes_of(*d.evidence))
     elif d.samples and note is None:
-        note = (f"samples {samples_text(d.samples)} of the batch; render from the repro bundle "
-                "(`nanscope report BUNDLE`) to see them")
+        note = (f"samples {samples_text(d.samples)} of the batch. The JSON does not hold the batch; the repro "
+                "bundle of a guarded run does (`nanscope.torch.Guard` writes one): `nanscope report BUNDLE` shows them")
     if sample_views or note:
         body.append(section("The offending samples", samples_mod.render(sample_views, note), id="samples"))
 

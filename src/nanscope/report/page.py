@@ -49,7 +49,7 @@ button.copy{font-size:11px;margin-left:4px;padding:0 6px;border:1px solid var(--
 .path{display:flex;flex-wrap:wrap;align-items:stretch;gap:0;margin:10px 0}
 .path .node{border:1px solid var(--line);border-radius:6px;padding:6px 10px;background:#fff;max-width:300px}
 .path .node.origin{border-color:var(--bad);background:#fff3f3} .path .node.end{border-color:#444;background:var(--soft)}
-.path .node small{display:block;color:var(--muted)}
+.path .node small{display:block;color:var(--muted);overflow-wrap:anywhere}
 .path .arrow{align-self:center;padding:0 8px;color:var(--muted);font-size:18px}
 figure.plot{margin:10px 0} figure.plot img{max-width:100%;height:auto;border:1px solid var(--line);border-radius:6px}
 figure.plot figcaption,.note{color:var(--muted);font-size:13px}
