@@ -12,7 +12,7 @@ from nanscope.cli.main import main as cli_main
 
 def test_demo_diagnoses_the_empty_validation_mask(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    rc = cli_main(["demo", "--steps", "2", "--json", str(out)])
+    rc = cli_main(["demo", "--steps", "2", "--json", str(out), "--html", str(tmp_path / "demo.html")])
     text = capsys.readouterr().out
     assert rc == 0
     assert "validation loss: nan" in text
@@ -21,6 +21,9 @@ def test_demo_diagnoses_the_empty_validation_mask(tmp_path, capsys):
     d = json.loads(out.read_text())["diagnosis"]
     assert (d["category"], d["phase"], d["op_kind"], d["samples"]) == ("invalid_target", "loss", "cross_entropy", [0])
     assert d["details"]["bad_batches"] == [5]
+    page = (tmp_path / "demo.html").read_text()  # the report, with the empty frame's mask as a thumbnail
+    assert f"report written to {(tmp_path / 'demo.html').as_uri()}" in text
+    assert "invalid_target" in page and 'class="thumb mask"' in page and "all ignore_index" in page
 
 
 def test_demo_unwritable_json_is_one_line_exit_2(tmp_path, capsys):

@@ -140,7 +140,14 @@ def write_html(path: str | os.PathLike, page: str) -> Path:
     """Write the page atomically (never a half-written file)."""
     from nanscope.core.io import write_text
 
-    return write_text(path, page, what="HTML report")
+    out = write_text(path, page, what="HTML report")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:  # a page is for sharing: the usual file mode, not the temporary file's 0600
+        os.chmod(out, 0o666 & ~umask)
+    except OSError:
+        pass
+    return out
 
 
 def write_report(path: str | os.PathLike, what: dict | Diagnosis | AuditReport, **kw: Any) -> Path:

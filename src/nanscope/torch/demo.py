@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -95,6 +95,7 @@ class DemoResult:
     train_losses: list[float]
     val_losses: list[float]
     seconds: float
+    val_batches: list = field(default_factory=list)  # (image, mask) batches, for the HTML report's thumbnails
 
     @property
     def as_expected(self) -> bool:
@@ -137,4 +138,4 @@ def run_demo(*, steps: int = 6, say: Callable[[str], None] = print) -> DemoResul
     say(f"  validation loss: {mean:.4f}   <- the training loss was fine; why is validation NaN?")
     say("  running nanscope.torch.diagnose_eval(model, val_loader, loss_fn) ...")
     diagnosis = diagnose_eval(model, val, loss_fn)
-    return DemoResult(diagnosis, train_losses, val_losses, time.perf_counter() - start)
+    return DemoResult(diagnosis, train_losses, val_losses, time.perf_counter() - start, val)
