@@ -31,7 +31,7 @@ def test_show_prints_diagnosis_and_contents(tmp_path, capsys):
     b = make_bundle(tmp_path / "b")
     assert main(["show", str(b)]) == 0
     out = capsys.readouterr().out
-    assert "op_domain in loss, step 17" in out and "aten::log" in out and "samples 3" in out
+    assert "op_domain in loss, step 17" in out and "aten::log" in out and "samples   3" in out
     assert "1,234 parameters" in out and "batch[0]: float32[8, 3]" in out and "SHA-256 verified" in out
     assert main(["show", str(b / "diagnosis.json"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -1,14 +1,15 @@
 import json
 
-from nanscope.core.diagnosis import AuditReport, Diagnosis, Finding, Location, clean_report
+from nanscope.core.diagnosis import AuditReport, Diagnosis, Finding, Location, clean_report, compose_summary
 from nanscope.core.enums import Category, OpKind, Phase, Policy
 from nanscope.core.errors import NonFiniteError
 
 
 def _diag():
+    at = Location("train.py", 42, "dice_loss")
     return Diagnosis(
-        Category.OP_DOMAIN, "log received 1 zero", phase="loss", op="aten::log",
-        location=Location("train.py", 42, "dice_loss"), dtype="float32", samples=[3], step=17,
+        Category.OP_DOMAIN, compose_summary("log received 1 zero", [3], None, at), phase="loss", op="aten::log",
+        location=at, dtype="float32", samples=[3], step=17,
         evidence=["log input: min 0.0"], fixes=["clamp"], framework="torch",
     )
 
@@ -28,9 +29,13 @@ def test_json_matches_contract_and_round_trips():
 
 
 def test_text_rendering_names_everything():
-    text = str(_diag())
-    assert "op_domain" in text and "aten::log" in text and "train.py:42" in text and "samples 3" in text
+    d = _diag()
+    text = str(d)
+    assert "op_domain" in text and "aten::log" in text and "train.py:42" in text and "  samples   3\n" in text
     assert "1. clamp" in text
+    # Said once: the line, the function and the samples are not repeated by the headline.
+    assert text.count("train.py:42") == 1 and text.count("dice_loss") == 1, text
+    assert d.summary.endswith("at train.py:42")  # the JSON summary keeps them
 
 
 def test_strenums_accept_plain_strings():
@@ -69,6 +74,6 @@ def test_finding_of_keeps_every_field_of_the_diagnosis():
     d = _diag()
     f = Finding.of(d, {"tensor": "bn.running_var"}, severity="warning", summary="case: " + d.summary)
     assert f.where_found == {"tensor": "bn.running_var"} and f.severity == "warning"
-    assert f.summary == "case: log received 1 zero" and d.summary == "log received 1 zero"
+    assert f.summary == "case: " + d.summary and d.summary == "log received 1 zero (sample 3) in dice_loss at train.py:42"
     assert (f.category, f.op, f.location, f.samples, f.step, f.evidence, f.fixes, f.framework) == (
         d.category, d.op, d.location, d.samples, d.step, d.evidence, d.fixes, d.framework)

@@ -120,36 +120,42 @@ class Diagnosis:
         return cls(**kw)
 
     # -- text -------------------------------------------------------------------------------
+    # One renderer: the summary (as in the JSON) ends with where it happened and which samples
+    # (see ``compose_summary``); the text report says those once, on their own lines.
     def headline(self) -> str:
+        """One line: category, phase, step and the whole summary (exceptions, repeated warnings)."""
+        return self._headline(self.summary)
+
+    def cause(self) -> str:
+        """The summary without its place and samples suffix (said on their own lines)."""
+        suffix = samples_phrase(self.samples) + where_phrase(self.module, self.location)
+        if suffix and self.summary.endswith(suffix) and len(self.summary) > len(suffix):
+            return self.summary[: -len(suffix)]
+        return self.summary
+
+    def _headline(self, summary: str) -> str:
         step = f", step {self.step}" if self.step is not None else ""
         phase = f" in {self.phase}" if self.phase else ""
-        return f"{self.category}{phase}{step}: {self.summary}"
+        return f"{self.category}{phase}{step}: {summary}"
 
     def where(self) -> str:
+        """``aten::log (log) in encoder in dice_loss at train.py:42``: op, module, line, once."""
         parts = []
         if self.op:
             kind = f" ({self.op_kind})" if self.op_kind and str(self.op_kind) not in self.op.lower() else ""
             parts.append(f"{self.op}{kind}")
-        if self.module:
-            parts.append(f"in {self.module}")
-        if self.location:
-            fn = f" in {self.location.function}" if self.location.function else ""
-            parts.append(f"at {self.location}{fn}")
-        return " ".join(parts)
+        return (" ".join(parts) + where_phrase(self.module, self.location)).strip()
 
     def __str__(self) -> str:
-        lines = [f"nanscope: {self.headline()}"]
+        lines = [f"nanscope: {self._headline(self.cause())}"]
         if w := self.where():
             lines.append(f"  where     {w}")
-        facts = []
-        if self.dtype:
-            facts.append(f"dtype {self.dtype}")
         if self.samples:
-            facts.append("samples " + samples_text(self.samples))
+            lines.append(f"  samples   {samples_text(self.samples)}")
         if self.ranks:
-            facts.append("ranks " + ", ".join(map(str, self.ranks)))
-        if facts:
-            lines.append("  " + "; ".join(facts))
+            lines.append(f"  ranks     {', '.join(map(str, self.ranks))}")
+        if self.dtype:
+            lines.append(f"  dtype     {self.dtype}")
         if self.evidence:
             lines.append("  evidence")
             lines += [f"    - {e}" for e in self.evidence]
@@ -176,13 +182,46 @@ class Diagnosis:
         for i, f in enumerate(self.fixes, 1):
             body.append(f"{i}. ", style="bold green")
             body.append(f + "\n")
-        yield Panel(body, title=f"[bold red]{self.category}[/] {self.summary}")
+        yield Panel(body, title=f"[bold red]{self.category}[/] {self.cause()}")
 
 
 def samples_text(samples: list[int], limit: int = 12) -> str:
-    """``0, 1, 2`` or, past ``limit``, ``0, 1, … (40 in all)``."""
+    """``0, 1, 2`` or, past ``limit``, ``0, 1, … (40 in all)``: the one samples formatter."""
     head = ", ".join(map(str, samples[:limit]))
     return head + (f", … ({len(samples)} in all)" if len(samples) > limit else "")
+
+
+def samples_phrase(samples: list[int]) -> str:
+    """The samples as a summary ends with them: `` (sample 3)``, `` (samples 1, 2)``, `` (40 samples)``.
+
+    >>> samples_phrase([3]), samples_phrase([0, 1, 2, 3, 4]), samples_phrase([])
+    (' (sample 3)', ' (5 samples)', '')
+    """
+    if not samples:
+        return ""
+    if len(samples) <= 4:
+        return f" (sample{'s' if len(samples) > 1 else ''} {samples_text(samples)})"
+    return f" ({len(samples)} samples)"
+
+
+def where_phrase(module: str | None, location: Location | None) -> str:
+    """Where it happened, in one order everywhere: `` in encoder in dice_loss at train.py:42``.
+
+    >>> where_phrase("head", Location("train.py", 42, "dice_loss"))
+    ' in head in dice_loss at train.py:42'
+    """
+    bits = []
+    if module:
+        bits.append(f"in {module}")
+    if location:
+        fn = location.function
+        bits.append(f"{'in ' + fn + ' ' if fn and fn != '<module>' else ''}at {location}")
+    return (" " + " ".join(bits)) if bits else ""
+
+
+def compose_summary(cause: str, samples: list[int], module: str | None, location: Location | None) -> str:
+    """The contract's ``summary``: the cause, then the samples, then where."""
+    return cause + samples_phrase(samples) + where_phrase(module, location)
 
 
 @dataclass

@@ -18,7 +18,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanscope.core.diagnosis import Diagnosis, Location, samples_text
+from nanscope.core.diagnosis import (
+    Diagnosis,
+    Location,
+    compose_summary,
+    samples_phrase,
+    samples_text,
+)
 from nanscope.core.enums import Category, OpKind, Phase
 from nanscope.core.fixes import fixes_for, loss_scale_fixes
 from nanscope.core.limits import limits
@@ -68,24 +74,6 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _where_text(ev: ProducerEvidence) -> str:
-    bits = []
-    if ev.module:
-        bits.append(f"in {ev.module}")
-    if ev.location:
-        fn = ev.location.function
-        bits.append(f"{'in ' + fn + ' ' if fn and fn != '<module>' else ''}at {ev.location}")
-    return (" " + " ".join(bits)) if bits else ""
-
-
-def _samples_text(samples: list[int]) -> str:
-    if not samples:
-        return ""
-    if len(samples) <= 4:
-        return f" (sample{'s' if len(samples) > 1 else ''} {', '.join(map(str, samples))})"
-    return f" ({len(samples)} samples)"
-
-
 def classify_producer(ev: ProducerEvidence) -> Diagnosis:
     """Decide the root cause at the producer op.
 
@@ -102,9 +90,8 @@ def classify_producer(ev: ProducerEvidence) -> Diagnosis:
     evidence = [f"{k} input: {s.describe()}" if len(ev.inputs) == 1 else f"{k} input {i}: {s.describe()}"
                 for i, s in enumerate(ev.inputs)]
     evidence.append(f"{k} output: {ev.output.describe()}")
-    where, samples = _where_text(ev), _samples_text(ev.samples)
-    category, summary = _decide(ev, k, evidence)
-    summary = summary + samples + where
+    category, cause = _decide(ev, k, evidence)
+    summary = compose_summary(cause, ev.samples, ev.module, ev.location)
     evidence += ev.extra_evidence
     fixes = fixes_for(category, op_kind=k, framework=fw, location=ev.location, module=ev.module,
                       dtype=ev.output.dtype, forward_op_kind=OpKind.of(ev.forward_op) if ev.forward_op else None)
@@ -267,7 +254,7 @@ def nonfinite_input(
     fw = _NAMES.get(framework, framework)
     what = "input" if category is Category.NONFINITE_INPUT else "target"
     n = summary.nonfinite
-    values = f"{n} non-finite value{'s' if n != 1 else ''}{_samples_text(samples)}"
+    values = f"{n} non-finite value{'s' if n != 1 else ''}{samples_phrase(samples)}"
     # name=None: a tracer saw a tensor that was already bad before any op of the step read it
     # (a dataset tensor, a constant), so it cannot say which argument of the batch it was.
     text = (f"the batch's {what} {name!r} holds {values}" if name is not None
