@@ -1,6 +1,13 @@
 import json
 
-from nanscope.core.diagnosis import AuditReport, Diagnosis, Finding, Location, clean_report, compose_summary
+from nanscope.core.diagnosis import (
+    AuditReport,
+    Diagnosis,
+    Finding,
+    Location,
+    clean_report,
+    compose_summary,
+)
 from nanscope.core.enums import Category, OpKind, Phase, Policy
 from nanscope.core.errors import NonFiniteError
 

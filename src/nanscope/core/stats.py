@@ -216,6 +216,12 @@ class RowStats:
         return RowStats(n, self.nan.sum(axis=axis), self.posinf.sum(axis=axis), self.neginf.sum(axis=axis),
                         self.min.min(axis=axis), self.max.max(axis=axis), mean, m2)
 
+    def items(self) -> list[ArrayStats]:
+        """Every row as :class:`ArrayStats`, in C order (cheaper than numpy calls for a few rows)."""
+        cols = [getattr(self, f).reshape(-1).tolist() for f in _ROW_FIELDS]
+        return [ArrayStats(n, a, b, c, lo, hi, mean, m2) if n else ArrayStats(0, a, b, c)
+                for n, a, b, c, lo, hi, mean, m2 in zip(*cols, strict=True)]
+
     def item(self, *index: int) -> ArrayStats:
         """One row as :class:`ArrayStats`."""
         count = int(self.count[index])
