@@ -280,3 +280,123 @@ def test_npy_samples_in_an_image_folder(tmp_path):
     (f,) = audit(folder).findings
     assert f.category == "nonfinite_input" and f.where_found["file"] == "0003.npy" and f.samples == [3]
     assert "1 +Inf" in f.evidence[0]
+
+
+def _close(a, b, path=""):
+    """Reports equal up to float rounding (merge order): counts, names and findings exactly."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-9), path
+    else:
+        assert a == b, path
+
+
+@pytest.fixture
+def big_seg(tmp_path):
+    """70 image/mask pairs (more than two process tasks), problems planted far apart, mixed
+    modes: RGB and RGBA PNGs (histogram path), a float TIFF with NaN (array path), a constant."""
+    rng = np.random.default_rng(7)
+    root = tmp_path / "big"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(70):
+        img = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+        Image.fromarray(img).save(root / f"images/{i:04d}.png")
+        Image.fromarray(_healthy_mask()).save(root / f"masks/{i:04d}.png")
+    Image.fromarray(np.full((12, 10, 3), 9, np.uint8)).save(root / "images/0003.png")  # constant
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(root / "masks/0040.png")  # all ignored
+    f = rng.random((12, 10)).astype(np.float32)
+    f[2, 2] = np.nan
+    (root / "images/0066.png").unlink()
+    Image.fromarray(f).save(root / "images/0066.tif")
+    (root / "images/0050.png").unlink()
+    Image.fromarray(rng.integers(0, 256, (12, 10, 4), dtype=np.uint8), "RGBA").save(root / "images/0050.png")
+    return root
+
+
+def test_worker_processes_give_the_one_worker_report(big_seg):
+    import nanscope.data.readers as readers
+
+    assert readers._can_fork()  # the core suite imports no framework: the process path runs
+    one = audit(big_seg, num_classes=21, ignore_index=255, workers=1).to_dict()
+    two = audit(big_seg, num_classes=21, ignore_index=255, workers=2).to_dict()
+    _close(one, two)
+    f = one["findings"]
+    assert [(x["category"], x["samples"]) for x in f] == [
+        ("nonfinite_input", [66]), ("op_domain", [3]), ("invalid_target", [40])]
+    assert f[0]["where"]["file"] == "images/0066.tif" and f[1]["where"]["file"] == "images/0003.png"
+    s = one["stats"]["inputs"]["image"]
+    assert s["nan"] == 1 and s["count"] == 70 * 12 * 10 * 3 - 12 * 10 * 3 + 12 * 10 + 12 * 10 * 1
+    assert len(s["channel_mean"]) == 3 and s["sample_shape"] == "varies"
+
+
+def test_worker_processes_stop_at_the_first_bad_file(big_seg, capsys):
+    for name in ("images/0045.png", "images/0060.png"):
+        p = big_seg / name
+        p.write_bytes(p.read_bytes()[:50])
+    for workers in ("1", "2"):
+        assert main(["data", str(big_seg), "--workers", workers]) == 2
+        err = capsys.readouterr().err
+        assert "0045.png" in err and "0060.png" not in err and err.count("\n") == 1, err
+
+
+def test_no_fork_with_a_framework_loaded(monkeypatch, big_seg):
+    import types
+
+    import nanscope.data.readers as readers
+
+    monkeypatch.setitem(sys.modules, "jax", types.ModuleType("jax"))
+    assert not readers._can_fork()  # threads then: the same report
+    _close(audit(big_seg, workers=2).to_dict(), audit(big_seg, workers=1).to_dict())
+
+
+def test_histogram_statistics_match_numpy(tmp_path):
+    rng = np.random.default_rng(5)
+    imgs = rng.integers(0, 256, (4, 20, 18, 3), dtype=np.uint8)
+    for i, a in enumerate(imgs):
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+    s = audit(tmp_path).stats["inputs"]["image"]
+    want = imgs.astype(np.float64)
+    assert s["count"] == want.size and s["min"] == want.min() and s["max"] == want.max()
+    assert s["mean"] == pytest.approx(want.mean(), rel=1e-12) and s["std"] == pytest.approx(want.std(), rel=1e-12)
+    assert s["channel_mean"] == pytest.approx(want.mean(axis=(0, 1, 2)).tolist(), rel=1e-12)
+    assert s["channel_std"] == pytest.approx(want.std(axis=(0, 1, 2)).tolist(), rel=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_npy_images_per_channel_per_sample_in_one_pass(tmp_path, layout):
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((300, 3, 16, 16)) * [[[2.0]], [[5.0]], [[9.0]]] + 100).astype(np.float32)
+    x[17] = 0.25  # constant sample
+    x[250, 1, 3, 3] = np.nan
+    x[251, 2, 0, :4] = -np.inf
+    if layout == "last":
+        x = np.ascontiguousarray(np.moveaxis(x, 1, 3))
+    np.save(tmp_path / "x.npy", x)
+    import nanscope.data.readers as readers
+
+    old = readers.CHUNK_BYTES
+    readers.CHUNK_BYTES = 7 * x[0].nbytes  # many chunks, samples numbered globally
+    try:
+        r = audit(tmp_path / "x.npy", workers=2)
+    finally:
+        readers.CHUNK_BYTES = old
+    (nan,) = [f for f in r.findings if f.category == "nonfinite_input"]
+    assert nan.samples == [250, 251]
+    assert nan.evidence == ["x: 1 NaN, 4 -Inf of 230400 values", "sample 250: 1 non-finite of 768",
+                            "sample 251: 4 non-finite of 768"]
+    (const,) = [f for f in r.findings if f.category == "op_domain"]
+    assert const.samples == [17]
+    s = r.stats["inputs"]["x"]
+    ax = (0, 2, 3) if layout == "first" else (0, 1, 2)
+    finite = np.where(np.isfinite(x), x, np.nan).astype(np.float64)
+    assert s["channel_mean"] == pytest.approx(np.nanmean(finite, axis=ax).tolist(), rel=1e-6)
+    assert s["channel_std"] == pytest.approx(np.nanstd(finite, axis=ax).tolist(), rel=1e-5)
+    assert (s["nan"], s["neginf"], s["min"], s["max"]) == (1, 4, float(np.nanmin(finite)), float(np.nanmax(finite)))

@@ -65,7 +65,7 @@ def audit(
         [('nonfinite_input', [2]), ('invalid_target', [2]), ('invalid_target', [])]
     """
     if isinstance(source, str | os.PathLike):
-        src = readers.open_source(source, masks=masks, workers=workers)
+        src = readers.open_source(source, masks=masks, workers=workers, summarize=True)
         title = f"data {Path(source).name or source}"
     else:
         src = readers.from_object(source)
@@ -168,10 +168,25 @@ class _InputAudit:
         if summary is None:
             summary = batch_stats(x, ax if by_channel else None, workers=workers)
         rows = summary.rows  # (n, channels): one fused pass gave every number below
-        if by_channel and summary.channel_axis == ax:
-            per_c = rows.combine(0)
-            per = [per_c.item(c) for c in range(per_c.shape[0])]
-            self.channels = per if self.channels is None else [a.merge(b) for a, b in zip(self.channels, per, strict=True)]
+        split = by_channel and summary.channel_axis == ax
+        if n == 1:  # one image: a few numbers, merged in Python (numpy calls cost more here)
+            per = rows.items()
+            part = ArrayStats()
+            for c in per:
+                part = part.merge(c)
+            if split:
+                self._merge_channels(per)
+            self.stats = self.stats.merge(part)
+            if part.nonfinite:
+                self.nonfinite.add(start, names[0] if names else None,
+                                   f"{_label(start, 0, names)}: {part.nonfinite} non-finite of {per_sample}")
+            if check_constant and part.count and not part.nonfinite and part.min == part.max:
+                self.constant.add(start, names[0] if names else None,
+                                  f"{_label(start, 0, names)}: every value is {fmt(part.min)}")
+            return
+        if split:
+            per = rows.combine(0).items()
+            self._merge_channels(per)
             part = ArrayStats()
             for c in per:  # the batch is the merge of its channels, in channel order
                 part = part.merge(c)
@@ -190,6 +205,9 @@ class _InputAudit:
             for i in np.flatnonzero(same).tolist():
                 self.constant.add(start + i, names[i] if names else None,
                                   f"{_label(start, i, names)}: every value is {fmt(float(sample.min[i]))}")
+
+    def _merge_channels(self, per: list[ArrayStats]) -> None:
+        self.channels = per if self.channels is None else [a.merge(b) for a, b in zip(self.channels, per, strict=True)]
 
     def _update_flat(self, x: np.ndarray, start: int, names: list[str] | None, workers: int) -> None:
         part = array_stats(x, workers=workers)

@@ -20,6 +20,8 @@ import mmap
 import os
 import re
 import sys
+import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from nanscope.core.errors import BadInputError, MissingDependencyError
+from nanscope.data.samples import SampleStats, batch_stats, channel_axis, image_stats
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 SAMPLE_SUFFIXES = IMAGE_SUFFIXES | {".npy"}
@@ -85,13 +88,18 @@ def is_target_name(name: str) -> bool:
 
 # -- files --------------------------------------------------------------------------------------
 
-def open_source(path: str | os.PathLike, *, masks: str | os.PathLike | None = None, workers: int = 1) -> Source:
-    """A dataset on disk: an image/mask folder, a ``.npy``/``.npz`` or an HDF5 file."""
+def open_source(path: str | os.PathLike, *, masks: str | os.PathLike | None = None, workers: int = 1,
+                summarize: bool = False) -> Source:
+    """A dataset on disk: an image/mask folder, a ``.npy``/``.npz`` or an HDF5 file.
+
+    With ``summarize`` the input images of a folder arrive as :class:`SampleStats`, reduced
+    in the decoding worker (what the audit needs), instead of as pixel arrays.
+    """
     p = Path(path)
     if not p.exists():
         raise BadInputError(f"{str(p)!r} does not exist", path=str(p))
     if p.is_dir():
-        return _folder(p, Path(masks) if masks else None, workers)
+        return _folder(p, Path(masks) if masks else None, workers, summarize)
     if masks:
         raise BadInputError("--masks goes with an image folder, not a single file")
     _nonempty(p)
@@ -112,7 +120,7 @@ def open_source(path: str | os.PathLike, *, masks: str | os.PathLike | None = No
         src.resources = keep
         return src
     if suffix in IMAGE_SUFFIXES:
-        return Source(_file_batches([p], None, p.parent, workers), 1, "folder", "files")
+        return Source(_file_batches([p], None, p.parent, workers, summarize=summarize), 1, "folder", "files")
     raise BadInputError(f"{str(p)!r}: unknown dataset format {suffix or '(no suffix)'!r}; "
                         "expected a folder of images, .npy, .npz, .h5 or .hdf5")
 
@@ -289,7 +297,7 @@ def _samples_in(folder: Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
-def _folder(root: Path, masks: Path | None, workers: int) -> Source:
+def _folder(root: Path, masks: Path | None, workers: int, summarize: bool) -> Source:
     subdirs = {d.name.lower(): d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
     if masks is None:
         image_dir = next((subdirs[n] for n in INPUT_DIRS if n in subdirs), None)
@@ -302,7 +310,7 @@ def _folder(root: Path, masks: Path | None, workers: int) -> Source:
     if masks is not None:
         mask_files = {p.relative_to(masks).with_suffix("").as_posix(): p for p in _samples_in(masks)}
         pairs = [(f, mask_files.get(f.relative_to(root).with_suffix("").as_posix())) for f in files]
-        return Source(_file_batches([f for f, _ in pairs], [m for _, m in pairs], root.parent, workers),
+        return Source(_file_batches([f for f, _ in pairs], [m for _, m in pairs], root.parent, workers, summarize=summarize),
                       len(pairs), "folder", "files")
     if not files:
         arrays = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".npz", ".h5", ".hdf5"))
@@ -314,18 +322,42 @@ def _folder(root: Path, masks: Path | None, workers: int) -> Source:
     if len(top) >= 2 and all(len(f.relative_to(root).parts) == 2 for f in files):
         index = {name: i for i, name in enumerate(top)}
         labels = [index[f.relative_to(root).parts[0]] for f in files]
-        return Source(_file_batches(files, None, root, workers, labels=labels), len(files), "folder", "files")
-    return Source(_file_batches(files, None, root, workers), len(files), "folder", "files")
+        return Source(_file_batches(files, None, root, workers, labels=labels, summarize=summarize), len(files), "folder", "files")
+    return Source(_file_batches(files, None, root, workers, summarize=summarize), len(files), "folder", "files")
 
 
 def read_sample(path: Path, *, as_mask: bool = False) -> np.ndarray:
     """Decode one image or ``.npy`` sample; BadInputError names the file when it is unreadable."""
+    return _decode(path, as_mask, np.asarray)
+
+
+def read_input_stats(path: Path) -> SampleStats | np.ndarray:
+    """Decode one input sample and reduce it at once (in the decoding worker): its statistics.
+
+    8-bit images go through Pillow's histogram without a numpy copy; other images and ``.npy``
+    samples through one fused ``row_stats`` pass. Non-numeric samples come back as arrays.
+    """
+    return _decode(path, False, _summarize)
+
+
+def _summarize(sample: object) -> SampleStats | np.ndarray:
+    s = image_stats(sample)
+    if s is not None:
+        return s
+    a = np.asarray(sample)
+    if a.dtype.kind not in "fiub" or a.ndim == 0:
+        return a
+    return batch_stats(a[None], channel_axis(tuple(a.shape)))
+
+
+def _decode(path: Path, as_mask: bool, finish):
     _nonempty(path)
     if path.suffix.lower() == ".npy":
         try:
-            return np.load(path, allow_pickle=False)
+            a = np.load(path, allow_pickle=False)
         except Exception as err:
             raise BadInputError(f"{str(path)!r} is not a readable .npy file (truncated or corrupt): {_short(err)}", path=str(path)) from None
+        return finish(a)
     try:
         from PIL import Image
     except ImportError:
@@ -335,34 +367,116 @@ def read_sample(path: Path, *, as_mask: bool = False) -> np.ndarray:
             im.load()
             if not as_mask and im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
                 im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
-            return np.asarray(im)
+            return finish(im)
     except Exception as err:
         raise BadInputError(f"{str(path)!r} is not a readable image (truncated or corrupt): {_short(err)}", path=str(path)) from None
 
 
-def _file_batches(files: list[Path], masks: list[Path | None] | None, root: Path, workers: int,
-                  labels: list[int] | None = None) -> Iterator[Batch]:
-    def load(i: int) -> Batch:
-        f = files[i]
-        name = _rel(f, root)
-        b = Batch(i, {"image": read_sample(f)[None]}, names=[name])
-        if masks is not None:
-            m = masks[i]
+@dataclass
+class _Files:
+    """The files of a folder dataset; picklable, so a worker process can load a range of them."""
+
+    files: list[Path]
+    masks: list[Path | None] | None
+    root: Path
+    labels: list[int] | None
+    summarize: bool
+
+    def load(self, i: int) -> Batch:
+        f = self.files[i]
+        x = read_input_stats(f) if self.summarize else read_sample(f)
+        b = Batch(i, {"image": x if isinstance(x, SampleStats) else x[None]}, names=[_rel(f, self.root)])
+        if self.masks is not None:
+            m = self.masks[i]
             if m is not None:
                 b.targets["mask"] = read_sample(m, as_mask=True)[None]
-                b.target_names = [_rel(m, root)]
-        if labels is not None:
-            b.targets["label"] = np.array([labels[i]])
+                b.target_names = [_rel(m, self.root)]
+        if self.labels is not None:
+            b.targets["label"] = np.array([self.labels[i]])
         return b
 
+    def part(self, lo: int, hi: int) -> _Files:
+        cut = slice(lo, hi)
+        return _Files(self.files[cut], None if self.masks is None else self.masks[cut], self.root,
+                      None if self.labels is None else self.labels[cut], self.summarize)
+
+
+PROCESS_TASK = 16  # files per task sent to a worker process
+_FRAMEWORKS = ("torch", "tensorflow", "jax")
+
+
+def _load_part(files: _Files, start: int) -> list[Batch] | tuple[str, str | None]:
+    """Worker process: decode (and reduce) a range of files; a bad file ends the range."""
+    out = []
+    for i in range(len(files.files)):
+        try:
+            b = files.load(i)
+        except BadInputError as err:  # sent back as text: the exception's own pickling loses fields
+            return str(err), err.path if hasattr(err, "path") else None
+        b.start += start
+        out.append(b)
+    return out
+
+
+def _can_fork() -> bool:
+    # fork copies this process without its threads: only safe while nanscope's own thread is
+    # the only one and no framework (CUDA contexts, TF thread pools) lives in the process.
+    return (sys.platform.startswith("linux") and threading.active_count() == 1
+            and not any(m in sys.modules for m in _FRAMEWORKS))
+
+
+def _file_batches(files: list[Path], masks: list[Path | None] | None, root: Path, workers: int,
+                  labels: list[int] | None = None, *, summarize: bool = False) -> Iterator[Batch]:
+    fs = _Files(files, masks, root, labels, summarize)
+    n = len(files)
     if workers <= 1:
-        for i in range(len(files)):
-            yield load(i)
+        for i in range(n):
+            yield fs.load(i)
         return
-    window = 4 * workers  # decode ahead, in order, without holding the whole dataset
+    if summarize and n >= 2 * PROCESS_TASK and _can_fork():
+        yield from _process_batches(fs, workers)
+        return
+    # Threads otherwise, decoding ahead in order, at most 4 files per worker in flight (bounded
+    # memory). Pillow releases the GIL while it decodes and while it builds the histogram.
+    ahead = 4 * workers
     with ThreadPoolExecutor(workers) as pool:
-        for lo in range(0, len(files), window):
-            yield from pool.map(load, range(lo, min(len(files), lo + window)))
+        pending: deque = deque()
+        nxt = 0
+        try:
+            while pending or nxt < n:
+                while nxt < n and len(pending) < ahead:
+                    pending.append(pool.submit(fs.load, nxt))
+                    nxt += 1
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _process_batches(fs: _Files, workers: int) -> Iterator[Batch]:
+    """Decode and reduce in ``workers`` processes: what comes back per image is its statistics
+    (a few numbers per channel) and its mask, never its pixels. Ranges come back in order, at
+    most two per worker in flight, so memory stays bounded and the first bad file is the first
+    reported, as with one worker."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = len(fs.files)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pending: deque = deque()
+    nxt = 0
+    try:
+        while pending or nxt < n:
+            while nxt < n and len(pending) < 2 * workers:
+                hi = min(n, nxt + PROCESS_TASK)
+                pending.append(pool.submit(_load_part, fs.part(nxt, hi), nxt))
+                nxt = hi
+            got = pending.popleft().result()
+            if isinstance(got, tuple):
+                raise BadInputError(got[0], path=got[1])
+            yield from got
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _rel(p: Path, root: Path) -> str:
