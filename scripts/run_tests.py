@@ -22,6 +22,7 @@ SUITES = {
              "src/nanscope/losses.py", "--doctest-modules"],
     "torch": ["tests/torch"],
     "keras": ["tests/keras"],
+    "integrations": ["tests/integrations"],
 }
 
 
