@@ -54,7 +54,7 @@ button.copy{font-size:11px;margin-left:4px;padding:0 6px;border:1px solid var(--
 figure.plot{margin:10px 0} figure.plot img{max-width:100%;height:auto;border:1px solid var(--line);border-radius:6px}
 figure.plot figcaption,.note{color:var(--muted);font-size:13px}
 .samples{display:flex;flex-wrap:wrap;gap:14px}
-.sample{border:1px solid var(--line);border-radius:6px;padding:8px;background:#fff}
+.sample{border:1px solid var(--line);border-radius:6px;padding:8px;background:#fff;max-width:340px}
 .sample .pair{display:flex;gap:8px}
 .sample figure{margin:0;text-align:center} .sample figcaption{font-size:12px;color:var(--muted);max-width:180px}
 .sample img.thumb{width:144px;height:auto;image-rendering:pixelated;border:1px solid #ccd}
