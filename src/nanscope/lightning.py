@@ -48,7 +48,8 @@ from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Policy
 from nanscope.core.errors import MissingDependencyError, NonFiniteError
 from nanscope.torch import distributed as _dist
-from nanscope.torch.guard import Guard, _warn
+from nanscope.torch.guard import _warn
+from nanscope.torch.loop import HostScaler, LoopGuard, diagnosis_from
 
 __all__ = ["NanGuard"]
 
@@ -67,111 +68,6 @@ def _lightning() -> Any:
 
 
 pl = _lightning()
-
-
-class _HostScaler:
-    """The host's GradScaler, read-only for the guard: the host loop steps and updates it."""
-
-    def __init__(self, scaler: Any) -> None:
-        self._scaler = scaler
-
-    def is_enabled(self) -> bool:
-        return bool(self._scaler.is_enabled())
-
-    def get_scale(self) -> float:
-        return self._scaler.get_scale()
-
-    def unscale_(self, optimizer: Any) -> None:  # Lightning unscales before on_before_optimizer_step
-        pass
-
-    def step(self, optimizer: Any) -> None:
-        pass
-
-    def update(self) -> None:
-        pass
-
-
-class LoopGuard(Guard):
-    """A Guard inside a host loop (Lightning, the HF Trainer) that applies the update itself.
-
-    ``apply_update`` is what ``_apply`` calls (the host's real step under ``"warn"``); by
-    default nothing, since the host steps on its own once the guard allowed it."""
-
-    apply_update: Callable[[], Any] | None = None
-
-    def _apply(self) -> None:
-        if self.apply_update is not None:
-            self.apply_update()
-
-    def begin(self) -> dict[str, Any] | None:
-        """Before the host's step: snapshot BatchNorm buffers; the RNG state for a replay."""
-        if self.disabled:
-            return None
-        try:
-            return self._before()
-        except Exception as err:
-            self._internal("preparing the step", err)
-            return None
-
-    def decide(self, loss: Any) -> tuple[int, dict[str, Any]] | None:
-        """The fused check of one update. None: apply it. Else ``(index, seen)``: veto it, and
-        explain it later with ``explain``. Scaler overflows (finite loss, Inf gradients under a
-        GradScaler) are the scaler's business, unless the scale collapses."""
-        if self.disabled:
-            return None
-        index = self.steps
-        self.steps += 1
-        try:
-            verdict = self._check(loss, index)
-        except Exception as err:
-            self._internal("checking the step", err)
-            return None
-        if verdict is None:
-            self._applied_last = True
-            self.ledger.healthy()
-            return None
-        if verdict.get("scaler_overflow"):
-            try:
-                collapse = self._scaler_skip(index)  # _apply is the host's: nothing is stepped here
-            except Exception as err:
-                self._internal("following the loss scale", err)
-                return None
-            if collapse is not None:
-                self.ledger.record(collapse)
-                self._act(collapse, [], unrecoverable=False, scaler_done=True)
-            return None
-        return index, verdict
-
-    def explain(self, step_fn: Callable[[Any], Any], batch: Any, index: int, rng_before: dict[str, Any] | None,
-                seen: dict[str, Any]) -> None:
-        """Restore the buffers, replay and localize, write the bundle, act (raises under "raise")."""
-        from nanscope.torch.bundle import rng_state
-
-        self._fail(step_fn, batch, index, rng_before if rng_before is not None else rng_state(), seen)
-
-    # -- what survives a checkpoint --------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        return {"steps": self.steps, "skipped": self.skipped, "counts": dict(self.counts),
-                "should_stop": self.should_stop, "in_a_row": self.ledger.in_a_row,
-                "loss": list(self.history.loss), "grad_norm": list(self.history.grad_norm),
-                "diagnoses": [d.to_dict() for d in self.diagnoses], "bundles": self._bundles}
-
-    def load(self, state: Mapping[str, Any]) -> None:
-        self.steps = int(state.get("steps", 0))
-        self.skipped = int(state.get("skipped", 0))
-        self.counts = Counter({str(k): int(v) for k, v in state.get("counts", {}).items()})
-        self.should_stop = bool(state.get("should_stop", False))
-        self.ledger.in_a_row = int(state.get("in_a_row", 0))
-        self._bundles = int(state.get("bundles", 0))
-        self.history.loss.clear()
-        self.history.grad_norm.clear()
-        self.history.loss.extend(float(v) for v in state.get("loss", []))
-        self.history.grad_norm.extend(float(v) for v in state.get("grad_norm", []))
-        self.diagnoses = [_diagnosis_from(d) for d in state.get("diagnoses", [])]
-
-
-def _diagnosis_from(doc: Mapping[str, Any]) -> Diagnosis:
-    return Diagnosis.from_dict(dict(doc.get("diagnosis") or doc))
 
 
 def _loss_of(out: Any) -> Any:
@@ -286,7 +182,7 @@ class NanGuard(pl.Callback):
                 _warn("nanscope NanGuard: LBFGS evaluates its closure several times per step; "
                       "this optimizer is not guarded")
                 continue
-            g = LoopGuard(model, optimizer, policy=self.policy, scaler=_HostScaler(scaler) if scaler is not None else None,
+            g = LoopGuard(model, optimizer, policy=self.policy, scaler=HostScaler(scaler) if scaler is not None else None,
                           reports=self.reports, zero_grad=False, on_failure=self.on_failure,
                           sinks=self._sink_value(trainer), **self.guard_kwargs)
             g.module = pl_module  # names as the user wrote them, not DDP's / Lightning's wrappers
@@ -300,7 +196,7 @@ class NanGuard(pl.Callback):
         if self._loaded is not None:
             for g, state in zip(self.guards, self._loaded.get("guards", []), strict=False):
                 g.load(state)
-            self.eval_diagnoses = [_diagnosis_from(d) for d in self._loaded.get("eval_diagnoses", [])]
+            self.eval_diagnoses = [diagnosis_from(d) for d in self._loaded.get("eval_diagnoses", [])]
             self._loaded = None
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -497,7 +393,7 @@ class NanGuard(pl.Callback):
         if self.guards:  # loaded after on_fit_start: apply now
             for g, state in zip(self.guards, state_dict.get("guards", []), strict=False):
                 g.load(state)
-            self.eval_diagnoses = [_diagnosis_from(d) for d in state_dict.get("eval_diagnoses", [])]
+            self.eval_diagnoses = [diagnosis_from(d) for d in state_dict.get("eval_diagnoses", [])]
         else:
             self._loaded = dict(state_dict)
 
