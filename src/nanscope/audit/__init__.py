@@ -4,7 +4,8 @@
                      optimizer moments beyond float16, a per-layer table of magnitudes
     read_checkpoint  a .pt/.pth, .safetensors, .keras or .h5 file as numpy arrays, safely
 
-Imports no framework, except torch to read .pt/.pth files (``weights_only=True``).
+Imports no framework: .pt/.pth files are read by a restricted unpickler of nanscope's own
+(torch only for ``trust_pickle`` and for quantized/sparse/nested tensors).
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """Read a saved model into plain numpy arrays: PyTorch, safetensors, Keras ``.keras`` and ``.h5``.
 
 Design constraints:
-    - Never runs code from the file by default. PyTorch files are loaded by
-      ``nanscope.torch.audit`` with ``torch.load(weights_only=True)`` (torch is imported only
-      for ``.pt``/``.pth``); a file that needs full unpickling is refused unless the caller
-      passes ``trust_pickle=True``. safetensors files are parsed here from their JSON header
+    - Never runs code from the file by default. PyTorch files are read by
+      ``nanscope.audit.torchfile``: a restricted unpickler of nanscope's own that accepts only
+      what ``torch.load(weights_only=True)`` accepts for tensors and containers, and maps the
+      storages into numpy without importing torch. A file that needs full unpickling is
+      refused unless the caller passes ``trust_pickle=True`` (then ``nanscope.torch.audit``
+      loads it with torch); torch is also used, with ``weights_only=True``, for the tensor
+      kinds the reader does not build (quantized, sparse, nested). safetensors files are parsed here from their JSON header
       (no framework, bfloat16 included). Keras files are read with h5py (weights) and json
       (config): no Keras import, no deserialized code.
     - Every unreadable file (missing, empty, truncated, bit-flipped, wrong format) raises
@@ -73,11 +76,7 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
     elif head[:8] == b"\x89HDF\r\n\x1a\n" or suffix in (".h5", ".hdf5"):
         ck = _read_h5(p)
     elif suffix in TORCH_SUFFIXES or head[:2] == b"PK" or head[:1] == b"\x80":
-        try:
-            from nanscope.torch.audit import read_torch_checkpoint
-        except MissingDependencyError:
-            raise MissingDependencyError("torch (needed to read .pt/.pth files)", "torch") from None
-        ck = read_torch_checkpoint(p, trust_pickle=trust_pickle)
+        ck = _read_torch(p, trust_pickle)
     else:
         raise BadInputError(f"{str(p)!r}: unknown checkpoint format {suffix or '(no suffix)'!r}; "
                             "expected .pt/.pth, .safetensors, .keras or .h5")
@@ -85,6 +84,27 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
         raise BadInputError(f"{str(p)!r} holds no model weights nanscope recognizes ({ck.format} file)", path=str(p))
     ck.norm_layers = ck.norm_layers or find_norm_layers(ck.tensors)
     return ck
+
+
+def _read_torch(p: Path, trust_pickle: bool) -> Checkpoint:
+    """nanscope's own restricted reader (no torch import); torch only for what it cannot build
+    (quantized, sparse, nested tensors: ``weights_only=True`` still) or under ``--trust-pickle``."""
+    why = None
+    if not trust_pickle:
+        from nanscope.audit.torchfile import NeedsTorch, read_torch_file
+
+        try:
+            return read_torch_file(p)
+        except NeedsTorch as err:
+            why = str(err)
+    try:
+        from nanscope.torch.audit import read_torch_checkpoint
+    except MissingDependencyError:
+        if why is not None:
+            raise BadInputError(f"{str(p)!r} holds tensors nanscope reads only through torch ({why}): "
+                                "pip install torch", path=str(p)) from None
+        raise MissingDependencyError("torch (needed for --trust-pickle)", "torch") from None
+    return read_torch_checkpoint(p, trust_pickle=trust_pickle)
 
 
 def find_norm_layers(tensors: dict[str, np.ndarray]) -> dict[str, tuple[str | None, str | None]]:

@@ -2,7 +2,7 @@
 
 Design constraints:
     - Works on plain numpy (``nanscope.audit.checkpoint`` reads the file); imports no framework
-      except torch for ``.pt``/``.pth`` files, where reading them needs it.
+      (``.pt``/``.pth`` files too: torch only under ``trust_pickle``).
     - Root causes come from ``nanscope.core.rules`` (nonfinite_parameters,
       corrupt_norm_statistics / norm_statistics_problems, optimizer_state), fix texts from
       ``nanscope.core.fixes``: the live guards and this offline audit cannot disagree.
