@@ -213,6 +213,8 @@ def test_real_guard_bundle_shows_the_bad_image_with_its_pixel_marked(browser, tm
     assert "1 non-finite pixel" in page.eval("document.querySelector('#samples').textContent")
     assert_visible(page, "#bundle")
     page.close()
+    assert main(["show", str(bundle), "--html", str(tmp_path / "show.html")]) == 0
+    assert 'data-sample="5"' in (tmp_path / "show.html").read_text()
     # the report never loads state.pt: a bundle whose state is garbage still renders
     (bundle / "state.pt").write_bytes(b"not a torch file")
     assert main(["report", str(bundle), "-o", str(tmp_path / "b.html")]) == 0
@@ -362,6 +364,16 @@ def test_clean_run_page(tmp_path):
     assert "nothing non-finite happened" in page and 'class="top clean"' in page
 
 
+def test_run_html_of_a_clean_script(tmp_path, capsys):
+    script = tmp_path / "fine.py"
+    script.write_text("print('training went fine')\n")
+    assert main(["run", "--html", str(tmp_path / "run.html"), str(script)]) == 0
+    assert "HTML report written to" in capsys.readouterr().err
+    assert "nothing non-finite happened" in (tmp_path / "run.html").read_text()
+    assert main(["run", "--html", str(tmp_path / "missing" / "x.html"), str(script)]) == 2
+    assert "cannot write HTML report" in capsys.readouterr().err
+
+
 def test_terminal_is_plain_when_piped_or_no_color(monkeypatch):
     class Tty(io.StringIO):
         def isatty(self):
@@ -400,3 +412,14 @@ def test_report_imports_no_framework(tmp_path):
     assert proc.returncode == 0, proc.stderr
     page = (tmp_path / "p.html").read_text()
     assert 'data-sample="5"' in page and "1 non-finite pixel" in page and "batch[1]: <b" in page
+
+
+@pytest.mark.parametrize("module", ["nanscope.report", "nanscope.report.images", "nanscope.report.failure",
+                                    "nanscope.report.console", "nanscope.report.explain"])
+def test_report_docstring_examples(module):
+    """The core suite's --doctest-modules does not cover src/nanscope/report: run its examples here."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
