@@ -423,3 +423,16 @@ def test_report_docstring_examples(module):
 
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_samples_of_tabular_rows_and_token_sequences():
+    from nanscope.report.samples import from_arrays, render as render_samples
+
+    rows = np.arange(24, dtype=np.float32).reshape(4, 6)
+    rows[2, [1, 4]] = [np.nan, np.inf]
+    tokens = np.arange(4 * 10).reshape(4, 10) % 7
+    views = from_arrays({'batch["features"]': rows[[2]], 'batch["input_ids"]': tokens[[2]]}, [2])
+    html_text = render_samples(views)
+    assert len(views) == 1 and views[0].index == 2 and not views[0].thumbs
+    assert html_text.count('class="num bad"') == 2 and "2 non-finite (highlighted)" in html_text
+    assert "10 tokens" in html_text and '<span title="position 9">' in html_text
