@@ -39,6 +39,7 @@ import numpy as np
 from nanscope.core.errors import BadInputError
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_MAX_EXPANDED = 1 << 24  # elements a broadcast (zero-stride) view may show beyond its storage's
 
 # storage type name -> (numpy dtype, dtype name); bfloat16 is read as uint16 and widened
 _STORAGES: dict[str, tuple[str, str]] = {
@@ -214,6 +215,8 @@ def _tensor(storage, offset, size, stride) -> PtTensor:
     numel = math.prod(size)
     if numel and offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) >= storage.numel:
         raise ValueError(f"tensor of size {size}, stride {stride}, offset {offset} lies outside its storage of {storage.numel}")
+    if numel > max(storage.numel, _MAX_EXPANDED):  # zero strides: a view far larger than its bytes
+        raise ValueError(f"tensor of size {size} expands a storage of {storage.numel} elements {numel // max(1, storage.numel)}-fold")
     if storage.data is None:
         return PtTensor(None, storage.dtype, size)
     if not numel:
