@@ -426,7 +426,8 @@ def test_report_docstring_examples(module):
 
 
 def test_samples_of_tabular_rows_and_token_sequences():
-    from nanscope.report.samples import from_arrays, render as render_samples
+    from nanscope.report.samples import from_arrays
+    from nanscope.report.samples import render as render_samples
 
     rows = np.arange(24, dtype=np.float32).reshape(4, 6)
     rows[2, [1, 4]] = [np.nan, np.inf]
@@ -436,3 +437,15 @@ def test_samples_of_tabular_rows_and_token_sequences():
     assert len(views) == 1 and views[0].index == 2 and not views[0].thumbs
     assert html_text.count('class="num bad"') == 2 and "2 non-finite (highlighted)" in html_text
     assert "10 tokens" in html_text and '<span title="position 9">' in html_text
+
+
+def test_path_recorded_by_an_adapter_is_shown_as_is():
+    from nanscope.core.diagnosis import Diagnosis
+    from nanscope.report.failure import path_nodes
+
+    d = Diagnosis("op_domain", "log of 0", phase="loss", op="aten::log", details={
+        "path": [{"op": "aten::log", "module": "head", "phase": "loss"}, "aten::mean", "aten::add"],
+        "reached": "loss"})
+    assert [t for t, _, _ in path_nodes(d)] == ["aten::log", "aten::mean", "aten::add", "the loss"]
+    assert path_nodes(d)[0] == ("aten::log", "head · loss", "origin")
+    assert "drawn from the producer" not in render(d)

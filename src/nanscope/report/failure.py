@@ -112,6 +112,9 @@ def path_nodes(d: Diagnosis) -> list[tuple[str, str, str]]:
         nodes.append(("growing gradients", f"{n} steps of history" if n else "over several steps", "origin"))
         if d.op:
             nodes.append((producer[0], "overflowed here · " + producer[1] if producer[1] else "overflowed here", ""))
+    elif det.get("forward_producer"):  # a backward producer: its forward op first (the where trap)
+        nodes.append((str(det["forward_producer"]), "forward op: finite, but its derivative is not", "origin"))
+        nodes.append(producer)
     else:
         nodes.append((producer[0], producer[1], "origin"))
     reached = det.get("reached")
@@ -126,7 +129,9 @@ def path_nodes(d: Diagnosis) -> list[tuple[str, str, str]]:
         end = _REACHED.get(str(reached), str(reached))
     else:
         end = {"data": "the loss", "forward": "the model's output", "loss": "the loss", "backward": "the gradients",
-               "optimizer": "the parameters", "state": "the model's output in evaluation"}.get(phase or "", "training")
+               "optimizer": "the parameters",
+               "state": "the model's output in evaluation" if cat == "corrupt_norm_statistics" else "the model's output",
+               }.get(phase or "", "training")
     nodes.append((end, "reached: non-finite", "end"))
     return nodes
 
