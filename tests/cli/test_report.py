@@ -449,3 +449,18 @@ def test_path_recorded_by_an_adapter_is_shown_as_is():
     assert [t for t, _, _ in path_nodes(d)] == ["aten::log", "aten::mean", "aten::add", "the loss"]
     assert path_nodes(d)[0] == ("aten::log", "head · loss", "origin")
     assert "drawn from the producer" not in render(d)
+
+
+def test_without_matplotlib_the_numbers_stay_and_the_page_says_why(tmp_path):
+    src = FIXTURES / "exploding_gradients.json"
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["matplotlib"] = None
+        from nanscope.cli.main import main
+        assert main(["report", {str(src)!r}, "-o", {str(tmp_path / "p.html")!r}]) == 0
+    """)
+    proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "p.html").read_text()
+    assert "install matplotlib" in page and "data:image/svg" not in page
+    assert "gradient norm history (oldest first)" in page
