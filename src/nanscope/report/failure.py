@@ -267,7 +267,7 @@ def plots_html(d: Diagnosis, stats: list[dict]) -> str:
             out.append(plot(plots.headroom(rows, dtype=dtype),
                             f"the producer's tensors against the {dtype} maximum (log10 of the largest magnitude)",
                             id="plot-headroom"))
-    if not plots.available() and (grad_norms or det.get("scales") or head):
+    if (grad_norms or det.get("scales") or head) and not plots.available():
         out.append('<p class="note">' + rich_text("install matplotlib for the plots: `pip install 'nanscope[plot]'`",
                                                   copy=False) + "</p>")
     return "\n".join(o for o in out if o)
