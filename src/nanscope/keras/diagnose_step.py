@@ -149,10 +149,12 @@ def trace_step(
         valid = None
         if ignore_index is not None and y is not None:
             valid = int(np.count_nonzero(to_numpy(y) != ignore_index))
-        if not all_finite(y_pred):
-            failed = y_pred
-        elif not all_finite(value):
+        if not all_finite(value):
+            # The loss first: its values come from every producer that reached it, the model
+            # output's and those only the loss sees (add_loss terms); the earliest is named.
             failed = value
+        elif not all_finite(y_pred):
+            failed = y_pred
         else:
             failed = [g for g in grads if g is not None and not all_finite(g)] or None
         norm = _global_norm(grads)  # float64: finite even where float32's sum of squares is not
@@ -172,6 +174,71 @@ def trace_step(
         return rules.with_history(d, history, lr=learning_rate)
     finally:
         snapshot.restore()
+
+
+def diagnose_train_step(
+    model: keras.Model, batch: Any, *, step: int | None = None, grad_norms: Sequence[float] | None = None,
+    learning_rate: float | None = None,
+) -> Diagnosis | None:
+    """Like ``diagnose``, for a model whose ``train_step`` is the user's own: that
+    ``train_step`` is re-run eagerly on ``batch`` with its ops recorded, its optimizer update
+    captured (never applied), and every variable it changed restored; then explained.
+    """
+    from nanscope.keras.trace import Recorder
+
+    x, y, _ = (to_tensors(p) for p in unpack(batch))
+    if (d := check_batch(x, y, step=step)) is not None:
+        return d
+    if (d := check_weights(model, step=step)) is not None:
+        return d
+    opt = model.optimizer
+    seen: dict[str, Any] = {"grads": None, "target": None}
+    recorder = Recorder()
+    tape_gradient = tf.GradientTape.gradient
+
+    def gradient(tape, target, *args, **kwargs):
+        recorder.phase = Phase.BACKWARD
+        try:
+            return tape_gradient(tape, target, *args, **kwargs)
+        finally:
+            recorder.phase = Phase.FORWARD
+            seen["target"] = target
+
+    def apply(grads, trainable_variables=None):
+        seen["grads"] = list(grads)  # captured, never applied
+
+    had_apply, old_apply = "apply" in vars(opt), vars(opt).get("apply")
+    snapshot = VariableSnapshot(state_variables(model) + list(opt.variables))
+    tf.GradientTape.gradient = gradient
+    object.__setattr__(opt, "apply", apply)
+    try:
+        recorder.start()
+        logs = type(model).train_step(model, batch)
+    finally:
+        recorder.stop()
+        tf.GradientTape.gradient = tape_gradient
+        if had_apply:
+            object.__setattr__(opt, "apply", old_apply)
+        else:
+            object.__delattr__(opt, "apply")
+        snapshot.restore()
+    grads = [g for g in seen["grads"] or [] if g is not None]
+    loss = seen["target"]
+    logged = logs.get("loss") if isinstance(logs, dict) else None
+    if loss is not None and not all_finite(loss):
+        failed = loss
+    elif logged is not None and not all_finite(logged):
+        failed = logged
+    else:
+        failed = [g for g in grads if not all_finite(g)] or None
+    if failed is None:
+        return None
+    tr = recorder.replay(external=(x, y))
+    d = diagnosis_from_trace(tr, failed, batch_size=batch_size_of(x), step=step,
+                             gradients_only=failed is not loss and failed is not logged)
+    if d is None:
+        return None
+    return rules.with_history(d, [*(grad_norms or [])], lr=learning_rate)
 
 
 def _global_norm(grads: list) -> float | None:

@@ -119,6 +119,11 @@ class Guard(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._uninstall()
         try:
+            if keras.backend.backend() != "tensorflow":
+                # The guard patches the TensorFlow train step; other backends train unguarded.
+                warnings.warn(f"nanscope.keras.Guard supports the TensorFlow backend only; this fit on the "
+                              f"{keras.backend.backend()} backend runs unguarded", RuntimeWarning, stacklevel=2)
+                return
             from nanscope.keras.diagnose_step import check_weights
 
             # Once per fit: were the weights finite to begin with? Then weights found bad later
@@ -191,13 +196,18 @@ class Guard(keras.callbacks.Callback):
             _keep_backups()
 
     def _diagnose(self, step: int) -> Diagnosis:
-        from nanscope.keras.diagnose_step import diagnose
+        from nanscope.keras.diagnose_step import diagnose, diagnose_train_step
 
         lr = _learning_rate(self.model.optimizer)
+        own_step = self.loss is None and type(self.model).train_step is not keras.Model.train_step
         try:
             for batch in self._batches:
-                d = diagnose(self.model, batch, self.loss, step=step, ignore_index=self.ignore_index,
-                             grad_norms=list(self.history.grad_norm), learning_rate=lr)
+                if own_step:  # the user's train_step, re-run as written (its own loss)
+                    d = diagnose_train_step(self.model, batch, step=step, grad_norms=list(self.history.grad_norm),
+                                            learning_rate=lr)
+                else:
+                    d = diagnose(self.model, batch, self.loss, step=step, ignore_index=self.ignore_index,
+                                 grad_norms=list(self.history.grad_norm), learning_rate=lr)
                 if d is not None:
                     self.batch = batch
                     return self._blame_an_earlier_update(d, lr)
@@ -232,11 +242,9 @@ class Guard(keras.callbacks.Callback):
         return ex
 
     def _internal_error(self, where: str, err: BaseException) -> None:
-        if self._session is not None:
-            self._session.internal_error(where, err)
-        else:
-            warnings.warn(f"nanscope: internal error in {where} ({type(err).__name__}: {err}); continuing without it",
-                          RuntimeWarning, stacklevel=3)
+        from nanscope.keras.runner import report_internal_error
+
+        report_internal_error(self._session, f"nanscope's Keras fit guard ({where})", err)
 
     # -- patching ---------------------------------------------------------------------------
     def _patch(self, obj: object, name: str, new: Any) -> Any:
@@ -271,15 +279,14 @@ class Guard(keras.callbacks.Callback):
         opt = getattr(model, "optimizer", None)
         if opt is None:
             return
-        if not opt.built:
-            opt.build(model.trainable_variables)
+        if not opt.built and model.built and model.trainable_variables:
+            opt.build(model.trainable_variables)  # else built in the traced step, as Keras does
         lso = isinstance(opt, keras.optimizers.LossScaleOptimizer)
         veto = self.policy is not Policy.WARN
         # [loss and gradients finite, squared gradient norm, loss scale, loss-scale skip]
         status = self._status = tf.Variable([1.0, 0.0, 0.0, 0.0], dtype=tf.float32, trainable=False,
                                             name="nanscope_status")
         stash = self._stash
-        state = state_variables(model)
 
         orig_scale_loss = self._patch(opt, "scale_loss", None)
 
@@ -293,6 +300,10 @@ class Guard(keras.callbacks.Callback):
 
         def apply(grads, trainable_variables=None):
             grads = list(grads)
+            if not opt.built and trainable_variables is not None:  # what Keras' apply does first
+                with keras.src.backend.name_scope(opt.name, caller=opt):
+                    opt.build(list(trainable_variables))
+                opt.built = True
             sq = _squared_norm(grads)
             if lso:  # report the unscaled norm; non-finite scaled gradients are the scale's business
                 scale = tf.cast(opt.dynamic_scale, tf.float32)
@@ -320,9 +331,14 @@ class Guard(keras.callbacks.Callback):
 
         def train_step(data):
             stash.loss = None
+            state = state_variables(model)  # at trace time: a subclassed model has them from its 2nd trace
             saved = [tf.identity(v.value) for v in state] if veto else []
             status.assign([1.0, 0.0, 0.0, 0.0])
             logs = orig_train_step(data)
+            if stash.loss is None and isinstance(logs, dict) and logs.get("loss") is not None:
+                # A train_step override that never calls optimizer.scale_loss: watch its logged loss.
+                logged = tf.reduce_all(tf.math.is_finite(tf.cast(logs["loss"], tf.float32)))
+                status.assign(tf.tensor_scatter_nd_min(status, [[0]], [tf.cast(logged, tf.float32)]))
             if veto and saved:
                 def restore():
                     for v, s in zip(state, saved, strict=True):
