@@ -3,7 +3,7 @@ real headless Chromium (Debian's `chromium`; the browser tests skip without it).
 
 The pages come from one diagnosis of each category (report_fixtures/*.json: the JSON of real
 `nanscope run` failures of tests/torch/scenarios, paths made relative, plus a Keras-shaped
-`unknown` and a loss-scale collapse built by the real rule), from a real `nanscope run` of a
+`unknown`; a loss-scale collapse, compiled_numerics and transient built by the real rules), from a real `nanscope run` of a
 scenario, from a real Guard bundle (with its samples preview), and from `nanscope data` and
 `nanscope inspect` on files written here. Each is checked in the browser: no console error, the
 key elements present and visible, images decoded, a screenshot that is not blank.
@@ -42,7 +42,7 @@ PYTHON = sys.executable
 SCREENSHOTS = os.environ.get("NANSCOPE_REPORT_SCREENSHOTS")
 CATEGORIES = ["nonfinite_input", "invalid_target", "op_domain", "overflow", "singular_gradient",
               "exploding_gradients", "nonfinite_parameters", "corrupt_norm_statistics", "optimizer_state",
-              "all_masked_softmax", "unknown"]
+              "all_masked_softmax", "unknown", "compiled_numerics", "transient"]
 
 # Which elements must be visible: every page has the category, the summary and the fixes; a page
 # whose failure has a line of code shows it; plots where the evidence has the numbers for one.
@@ -113,6 +113,11 @@ def loss_scale_doc() -> dict:
 
 
 def fixture_doc(category: str) -> dict:
+    if category in ("compiled_numerics", "transient"):  # the real rule: the replay stayed finite
+        from nanscope.core.rules import not_reproduced
+
+        return not_reproduced("loss", step=3, phase="forward", samples=[1],
+                              compiled="train_step" if category == "compiled_numerics" else None).to_dict()
     return json.loads((FIXTURES / f"{category}.json").read_text())
 
 
@@ -464,3 +469,11 @@ def test_without_matplotlib_the_numbers_stay_and_the_page_says_why(tmp_path):
     page = (tmp_path / "p.html").read_text()
     assert "install matplotlib" in page and "data:image/svg" not in page
     assert "gradient norm history (oldest first)" in page
+
+
+def test_every_category_has_a_page_test_and_a_plain_words_explanation():
+    from nanscope.core.enums import Category
+    from nanscope.report.explain import EXPLANATIONS
+
+    assert set(CATEGORIES) == {str(c) for c in Category}
+    assert set(EXPLANATIONS) >= {str(c) for c in Category}
