@@ -46,11 +46,14 @@ EXPECTED = {
     "seg_ignore": dict(category="invalid_target", phase="loss", op_kind="cross_entropy", samples=[0],
                        function="eval_step"),
     "bn_eval": dict(category="corrupt_norm_statistics", phase="state", module="context.1"),
+    "std_last_batch": dict(category="op_domain", phase="forward", op="aten::std", op_kind="std", module="0",
+                           samples=[0], step=2),
     "healthy_partial_mask": None,
     "healthy_double_where": None,
     "healthy_bn_ignore": None,
 }
-SUBPROCESS = {"nan_input", "seg_ignore", "healthy_bn_ignore"}
+# std_last_batch: torch warns (degrees of freedom <= 0), which pytest would turn into an error in-process.
+SUBPROCESS = {"nan_input", "seg_ignore", "healthy_bn_ignore", "std_last_batch"}
 
 
 def check(report: dict, expected: dict | None, name: str) -> None:
@@ -105,6 +108,8 @@ def test_run_as_subprocess(name, tmp_path):
         assert proc.stderr == ""
     else:
         assert "Traceback" not in proc.stderr
+    if name == "std_last_batch":  # the script's own warning once; nanscope's replay adds none
+        assert proc.stderr.count("degrees of freedom") == 1, proc.stderr
 
 
 def test_scripts_really_go_nan_without_nanscope():

@@ -142,3 +142,38 @@ def bad_rows(array: np.ndarray, axis: int = 0) -> list[int]:
     bad = ~np.isfinite(a)
     other = tuple(i for i in range(a.ndim) if i != axis % a.ndim)
     return [int(i) for i in np.flatnonzero(bad.any(axis=other) if other else bad)]
+
+
+def batch_rows(array: np.ndarray, batch_size: int | None) -> tuple[list[int], list[int]]:
+    """(batch rows, positions) of the NaN/Inf in ``array``, following the batch dimension.
+
+    With ``batch_size`` unknown, dim 0 is taken as the batch. Otherwise: dim 0 the batch
+    itself; dim 0 a multiple of it (tokens flattened batch-major ``(B*T, C)``, attention heads
+    folded in ``(B*H, T, T)``): row ``i`` belongs to sample ``i // k`` and ``i % k`` is its
+    position; dim 1 the batch (sequence-first ``(T, B, C)``). A first dim shorter than the
+    batch means the guess was off (the model's first input is sequence-first): dim 0 then.
+    Anything else (a statistic over the batch) belongs to no sample, except in a batch of one.
+
+    >>> a = np.zeros((8, 3)); a[5, 1] = np.nan      # 2 samples x 4 tokens, flattened
+    >>> batch_rows(a, 2)
+    ([1], [1])
+    >>> batch_rows(np.array([np.nan, 1.0]), 1), batch_rows(np.array([np.nan, 1.0]), 4)
+    (([0], []), ([0], []))
+    """
+    a = np.asarray(array)
+    if a.ndim == 0 or a.dtype.kind not in "fc":
+        return [], []
+    rows = bad_rows(a)
+    if not batch_size or a.shape[0] == batch_size:
+        return rows, []
+    n0 = a.shape[0]
+    if batch_size == 1:
+        return ([0] if rows else []), []
+    if n0 > batch_size and n0 % batch_size == 0:
+        k = n0 // batch_size
+        return sorted({r // k for r in rows}), sorted({r % k for r in rows})[:64]
+    if a.ndim > 1 and a.shape[1] == batch_size:
+        return bad_rows(a, axis=1), []
+    if n0 < batch_size:  # the guess was off (a sequence-first input): per-row values, dim 0
+        return rows, []
+    return [], []

@@ -30,12 +30,12 @@ from tensorflow.python.eager import context as _context
 from tensorflow.python.eager import execute as _execute
 from tensorflow.python.framework import op_callbacks
 
-from nanscope.core.diagnosis import Diagnosis, Location
+from nanscope.core.diagnosis import Diagnosis, Location, samples_text
 from nanscope.core.enums import OpKind, Phase
 from nanscope.core.origin import OpSeen, OriginKind, OriginTracker, Value
 from nanscope.core.rules import ProducerEvidence, diagnose_failure
 from nanscope.core.source import _display, is_user_file
-from nanscope.core.summary import bad_rows, summarize
+from nanscope.core.summary import batch_rows, summarize
 
 EXTERNAL = -1  # a non-finite value that came from outside any traced op (batch, constant)
 _SINGULAR = {OpKind.SQRT, OpKind.RSQRT, OpKind.POW, OpKind.LOG, OpKind.DIV, OpKind.ACOS, OpKind.ASIN}
@@ -330,8 +330,10 @@ def producer_evidence(
     outs = [(t, to_numpy(t)) for t in rec.outputs if is_float(t)]
     bad = [(t, a) for t, a in outs if a is not None and not np.isfinite(a).all()]
     t_out, a_out = bad[0] if bad else outs[0]
-    samples = bad_rows(a_out) if batch_size and a_out.ndim and a_out.shape[0] == batch_size else []
+    samples, positions = batch_rows(a_out, batch_size) if batch_size else ([], [])
     extra: list[str] = []
+    if positions:
+        extra.append(f"positions within each sample (tokens, heads): {samples_text(positions)}")
     forward_op, forward_inputs, layer, location = None, [], rec.layer, rec.location
     if rec.phase is Phase.BACKWARD:
         fwd = forward_op_of(tr, rec)

@@ -7,6 +7,12 @@ changes a tensor it looks at (everything works on detached copies); imports torc
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +20,7 @@ import numpy as np
 import torch
 
 from nanscope.core.summary import TensorSummary, bad_rows, summarize
+from nanscope.core.summary import batch_rows as _batch_rows
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -43,6 +50,13 @@ def samples_of(t: torch.Tensor) -> list[int]:
     if t.dim() == 0 or not t.is_floating_point():
         return []
     return bad_rows(to_numpy(t))
+
+
+def batch_rows(t: torch.Tensor, batch_size: int | None) -> tuple[list[int], list[int]]:
+    """(batch rows, positions) of the NaN/Inf in ``t``: ``nanscope.core.summary.batch_rows``."""
+    if t.dim() == 0 or not t.is_floating_point():
+        return [], []
+    return _batch_rows(to_numpy(t), batch_size)
 
 
 def is_float(t: Any) -> bool:
@@ -110,3 +124,39 @@ def is_norm_layer(m: torch.nn.Module) -> bool:
 
 def is_loss_module(m: torch.nn.Module) -> bool:
     return isinstance(m, torch.nn.modules.loss._Loss)
+
+
+@contextlib.contextmanager
+def quiet_replay() -> Iterator[None]:
+    """Silence the warnings of ops nanscope re-runs (the script saw them once already).
+
+    Python-level warnings are ignored; an op called from a replay (outside any torch Python
+    binding) reports its C++ warnings through c10's default handler, which writes
+    ``[W... file.cpp:N] Warning: ...`` straight to file descriptor 2. Those lines are dropped;
+    anything else written to stderr meanwhile is passed on afterwards. Failure path only.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable descriptor 2: only the Python warnings then
+        saved = None
+    tmp = tempfile.TemporaryFile() if saved is not None else None
+    try:
+        if tmp is not None:
+            os.dup2(tmp.fileno(), 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if tmp is not None and saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _C10_WARNING.match(ln)]
+            tmp.close()
+            if kept:
+                sys.stderr.write("".join(kept))
+
+
+_C10_WARNING = re.compile(r"^\[W\d{4} [\d:.]+ [^\]]*\] Warning: ")

@@ -55,7 +55,7 @@ from nanscope.core.limits import dtype_name
 from nanscope.core.summary import fmt
 from nanscope.torch import bundle as _bundle
 from nanscope.torch import distributed as _dist
-from nanscope.torch._util import is_norm_layer
+from nanscope.torch._util import is_norm_layer, quiet_replay
 from nanscope.torch.checks import check_batch, check_model_state, check_optimizer_state
 
 __all__ = ["Guard"]
@@ -66,7 +66,8 @@ def _replay(step_fn: Callable[[], Any], model: torch.nn.Module, step: int) -> Di
     """The per-op replay (a module-level function so tests can inject a failure into it)."""
     from nanscope.torch.trace import trace_step
 
-    return trace_step(step_fn, model=model, step=step)
+    with quiet_replay():  # the step warned once already, when it ran for real
+        return trace_step(step_fn, model=model, step=step)
 
 
 _NANSCOPE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep

@@ -41,7 +41,7 @@ from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.errors import NonFiniteError
 from nanscope.core.limits import dtype_name
-from nanscope.torch._util import all_finite, finite_flag
+from nanscope.torch._util import all_finite, finite_flag, quiet_replay
 from nanscope.torch.checks import check_model_state, check_optimizer_state, param_names
 from nanscope.torch.trace import (
     Analyzer,
@@ -309,7 +309,8 @@ class Runner:
         rng = torch.get_rng_state()
         torch.set_rng_state(self.rng)
         try:
-            with torch.no_grad():
+            # The script saw this step's warnings already: the replay says nothing of its own.
+            with torch.no_grad(), quiet_replay():
                 for ev in self.records:
                     args = tuple(real(a) for a in ev.args)
                     kwargs = {k: real(v) for k, v in ev.kwargs.items()}

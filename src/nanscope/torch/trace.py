@@ -44,13 +44,14 @@ from torch.nn.modules import module as _nn_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanscope.core import rules
-from nanscope.core.diagnosis import Diagnosis, Location
+from nanscope.core.diagnosis import Diagnosis, Location, samples_text
 from nanscope.core.enums import OpKind, Phase
 from nanscope.core.origin import Failure, OpSeen, Origin, OriginKind, OriginTracker, Value
 from nanscope.core.source import is_user_file, location_from_stack
 from nanscope.core.summary import summarize
 from nanscope.torch._util import (
     all_finite,
+    batch_rows,
     is_float,
     is_loss_module,
     module_names,
@@ -128,6 +129,7 @@ class ModuleTracker:
         self._handles: list[Any] = []
         self.on_root_done: Callable[[Any], None] | None = None
         self._phase: Phase | None = None
+        self.batch_size: int | None = None  # dim 0 of the model's first input, this step
 
     def install(self) -> None:
         self._handles = [
@@ -146,6 +148,8 @@ class ModuleTracker:
             if self.model is None:
                 self.root = module
             self.root_done = False
+            first = next((t for _, t in named_tensors(args, "a")), None)
+            self.batch_size = int(first.shape[0]) if first is not None and first.dim() else None
         self.stack.append(module)
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -322,11 +326,17 @@ class Analyzer:
                 elif isinstance(a, (int, float)) and not isinstance(a, bool):
                     summaries.append(summarize(np.array(float(a), dtype=np.float64), out.dtype))
         module = self.tracker.path(ev.module, ev.root)
+        samples, positions = batch_rows(out, self.tracker.batch_size)
         evidence = rules.ProducerEvidence(
             op=name, phase=ev.phase, inputs=summaries, output=summary_of(out), framework="torch",
-            op_kind=kind, module=module, location=_location(ev.frame), samples=samples_of(out),
+            op_kind=kind, module=module, location=_location(ev.frame), samples=samples,
             step=self.step,
         )
+        if positions:
+            evidence.extra_evidence.append(f"positions within each sample (tokens, heads): {samples_text(positions)}")
+            evidence.details["positions"] = positions
+        if kind in (OpKind.STD, OpKind.VAR) and ins:
+            evidence.details["reduced_size"] = ins[0].numel() // max(out.numel(), 1)
         short = _short(ev.func)
         if short.startswith("nll_loss") and len(ev.args) >= 2:
             self._loss_context(evidence, ev)
