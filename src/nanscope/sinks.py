@@ -105,8 +105,8 @@ class WandbSink:
             return
         import wandb  # in sys.modules: a run exists
 
-        run.log(dict(event.scalars), commit=False)
-        run.summary["nanscope/last_category"] = str(event.diagnosis.category)
+        run.log(dict(event.scalars))
+        run.summary.update({**event.scalars, "nanscope/last_category": str(event.diagnosis.category)})
         if event.action in _ALERT_ACTIONS:
             level = wandb.AlertLevel.ERROR if event.action in ("stop", "raise") else wandb.AlertLevel.WARN
             run.alert(title=event.title, text=event.text()[:4000], level=level)
