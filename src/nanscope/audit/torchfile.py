@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import io
 import math
+import mmap
 import pickle
 import struct
 import zipfile
@@ -219,10 +220,12 @@ def _tensor(storage, offset, size, stride) -> PtTensor:
         raise ValueError(f"tensor of size {size} expands a storage of {storage.numel} elements {numel // max(1, storage.numel)}-fold")
     if storage.data is None:
         return PtTensor(None, storage.dtype, size)
+    base = storage.data
     if not numel:
-        arr = np.zeros(size, storage.data.dtype)
+        arr = np.zeros(size, base.dtype)
+    elif stride == _contiguous(size):  # the usual case: a plain view, cheaper than as_strided
+        arr = base[offset: offset + numel].reshape(size)
     else:
-        base = storage.data
         item = base.dtype.itemsize
         arr = np.lib.stride_tricks.as_strided(base[offset:], shape=size, strides=[s * item for s in stride], writeable=False)
     if storage.dtype == "bfloat16":
@@ -230,6 +233,24 @@ def _tensor(storage, offset, size, stride) -> PtTensor:
     elif not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     return PtTensor(arr, storage.dtype, size)
+
+
+def _contiguous(size: tuple[int, ...]) -> tuple[int, ...]:
+    out, step = [], 1
+    for n in reversed(size):
+        out.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(out))
+
+
+def _map(p: Path, size: int) -> np.ndarray:
+    """The whole file as a read-only uint8 array over an mmap (a plain ndarray: its slices cost
+    less than np.memmap's, whose every view runs Python code)."""
+    if not size:
+        return np.zeros(0, np.uint8)
+    with open(p, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.frombuffer(mm, dtype=np.uint8)  # the array keeps the mapping alive
 
 
 def _storage(raw: np.ndarray | None, type_name: str, numel: int, big_endian: bool) -> _Storage:
@@ -298,36 +319,34 @@ def _read_zip(p: Path) -> object:
         big = prefix + "byteorder" in names and z.read(prefix + "byteorder").strip() == b"big"
         blob = z.read(pkl)
         infos = {i.filename: i for i in z.infolist()}
-        mapped = np.memmap(p, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-        with open(p, "rb") as fh:
-            cache: dict[str, _Storage] = {}
+        mapped = _map(p, size)
+        cache: dict[str, _Storage] = {}
 
-            def storages(pid: tuple) -> _Storage:
-                _, stype, key, _location, numel = pid[:5]
-                key, numel = str(key), int(numel)
-                if key in cache:
-                    return cache[key]
-                info = infos.get(f"{prefix}data/{key}")
-                if info is None:
-                    raise ValueError(f"storage {key!r} is missing from the archive")
-                if info.compress_type == zipfile.ZIP_STORED:
-                    fh.seek(info.header_offset)
-                    local = fh.read(30)
-                    if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                        raise ValueError(f"storage {key!r}: bad zip entry header")
-                    n_name, n_extra = struct.unpack("<HH", local[26:30])
-                    begin = info.header_offset + 30 + n_name + n_extra
-                    if begin + info.file_size > size:
-                        raise ValueError(f"storage {key!r} runs past the end of the file")
-                    raw = mapped[begin: begin + info.file_size]
-                else:  # not written by torch, but a valid zip: decompress this one member
-                    raw = np.frombuffer(z.read(info), np.uint8)
-                if stype.name not in _STORAGES and stype.name not in _NUMPY_OF and raw.size < numel * _itemsize(stype.name):
-                    raise ValueError(f"storage {key!r} is shorter than its {numel} elements")
-                cache[key] = s = _storage(raw, stype.name, numel, big)
-                return s
+        def storages(pid: tuple) -> _Storage:
+            _, stype, key, _location, numel = pid[:5]
+            key, numel = str(key), int(numel)
+            if key in cache:
+                return cache[key]
+            info = infos.get(f"{prefix}data/{key}")
+            if info is None:
+                raise ValueError(f"storage {key!r} is missing from the archive")
+            if info.compress_type == zipfile.ZIP_STORED:
+                local = mapped[info.header_offset: info.header_offset + 30].tobytes()
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    raise ValueError(f"storage {key!r}: bad zip entry header")
+                n_name, n_extra = struct.unpack("<HH", local[26:30])
+                begin = info.header_offset + 30 + n_name + n_extra
+                if begin + info.file_size > size:
+                    raise ValueError(f"storage {key!r} runs past the end of the file")
+                raw = mapped[begin: begin + info.file_size]
+            else:  # not written by torch, but a valid zip: decompress this one member
+                raw = np.frombuffer(z.read(info), np.uint8)
+            if stype.name not in _STORAGES and stype.name not in _NUMPY_OF and raw.size < numel * _itemsize(stype.name):
+                raise ValueError(f"storage {key!r} is shorter than its {numel} elements")
+            cache[key] = s = _storage(raw, stype.name, numel, big)
+            return s
 
-            return _Unpickler(io.BytesIO(blob), storages, p).load()
+        return _Unpickler(io.BytesIO(blob), storages, p).load()
 
 
 def _read_legacy(p: Path) -> object:
@@ -360,7 +379,7 @@ def _read_legacy(p: Path) -> object:
         if not isinstance(keys, list):
             raise ValueError("storage key list missing")
         pos = fh.tell()
-    mapped = np.memmap(p, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    mapped = _map(p, size)
     for key in keys:
         key = str(key)
         if key not in made:
