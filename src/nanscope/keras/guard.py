@@ -244,7 +244,7 @@ class Guard(keras.callbacks.Callback):
     def _internal_error(self, where: str, err: BaseException) -> None:
         from nanscope.keras.runner import report_internal_error
 
-        report_internal_error(self._session, f"nanscope's Keras fit guard ({where})", err)
+        report_internal_error(self._session, f"nanscope's Keras fit guard, {where}", err)
 
     # -- patching ---------------------------------------------------------------------------
     def _patch(self, obj: object, name: str, new: Any) -> Any:

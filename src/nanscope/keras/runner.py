@@ -423,7 +423,9 @@ class KerasRunner:
                 last.norms = [*last.norms[-63:], norm]
             recorder.records = []
             last.target = None
-            return apply(opt, grads, trainable_variables)
+            result = apply(opt, grads, trainable_variables)
+            last.step += 1  # the step a loss checked at the next tape.gradient belongs to
+            return result
 
         def _graph_apply(opt, grads, trainable_variables):
             """In-graph: apply only finite gradients, and flag the step for the host."""
