@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, metavar="N", help="labels must lie in [0, N); enables the unused-class check")
     p.add_argument("--ignore-index", type=int, metavar="I", help="the label the loss ignores (e.g. 255 or -100)")
     p.add_argument("--masks", metavar="DIR", help="mask folder matching the image folder PATH (same file names)")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="threads for decoding and statistics (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="processes decoding image folders, threads reducing arrays (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="never draw the progress bar")
 
 
