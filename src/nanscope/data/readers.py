@@ -1,9 +1,15 @@
 """Framework-free readers: turn a dataset on disk or in memory into a stream of batches.
 
 Design constraints:
-    - Bounded memory: ``.npy`` files are memory-mapped and ``.h5`` datasets read in row chunks;
-      image folders are decoded one file at a time (``workers`` threads, in order). Nothing
-      keeps the decoded data after its batch is audited.
+    - Bounded memory: ``.npy`` files are memory-mapped and streamed as views of 64 MiB row
+      chunks (no copy; the next chunk is prefetched with ``MADV_WILLNEED`` while this one is
+      reduced), ``.h5`` datasets read in row chunks; image folders are decoded one file at a
+      time per worker, in order, a bounded number of files in flight. Nothing keeps the
+      decoded data after its batch is audited.
+    - Parallel for real: with ``workers > 1`` an image folder is decoded by worker processes
+      (forked, so only while no framework and no other thread lives in this process; threads
+      otherwise), each reducing its images at once (``summarize``): what comes back is a few
+      numbers per channel and the masks, not the pixels.
     - Safe: ``np.load(allow_pickle=False)`` always; a file that needs pickle is refused.
     - Bad input (missing, empty, truncated, bit-flipped or unknown files) raises
       ``BadInputError`` with one line naming the file, never another exception.
