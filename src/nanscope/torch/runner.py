@@ -4,17 +4,20 @@ non-finite value that reaches something that matters, and diagnose it.
 How it stays cheap:
 
 * one global ``TorchDispatchMode`` (entered when the script imports torch, left when it
-  ends) records every aten op in a list and queues one on-device reduction per op output,
-  ``isfinite(out).all()``; nothing is synchronized per op;
-* the queued flags are checked together at boundaries only: before each optimizer step
-  (together with one fused norm of all gradients, which also feeds the gradient-norm
-  history), when the script pulls a number out of a tensor (``loss.item()``, ``float(x)``),
-  and when the top-level module returns;
-* only when a boundary sees a non-finite value that matters (the loss, a gradient, the
-  model's output, weights after an update) are the recorded ops replayed through the
+  ends) records every aten op in a list: the op, its arguments as references (a weak
+  reference to a tensor an earlier recorded op made, the tensor itself otherwise), its
+  module, phase and user line. It computes nothing on the op's values: no per-op reduction,
+  no synchronization;
+* the values that matter are checked at boundaries only, where the script (or autograd)
+  hands them over: the model's output when its top-level forward returns, a number pulled
+  out of a tensor (``loss.item()``, ``float(x)``), and the gradients before each optimizer
+  step (one fused norm, which also feeds the gradient-norm history); the weights after it;
+* only when a boundary sees a non-finite value are the recorded ops replayed through the
   tracer's ``Analyzer`` (``nanscope.torch.trace``) to name the producer, its module, line,
   phase and samples. A NaN that never reaches any of those (the branch ``where`` discards)
   stays silent.
+* Records are dropped after each optimizer step, and after each forward that ran without
+  autograd (evaluation, inference) and returned finite outputs.
 
 Design constraints: zero code change in the user's script; the numbers the script computes
 are never changed (the mode only observes); ops inside ``optimizer.step()`` are not recorded
@@ -41,7 +44,7 @@ from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.errors import NonFiniteError
 from nanscope.core.limits import dtype_name
-from nanscope.torch._util import all_finite, finite_flag, quiet_replay
+from nanscope.torch._util import all_finite, quiet_replay
 from nanscope.torch.checks import check_model_state, check_optimizer_state, param_names
 from nanscope.torch.trace import (
     Analyzer,
@@ -56,27 +59,13 @@ __all__ = ["attach", "detach"]
 
 _SCALAR = torch.ops.aten._local_scalar_dense.default
 _ONES_LIKE = torch.ops.aten.ones_like.default
-_FLUSH_EVERY = 50_000  # records kept at most while all of them are finite
+_FLUSH_EVERY = 50_000  # records kept at most between two boundaries that drop them
 
 
 _WRITES: dict[Any, list[tuple[int, str]]] = {}  # op -> arguments it writes to
-_F32 = torch.float32
 # Ops that make a tensor from Python values: an infinity they hold was written by the script.
 _CONSTANTS = {getattr(torch.ops.aten, name) for name in (
     "lift_fresh", "lift_fresh_copy", "full", "scalar_tensor", "fill_", "full_like", "new_full",
-) if hasattr(torch.ops.aten, name)}
-
-# Ops that cannot turn finite inputs into NaN/Inf (they select, move, or bound values): no
-# flag is queued for them, since a non-finite output of theirs was already flagged upstream.
-# They are still recorded, so a replay sees them.
-_CANNOT_PRODUCE = {getattr(torch.ops.aten, name) for name in (
-    "relu", "relu_", "threshold_backward", "clone", "copy_", "cat", "stack", "detach",
-    "max_pool2d_with_indices", "max_pool2d_with_indices_backward", "zeros_like", "ones_like",
-    "empty_like", "new_empty_strided", "new_zeros", "zero_", "where", "masked_fill", "masked_fill_",
-    "abs", "neg", "sign", "index", "index_select", "gather", "slice_backward", "select_backward",
-    "clamp", "clamp_", "clamp_min", "clamp_max", "hardtanh", "hardtanh_", "sigmoid", "tanh",
-    "maximum", "minimum", "sort", "topk", "constant_pad_nd", "contiguous",
-    "embedding", "dropout", "native_dropout", "native_dropout_backward", "fill_", "full_like",
 ) if hasattr(torch.ops.aten, name)}
 
 
@@ -146,7 +135,6 @@ class Runner:
         self.tracker.on_root_done = lambda output: self.guarded(self.at_model_output)
         self.mode = _Mode(self)
         self.records: list[Event] = []
-        self.flags: list[torch.Tensor] = []
         self.losses: list[torch.Tensor] = []
         self.produced: dict[int, tuple[weakref.ref, Any]] = {}
         self.originals: dict[int, torch.Tensor] = {}
@@ -280,18 +268,14 @@ class Runner:
         ev = Event(i, func, tuple(rargs), rkwargs, [], phase, tr.current(), tr.root, user_frame(), node)
         self.records.append(ev)
         floats = []
-        produced, flags = self.produced, self.flags
-        check = not func.is_view and func.overloadpacket not in _CANNOT_PRODUCE
+        produced = self.produced
         for k, o in enumerate(all_outs):
             produced[id(o)] = (weakref.ref(o), (i, k))
             if o.is_floating_point():
                 floats.append(o)
-                if check and o.numel():
-                    # Below autograd already (inside the dispatch mode): no detach needed.
-                    flags.append(o.sum() if o.dtype is _F32 else finite_flag(o))
         if node is None and floats:
             self._last_forward = (ev, floats)
-        if len(self.records) >= _FLUSH_EVERY and self._all_finite():
+        if len(self.records) >= _FLUSH_EVERY:  # a very long stretch with no boundary: bound the memory
             self._clear()
 
     def replay(self) -> tuple[Analyzer, Any]:
@@ -339,26 +323,16 @@ class Runner:
 
         return analyzer, replayed
 
-    def _all_finite(self) -> bool:
-        if not self.flags:
-            return True
-        ok = _all_finite_per_device(self.flags)
-        if ok:
-            self.flags = []
-        return ok
-
     def _clear(self) -> None:
-        self.records, self.flags, self.losses = [], [], []
+        self.records, self.losses = [], []
         self.produced, self.originals = {}, {}
         self._last_forward = None
         self.rng = torch.get_rng_state()  # a replay of the ops recorded from here starts here
 
     # -- boundaries -------------------------------------------------------------------------
     def at_scalar(self, t: torch.Tensor) -> None:
-        if not self.records or self._all_finite():
-            self._clear()
-            return
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()) and not self._is_constant(t):
+        # The script syncs here anyway (it wants the number): one more look at one element.
+        if self.records and t.is_floating_point() and not bool(torch.isfinite(t).all()) and not self._is_constant(t):
             self._fail([("loss", t)])
 
     def _is_constant(self, t: torch.Tensor) -> bool:
@@ -369,11 +343,13 @@ class Runner:
         return self.records[hit[1][0]].func.overloadpacket in _CONSTANTS
 
     def at_model_output(self) -> None:
-        if not self.records or not self.flags:
+        if not self.records:
             return
         outs = self.tracker.root_outputs
-        if outs and not self._all_finite() and not all(bool(torch.isfinite(o).all()) for o in outs):
+        if not all(all_finite(o) for o in outs):
             self._fail([("output", o) for o in outs])
+        elif not any(o.requires_grad for o in outs):
+            self._clear()  # a forward without autograd (evaluation, inference) is over and finite
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.guarded(self._check_gradients, optimizer)
@@ -391,8 +367,7 @@ class Runner:
         if math.isfinite(total):
             self.grad_norms.append(total)
             del self.grad_norms[:-64]
-            self._all_finite()  # a NaN that reached nothing that matters: forget it
-            self._clear()
+            self._clear()  # a NaN that reached nothing that matters is forgotten with the records
             return
         things = [("loss", t) for t in self.losses]
         things += [("gradient", g) for g in grads]
