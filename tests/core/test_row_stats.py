@@ -2,6 +2,7 @@
 the per-sample statistics the data audit builds on it agree with numpy."""
 
 import math
+import pickle
 
 import numpy as np
 from hypothesis import given, settings
@@ -63,6 +64,9 @@ def test_large_batch_two_threads_equal_one_and_bad_rows_are_exact():
         want = reference_stats(x[idx])
         _same(one.item(*idx), want, max(abs(want.min or 0.0), abs(want.max or 0.0), 1.0))
     assert one.nan[5, 1] == 1 and one.posinf[400, 2] == 1024 and one.count[400, 2] == 0
+    back = pickle.loads(pickle.dumps(one))  # how worker processes send them
+    for f in ("count", "nan", "posinf", "neginf", "min", "max", "mean", "m2"):
+        assert np.array_equal(getattr(back, f), getattr(one, f)) and getattr(back, f).dtype == getattr(one, f).dtype, f
 
 
 def test_constant_rows_have_zero_spread_and_equal_extremes():

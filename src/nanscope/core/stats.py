@@ -198,6 +198,11 @@ class RowStats:
     def shape(self) -> tuple[int, ...]:
         return self.count.shape
 
+    def __reduce__(self):
+        # One float64 array instead of eight (counts are exact below 2**53): a worker process
+        # sends one image's statistics in a few hundred bytes and microseconds.
+        return _rows_from, (np.stack([getattr(self, f).astype(np.float64) for f in _ROW_FIELDS]),)
+
     @property
     def nonfinite(self) -> np.ndarray:
         return self.nan + self.posinf + self.neginf
@@ -233,6 +238,11 @@ class RowStats:
 
 
 _ROW_FIELDS = ("count", "nan", "posinf", "neginf", "min", "max", "mean", "m2")
+
+
+def _rows_from(stacked: np.ndarray) -> RowStats:
+    ints = [stacked[i].astype(np.int64) for i in range(4)]
+    return RowStats(*ints, *(stacked[i] for i in range(4, 8)))
 
 
 def _numeric(array: object) -> np.ndarray:
