@@ -387,3 +387,25 @@ def test_policy_warn_applies_exactly_the_unguarded_update():
     assert guard.last.op_kind == "log" and guard.last.samples == [2] and guard.skipped == 0
     assert_identical(plain, snapshot(net, opt))  # weights, BatchNorm statistics, Adam moments
     assert not torch.isfinite(net[0].weight).all()
+
+
+def test_a_finite_gradient_past_float32_sum_of_squares_is_not_an_alarm():
+    """Gradients of 1e20 are finite, but their float32 sum of squares (1e40) is not: the fused
+    check must settle that exactly instead of vetoing a finite update."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(10, 1, bias=False)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-21)  # an update of 0.1
+    guard = Guard(net, opt, policy="skip", reports=None)
+    before = net.weight.detach().clone()
+
+    def train_step(x):
+        loss = (net(x) * 1e20).sum()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not a word from the guard
+        guard.step(train_step, torch.ones(1, 10))
+    assert guard.skipped == 0 and guard.last is None
+    assert not torch.equal(net.weight, before) and torch.isfinite(net.weight).all()
+    assert guard.history.grad_norm[-1] == pytest.approx(1e20 * 10 ** 0.5, rel=1e-6)

@@ -92,6 +92,16 @@ def _split_batch(batch: Any) -> tuple[Any, Any]:
     return batch, None
 
 
+def _settled(norms: list[float], tensors: list[torch.Tensor]) -> list[float]:
+    """The per-tensor norms, each Inf one replaced by the exact float64 norm when its tensor
+    is in fact finite (its float32 sum of squares overflowed)."""
+    out = list(norms)
+    for i, (n, t) in enumerate(zip(norms, tensors, strict=True)):
+        if math.isinf(n) and bool(torch.isfinite(t).all()):
+            out[i] = float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64))
+    return out
+
+
 def _ledger_attr(name: str, doc: str | None = None) -> property:
     def get(self: Guard) -> Any:
         return getattr(self.ledger, name)
@@ -399,6 +409,15 @@ class Guard:
                                    f"{', '.join(map(str, failed))}, so every rank steps aside")
         else:
             values = stacked.tolist()  # the one synchronization of the step
+        if not all(map(math.isfinite, values[:len(tensors)])) or (ranks_bad is not None and any(ranks_bad)):
+            # An Inf norm need not be an Inf value: a float32 sum of squares overflows once a
+            # norm passes ~1.8e19. Settle each Inf norm exactly (failure path only).
+            values[:len(tensors)] = _settled(values[:len(tensors)], tensors)
+            if ranks_bad is not None:  # every rank is here (they all saw the same flags): agree again
+                local = not all(map(math.isfinite, values))
+                loss_bad = loss_t is not None and not math.isfinite(values[-1])
+                ranks_bad = _dist.flags(bad=torch.tensor(local, device=device),
+                                        local_first=torch.tensor(loss_bad, device=device)).tolist()
         g0 = 1 if loss_t is not None else 0
         grad_norms = values[g0:g0 + len(grads)]
         gnorm_f = math.sqrt(sum(v * v for v in grad_norms)) if grads else 0.0
