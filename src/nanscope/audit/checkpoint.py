@@ -147,6 +147,10 @@ def _read_safetensors(p: Path, size: int) -> Checkpoint:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         data = np.memmap(p, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+        if isinstance(data, np.memmap):
+            from nanscope.audit.torchfile import advise_read_ahead
+
+            advise_read_ahead(data._mmap, size)  # read ahead while the first tensors are checked
         ck = Checkpoint(p, "safetensors", "torch")
         for name, info in header.items():
             if name == "__metadata__":

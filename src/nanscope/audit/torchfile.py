@@ -250,7 +250,23 @@ def _map(p: Path, size: int) -> np.ndarray:
         return np.zeros(0, np.uint8)
     with open(p, "rb") as fh:
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    advise_read_ahead(mm, size)
     return np.frombuffer(mm, dtype=np.uint8)  # the array keeps the mapping alive
+
+
+WILLNEED_MAX = 4 << 30  # read a whole file ahead up to this size; beyond it, only sequential advice
+
+
+def advise_read_ahead(mm: mmap.mmap, size: int) -> None:
+    """Start reading a cold file into the page cache while the pickle is parsed and the first
+    tensors are checked (MADV_WILLNEED returns at once): disk and CPU work at the same time."""
+    try:
+        if size <= WILLNEED_MAX and hasattr(mmap, "MADV_WILLNEED"):
+            mm.madvise(mmap.MADV_WILLNEED)
+        elif hasattr(mmap, "MADV_SEQUENTIAL"):
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+    except OSError:
+        pass  # advice only
 
 
 def _storage(raw: np.ndarray | None, type_name: str, numel: int, big_endian: bool) -> _Storage:
