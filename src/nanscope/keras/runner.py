@@ -249,7 +249,7 @@ class KerasRunner:
                 except Exception as err:
                     # Our own bug before the first step ran (a trace-time error in the guard's
                     # patches): run the same fit again, unwatched. Anything else is the script's.
-                    if guard is None or guard._step > 0 or not reiterable or not _raised_by_nanscope(err):
+                    if guard is None or _steps_done(guard) > 0 or not reiterable or not _raised_by_nanscope(err):
                         raise
                     guard._uninstall()
                     runner.internal_error("nanscope's Keras fit watcher", err)
@@ -358,7 +358,7 @@ class KerasRunner:
                     last.model, last.x = weakref.ref(model), x
                 except Exception as err:
                     runner.internal_error("nanscope's Keras custom-loop watcher", err)
-            elif runner.api_depth == 0 and not _in_guarded_fit():
+            elif runner.api_depth == 0 and not _in_guarded_fit() and not _symbolic(out):
                 runner._after_model_call(model, x, training, out)
             return out
 
@@ -516,6 +516,19 @@ class KerasRunner:
             return
         if d is not None:
             raise self.session.fail(d)
+
+
+def _steps_done(guard: Any) -> int:
+    """Steps the guard saw end (its ledger's count; ``_step`` before the ledger)."""
+    ledger = getattr(guard, "ledger", None)
+    return int(getattr(ledger, "steps", None) or getattr(guard, "_step", 0) or 0)
+
+
+def _symbolic(out: Any) -> bool:
+    """A functional model being built (``res(keras.Input(...))``): no values to check."""
+    import keras
+
+    return any(isinstance(t, keras.KerasTensor) for t in keras.tree.flatten(out))
 
 
 def _in_guarded_fit() -> bool:
