@@ -22,7 +22,8 @@ import numpy as np
 from nanscope.core.stats import RowStats, row_stats
 
 _HIST_MODES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}  # 8 bits per band: Pillow's histogram is exact
-_LEVELS = np.arange(256, dtype=np.float64)
+_LEVELS = np.arange(256, dtype=np.int64)
+_SQUARES = _LEVELS * _LEVELS
 
 
 @dataclass(frozen=True)
@@ -95,21 +96,23 @@ def image_stats(im: object) -> SampleStats | None:
     if bands is None:
         return None
     w, h = im.size
-    hist = np.asarray(im.histogram(), dtype=np.float64).reshape(bands, 256)
-    count = hist.sum(axis=1)
-    nz = hist > 0
-    lo = np.where(nz.any(axis=1), nz.argmax(axis=1), 0).astype(np.float64)
-    hi = np.where(nz.any(axis=1), 255 - nz[:, ::-1].argmax(axis=1), 0).astype(np.float64)
-    mean = (hist @ _LEVELS) / np.maximum(count, 1)
-    dev = _LEVELS[None, :] - mean[:, None]
-    m2 = (hist * dev * dev).sum(axis=1)
-    empty = count == 0
-    lo[empty], hi[empty] = math.inf, -math.inf
-    zeros = np.zeros((1, bands), np.int64)
     shape = (h, w) if bands == 1 else (h, w, bands)
     axis = None if bands == 1 else channel_axis(shape)
     if bands > 1 and axis != 2:  # a tiny image (<= 4 rows) reads as channels first: the array path
         return None
-    rows = RowStats(count.astype(np.int64).reshape(1, bands), zeros, zeros, zeros, lo.reshape(1, bands),
-                    hi.reshape(1, bands), mean.reshape(1, bands), m2.reshape(1, bands))
+    hist = np.array(im.histogram(), dtype=np.int64).reshape(bands, 256)
+    # Integer sums are exact; M2 = (n*s2 - s1**2) / n in Python integers is exact too, so a
+    # constant channel has a spread of exactly 0 (a float formula would leave rounding there).
+    count, s1, s2 = hist.sum(axis=1).tolist(), (hist @ _LEVELS).tolist(), (hist @ _SQUARES).tolist()
+    nz = hist > 0
+    lo, hi = nz.argmax(axis=1).tolist(), (255 - nz[:, ::-1].argmax(axis=1)).tolist()
+    mean, m2 = [], []
+    for i, n in enumerate(count):
+        if not n:
+            lo[i], hi[i] = math.inf, -math.inf
+        mean.append(s1[i] / n if n else 0.0)
+        m2.append((n * s2[i] - s1[i] * s1[i]) / n if n else 0.0)
+    zeros = np.zeros((1, bands), np.int64)
+    rows = RowStats(np.array([count], np.int64), zeros, zeros, zeros, np.array([lo], np.float64), np.array([hi], np.float64),
+                    np.array([mean], np.float64), np.array([m2], np.float64))
     return SampleStats(rows, np.dtype(np.uint8), shape, axis)
