@@ -21,6 +21,7 @@ from PIL import Image
 
 from nanscope.cli.main import main
 from nanscope.data import audit
+from nanscope.data.readers import _load_part as _real_load_part
 
 RNG = np.random.default_rng(0)
 
@@ -345,6 +346,21 @@ def test_worker_processes_stop_at_the_first_bad_file(big_seg, capsys):
         assert main(["data", str(big_seg), "--workers", workers]) == 2
         err = capsys.readouterr().err
         assert "0045.png" in err and "0060.png" not in err and err.count("\n") == 1, err
+
+
+def _crash_from_32(files, start):  # a worker whose decoder crashes the process (a native bug)
+    if start >= 32:
+        os._exit(3)
+    return _real_load_part(files, start)
+
+
+def test_a_crashed_worker_process_is_one_line_exit_2(monkeypatch, big_seg, capsys):
+    import nanscope.data.readers as readers
+
+    monkeypatch.setattr(readers, "_load_part", _crash_from_32)  # forked workers inherit the patch
+    assert main(["data", str(big_seg), "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "images/0032.png" in err and "--workers 1" in err, err
 
 
 def test_no_fork_with_a_framework_loaded(monkeypatch, big_seg):

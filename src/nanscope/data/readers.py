@@ -466,6 +466,7 @@ def _process_batches(fs: _Files, workers: int) -> Iterator[Batch]:
     reported, as with one worker."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     n = len(fs.files)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
@@ -475,9 +476,14 @@ def _process_batches(fs: _Files, workers: int) -> Iterator[Batch]:
         while pending or nxt < n:
             while nxt < n and len(pending) < 2 * workers:
                 hi = min(n, nxt + PROCESS_TASK)
-                pending.append(pool.submit(_load_part, fs.part(nxt, hi), nxt))
+                pending.append((nxt, pool.submit(_load_part, fs.part(nxt, hi), nxt)))
                 nxt = hi
-            got = pending.popleft().result()
+            lo, future = pending.popleft()
+            try:
+                got = future.result()
+            except BrokenProcessPool:  # a decoder crashed its process (a native bug, a hostile file)
+                raise BadInputError(f"a worker process died while decoding the files from {_rel(fs.files[lo], fs.root)!r} on; "
+                                    "re-run with --workers 1 to name the file") from None
             if isinstance(got, tuple):
                 raise BadInputError(got[0], path=got[1])
             yield from got
