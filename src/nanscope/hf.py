@@ -44,8 +44,8 @@ from nanscope import sinks as _sinks
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Policy
 from nanscope.core.errors import MissingDependencyError
-from nanscope.torch.guard import _warn
 from nanscope.torch.loop import LoopGuard
+from nanscope.torch.loop import warn as _warn
 
 try:
     import transformers

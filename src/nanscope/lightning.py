@@ -48,8 +48,8 @@ from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Policy
 from nanscope.core.errors import MissingDependencyError, NonFiniteError
 from nanscope.torch import distributed as _dist
-from nanscope.torch.guard import _warn
 from nanscope.torch.loop import HostScaler, LoopGuard, diagnosis_from
+from nanscope.torch.loop import warn as _warn
 
 __all__ = ["NanGuard"]
 

@@ -17,6 +17,9 @@ Design constraints: no logic of its own. Every decision, explanation, bundle and
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,7 +27,17 @@ from typing import Any
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.torch.guard import Guard
 
-__all__ = ["HostScaler", "LoopGuard", "diagnosis_from"]
+__all__ = ["HostScaler", "LoopGuard", "diagnosis_from", "warn"]
+
+_NANSCOPE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def warn(text: str) -> None:
+    """A RuntimeWarning attributed to the first frame outside nanscope (the host's hook caller)."""
+    level, f = 1, sys._getframe(0)
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_NANSCOPE_DIR):
+        f, level = f.f_back, level + 1
+    warnings.warn(text, RuntimeWarning, stacklevel=level)
 
 
 class HostScaler:
