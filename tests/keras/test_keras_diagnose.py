@@ -38,7 +38,7 @@ def test_divided_by_zero_inputs_in_fit_are_nonfinite_input():
     model.build((None, 784))
     before = _all_values(model)
     with pytest.raises(NonFiniteError) as info:
-        model.fit(x_train_with_nan, y_train, epochs=3, batch_size=32, verbose=0, callbacks=[Guard()])
+        model.fit(x_train_with_nan, y_train, epochs=3, batch_size=32, verbose=0, callbacks=[Guard(policy="raise")])
     d = info.value.diagnosis
     assert d.category is Category.NONFINITE_INPUT and d.phase is Phase.DATA and d.framework == "keras"
     assert d.samples == list(range(32)) and d.step == 0
@@ -84,12 +84,12 @@ def test_deeplab_handwritten_cross_entropy_is_op_domain_at_log():
     model.compile(keras.optimizers.SGD(0.01), loss=handwritten_cross_entropy)
     x = np.random.rand(4, 16, 16, 3).astype("float32")
     y = keras.utils.to_categorical(np.random.randint(0, 4, (4, 16, 16)), 4)
-    model.fit(x, y, batch_size=2, verbose=0, callbacks=[Guard()])  # healthy: no alarm
+    model.fit(x, y, batch_size=2, verbose=0, callbacks=[Guard(policy="raise")])  # healthy: no alarm
     head = model.get_layer("classifier")
     head.kernel.assign(head.kernel * 1e4)  # the logits grew: softmax saturates to exact zeros
     before = _all_values(model)
     with pytest.raises(NonFiniteError) as info:
-        model.fit(x, y, batch_size=2, verbose=0, callbacks=[Guard()])
+        model.fit(x, y, batch_size=2, verbose=0, callbacks=[Guard(policy="raise")])
     d = info.value.diagnosis
     assert d.category is Category.OP_DOMAIN and d.phase is Phase.LOSS
     assert d.op == "Log" and d.op_kind is OpKind.LOG
@@ -122,7 +122,7 @@ def test_sqrt_at_zero_in_custom_layer_is_singular_gradient():
     b = a + 0.3
     b[2] = a[2]  # a pair of identical inputs: distance exactly 0
     with pytest.raises(NonFiniteError) as info:
-        model.fit((a, b), np.ones((4, 1), "float32"), batch_size=4, shuffle=False, verbose=0, callbacks=[Guard()])
+        model.fit((a, b), np.ones((4, 1), "float32"), batch_size=4, shuffle=False, verbose=0, callbacks=[Guard(policy="raise")])
     d = info.value.diagnosis
     assert d.category is Category.SINGULAR_GRADIENT and d.phase is Phase.BACKWARD
     assert d.op == "SqrtGrad" and d.module == "distance" and d.samples == [2]
@@ -168,7 +168,7 @@ def test_nan_weight_loaded_from_file_is_nonfinite_parameters(tmp_path):
     model = make()
     model.load_weights(path)
     with pytest.raises(NonFiniteError) as info:
-        model.fit(np.random.rand(8, 5), np.random.rand(8, 1), batch_size=4, verbose=0, callbacks=[Guard()])
+        model.fit(np.random.rand(8, 5), np.random.rand(8, 1), batch_size=4, verbose=0, callbacks=[Guard(policy="raise")])
     d = info.value.diagnosis
     assert d.category is Category.NONFINITE_PARAMETERS and d.phase is Phase.STATE
     assert d.module == "hidden" and d.details["tensors"] == ["hidden.kernel"]
@@ -183,7 +183,7 @@ def test_learning_rate_far_too_high_is_exploding_gradients():
     model.compile(keras.optimizers.SGD(learning_rate=5.0), "mse")
     x = np.random.normal(0, 3, (256, 10)).astype("float32")
     y = (x.sum(axis=1, keepdims=True) * 10).astype("float32")
-    guard = Guard()
+    guard = Guard(policy="raise")
     with pytest.raises(NonFiniteError) as info:
         model.fit(x, y, batch_size=16, epochs=5, verbose=0, callbacks=[guard])
     d = info.value.diagnosis
@@ -244,7 +244,9 @@ def test_an_update_that_overflows_the_weights_is_blamed_on_the_optimizer():
     model.compile(keras.optimizers.SGD(learning_rate=1e38), "mse")  # finite gradients, infinite steps
     x, y = np.random.rand(16, 4).astype("float32"), np.full((16, 1), 100.0, "float32")
     with pytest.raises(NonFiniteError) as info:
-        model.fit(x, y, batch_size=8, verbose=0, callbacks=[Guard()])
+        model.fit(x, y, batch_size=8, verbose=0, callbacks=[Guard(policy="raise")])
     d = info.value.diagnosis
-    assert d.category is Category.NONFINITE_PARAMETERS and d.phase is Phase.OPTIMIZER and d.step == 1
-    assert "finite when training began" in d.evidence[0] and "learning rate 1e+38" in d.evidence[-1]
+    # found at step 1, written by the update of step 0
+    assert d.category is Category.NONFINITE_PARAMETERS and d.phase is Phase.OPTIMIZER and d.step == 0
+    assert "finite when training began" in d.evidence[0] and "learning rate 1e+38" in d.evidence[-2]
+    assert d.evidence[-1] == "the update of step 0 made them non-finite; step 1 found them"

@@ -58,7 +58,7 @@ def test_raise_keeps_every_variable_exactly(mode):
     model.fit(*data(), batch_size=8, verbose=0)
     snap = snapshot(model)
     x, y = data(bad_rows=[3])
-    guard = Guard()
+    guard = Guard(policy="raise")
     with pytest.raises(NonFiniteError) as info:
         model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[guard])
     d = info.value.diagnosis
@@ -108,7 +108,7 @@ def test_warn_lets_the_update_through():
 
 def test_healthy_training_is_silent_and_compiled(trained):
     model = trained
-    guard = Guard()
+    guard = Guard(policy="raise")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.fit(*data(n=32), batch_size=8, epochs=2, verbose=0, callbacks=[guard])
@@ -120,7 +120,7 @@ def test_healthy_training_is_silent_and_compiled(trained):
 def test_loss_scale_skip_is_not_a_failure(mixed_float16):
     opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=2.0 ** 60)
     model = small_cnn(optimizer=opt)
-    guard = Guard()
+    guard = Guard(policy="raise")
     model.fit(*data(), batch_size=8, verbose=0, callbacks=[guard])  # the scale overflows and halves: fine
     assert guard.diagnoses == []
     assert float(model.optimizer.dynamic_scale.numpy()) < 2.0 ** 60
@@ -132,7 +132,7 @@ def test_steps_per_execution_keeps_every_batch():
                   steps_per_execution=2)
     x, y = data(n=32, bad_rows=[13])
     with pytest.raises(NonFiniteError) as info:
-        model.fit(x, y, batch_size=4, shuffle=False, verbose=0, callbacks=[Guard()])
+        model.fit(x, y, batch_size=4, shuffle=False, verbose=0, callbacks=[Guard(policy="raise")])
     assert info.value.diagnosis.samples == [1] and info.value.diagnosis.category is Category.NONFINITE_INPUT
 
 
@@ -191,7 +191,7 @@ def test_custom_train_step_is_guarded_too():
     snap = snapshot(model)
     x[9, 2] = np.inf
     with pytest.raises(NonFiniteError) as info:
-        model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[Guard()])
+        model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[Guard(policy="raise")])
     assert info.value.diagnosis.category is Category.NONFINITE_INPUT and info.value.diagnosis.samples == [1]
     assert info.value.diagnosis.step == 1
     assert int(model.optimizer.iterations.numpy()) == 2 + 1  # first fit: 2 steps; the guarded fit: 1 good step
@@ -207,17 +207,34 @@ def test_weights_an_update_overflowed_after_growing_norms_are_exploding_gradient
         bad = {"hidden.kernel": summarize(np.array([np.inf, 1.0], "float32"), "float32")}
         return rules.nonfinite_parameters(bad, framework="keras", step=5)
 
-    growing, steady = Guard(), Guard()
+    growing, steady = Guard(policy="raise"), Guard(policy="raise")
     for guard, norms in ((growing, [1.0, 4.0, 16.0, 70.0, 300.0]), (steady, [1.0, 1.1, 0.9, 1.0])):
         guard._weights_finite_at_start = True
         for n in norms:
             guard.history.add(None, n)
     d = growing._blame_an_earlier_update(overflowed_weights(), 0.5)
     assert d.category is Category.EXPLODING_GRADIENTS and d.phase is Phase.OPTIMIZER
-    assert d.module == "hidden" and d.step == 5 and d.details["grad_norms"] == [1.0, 4.0, 16.0, 70.0, 300.0]
+    # found at step 5, written by the update of step 4 (as nanscope.torch.Guard says it)
+    assert d.module == "hidden" and d.step == 4 and d.details["grad_norms"] == [1.0, 4.0, 16.0, 70.0, 300.0]
     assert "learning rate 0.5" in d.evidence and any("finite when training began" in e for e in d.evidence)
     assert any(e.startswith("hidden.kernel: ") and "1 +Inf of 2" in e for e in d.evidence)
     d = steady._blame_an_earlier_update(overflowed_weights(), 0.5)
     assert d.category is Category.NONFINITE_PARAMETERS and d.phase is Phase.OPTIMIZER and d.module == "hidden"
     assert d.summary == "an update made weights non-finite: hidden.kernel"
-    assert "finite when training began" in d.evidence[0] and d.evidence[-1].startswith("learning rate 0.5")
+    assert "finite when training began" in d.evidence[0] and d.evidence[-2].startswith("learning rate 0.5")
+    assert d.evidence[-1] == "the update of step 4 made them non-finite; step 5 found them" and d.step == 4
+
+
+def test_a_finite_gradient_past_float32_sum_of_squares_is_not_an_alarm():
+    """Gradients of about 1e20 are finite; their float32 sum of squares (1e40) is not. The
+    in-graph check settles that exactly instead of vetoing a finite update."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(1, use_bias=False)])
+    model.compile(keras.optimizers.SGD(learning_rate=1e-21), lambda y_true, y_pred: keras.ops.sum(y_pred) * 1e20)
+    before = model.get_weights()[0].copy()
+    guard = Guard(policy="raise")
+    model.fit(np.ones((4, 10), "float32"), np.zeros((4, 1), "float32"), batch_size=4, verbose=0, callbacks=[guard])
+    after = model.get_weights()[0]
+    assert guard.skipped == 0 and guard.last is None
+    assert np.isfinite(after).all() and not np.array_equal(after, before)
+    assert guard.history.grad_norm[-1] == pytest.approx(4e20 * 10 ** 0.5, rel=1e-3)

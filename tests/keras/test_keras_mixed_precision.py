@@ -27,11 +27,11 @@ def test_float16_overflow_names_the_layer_and_keeps_it_in_float32(mixed_float16)
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     x = np.random.rand(8, 16).astype("float32") * 4
     y = np.random.randint(0, 3, 8)
-    model.fit(x, y, batch_size=8, verbose=0, callbacks=[Guard()])  # healthy in float16
+    model.fit(x, y, batch_size=8, verbose=0, callbacks=[Guard(policy="raise")])  # healthy in float16
     wide = model.get_layer("wide")
     wide.kernel.assign(wide.kernel * 30000.0)  # activations now past 65504 (fine in float32)
     with pytest.raises(NonFiniteError) as info:
-        model.fit(x, y, batch_size=8, verbose=0, callbacks=[Guard()])
+        model.fit(x, y, batch_size=8, verbose=0, callbacks=[Guard(policy="raise")])
     d = info.value.diagnosis
     assert d.category is Category.OVERFLOW and d.phase is Phase.FORWARD
     assert d.module == "wide" and d.dtype == "float16" and d.op == "MatMul" and d.op_kind is OpKind.MATMUL
@@ -67,7 +67,7 @@ def test_a_loss_scale_that_keeps_halving_is_a_failure_with_its_root_cause(mixed_
     a = np.random.rand(48, 5).astype("float32")
     b = a + 0.2
     b[::4] = a[::4]  # every batch of 4 holds an identical pair: sqrt at 0, every step skipped
-    guard = Guard()
+    guard = Guard(policy="raise")
     with pytest.raises(NonFiniteError) as info:
         model.fit((a, b), np.ones((48, 1), "float32"), batch_size=4, shuffle=False, verbose=0, callbacks=[guard])
     d = info.value.diagnosis

@@ -224,7 +224,7 @@ def test_policy_raise_carries_the_diagnosis_and_a_bundle(tmp_path):
 def test_policy_stop_and_warn():
     net, opt, train_step, batches = _tiny()
     guard = Guard(net, opt, policy="stop", reports=None)
-    with pytest.warns(RuntimeWarning, match="stopping") as record:
+    with pytest.warns(RuntimeWarning, match="training stopped") as record:
         guard.step(train_step, batches[2])
     assert record[0].filename == __file__  # the warning points at the user's guard.step line
     assert guard.should_stop and guard.skipped == 1 and torch.isfinite(net[0].weight).all()
@@ -271,7 +271,7 @@ def test_internal_error_warns_once_and_training_goes_on_unguarded(monkeypatch):
         warnings.simplefilter("always")
         for batch in s.batches + [s.batches[1]]:  # the bad batch comes again at the end
             guard.step(s.train_step, batch)
-    internal = [str(w.message) for w in caught if str(w.message).startswith("nanscope Guard: internal error")]
+    internal = [str(w.message) for w in caught if str(w.message).startswith("nanscope: internal error in nanscope's Guard")]
     assert len(internal) == 1 and "injected failure" in internal[0] and "unguarded" in internal[0]
     # The failure it was explaining is still handled (skipped, with what was known) ...
     assert guard.skipped == 1 and guard.last.category is Category.UNKNOWN

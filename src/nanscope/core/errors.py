@@ -9,6 +9,10 @@ Hierarchy::
     │   └── MissingDependencyError  an optional framework is not installed (names the install)
     └── NonFiniteError            a guard with policy "raise" caught a non-finite step; carries
                                   the ``Diagnosis`` in ``.diagnosis``
+
+    RuntimeWarning
+    └── NonFiniteWarning          a guard with policy "skip", "stop" or "warn" caught one: the
+                                  warning's text is the diagnosis and what was done
 """
 
 from __future__ import annotations
@@ -51,3 +55,7 @@ class NonFiniteError(NanscopeError):
 
     def __reduce__(self):  # picklable across processes (DDP, multiprocessing)
         return (type(self), (self.diagnosis,))
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """A guarded step was non-finite and the policy was ``skip``, ``stop`` or ``warn``."""

@@ -12,13 +12,19 @@ Design constraints: nothing here touches a tensor; warnings are raised through t
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Phase, Policy
+from nanscope.core.errors import NonFiniteWarning
+from nanscope.core.source import is_user_file
 from nanscope.core.trend import History
 
 # Failures that live in the stored state: skipping the update cannot undo them.
@@ -26,18 +32,38 @@ STATE_PHASES = (Phase.STATE, Phase.OPTIMIZER)
 KEEP_DIAGNOSES = 32
 
 
-def _warn(text: str) -> None:
-    warnings.warn(text, RuntimeWarning, stacklevel=3)
+def warn_at_user(text: str, category: type[Warning] = RuntimeWarning) -> None:
+    """A warning attributed to the user's line that led into nanscope (past nanscope's own
+    frames and the framework's, such as Keras' fit loop), so it reads as about their code."""
+    level, f = 1, sys._getframe(1)
+    while f is not None and not is_user_file(f.f_code.co_filename):
+        f, level = f.f_back, level + 1
+    warnings.warn(text, category, stacklevel=level if f is not None else 2)
 
 
-def internal_error_text(who: str, where: str, err: BaseException) -> str:
-    """The one warning for nanscope's own error: it says plainly whose error it is.
+_NANSCOPE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
-    >>> internal_error_text("Guard", "checking the step", KeyError("x"))
-    "nanscope Guard: internal error while checking the step (KeyError: 'x'). This is a bug in nanscope, not in your script; training continues unguarded. Please report it with NANSCOPE_DEBUG=1 output."
+
+def _nanscope_frame(err: BaseException) -> str | None:
+    """``nanscope/file.py:line`` of the innermost frame of nanscope's own code in the traceback."""
+    where = None
+    for fs in traceback.extract_tb(err.__traceback__):
+        if os.path.normcase(os.path.abspath(fs.filename)).startswith(_NANSCOPE_DIR):
+            where = f"{os.path.relpath(fs.filename, os.path.dirname(_NANSCOPE_DIR))}:{fs.lineno}"
+    return where
+
+
+def internal_error_text(where: str, err: BaseException, *, then: str = "the run continues unwatched") -> str:
+    """The one warning for nanscope's own error, in every front end: it names nanscope, where
+    in nanscope it broke, and says plainly that it is not the user's script.
+
+    >>> internal_error_text("nanscope's Guard, checking the step", KeyError("x"))
+    "nanscope: internal error in nanscope's Guard, checking the step (KeyError: 'x'); this is a bug in nanscope, not in your script; the run continues unwatched"
     """
-    return (f"nanscope {who}: internal error while {where} ({type(err).__name__}: {err}). This is a bug in "
-            "nanscope, not in your script; training continues unguarded. Please report it with NANSCOPE_DEBUG=1 output.")
+    at = _nanscope_frame(err)
+    detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    return (f"nanscope: internal error in {where} ({detail}{', at ' + at if at else ''}); "
+            f"this is a bug in nanscope, not in your script; {then}")
 
 
 @dataclass
@@ -62,7 +88,7 @@ class Ledger:
 
     Example:
         >>> from nanscope.core.enums import Category
-        >>> book = Ledger("skip", warn=lambda text: None)
+        >>> book = Ledger("skip", warn=lambda text, category=None: None)
         >>> d = Diagnosis(Category.OP_DOMAIN, "log received 1 zero", phase="loss")
         >>> book.record(d); book.act(d, unrecoverable=False)
         <Policy.SKIP: 'skip'>
@@ -71,10 +97,10 @@ class Ledger:
     """
 
     def __init__(self, policy: Policy | str = Policy.SKIP, *, max_skips_in_a_row: int = 10,
-                 warn: Callable[[str], None] | None = None, who: str = "Guard") -> None:
+                 warn: Callable[..., None] | None = None, who: str = "Guard") -> None:
         self.policy = Policy(policy)
         self.max_skips_in_a_row = max(1, int(max_skips_in_a_row))
-        self.warn = warn or _warn
+        self.warn = warn or warn_at_user
         self.who = who
         self.should_stop = False
         self.skipped = 0
@@ -117,11 +143,12 @@ class Ledger:
         return policy
 
     def outcome_text(self, policy: Policy) -> str:
+        """What the guard did, as both guards say it."""
         return {
-            Policy.WARN: "the update was applied anyway (policy 'warn')",
-            Policy.STOP: "the update was not applied; stopping",
-            Policy.SKIP: f"the update was not applied; training goes on ({self.skipped} skipped so far)",
-            Policy.RAISE: "the update was not applied; raising NonFiniteError",
+            Policy.WARN: "update applied anyway (policy 'warn')",
+            Policy.STOP: "update skipped, training stopped",
+            Policy.SKIP: f"update skipped, training goes on ({self.skipped} skipped so far)",
+            Policy.RAISE: "update skipped, raising NonFiniteError",
         }[policy]
 
     def say(self, d: Diagnosis, what: str) -> None:
@@ -129,7 +156,7 @@ class Ledger:
         key = f"{d.category}:{d.op}:{d.module}"
         text = f"{d}\n  {what}" if key not in self._warned else f"nanscope: {d.headline()} ({what})"
         self._warned.add(key)
-        self.warn(text)
+        self.warn(text, NonFiniteWarning)
 
     def warn_once(self, key: str, text: str) -> None:
         if key not in self._warned:
@@ -139,10 +166,23 @@ class Ledger:
     def internal(self, where: str, err: BaseException) -> None:
         """nanscope's own error: one warning, and the guard steps aside."""
         self.disabled = True
-        self.warn_once("internal", internal_error_text(self.who, where, err))
+        self.warn_once("internal", internal_error_text(f"nanscope's {self.who}, {where}", err,
+                                                       then="training continues unguarded"))
 
     def describe(self) -> str:
         why = ", ".join(f"{n} {c}" for c, n in self.counts.most_common())
         state = " (stopped)" if self.should_stop else (" (unguarded after an internal error)" if self.disabled else "")
         return (f"<nanscope {self.who} policy={self.policy}: {self.steps} steps, {self.skipped} skipped"
                 + (f"; failures: {why}" if why else "") + f"{state}>")
+
+
+def ledger_attr(name: str, doc: str | None = None) -> property:
+    """A guard attribute that lives in its ``ledger`` (same names in every framework's guard)."""
+
+    def get(self: Any) -> Any:
+        return getattr(self.ledger, name)
+
+    def set_(self: Any, value: Any) -> None:
+        setattr(self.ledger, name, value)
+
+    return property(get, set_, doc=doc)

@@ -501,8 +501,14 @@ def written_by_update(
     """
     d = optimizer or with_history(found, grad_norms, lr=lr)
     d.phase, d.step = Phase.OPTIMIZER, step - 1
-    if d is found and lr is not None:
-        d.evidence.append(f"learning rate {lr:g}; last gradient norms: {', '.join(fmt(n) for n in grad_norms[-4:])}")
+    if d is found:
+        names = found.details.get("tensors", [])
+        if names:
+            d.summary = f"an update made weights non-finite: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
+        if lr is not None:
+            d.evidence.append(f"learning rate {lr:g}; last gradient norms: {', '.join(fmt(n) for n in grad_norms[-4:])}")
+    elif optimizer is None:  # the norms grew: exploding gradients, with the weights as evidence
+        d.evidence += found.evidence
     d.evidence.append(f"the update of step {step - 1} made them non-finite; step {step} found them")
     return d
 

@@ -41,7 +41,9 @@ class RunSession:
 
     def internal_error(self, where: str, err: BaseException) -> None:
         """nanscope's own bug must never kill the user's run: warn once and go on."""
-        msg = f"nanscope: internal error in {where} ({type(err).__name__}: {err}); continuing without it"
+        from nanscope.core.guarding import internal_error_text
+
+        msg = internal_error_text(where, err)
         if msg not in self.internal_errors:
             self.internal_errors.append(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)

@@ -28,7 +28,6 @@ Design constraints:
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from collections.abc import Callable
@@ -37,17 +36,15 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase, Policy
-from nanscope.core.errors import NanscopeError, NonFiniteError
-from nanscope.core.trend import History
+from nanscope.core.errors import NanscopeError, NonFiniteError, NonFiniteWarning  # noqa: F401 (re-exported)
+from nanscope.core.guarding import STATE_PHASES, Ledger
+from nanscope.core.guarding import ledger_attr as _ledger_attr
 from nanscope.keras._util import state_variables
 
 ACTIVE = 0  # guards installed right now (``nanscope run`` leaves fit's steps to them)
-
-
-class NonFiniteWarning(RuntimeWarning):
-    """A guarded step was non-finite and the policy was ``skip``, ``stop`` or ``warn``."""
 
 
 class _Stash:
@@ -88,32 +85,49 @@ class Guard(keras.callbacks.Callback):
 
     def __init__(
         self,
-        policy: Policy | str = Policy.RAISE,
+        policy: Policy | str = Policy.SKIP,
         *,
         loss: Callable | str | None = None,
         ignore_index: int | None = None,
         max_diagnoses: int = 10,
+        max_skips_in_a_row: int = 10,
+        on_failure: Callable[[Diagnosis], Any] | None = None,
         _session: Any = None,
     ) -> None:
         super().__init__()
-        self.policy = Policy(policy)
+        self.ledger = Ledger(policy, max_skips_in_a_row=max_skips_in_a_row, who="Keras Guard")
         self.loss = loss
         self.ignore_index = ignore_index
         self.max_diagnoses = max_diagnoses
-        self.diagnoses: list[Diagnosis] = []
-        self.skipped = 0
+        self.on_failure = on_failure
         self.batch: Any = None
-        self.history = History()
         self._session = _session
         self._patches: list[tuple[object, str, bool, Any]] = []
         self._status: tf.Variable | None = None
         self._batches: list[Any] = []
-        self._step = 0
         self._stash = _Stash()
         self._counted = False
         self._weights_finite_at_start = False
-        self._scales: list[float] = []
-        self._scale_skips: list[int] = []
+
+    # The bookkeeping lives in the framework-free ledger (nanscope.core.guarding), shared
+    # with nanscope.torch.Guard: same names, same policy decisions.
+    policy = _ledger_attr("policy")
+    should_stop = _ledger_attr("should_stop")
+    skipped = _ledger_attr("skipped")
+    counts = _ledger_attr("counts")
+    diagnoses = _ledger_attr("diagnoses")
+    history = _ledger_attr("history")
+    steps = _ledger_attr("steps", "training steps seen; the contract's ``step`` of the next one")
+    max_skips_in_a_row = _ledger_attr("max_skips_in_a_row")
+    disabled = _ledger_attr("disabled", "True after nanscope's own error: fit goes on unguarded")
+
+    @property
+    def last(self) -> Diagnosis | None:
+        """The latest diagnosis, or None while every step was finite."""
+        return self.ledger.last
+
+    def __repr__(self) -> str:
+        return self.ledger.describe()
 
     # -- callback hooks ---------------------------------------------------------------------
     def on_train_begin(self, logs=None):
@@ -141,42 +155,38 @@ class Guard(keras.callbacks.Callback):
         if self._status is None:
             return
         try:
-            ok, sq, scale, scale_skipped = (float(v) for v in self._status.numpy())
+            ok, norm, scale, scale_skipped = (float(v) for v in self._status.numpy())
         except Exception as err:
             self._internal_error("reading the step status", err)
             return
-        step = self._step
-        self._step += 1
+        step = self.steps
+        self.steps += 1
         if ok <= 0.5:
             self._on_failure(step)
             return
         if scale_skipped <= 0.5:
-            self.history.add(None, math.sqrt(sq) if math.isfinite(sq) and sq >= 0 else sq)
+            self.history.add(None, norm)
         if scale > 0:
             self._watch_loss_scale(step, scale, scale_skipped > 0.5)
 
     def _watch_loss_scale(self, step: int, scale: float, skipped: bool) -> None:
         """A LossScaleOptimizer skip is not a failure; a scale that keeps halving is (the
         gradients are non-finite whatever the scale): ``core.rules.loss_scale_collapse``."""
-        from nanscope.core import rules
-
-        self._scales.append(scale * 0.5 if skipped else scale)
-        if skipped:
-            self._scale_skips.append(len(self._scales) - 1)
-        collapse = rules.loss_scale_collapse(self._scales, self._scale_skips, framework="keras",
-                                             step=len(self._scales) - 1)
+        history = self.ledger.loss_scale
+        history.add(scale * 0.5 if skipped else scale, skipped_step=len(history.scales) if skipped else None)
+        collapse = rules.loss_scale_collapse(history.scales, history.skipped, framework="keras",
+                                             step=len(history.scales) - 1)
         if collapse is None:
             return
-        self._scales, self._scale_skips = [], []
+        history.clear()
         collapse.step = step
         self._on_failure(step, collapse=collapse)
 
     # -- failure ----------------------------------------------------------------------------
     def _on_failure(self, step: int, collapse: Diagnosis | None = None) -> None:
-        vetoed = self.policy is not Policy.WARN
-        if vetoed:
-            self.skipped += 1
         if len(self.diagnoses) >= self.max_diagnoses or (self.policy is Policy.WARN and self.diagnoses):
+            if self.policy is not Policy.WARN:  # vetoed in-graph already: counted, not re-diagnosed
+                self.ledger.skipped += 1
             return
         d = self._diagnose(step)
         if collapse is not None:
@@ -184,14 +194,15 @@ class Guard(keras.callbacks.Callback):
                 d = collapse
             else:  # the root cause, found by the unscaled eager re-run; the collapse is its symptom
                 d.evidence += [f"symptom: {collapse.summary}", *collapse.evidence]
-        self.diagnoses.append(d)
-        if self.policy is Policy.RAISE:
+        self.ledger.record(d)
+        policy = self.ledger.act(d, unrecoverable=d.phase in STATE_PHASES)
+        if self.on_failure is not None:
+            self.on_failure(d)  # the user's callable: its errors are the user's
+        if policy is Policy.RAISE:
             self._uninstall()
             raise (self._session.fail(d) if self._session is not None else NonFiniteError(d))
-        what = {Policy.SKIP: "update skipped", Policy.STOP: "update skipped, training stopped",
-                Policy.WARN: "update applied (policy 'warn')"}[self.policy]
-        warnings.warn(f"{d}\n  ({what})", NonFiniteWarning, stacklevel=2)
-        if self.policy is Policy.STOP:
+        self.ledger.say(d, self.ledger.outcome_text(policy))
+        if policy is Policy.STOP:
             self.model.stop_training = True
             _keep_backups()
 
@@ -212,34 +223,25 @@ class Guard(keras.callbacks.Callback):
                     self.batch = batch
                     return self._blame_an_earlier_update(d, lr)
             self.batch = self._batches[0] if self._batches else None
-            evidence = ["the compiled step saw a non-finite loss or gradient; an eager re-run of the batch stayed finite"]
         except NanscopeError as err:
-            evidence = [f"the eager re-run could not run: {err}"]
+            return rules.not_localized("loss or gradient", str(err), framework="keras", step=step)
         except Exception as err:
             self._internal_error("diagnosing the failed step", err)
-            evidence = [f"nanscope could not diagnose the step ({type(err).__name__}: {err})"]
-        return Diagnosis(Category.UNKNOWN, "the step made loss or gradients non-finite", phase=Phase.BACKWARD,
-                         step=step, framework="keras", evidence=evidence,
-                         fixes=["diagnose the kept batch: `nanscope.keras.diagnose(model, guard.batch)`"])
+            return rules.not_localized("loss or gradient", err, framework="keras", step=step)
+        # The compiled step saw it, the eager re-run of the same batch from the same state did not.
+        return rules.not_reproduced(
+            "loss or gradient", framework="keras", step=step, phase=Phase.BACKWARD,
+            compiled="the XLA-compiled train step" if getattr(self.model, "jit_compile", False) else None,
+            evidence=["the eager re-run of the kept batch (`guard.batch`) stayed finite op by op"])
 
     def _blame_an_earlier_update(self, d: Diagnosis, lr: float | None) -> Diagnosis:
         """Weights that were finite when fit began and are not now were written by an update
-        whose gradients were finite (the guard vetoes the others): the update overflowed them."""
-        if d.category is not Category.NONFINITE_PARAMETERS or not self._weights_finite_at_start:
+        whose gradients were finite (the guard vetoes the others): ``rules.written_by_update``."""
+        if d.category is not Category.NONFINITE_PARAMETERS or not self._weights_finite_at_start or d.step is None:
             return d
-        from nanscope.core import rules
-
-        norms = list(self.history.grad_norm)
-        d.phase = Phase.OPTIMIZER
-        d.summary = f"an update made weights non-finite: {', '.join(d.details.get('tensors', [])[:3])}"
-        d.evidence.insert(0, "the weights were finite when training began; the previous update (finite gradients) "
-                             "made them non-finite")
-        ex = rules.with_history(d, norms, lr=lr)  # gradient norms that grew: exploding_gradients
-        if ex is not d:
-            ex.evidence += d.evidence
-        elif lr is not None:
-            d.evidence.append(f"learning rate {lr:g}; last gradient norms: {', '.join(f'{n:.3g}' for n in norms[-4:])}")
-        return ex
+        d.evidence.insert(0, "the weights were finite when training began; the previous update (finite "
+                             "gradients) made them non-finite")
+        return rules.written_by_update(d, step=d.step, grad_norms=list(self.history.grad_norm), lr=lr)
 
     def _internal_error(self, where: str, err: BaseException) -> None:
         from nanscope.keras.runner import report_internal_error
@@ -283,7 +285,7 @@ class Guard(keras.callbacks.Callback):
             opt.build(model.trainable_variables)  # else built in the traced step, as Keras does
         lso = isinstance(opt, keras.optimizers.LossScaleOptimizer)
         veto = self.policy is not Policy.WARN
-        # [loss and gradients finite, squared gradient norm, loss scale, loss-scale skip]
+        # [loss and gradients finite, gradient norm, loss scale, loss-scale skip]
         status = self._status = tf.Variable([1.0, 0.0, 0.0, 0.0], dtype=tf.float32, trainable=False,
                                             name="nanscope_status")
         stash = self._stash
@@ -304,18 +306,18 @@ class Guard(keras.callbacks.Callback):
                 with keras.src.backend.name_scope(opt.name, caller=opt):
                     opt.build(list(trainable_variables))
                 opt.built = True
-            sq = _squared_norm(grads)
+            grads_ok, norm = _gradient_norm(grads)
             if lso:  # report the unscaled norm; non-finite scaled gradients are the scale's business
                 scale = tf.cast(opt.dynamic_scale, tf.float32)
-                scale_skipped = tf.cast(tf.logical_not(tf.math.is_finite(sq)), tf.float32)
-                sq = sq / tf.square(scale)
+                scale_skipped = tf.cast(tf.logical_not(grads_ok), tf.float32)
+                norm = norm / scale
                 ok = tf.constant(True)
             else:
                 scale, scale_skipped = tf.constant(0.0), tf.constant(0.0)
-                ok = tf.math.is_finite(sq)
+                ok = grads_ok
             if stash.loss is not None:
                 ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(tf.cast(stash.loss, tf.float32))))
-            status.assign(tf.stack([tf.cast(ok, tf.float32), sq, scale, scale_skipped]))
+            status.assign(tf.stack([tf.cast(ok, tf.float32), norm, scale, scale_skipped]))
             if not veto:
                 return orig_apply(grads, trainable_variables)
 
@@ -373,15 +375,24 @@ class Guard(keras.callbacks.Callback):
         ACTIVE, self._counted = ACTIVE + 1, True
 
 
-def _squared_norm(grads: list) -> tf.Tensor:
-    parts = []
-    for g in grads:
-        if g is None:
-            continue
-        if isinstance(g, tf.IndexedSlices):
-            g = g.values
-        parts.append(tf.reduce_sum(tf.square(tf.cast(g, tf.float32))))
-    return tf.add_n(parts) if parts else tf.constant(0.0)
+def _gradient_norm(grads: list) -> tuple[tf.Tensor, tf.Tensor]:
+    """(every gradient finite, the global norm), in-graph: one fused float32 sum of squares.
+
+    That sum overflows once the norm passes ~1.8e19 while every gradient is still finite, so
+    an Inf sum is settled exactly (a finiteness test and a float64 norm) in a branch that only
+    runs then: a finite update is never called non-finite, and healthy steps pay nothing more.
+    """
+    parts = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads if g is not None]
+    if not parts:
+        return tf.constant(True), tf.constant(0.0)
+    sq = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in parts])
+
+    def exact():
+        finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in parts]))
+        sq64 = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float64))) for g in parts])
+        return finite, tf.cast(tf.sqrt(sq64), tf.float32)
+
+    return tf.cond(tf.math.is_finite(sq), lambda: (tf.constant(True), tf.sqrt(sq)), exact)
 
 
 def _learning_rate(opt: Any) -> float | None:

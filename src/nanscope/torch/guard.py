@@ -38,9 +38,6 @@ Design constraints:
 from __future__ import annotations
 
 import math
-import os
-import sys
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +48,7 @@ from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase, Policy
 from nanscope.core.errors import NonFiniteError
 from nanscope.core.guarding import STATE_PHASES, Ledger
+from nanscope.core.guarding import ledger_attr as _ledger_attr
 from nanscope.core.limits import dtype_name
 from nanscope.core.summary import fmt
 from nanscope.torch import bundle as _bundle
@@ -68,17 +66,6 @@ def _replay(step_fn: Callable[[], Any], model: torch.nn.Module, step: int) -> Di
 
     with quiet_replay():  # the step warned once already, when it ran for real
         return trace_step(step_fn, model=model, step=step)
-
-
-_NANSCOPE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def _warn(text: str) -> None:
-    """A RuntimeWarning attributed to the user's line that called into nanscope."""
-    level, f = 1, sys._getframe(0)
-    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_NANSCOPE_DIR):
-        f, level = f.f_back, level + 1
-    warnings.warn(text, RuntimeWarning, stacklevel=level)
 
 
 def _split_batch(batch: Any) -> tuple[Any, Any]:
@@ -100,16 +87,6 @@ def _settled(norms: list[float], tensors: list[torch.Tensor]) -> list[float]:
         if math.isinf(n) and bool(torch.isfinite(t).all()):
             out[i] = float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64))
     return out
-
-
-def _ledger_attr(name: str, doc: str | None = None) -> property:
-    def get(self: Guard) -> Any:
-        return getattr(self.ledger, name)
-
-    def set_(self: Guard, value: Any) -> None:
-        setattr(self.ledger, name, value)
-
-    return property(get, set_, doc=doc)
 
 
 class Guard:
@@ -194,7 +171,7 @@ class Guard:
         self.model = model
         self.module: torch.nn.Module = _dist.unwrap(model)
         self.optimizer = optimizer
-        self.ledger = Ledger(policy, max_skips_in_a_row=max_skips_in_a_row, warn=_warn)
+        self.ledger = Ledger(policy, max_skips_in_a_row=max_skips_in_a_row)
         self.scaler = scaler
         self.reports = reports
         self.max_bundles = max_bundles
@@ -561,7 +538,7 @@ class Guard:
             self._applied_last = True
             return
         self.optimizer.zero_grad(set_to_none=True)  # no NaN gradient leaks into the next step
-        suffix = " (guard.should_stop is True)" if policy is Policy.STOP else ""
+        suffix = " (guard.should_stop is True)" if policy is Policy.STOP else ""  # the loop's cue
         self.ledger.say(d, self.ledger.outcome_text(policy) + suffix)
 
     # -- library integrations: wrapped optimizers, on_failure, sinks ---------------------------

@@ -19,7 +19,7 @@ net = nn.Sequential(BatchStandardize(), nn.Linear(6, 2))
 opt = torch.optim.Adam(net.parameters(), lr=1e-2)
 loss_fn = nn.CrossEntropyLoss()
 
-for epoch in range(1):
+for _epoch in range(1):
     for xb, yb in loader:
         opt.zero_grad()
         loss = loss_fn(net(xb), yb)
