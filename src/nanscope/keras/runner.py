@@ -331,7 +331,7 @@ class KerasRunner:
         import tensorflow as tf
 
         from nanscope.core.enums import Phase
-        from nanscope.keras.guard import _squared_norm
+        from nanscope.keras.guard import _gradient_norm
         from nanscope.keras.trace import Recorder
 
         runner, session = self, self.session
@@ -409,7 +409,8 @@ class KerasRunner:
                 pass
             try:
                 grads = list(grads)
-                norm = math.sqrt(float(_squared_norm(grads)))
+                ok, norm_t = _gradient_norm(grads)
+                norm = float(norm_t) if bool(ok) else math.nan
             except Exception as err:
                 runner.internal_error("nanscope's Keras gradient check", err)
                 return apply(opt, grads, trainable_variables)
@@ -439,7 +440,7 @@ class KerasRunner:
                         opt.build(list(trainable_variables) if trainable_variables is not None else [])
                         opt.built = True
                 flag = compiled["flag"]
-                ok = tf.math.is_finite(_squared_norm(grads))
+                ok = _gradient_norm(grads)[0]
             except Exception as err:
                 runner.internal_error("nanscope's Keras compiled-step guard", err)
                 return apply(opt, grads, trainable_variables)
