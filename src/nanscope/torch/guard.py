@@ -358,6 +358,9 @@ class Guard:
             tensors += [p for p in self._params if p.is_floating_point()]
         if not tensors:
             return None
+        if ddp:  # FSDP2 / DTensor: each rank reduces its own shards; the flag all_reduce agrees
+            tensors = [_dist.local(t) for t in tensors]
+            loss_t = tensors[0] if loss_t is not None else None
         device = tensors[0].device
         # One reduction per device group inside _foreach_norm; norms in float32 so that a
         # finite float16 gradient cannot overflow its own norm. NaN/Inf anywhere -> NaN/Inf norm.
