@@ -14,6 +14,7 @@ Without an initialized process group everything here is a no-op.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category
 
-__all__ = ["active", "rank", "unwrap", "no_sync", "flags", "agree"]
+__all__ = ["active", "rank", "unwrap", "no_sync", "local", "flags", "agree"]
 
 
 def active() -> bool:
@@ -41,6 +42,18 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
     orig = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
     return orig if isinstance(orig, torch.nn.Module) else model
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters and gradients, tensor parallel): the
+    fused check reduces local shards only, and one flag all_reduce makes the decision common.
+    Plain tensors come back as they are. ``to_local()`` is a view: no copy, no collective.
+    (DTensor is looked up only when the program imported it.)"""
+    mod = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(mod, "DTensor", None)
+    if dtensor is not None and isinstance(t, dtensor):
+        return t.to_local()
+    return t
 
 
 def no_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager:
