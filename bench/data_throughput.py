@@ -115,7 +115,8 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the end-to-end audits")
-    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--images", default="300,1200",
+                    help="folder sizes (comma-separated): worker processes cost a fixed ~0.05-0.1 s to start and stop")
     ap.add_argument("--before-src", default=None, help="an older src/ tree to compare the end-to-end audits with")
     ap.add_argument("--profile", action="store_true", help="append pyinstrument summaries (pip install pyinstrument)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "data_throughput.md"))
@@ -161,11 +162,19 @@ def main() -> None:
         path = os.path.join(tmp, "x.npy")
         np.save(path, images.reshape(-1, 3, 32, 32))
         size = os.path.getsize(path) / 1e9
-        folder = Path(tmp) / "imgs" / "images"
-        folder.mkdir(parents=True)
-        for i in range(args.images):
-            Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
-        files = sorted(folder.iterdir())
+        counts = [int(c) for c in args.images.split(",")]
+        roots = {}
+        made = 0
+        for count in counts:  # the larger folders repeat the smaller one's files under new names
+            folder = Path(tmp) / f"imgs{count}" / "images"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                if i >= made:
+                    Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(Path(tmp) / f"{i:05d}.jpg", quality=90)
+                    made += 1
+                os.link(Path(tmp) / f"{i % made:05d}.jpg", folder / f"{i:05d}.jpg")
+            roots[count] = folder.parent
+        files = sorted(roots[counts[0]].glob("images/*.jpg"))
         x = images = None  # the audits read the file, not these
 
         def decode_only() -> None:
@@ -184,18 +193,20 @@ def main() -> None:
                 for workers in (1, 2):
                     e2e.setdefault((f"{label}: audit(x.npy), {workers} worker{'s' if workers > 1 else ''}, warm", "npy"), []).extend(
                         _subprocess_times(src, path, workers, max(2, args.repeat // 2)))
-                    e2e.setdefault((f"{label}: audit(folder), {workers} worker{'s' if workers > 1 else ''}", "img"), []).extend(
-                        _subprocess_times(src, str(folder.parent), workers, 1))
+                    for count, root in roots.items():
+                        e2e.setdefault((f"{label}: audit(folder of {count}), {workers} worker{'s' if workers > 1 else ''}", f"img{count}"), []).extend(
+                            _subprocess_times(src, str(root), workers, 1))
                 cold = [_cold_audit(src, path) for _ in range(2)]
                 e2e.setdefault((f"{label}: audit(x.npy), 2 workers, cold-ish (evicted)", "npy"), []).extend(cold)
             e2e.setdefault(("sequential read() of the cold file (disk limit)", "npy"), []).extend(_times(cold_read, 1))
-            e2e.setdefault(("PIL decode alone (Image.open + np.asarray), 1 thread", "img"), []).extend(_times(decode_only, 1))
+            e2e.setdefault((f"PIL decode alone (Image.open + np.asarray), 1 thread, {len(files)} files", f"img{counts[0]}"), []).extend(
+                _times(decode_only, 1))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         if args.profile:
             for label, src in trees:
                 # one worker: the main thread does all the work, so the profile sees all of it
                 profiles[f"{label}: audit(x.npy), 1 worker"] = _profile(src, path, 1, 12)
-                profiles[f"{label}: audit(folder), 1 worker"] = _profile(src, str(folder.parent), 1, 10)
+                profiles[f"{label}: audit(folder of {counts[0]}), 1 worker"] = _profile(src, str(roots[counts[0]]), 1, 10)
     load_after = os.getloadavg()
 
     npy_rows, img_rows = [], []
@@ -204,7 +215,7 @@ def main() -> None:
             best, median, cpu = _med(ts, size)
             npy_rows.append(f"| {name} | {best:.2f} | {median:.2f} | {cpu:.2f} |")
         else:
-            best, median, cpu = _med(ts, len(files))
+            best, median, cpu = _med(ts, int(kind[3:]))
             img_rows.append(f"| {name} | {best:.0f} | {median:.0f} | {cpu:.0f} |")
         print(npy_rows[-1] if kind == "npy" else img_rows[-1])
 
@@ -231,7 +242,7 @@ def main() -> None:
         "| --- | ---: | ---: | ---: |",
         *npy_rows,
         "",
-        f"Image folders: {args.images} JPEG files of 256x256x3 (random pixels, quality 90); images per CPU-second "
+        f"Image folders of {args.images} JPEG files of 256x256x3 (random pixels, quality 90); images per CPU-second "
         "count the worker processes too (target: >= 90 % of PIL's decoding speed per worker, and 2 workers faster than 1):",
         "",
         "| what | best images/s | median images/s | images per CPU-second |",

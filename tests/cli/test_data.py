@@ -7,6 +7,7 @@ in .npz/.h5. Healthy data must give no finding at all.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -360,7 +361,10 @@ def test_a_crashed_worker_process_is_one_line_exit_2(monkeypatch, big_seg, capsy
     monkeypatch.setattr(readers, "_load_part", _crash_from_32)  # forked workers inherit the patch
     assert main(["data", str(big_seg), "--workers", "2"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "images/0032.png" in err and "--workers 1" in err, err
+    assert err.count("\n") == 1 and "died" in err and "--workers 1" in err, err
+    # ranges still in flight when the pool broke fail with it: the named file is at or before the crash
+    named = int(re.search(r"images/(\d{4})\.png", err).group(1))
+    assert named <= 32 and named % 16 == 0, err
 
 
 def test_no_fork_with_a_framework_loaded(monkeypatch, big_seg):

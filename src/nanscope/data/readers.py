@@ -22,6 +22,7 @@ with a leading sample axis, and the file names when the samples are files.
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import re
@@ -469,26 +470,29 @@ def _process_batches(fs: _Files, workers: int) -> Iterator[Batch]:
     from concurrent.futures.process import BrokenProcessPool
 
     n = len(fs.files)
+    gc.freeze()  # the children's collector leaves the inherited objects alone: fewer copy-on-write pages
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     pending: deque = deque()
     nxt = 0
+    done = 0  # files already yielded: a crash happened in a range after them
     try:
         while pending or nxt < n:
-            while nxt < n and len(pending) < 2 * workers:
-                hi = min(n, nxt + PROCESS_TASK)
-                pending.append((nxt, pool.submit(_load_part, fs.part(nxt, hi), nxt)))
-                nxt = hi
-            lo, future = pending.popleft()
             try:
-                got = future.result()
+                while nxt < n and len(pending) < 2 * workers:
+                    hi = min(n, nxt + PROCESS_TASK)
+                    pending.append(pool.submit(_load_part, fs.part(nxt, hi), nxt))
+                    nxt = hi
+                got = pending.popleft().result()
             except BrokenProcessPool:  # a decoder crashed its process (a native bug, a hostile file)
-                raise BadInputError(f"a worker process died while decoding the files from {_rel(fs.files[lo], fs.root)!r} on; "
+                raise BadInputError(f"a worker process died while decoding the files from {_rel(fs.files[done], fs.root)!r} on; "
                                     "re-run with --workers 1 to name the file") from None
             if isinstance(got, tuple):
                 raise BadInputError(got[0], path=got[1])
+            done += len(got)
             yield from got
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        gc.unfreeze()
 
 
 def _rel(p: Path, root: Path) -> str:
