@@ -59,6 +59,15 @@ def test_keras_on_the_torch_backend_is_left_to_the_torch_runner(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["framework"] == "torch"
 
 
+def test_keras_guard_on_the_torch_backend_steps_aside_with_one_warning():
+    proc = python(SCRIPTS / "torch_backend_guard.py", env=TORCH_ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "backend torch loss" in proc.stdout and "TypeError" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "RuntimeWarning" in line] == [
+        line for line in proc.stderr.splitlines() if "nanscope.keras.Guard supports the TensorFlow backend only" in line]
+    assert "nanscope.keras.Guard supports the TensorFlow backend only" in proc.stderr
+
+
 @pytest.mark.xfail(strict=False, reason="nanscope.torch.runner crashes on the meta tensors Keras' torch backend "
                    "builds its model with ('Tensor.item() cannot be called on meta tensors') and turns itself off")
 def test_keras_on_the_torch_backend_nan_input_is_diagnosed(tmp_path):
