@@ -35,7 +35,7 @@ KEEP_DIAGNOSES = 32
 def warn_at_user(text: str, category: type[Warning] = RuntimeWarning) -> None:
     """A warning attributed to the user's line that led into nanscope (past nanscope's own
     frames and the framework's, such as Keras' fit loop), so it reads as about their code."""
-    level, f = 1, sys._getframe(1)
+    level, f = 2, sys._getframe(1)  # stacklevel 2 is warn_at_user's caller
     while f is not None and not is_user_file(f.f_code.co_filename):
         f, level = f.f_back, level + 1
     warnings.warn(text, category, stacklevel=level if f is not None else 2)

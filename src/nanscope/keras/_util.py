@@ -107,3 +107,45 @@ def state_variables(model: keras.Model) -> list[Any]:
             seen.add(id(v))
             out.append(v)
     return out
+
+
+class _KerasAdapter:
+    """``nanscope.core.adapter.Adapter`` for Keras / TensorFlow."""
+
+    name = "keras"
+    convention = "keras"  # (x, y, sample_weight), as model.fit reads a batch
+
+    @staticmethod
+    def is_tensor(obj: Any) -> bool:
+        return tf.is_tensor(obj) or isinstance(obj, np.ndarray)
+
+    @staticmethod
+    def is_float(t: Any) -> bool:
+        from nanscope.keras.trace import is_float
+
+        return is_float(t)
+
+    @staticmethod
+    def to_numpy(t: Any) -> np.ndarray:
+        from nanscope.keras.trace import to_numpy
+
+        return to_numpy(t)
+
+    @staticmethod
+    def dtype_name(t: Any) -> str:
+        return t.dtype.name
+
+    @staticmethod
+    def all_finite(t: Any) -> bool:
+        from nanscope.keras.trace import all_finite
+
+        return all_finite(t)
+
+    @staticmethod
+    def user_location():
+        from nanscope.core.source import user_location
+
+        return user_location()
+
+
+KERAS = _KerasAdapter()

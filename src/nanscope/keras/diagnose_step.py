@@ -26,10 +26,12 @@ import numpy as np
 import tensorflow as tf
 
 from nanscope.core import rules
+from nanscope.core.adapter import check_batch as _check_batch
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase
-from nanscope.core.summary import bad_rows, summarize
+from nanscope.core.summary import summarize
 from nanscope.keras._util import (
+    KERAS,
     VariableSnapshot,
     batch_size_of,
     owned_variables,
@@ -98,16 +100,7 @@ def diagnose(
 
 def check_batch(x: Any, y: Any = None, *, step: int | None = None) -> Diagnosis | None:
     """``nonfinite_input`` when the inputs hold NaN/Inf, ``invalid_target`` for the targets."""
-    for part, what, category in ((x, "x", Category.NONFINITE_INPUT), (y, "y", Category.INVALID_TARGET)):
-        flat = tf.nest.flatten(part) if part is not None else []
-        for i, t in enumerate(flat):
-            if not is_float(t) or all_finite(t):
-                continue
-            a = to_numpy(t)
-            name = what if len(flat) == 1 else f"{what}[{i}]"
-            return rules.nonfinite_input(name, summarize(a, t.dtype.name), bad_rows(a), framework=_FW,
-                                         step=step, category=category)
-    return None
+    return _check_batch(x, y, KERAS, step=step, names=("x", "y"))
 
 
 def check_weights(model: keras.Model, *, step: int | None = None) -> Diagnosis | None:

@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanscope.core.adapter import named_tensors as _named_tensors
+from nanscope.core.limits import dtype_name as _dtype_name
+from nanscope.core.source import user_location
 from nanscope.core.summary import TensorSummary, bad_rows, summarize
 from nanscope.core.summary import batch_rows as _batch_rows
 
@@ -101,14 +104,7 @@ def named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     >>> [n for n, _ in named_tensors({"image": torch.zeros(1), "extra": [torch.ones(1)]}, "inputs")]
     ['inputs["image"]', 'inputs["extra"][0]']
     """
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from named_tensors(v, f"{prefix}[{k!r}]".replace("'", '"'))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from named_tensors(v, f"{prefix}[{i}]")
+    return _named_tensors(obj, prefix, TORCH)
 
 
 def module_names(model: torch.nn.Module | None) -> dict[int, str]:
@@ -160,3 +156,32 @@ def quiet_replay() -> Iterator[None]:
 
 
 _C10_WARNING = re.compile(r"^\[W\d{4} [\d:.]+ [^\]]*\] Warning: ")
+
+
+class _TorchAdapter:
+    """``nanscope.core.adapter.Adapter`` for PyTorch."""
+
+    name = "torch"
+    convention = "torch"
+
+    @staticmethod
+    def is_tensor(obj: Any) -> bool:
+        return isinstance(obj, torch.Tensor)
+
+    is_float = staticmethod(is_float)
+    to_numpy = staticmethod(to_numpy)
+
+    @staticmethod
+    def dtype_name(t: torch.Tensor) -> str:
+        return _dtype_name(t.dtype)
+
+    @staticmethod
+    def all_finite(t: torch.Tensor) -> bool:
+        return all_finite(t)
+
+    @staticmethod
+    def user_location():
+        return user_location()
+
+
+TORCH = _TorchAdapter()

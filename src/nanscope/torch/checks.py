@@ -17,15 +17,15 @@ from typing import Any
 import torch
 
 from nanscope.core import rules
+from nanscope.core.adapter import check_batch as _check_batch
 from nanscope.core.diagnosis import Diagnosis
-from nanscope.core.enums import Category, Phase
+from nanscope.core.enums import Phase
 from nanscope.core.limits import dtype_name, limits
 from nanscope.torch._util import (
+    TORCH,
     all_finite,
     is_float,
     is_norm_layer,
-    named_tensors,
-    samples_of,
     summary_of,
 )
 
@@ -46,13 +46,7 @@ def check_batch(inputs: Any, targets: Any = None, *, step: int | None = None) ->
         >>> check_batch(torch.ones(2, 3)) is None
         True
     """
-    for what, obj, category in (("inputs", inputs, Category.NONFINITE_INPUT),
-                                ("targets", targets, Category.INVALID_TARGET)):
-        for name, t in named_tensors(obj, what):
-            if not all_finite(t):
-                return rules.nonfinite_input(name, summary_of(t), samples_of(t), framework="torch",
-                                             step=step, category=category)
-    return None
+    return _check_batch(inputs, targets, TORCH, step=step)
 
 
 def check_model_state(model: torch.nn.Module, *, step: int | None = None) -> Diagnosis | None:

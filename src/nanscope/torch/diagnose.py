@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from nanscope.core.adapter import split_batch as _split_batch
 from nanscope.core.diagnosis import Diagnosis
+from nanscope.torch._util import TORCH
 from nanscope.torch.bundle import rng_state, set_rng_state
 from nanscope.torch.checks import check_batch, check_model_state, check_optimizer_state
 from nanscope.torch.trace import trace_step
@@ -27,16 +29,9 @@ __all__ = ["diagnose"]
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` from a batch: a pair, a dict with ``targets``/``target``/``labels``
-    /``label``/``mask`` keys, or inputs alone."""
-    if isinstance(batch, dict):
-        for key in ("targets", "target", "labels", "label", "mask", "masks", "y"):
-            if key in batch:
-                return {k: v for k, v in batch.items() if k != key}, batch[key]
-        return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    return batch, None
+    """``(inputs, targets)`` from a batch: ``nanscope.core.adapter.split_batch`` (a pair, a
+    dict with target keys such as ``labels``/``mask``, a sequence ending with the targets)."""
+    return _split_batch(batch, TORCH)
 
 
 def call_model(model: torch.nn.Module, inputs: Any) -> Any:

@@ -55,6 +55,7 @@ from nanscope.torch import bundle as _bundle
 from nanscope.torch import distributed as _dist
 from nanscope.torch._util import is_norm_layer, quiet_replay
 from nanscope.torch.checks import check_batch, check_model_state, check_optimizer_state
+from nanscope.torch.diagnose import split_batch
 
 __all__ = ["Guard"]
 
@@ -66,17 +67,6 @@ def _replay(step_fn: Callable[[], Any], model: torch.nn.Module, step: int) -> Di
 
     with quiet_replay():  # the step warned once already, when it ran for real
         return trace_step(step_fn, model=model, step=step)
-
-
-def _split_batch(batch: Any) -> tuple[Any, Any]:
-    """(inputs, targets) of a batch: ``(x, y)`` sequences end with the targets; dicts name them."""
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return (batch[0] if len(batch) == 2 else list(batch[:-1])), batch[-1]
-    if isinstance(batch, dict):
-        keys = {"y", "target", "targets", "label", "labels", "mask", "masks"}
-        return ({k: v for k, v in batch.items() if k not in keys},
-                {k: v for k, v in batch.items() if k in keys} or None)
-    return batch, None
 
 
 def _settled(norms: list[float], tensors: list[torch.Tensor]) -> list[float]:
@@ -232,6 +222,8 @@ class Guard:
             if early is None:
                 self._unscale()
             verdict = self._check(loss, index, local_error=early)
+        except _dist.RankLeftError:
+            raise  # another rank left: its collectives can never be matched (not nanscope's failure)
         except Exception as err:
             self._internal("checking the step", err)
             self._apply()
@@ -332,11 +324,11 @@ class Guard:
                 raise local_error
             return self._check_local(loss, index, ddp)
         except Exception as err:
-            if not ddp or self._reduced:  # after the all_reduce every rank knows already
+            if not ddp or self._reduced or isinstance(err, _dist.RankLeftError):  # after the all_reduce every rank knows already
                 raise
             device = next((p.device for p in self._params), torch.device("cpu"))
             no = torch.zeros((), dtype=torch.bool, device=device)
-            _dist.flags(bad=no, local_first=no, internal=True)
+            _dist.flags(bad=no, local_first=no, internal=True, step=index)
             raise err from None
 
     def _check_local(self, loss: Any, index: int, ddp: bool) -> dict[str, Any] | None:
@@ -378,7 +370,8 @@ class Guard:
         if ddp:
             total = stacked.sum()
             flags = _dist.flags(bad=~torch.isfinite(total),
-                                local_first=~torch.isfinite(stacked[-1]) if loss_t is not None else torch.zeros_like(total, dtype=torch.bool))
+                                local_first=~torch.isfinite(stacked[-1]) if loss_t is not None else torch.zeros_like(total, dtype=torch.bool),
+                                step=index)
             self._reduced = True
             values = torch.cat([stacked, flags]).tolist()  # the one synchronization of the step
             ranks_bad = values[len(norms):]
@@ -397,7 +390,7 @@ class Guard:
                 local = not all(map(math.isfinite, values))
                 loss_bad = loss_t is not None and not math.isfinite(values[-1])
                 ranks_bad = _dist.flags(bad=torch.tensor(local, device=device),
-                                        local_first=torch.tensor(loss_bad, device=device)).tolist()
+                                        local_first=torch.tensor(loss_bad, device=device), step=index).tolist()
         g0 = 1 if loss_t is not None else 0
         grad_norms = values[g0:g0 + len(grads)]
         gnorm_f = math.sqrt(sum(v * v for v in grad_norms)) if grads else 0.0
@@ -434,6 +427,8 @@ class Guard:
         unrecoverable = False
         try:
             d, unrecoverable = self._diagnose(step_fn, batch, index, rng_before, seen)
+        except _dist.RankLeftError:
+            raise  # another rank left: no collective can be matched any more (not nanscope's failure)
         except Exception as err:
             self._internal("diagnosing the step", err)
             d = self._not_found(index, seen, err)
@@ -455,9 +450,16 @@ class Guard:
         lr = next((float(g["lr"]) for g in self.optimizer.param_groups if "lr" in g), None)
         norms = list(self.history.grad_norm)
         # 1. Was the stored state already bad before this step? (Buffers are pre-step now.)
-        state = check_model_state(self.module, step=index)
-        if state is not None and _dist.active():
-            state = None  # every rank must replay (collectives); state is reported from the replay
+        if _dist.active():  # each rank checks its own shards; all ranks agree on replaying or not
+            state = _dist.local_state(self.module, step=index)
+            if _dist.any_rank(state is not None, step=index):
+                agreed = _dist.agree(state, seen.get("ranks_bad"), step=index, why="its own shard of the state is non-finite")
+                if agreed is not None:
+                    agreed.step = index
+                    return agreed, True
+            state = None
+        else:
+            state = check_model_state(self.module, step=index)
         if state is not None:
             with_grad = {n for n, p in self.module.named_parameters() if p.grad is not None}
             written = [n for n in state.details.get("tensors", []) if n in with_grad]
@@ -472,7 +474,7 @@ class Guard:
         # collectives inside the model's forward stay matched).
         ddp = _dist.active()
         try:
-            data = check_batch(*_split_batch(batch), step=index)
+            data = check_batch(*split_batch(batch), step=index)
         except Exception as err:
             if not ddp:
                 raise
@@ -487,9 +489,10 @@ class Guard:
                 if self.policy is Policy.WARN else None
             self.optimizer.zero_grad(set_to_none=True)
             _bundle.set_rng_state(rng_before)
+            replayed: list[Any] = []
             try:
                 with _dist.no_sync(self.model):
-                    traced = _replay(lambda: step_fn(batch), self.module, index)
+                    traced = _replay(lambda: replayed.append(step_fn(batch)) or replayed[-1], self.module, index)
             except Exception as err:
                 if not ddp:
                     raise
@@ -503,9 +506,16 @@ class Guard:
         if local is not None:
             local = rules.with_history(local, norms, lr=lr)
         if _dist.active():
-            local = _dist.agree(local, seen.get("ranks_bad"))
+            local = _dist.agree(local, seen.get("ranks_bad"), step=index)
         if local is None:
             local = self._not_found(index, seen)
+            if _dist.active():  # every rank stayed finite in the replay: name where the step failed
+                local.ranks = _dist.ranks_seen(seen.get("ranks_bad"))
+                loss_r = replayed[-1] if replayed else None
+                loss_r = loss_r.get("loss") if isinstance(loss_r, dict) else loss_r[0] if isinstance(loss_r, (tuple, list)) and loss_r else loss_r
+                if isinstance(loss_r, torch.Tensor) and loss_r.numel() == 1:
+                    local.evidence.append(f"replay on rank {_dist.rank()}: loss {fmt(float(_dist.local(loss_r.detach())))}, finite")
+                local.evidence.append(_dist.seen_text(local.ranks))
         local.step = index
         return local, local.phase in STATE_PHASES
 
