@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from nanscope.core.diagnosis import Diagnosis
-from nanscope.core.enums import Category, Phase
+from nanscope.core import rules
+from nanscope.core.enums import Phase
 from nanscope.fuzz import Case, CaseResult
 
 __all__ = ["CaseResult", "run_case"]
@@ -91,9 +91,7 @@ def run_case(fn, case: Case) -> CaseResult:
         failed = loss if not _finite(loss) else [g for g in grads if not _finite(g)]
         diagnosis = diagnosis_from_trace(tracer.trace, failed, batch_size=n)
     except Exception as err:  # the tracer must never hide the finding
-        diagnosis = Diagnosis(Category.UNKNOWN, f"the loss gave a {outcome}; tracing failed ({type(err).__name__})",
-                              framework="keras")
+        diagnosis = rules.not_localized("loss" if not value_ok else "gradient", err, framework="keras")
     if diagnosis is None:
-        diagnosis = Diagnosis(Category.UNKNOWN, f"the loss gave a {outcome} but no traced op produced it",
-                              framework="keras")
+        diagnosis = rules.unexplained("loss" if not value_ok else "gradient", framework="keras")
     return CaseResult(outcome, diagnosis)
