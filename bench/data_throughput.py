@@ -36,6 +36,15 @@ _TIMER = """
 import json, resource, sys, time
 from nanscope.data import audit
 path, workers, repeat = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if workers == 0:  # PIL decoding alone, one thread: Image.open + np.asarray of every file
+    from pathlib import Path
+    import numpy as np
+    from PIL import Image
+    files = sorted(Path(path).glob("images/*"))
+    def audit(path, workers, progress):
+        for f in files:
+            with Image.open(f) as im:
+                np.asarray(im)
 def cpu():
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
@@ -174,13 +183,7 @@ def main() -> None:
                     made += 1
                 os.link(Path(tmp) / f"{i % made:05d}.jpg", folder / f"{i:05d}.jpg")
             roots[count] = folder.parent
-        files = sorted(roots[counts[0]].glob("images/*.jpg"))
         x = images = None  # the audits read the file, not these
-
-        def decode_only() -> None:
-            for f in files:
-                with Image.open(f) as im:
-                    np.asarray(im)
 
         def cold_read() -> None:
             _evict(path)
@@ -189,6 +192,9 @@ def main() -> None:
                     pass
 
         for r in range(args.rounds):
+            for count, root in roots.items():  # the same process structure as the audits below
+                e2e.setdefault((f"PIL decode alone (Image.open + np.asarray), 1 thread, folder of {count}", f"img{count}"),
+                               []).extend(_subprocess_times(None, str(root), 0, 1))
             for label, src in trees:
                 for workers in (1, 2):
                     e2e.setdefault((f"{label}: audit(x.npy), {workers} worker{'s' if workers > 1 else ''}, warm", "npy"), []).extend(
@@ -199,8 +205,6 @@ def main() -> None:
                 cold = [_cold_audit(src, path) for _ in range(2)]
                 e2e.setdefault((f"{label}: audit(x.npy), 2 workers, cold-ish (evicted)", "npy"), []).extend(cold)
             e2e.setdefault(("sequential read() of the cold file (disk limit)", "npy"), []).extend(_times(cold_read, 1))
-            e2e.setdefault((f"PIL decode alone (Image.open + np.asarray), 1 thread, {len(files)} files", f"img{counts[0]}"), []).extend(
-                _times(decode_only, 1))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         if args.profile:
             for label, src in trees:
