@@ -557,6 +557,40 @@ def growth_warning(grad_norms: list[float], *, step: int, framework: str = "torc
             f"it will overflow if this goes on: {fix[0]}, or {fix[1]}")
 
 
+def eval_only(
+    bad_layers: dict[str, list[str]], *, train_finite: bool, producer: Diagnosis | None = None,
+    framework: str = "torch", samples: list[int] | None = None, first_bad: str | None = None,
+    what: str = "output",
+) -> Diagnosis:
+    """Evaluation / inference made ``what`` non-finite: tell corrupt normalization statistics
+    from a producer op. ``bad_layers`` are the normalization layers whose stored statistics are
+    bad (``norm_statistics_problems``), ``train_finite`` whether the same batch stayed finite in
+    training mode (batch statistics instead of the stored ones), ``producer`` what the per-op
+    trace of the inference run found, ``first_bad`` the first op / layer that went non-finite.
+
+    Finite in training mode and bad stored statistics: the statistics are the cause. Otherwise
+    the traced producer is; with neither, the statistics if any are bad, else the failure did
+    not reproduce under the tracer.
+
+    >>> d = eval_only({"bn": ["running_var: 1 NaN of 4"]}, train_finite=True)
+    >>> d.category, d.phase, d.evidence[0]
+    (<Category.CORRUPT_NORM_STATISTICS: 'corrupt_norm_statistics'>, <Phase.STATE: 'state'>, 'train-mode output finite: True; eval-mode output finite: False')
+    """
+    fw = _NAMES.get(framework, framework)
+    if bad_layers and (train_finite or producer is None):
+        d = corrupt_norm_statistics(bad_layers, framework=fw, phase=Phase.STATE, train_finite=train_finite,
+                                    eval_finite=False, samples=samples)
+        if first_bad:
+            d.evidence.insert(1, f"first non-finite {what} in inference mode: {first_bad}")
+        return d
+    if producer is not None:
+        producer.evidence.append(f"training-mode {what} finite: {train_finite}; inference-mode {what} finite: False")
+        return producer
+    return not_reproduced(what, framework=fw, phase=Phase.FORWARD, samples=samples,
+                          evidence=[f"inference: {what} non-finite; the traced re-run of the same batch stayed finite "
+                                    "op by op"])
+
+
 # Categories that a growing gradient norm explains better than the op that finally overflowed.
 _EXPLOSION_SYMPTOMS = (Category.OP_DOMAIN, Category.OVERFLOW, Category.UNKNOWN, Category.SINGULAR_GRADIENT,
                        Category.NONFINITE_PARAMETERS)

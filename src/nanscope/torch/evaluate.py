@@ -93,25 +93,21 @@ def _explain(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], A
     if d is not None:
         return d
     eval_out = call_model(model, inputs)
-    eval_finite = _finite(eval_out)
-    if not eval_finite:
-        model.train()  # batch statistics instead of the stored ones (buffers restored by caller)
-        train_finite = _finite(call_model(model, inputs))
-        model.eval()
-        state = check_model_state(model)
-        if state is not None and state.category is Category.CORRUPT_NORM_STATISTICS:
-            return rules.corrupt_norm_statistics(
-                state.details["layers"], framework="torch", train_finite=train_finite,
-                eval_finite=False, samples=_bad_samples(eval_out))
-        if state is not None:
-            return state
-    return _trace(model, inputs, targets, loss_fn)
+    if _finite(eval_out):  # the output is fine: the loss made it non-finite
+        return _trace(model, inputs, targets, loss_fn) or rules.not_reproduced(
+            "loss", framework="torch", phase=Phase.LOSS,
+            evidence=["evaluation: loss non-finite; the traced re-run of the same batch: finite"])
+    model.train()  # batch statistics instead of the stored ones (buffers restored by the caller)
+    train_finite = _finite(call_model(model, inputs))
+    model.eval()
+    state = check_model_state(model)
+    if state is not None and state.category is not Category.CORRUPT_NORM_STATISTICS:
+        return state  # non-finite weights: they explain any output
+    layers = state.details["layers"] if state is not None else {}
+    producer = None if layers and train_finite else _trace(model, inputs, targets, loss_fn)
+    return rules.eval_only(layers, train_finite=train_finite, producer=producer, framework="torch",
+                           samples=_bad_samples(eval_out))
 
 
-def _trace(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], Any]) -> Diagnosis:
-    d = trace_step(lambda: loss_fn(call_model(model, inputs), targets), model=model)
-    if d is None:  # finite under the tracer, though the walk saw it non-finite
-        d = rules.not_reproduced("output", framework="torch", phase=Phase.FORWARD,
-                                 evidence=["evaluation: non-finite; the traced re-run of the same batch: finite"])
-    return d
-
+def _trace(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], Any]) -> Diagnosis | None:
+    return trace_step(lambda: loss_fn(call_model(model, inputs), targets), model=model)
