@@ -492,7 +492,7 @@ class Guard:
             replayed: list[Any] = []
             try:
                 with _dist.no_sync(self.model):
-                    traced = _replay(lambda: replayed.append(step_fn(batch)) or replayed[-1], self.module, index)
+                    traced = _replay(lambda: replayed.append(step_fn(batch)) or replayed[-1], _dist.traced_root(self.module), index)
             except Exception as err:
                 if not ddp:
                     raise
@@ -516,6 +516,7 @@ class Guard:
                 if isinstance(loss_r, torch.Tensor) and loss_r.numel() == 1:
                     local.evidence.append(f"replay on rank {_dist.rank()}: loss {fmt(float(_dist.local(loss_r.detach())))}, finite")
                 local.evidence.append(_dist.seen_text(local.ranks))
+                local = _dist.common(local, local.ranks, step=index)
         local.step = index
         return local, local.phase in STATE_PHASES
 
