@@ -46,6 +46,9 @@ EXPECTED = {
     "seg_ignore": dict(category="invalid_target", phase="loss", op_kind="cross_entropy", samples=[0],
                        function="eval_step"),
     "bn_eval": dict(category="corrupt_norm_statistics", phase="state", module="context.1"),
+    # forward, loss and backward inside optimizer.step(closure); the loss is Inf, every gradient finite
+    "lbfgs_closure": dict(category="op_domain", phase="loss", op="aten::log", op_kind="log", samples=[0],
+                          step=0, function="nll_poisson"),
     "std_last_batch": dict(category="op_domain", phase="forward", op="aten::std", op_kind="std", module="0",
                            samples=[0], step=2),
     "healthy_partial_mask": None,

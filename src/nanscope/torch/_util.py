@@ -8,6 +8,7 @@ changes a tensor it looks at (everything works on detached copies); imports torc
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import sys
@@ -156,6 +157,16 @@ def quiet_replay() -> Iterator[None]:
 
 
 _C10_WARNING = re.compile(r"^\[W\d{4} [\d:.]+ [^\]]*\] Warning: ")
+
+
+def settled_norms(norms: list[float], tensors: list[torch.Tensor]) -> list[float]:
+    """Per-tensor norms, each Inf one replaced by the exact float64 norm when its tensor is in
+    fact finite (its float32 sum of squares overflowed: a norm past ~1.8e19). Failure path only."""
+    out = list(norms)
+    for i, (n, t) in enumerate(zip(norms, tensors, strict=True)):
+        if math.isinf(n) and bool(torch.isfinite(t).all()):
+            out[i] = float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64))
+    return out
 
 
 class _TorchAdapter:

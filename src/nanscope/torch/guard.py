@@ -53,7 +53,7 @@ from nanscope.core.limits import dtype_name
 from nanscope.core.summary import fmt
 from nanscope.torch import bundle as _bundle
 from nanscope.torch import distributed as _dist
-from nanscope.torch._util import is_norm_layer, quiet_replay
+from nanscope.torch._util import is_norm_layer, quiet_replay, settled_norms
 from nanscope.torch.checks import check_batch, check_model_state, check_optimizer_state
 from nanscope.torch.diagnose import split_batch
 
@@ -67,16 +67,6 @@ def _replay(step_fn: Callable[[], Any], model: torch.nn.Module, step: int) -> Di
 
     with quiet_replay():  # the step warned once already, when it ran for real
         return trace_step(step_fn, model=model, step=step)
-
-
-def _settled(norms: list[float], tensors: list[torch.Tensor]) -> list[float]:
-    """The per-tensor norms, each Inf one replaced by the exact float64 norm when its tensor
-    is in fact finite (its float32 sum of squares overflowed)."""
-    out = list(norms)
-    for i, (n, t) in enumerate(zip(norms, tensors, strict=True)):
-        if math.isinf(n) and bool(torch.isfinite(t).all()):
-            out[i] = float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64))
-    return out
 
 
 class Guard:
@@ -385,7 +375,7 @@ class Guard:
         if not all(map(math.isfinite, values[:len(tensors)])) or (ranks_bad is not None and any(ranks_bad)):
             # An Inf norm need not be an Inf value: a float32 sum of squares overflows once a
             # norm passes ~1.8e19. Settle each Inf norm exactly (failure path only).
-            values[:len(tensors)] = _settled(values[:len(tensors)], tensors)
+            values[:len(tensors)] = settled_norms(values[:len(tensors)], tensors)
             if ranks_bad is not None:  # every rank is here (they all saw the same flags): agree again
                 local = not all(map(math.isfinite, values))
                 loss_bad = loss_t is not None and not math.isfinite(values[-1])

@@ -44,7 +44,7 @@ from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.errors import NonFiniteError
 from nanscope.core.limits import dtype_name
-from nanscope.torch._util import all_finite, quiet_replay
+from nanscope.torch._util import all_finite, quiet_replay, settled_norms
 from nanscope.torch.checks import check_model_state, check_optimizer_state, param_names
 from nanscope.torch.trace import (
     Analyzer,
@@ -351,19 +351,56 @@ class Runner:
         elif not any(o.requires_grad for o in outs):
             self._clear()  # a forward without autograd (evaluation, inference) is over and finite
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        # The hook's args include the optimizer itself: (optimizer, closure, ...).
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if callable(closure) and not self.off:
+            # optimizer.step(closure) (Lightning's default loop, LBFGS): forward, loss and
+            # backward run inside step(). Watch them as the step's own, and check the
+            # gradients when the closure returns, before the update uses them.
+            self.in_optimizer = True
+            watched = self._watched_closure(optimizer, closure)
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": watched}
+            return (args[0], watched, *args[2:]), kwargs
         self.guarded(self._check_gradients, optimizer)
         self.in_optimizer = True
+        return None
+
+    def _watched_closure(self, optimizer: torch.optim.Optimizer, closure: Any) -> Any:
+        def watched(*a: Any, **k: Any) -> Any:
+            self.in_optimizer = False
+            try:
+                loss = closure(*a, **k)
+            finally:
+                self.in_optimizer = True
+            if isinstance(loss, torch.Tensor):
+                self.losses.append(loss)
+            self.in_optimizer = False  # the check may replay ops: not the optimizer's
+            try:
+                self.guarded(self._check_gradients, optimizer)
+            finally:
+                self.in_optimizer = True
+            return loss
+
+        return watched
 
     def _check_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         self._lr = next((float(g["lr"]) for g in optimizer.param_groups if "lr" in g), None)
-        if not grads:
+        losses = [t for t in self.losses if t.is_floating_point()]
+        if not grads and not losses:
             return
         with torch.no_grad():
             dense = [g for g in grads if not g.is_sparse]
             norms = torch._foreach_norm(dense) if dense else []
-            total = math.sqrt(_sum_per_device([n.double() ** 2 for n in norms])) if norms else 0.0
+            # The losses backward started from ride in the same sum (one sync): a loss can be
+            # Inf while every gradient is finite (a masked-out term, a ReLU at 0).
+            total = _sum_per_device([n.double() ** 2 for n in norms] + [t.detach().double().sum() * 0 for t in losses])
+            total = math.sqrt(total) if total >= 0 else total
+            loss_ok = all(all_finite(t) for t in losses) if not math.isfinite(total) else True
+            if not math.isfinite(total) and loss_ok:  # a float32 sum of squares overflows past ~1.8e19
+                total = math.sqrt(sum(v * v for v in settled_norms([float(n) for n in norms], dense)))
         if math.isfinite(total):
             self.grad_norms.append(total)
             del self.grad_norms[:-64]
