@@ -12,15 +12,18 @@ Design constraints:
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 
 from nanscope.core.diagnosis import AuditReport
+from nanscope.core.errors import BadInputError
 from nanscope.core.limits import dtype_name
 from nanscope.core.stats import ArrayStats, array_stats
 from nanscope.core.summary import fmt
@@ -72,23 +75,20 @@ def audit(
         title = f"data ({type(source).__name__})"
     if progress is None:
         progress = sys.stderr.isatty()
-    inputs: dict[str, _InputAudit] = {}
-    targets: dict[str, _TargetAudit] = {}
+    state = _Audits(num_classes, ignore_index)
     bar = _Progress(src.total, src.unit, enabled=bool(progress))
-    seen = 0
     try:
-        for batch in src.batches:
-            n = len(batch)
-            for k, x in batch.inputs.items():
-                inputs.setdefault(k, _InputAudit(k)).update(x, batch.start, batch.names, workers)
-            for k, y in batch.targets.items():
-                targets.setdefault(k, _TargetAudit(k, num_classes, ignore_index)).update(
-                    y, batch.start, batch.target_names or batch.names)
-            seen = max(seen, batch.start + n)
-            bar.update(seen)
+        fs = src.files
+        if fs is not None and workers > 1 and len(fs.files) > 2 * readers.PROCESS_TASK and readers.can_fork():
+            _audit_in_processes(fs, state, workers, bar)
+        else:
+            for batch in src.batches:
+                state.add(batch, workers)
+                bar.update(state.seen)
     finally:
         bar.close()
         src.close()
+    inputs, targets, seen = state.inputs, state.targets, state.seen
     fw = src.framework
     findings = []
     for a in inputs.values():
@@ -104,6 +104,104 @@ def audit(
 
 
 audit_data = audit  # the top-level name: ``nanscope.audit_data(...)``
+
+
+class _Audits:
+    """Everything an audit accumulates, per input and target name; mergeable in sample order."""
+
+    def __init__(self, num_classes: int | None, ignore_index: int | None) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.inputs: dict[str, _InputAudit] = {}
+        self.targets: dict[str, _TargetAudit] = {}
+        self.seen = 0
+
+    def add(self, batch: readers.Batch, workers: int) -> None:
+        for k, x in batch.inputs.items():
+            self.inputs.setdefault(k, _InputAudit(k)).update(x, batch.start, batch.names, workers)
+        for k, y in batch.targets.items():
+            self.targets.setdefault(k, _TargetAudit(k, self.num_classes, self.ignore_index)).update(
+                y, batch.start, batch.target_names or batch.names)
+        self.seen = max(self.seen, batch.start + len(batch))
+
+    def blank(self) -> _Audits:
+        """The same decisions (dtype, sample shape, channel axis, target kind), nothing counted."""
+        out = _Audits(self.num_classes, self.ignore_index)
+        out.inputs = {k: a.blank() for k, a in self.inputs.items()}
+        out.targets = {k: t.blank() for k, t in self.targets.items()}
+        return out
+
+    def merge(self, later: _Audits) -> bool:
+        """Add the audit of later samples; False (and nothing changed) if the two decided
+        differently about a name the template did not know (the caller re-audits that part)."""
+        pairs = [(self.inputs, k, a) for k, a in later.inputs.items()] + [(self.targets, k, t) for k, t in later.targets.items()]
+        if any(k in mine and not mine[k].same_decisions(theirs) for mine, k, theirs in pairs):
+            return False
+        for mine, k, theirs in pairs:
+            if k in mine:
+                mine[k].merge(theirs)
+            else:
+                mine[k] = theirs
+        self.seen = max(self.seen, later.seen)
+        return True
+
+
+def _audit_part(files: readers.FolderFiles, start: int, template: _Audits) -> _Audits | tuple[str, str | None]:
+    """In a worker process: decode and audit a range of files (one at a time: memory is one image)."""
+    for i in range(len(files.files)):
+        try:
+            b = files.load(i)
+        except BadInputError as err:  # sent back as text: the first bad file stops the audit
+            return str(err), getattr(err, "path", None)
+        b.start += start
+        template.add(b, workers=1)
+    return template
+
+
+def _audit_in_processes(fs: readers.FolderFiles, state: _Audits, workers: int, bar: _Progress) -> None:
+    """Ranges of files audited in forked worker processes, merged here in file order.
+
+    What comes back from a range is its audit (statistics, capped sample lists, histograms),
+    never its pixels; at most two ranges per worker are in flight, so memory stays bounded.
+    The first file is audited here first, so that it makes every decision (dtype, sample shape,
+    channel axis, target kind) as it does with one worker; the first bad file is the first
+    reported, as with one worker.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    state.add(fs.load(0), workers=1)
+    template = state.blank()
+    n, task = len(fs.files), readers.PROCESS_TASK
+    gc.freeze()  # the children's collector leaves the inherited objects alone: fewer copied pages
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pending: deque = deque()
+    nxt = done = 1
+    try:
+        while pending or nxt < n:
+            try:
+                while nxt < n and len(pending) < 2 * workers:
+                    hi = min(n, nxt + task)
+                    pending.append((nxt, hi, pool.submit(_audit_part, fs.part(nxt, hi), nxt, template)))
+                    nxt = hi
+                lo, hi, future = pending.popleft()
+                got = future.result()
+            except BrokenProcessPool:  # a decoder crashed its process (a native bug, a hostile file)
+                raise BadInputError(f"a worker process died while decoding the files from {readers.rel_name(fs, done)!r} on; "
+                                    "re-run with --workers 1 to name the file") from None
+            if isinstance(got, tuple):
+                raise BadInputError(got[0], path=got[1])
+            if not state.merge(got):  # decided differently about a name the first file lacked
+                part = fs.part(lo, hi)
+                for i in range(hi - lo):
+                    b = part.load(i)
+                    b.start += lo
+                    state.add(b, workers=1)
+            done = hi
+            bar.update(state.seen)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        gc.unfreeze()
 
 
 class _Progress:
@@ -206,6 +304,25 @@ class _InputAudit:
                 self.constant.add(start + i, names[i] if names else None,
                                   f"{_label(start, i, names)}: every value is {fmt(float(sample.min[i]))}")
 
+    def blank(self) -> _InputAudit:
+        out = _InputAudit(self.name)
+        out.dtype, out.sample_shape, out.channel_axis = self.dtype, self.sample_shape, self.channel_axis
+        return out
+
+    def same_decisions(self, other: _InputAudit) -> bool:
+        return other.dtype is None or (self.dtype, self.sample_shape, self.channel_axis) == (
+            other.dtype, other.sample_shape, other.channel_axis)
+
+    def merge(self, later: _InputAudit) -> None:
+        if self.dtype is None:
+            self.dtype, self.sample_shape, self.channel_axis = later.dtype, later.sample_shape, later.channel_axis
+        self.shapes_vary |= later.shapes_vary
+        self.stats = self.stats.merge(later.stats)
+        if later.channels is not None:
+            self._merge_channels(later.channels)
+        self.nonfinite.merge(later.nonfinite)
+        self.constant.merge(later.constant)
+
     def _merge_channels(self, per: list[ArrayStats]) -> None:
         self.channels = per if self.channels is None else [a.merge(b) for a, b in zip(self.channels, per, strict=True)]
 
@@ -244,6 +361,30 @@ class _TargetAudit:
         self.valid = self.ignored = 0
         self.bad_values: dict[int, int] = {}
         self.nonfinite, self.out_of_range, self.all_ignored, self.bad_soft = Hits(), Hits(), Hits(), Hits()
+
+    def blank(self) -> _TargetAudit:
+        out = _TargetAudit(self.name, self.num_classes, self.ignore_index)
+        out.kind, out.dtype = self.kind, self.dtype
+        return out
+
+    def same_decisions(self, other: _TargetAudit) -> bool:
+        return other.kind is None or (self.kind, self.dtype) == (other.kind, other.dtype)
+
+    def merge(self, later: _TargetAudit) -> None:
+        if self.kind is None:
+            self.kind, self.dtype = later.kind, later.dtype
+        self.stats = self.stats.merge(later.stats)
+        if later.hist.size > self.hist.size:
+            self.hist = np.concatenate([self.hist, np.zeros(later.hist.size - self.hist.size, np.int64)])
+        self.hist[: later.hist.size] += later.hist
+        self.above_cap += later.above_cap
+        self.valid += later.valid
+        self.ignored += later.ignored
+        for v, c in later.bad_values.items():
+            self.bad_values[v] = self.bad_values.get(v, 0) + c
+        for mine, theirs in ((self.nonfinite, later.nonfinite), (self.out_of_range, later.out_of_range),
+                             (self.all_ignored, later.all_ignored), (self.bad_soft, later.bad_soft)):
+            mine.merge(theirs)
 
     def _decide(self, y: np.ndarray) -> str:
         if y.dtype.kind in "iub":

@@ -6,10 +6,10 @@ Design constraints:
       reduced), ``.h5`` datasets read in row chunks; image folders are decoded one file at a
       time per worker, in order, a bounded number of files in flight. Nothing keeps the
       decoded data after its batch is audited.
-    - Parallel for real: with ``workers > 1`` an image folder is decoded by worker processes
-      (forked, so only while no framework and no other thread lives in this process; threads
-      otherwise), each reducing its images at once (``summarize``): what comes back is a few
-      numbers per channel and the masks, not the pixels.
+    - With ``summarize`` each input image is reduced right after decoding, in the decoding
+      worker: the audit gets a few numbers per channel, never the pixels. A folder source
+      also exposes its files (``Source.files``), so the audit can hand ranges of them to
+      worker processes (``can_fork()``); otherwise ``workers`` threads decode ahead.
     - Safe: ``np.load(allow_pickle=False)`` always; a file that needs pickle is refused.
     - Bad input (missing, empty, truncated, bit-flipped or unknown files) raises
       ``BadInputError`` with one line naming the file, never another exception.
@@ -22,7 +22,6 @@ with a leading sample axis, and the file names when the samples are files.
 
 from __future__ import annotations
 
-import gc
 import mmap
 import os
 import re
@@ -75,6 +74,7 @@ class Source:
     unit: str = "samples"
     framework: str | None = None
     resources: list = field(default_factory=list)  # open files, closed by close()
+    files: FolderFiles | None = None  # a folder's files, for audits that split them across processes
 
     def close(self) -> None:
         while self.resources:
@@ -127,7 +127,7 @@ def open_source(path: str | os.PathLike, *, masks: str | os.PathLike | None = No
         src.resources = keep
         return src
     if suffix in IMAGE_SUFFIXES:
-        return Source(_file_batches([p], None, p.parent, workers, summarize=summarize), 1, "folder", "files")
+        return _folder_source(FolderFiles([p], None, p.parent, None, summarize), workers)
     raise BadInputError(f"{str(p)!r}: unknown dataset format {suffix or '(no suffix)'!r}; "
                         "expected a folder of images, .npy, .npz, .h5 or .hdf5")
 
@@ -317,8 +317,7 @@ def _folder(root: Path, masks: Path | None, workers: int, summarize: bool) -> So
     if masks is not None:
         mask_files = {p.relative_to(masks).with_suffix("").as_posix(): p for p in _samples_in(masks)}
         pairs = [(f, mask_files.get(f.relative_to(root).with_suffix("").as_posix())) for f in files]
-        return Source(_file_batches([f for f, _ in pairs], [m for _, m in pairs], root.parent, workers, summarize=summarize),
-                      len(pairs), "folder", "files")
+        return _folder_source(FolderFiles([f for f, _ in pairs], [m for _, m in pairs], root.parent, None, summarize), workers)
     if not files:
         arrays = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".npz", ".h5", ".hdf5"))
         if len(arrays) == 1:
@@ -329,8 +328,8 @@ def _folder(root: Path, masks: Path | None, workers: int, summarize: bool) -> So
     if len(top) >= 2 and all(len(f.relative_to(root).parts) == 2 for f in files):
         index = {name: i for i, name in enumerate(top)}
         labels = [index[f.relative_to(root).parts[0]] for f in files]
-        return Source(_file_batches(files, None, root, workers, labels=labels, summarize=summarize), len(files), "folder", "files")
-    return Source(_file_batches(files, None, root, workers, summarize=summarize), len(files), "folder", "files")
+        return _folder_source(FolderFiles(files, None, root, labels, summarize), workers)
+    return _folder_source(FolderFiles(files, None, root, None, summarize), workers)
 
 
 def read_sample(path: Path, *, as_mask: bool = False) -> np.ndarray:
@@ -380,7 +379,7 @@ def _decode(path: Path, as_mask: bool, finish):
 
 
 @dataclass
-class _Files:
+class FolderFiles:
     """The files of a folder dataset; picklable, so a worker process can load a range of them."""
 
     files: list[Path]
@@ -402,49 +401,39 @@ class _Files:
             b.targets["label"] = np.array([self.labels[i]])
         return b
 
-    def part(self, lo: int, hi: int) -> _Files:
+    def part(self, lo: int, hi: int) -> FolderFiles:
         cut = slice(lo, hi)
-        return _Files(self.files[cut], None if self.masks is None else self.masks[cut], self.root,
+        return FolderFiles(self.files[cut], None if self.masks is None else self.masks[cut], self.root,
                       None if self.labels is None else self.labels[cut], self.summarize)
 
 
-PROCESS_TASK = 16  # files per task sent to a worker process
+PROCESS_TASK = 16  # files per range a worker process audits
 _FRAMEWORKS = ("torch", "tensorflow", "jax")
 
 
-def _load_part(files: _Files, start: int) -> list[Batch] | tuple[str, str | None]:
-    """Worker process: decode (and reduce) a range of files; a bad file ends the range."""
-    out = []
-    for i in range(len(files.files)):
-        try:
-            b = files.load(i)
-        except BadInputError as err:  # sent back as text: the exception's own pickling loses fields
-            return str(err), err.path if hasattr(err, "path") else None
-        b.start += start
-        out.append(b)
-    return out
+def can_fork() -> bool:
+    """Whether worker processes may be forked from this one.
 
-
-def _can_fork() -> bool:
-    # fork copies this process without its threads: only safe while nanscope's own thread is
-    # the only one and no framework (CUDA contexts, TF thread pools) lives in the process.
+    fork copies the process without its threads: only safe while the calling thread is the
+    only one and no framework (CUDA contexts, TF thread pools) lives in the process.
+    """
     return (sys.platform.startswith("linux") and threading.active_count() == 1
             and not any(m in sys.modules for m in _FRAMEWORKS))
 
 
-def _file_batches(files: list[Path], masks: list[Path | None] | None, root: Path, workers: int,
-                  labels: list[int] | None = None, *, summarize: bool = False) -> Iterator[Batch]:
-    fs = _Files(files, masks, root, labels, summarize)
-    n = len(files)
+def _folder_source(fs: FolderFiles, workers: int) -> Source:
+    return Source(_file_batches(fs, workers), len(fs.files), "folder", "files", files=fs)
+
+
+def _file_batches(fs: FolderFiles, workers: int) -> Iterator[Batch]:
+    n = len(fs.files)
     if workers <= 1:
         for i in range(n):
             yield fs.load(i)
         return
-    if summarize and n >= 2 * PROCESS_TASK and _can_fork():
-        yield from _process_batches(fs, workers)
-        return
-    # Threads otherwise, decoding ahead in order, at most 4 files per worker in flight (bounded
-    # memory). Pillow releases the GIL while it decodes and while it builds the histogram.
+    # Threads decoding ahead, in order, at most 4 files per worker in flight (bounded memory).
+    # Pillow releases the GIL while it decodes and while it builds the histogram. (The audit
+    # uses worker processes instead when it can fork: nanscope.data.audit.)
     ahead = 4 * workers
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
@@ -460,39 +449,9 @@ def _file_batches(files: list[Path], masks: list[Path | None] | None, root: Path
                 f.cancel()
 
 
-def _process_batches(fs: _Files, workers: int) -> Iterator[Batch]:
-    """Decode and reduce in ``workers`` processes: what comes back per image is its statistics
-    (a few numbers per channel) and its mask, never its pixels. Ranges come back in order, at
-    most two per worker in flight, so memory stays bounded and the first bad file is the first
-    reported, as with one worker."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    n = len(fs.files)
-    gc.freeze()  # the children's collector leaves the inherited objects alone: fewer copy-on-write pages
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-    pending: deque = deque()
-    nxt = 0
-    done = 0  # files already yielded: a crash happened in a range after them
-    try:
-        while pending or nxt < n:
-            try:
-                while nxt < n and len(pending) < 2 * workers:
-                    hi = min(n, nxt + PROCESS_TASK)
-                    pending.append(pool.submit(_load_part, fs.part(nxt, hi), nxt))
-                    nxt = hi
-                got = pending.popleft().result()
-            except BrokenProcessPool:  # a decoder crashed its process (a native bug, a hostile file)
-                raise BadInputError(f"a worker process died while decoding the files from {_rel(fs.files[done], fs.root)!r} on; "
-                                    "re-run with --workers 1 to name the file") from None
-            if isinstance(got, tuple):
-                raise BadInputError(got[0], path=got[1])
-            done += len(got)
-            yield from got
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        gc.unfreeze()
+def rel_name(fs: FolderFiles, i: int) -> str:
+    """File ``i`` of a folder as the audit names it (relative to the dataset root)."""
+    return _rel(fs.files[min(i, len(fs.files) - 1)], fs.root)
 
 
 def _rel(p: Path, root: Path) -> str:

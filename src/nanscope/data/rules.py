@@ -43,6 +43,13 @@ class Hits:
         if note is not None and len(self.notes) < 5:
             self.notes.append(note)
 
+    def merge(self, later: Hits) -> None:
+        """Add the hits of later samples (the same lists as adding them one by one)."""
+        self.count += later.count
+        self.samples += later.samples[: max(0, MAX_LISTED - len(self.samples))]
+        self.files += later.files[: max(0, MAX_NAMED - len(self.files))]
+        self.notes += later.notes[: max(0, 5 - len(self.notes))]
+
     def where(self, **what: object) -> dict:
         w: dict = {k: v for k, v in what.items() if v is not None}
         if self.files:
