@@ -23,6 +23,7 @@ SUITES = {
     "torch": ["tests/torch"],
     "keras": ["tests/keras"],
     "integrations": ["tests/integrations"],
+    "distributed": ["tests/distributed"],  # real process groups: every test launches its own workers
 }
 
 
