@@ -224,3 +224,13 @@ def test_nonfinite_input_in_every_sample_points_at_preprocessing():
     one[1:] = 1.0
     d1 = nonfinite_input("x", summarize(one), [0], framework="keras")
     assert "every sample" not in d1.summary and d1.fixes[0].startswith("drop or repair")
+
+
+def test_log_fix_fits_what_the_log_was_taken_of():
+    x = summarize(np.array([0.5, 0.0], dtype=np.float32))
+    y = summarize(np.array([-0.69, -np.inf], dtype=np.float32))
+    of_softmax = classify_producer(ProducerEvidence("aten::log", Phase.LOSS, [x], y, details={"input_op": "softmax"}))
+    of_relu = classify_producer(ProducerEvidence("aten::log", Phase.LOSS, [x], y, details={"input_op": "other"}))
+    assert of_softmax.fixes[0].startswith("replace log(softmax(x)) with log_softmax(x)")
+    assert of_relu.fixes[0].startswith("clamp the argument away from 0")
+    assert not any("softmax" in f for f in of_relu.fixes)

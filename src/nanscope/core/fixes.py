@@ -57,6 +57,14 @@ TABLE: dict[tuple[Category, str | None], tuple[Fix, ...]] = {
             "clamp the argument: `tf.math.log(tf.clip_by_value(p, 1e-7, 1.0))`"),
         Fix("or use `nanscope.losses.safe_log`"),
     ),
+    # log of something that is not a softmax (a rate, a distance, a probability the user built):
+    # the log_softmax rewrite does not apply, the clamp does.
+    (Category.OP_DOMAIN, "log_not_of_softmax"): (
+        Fix("clamp the argument away from 0{at}: `torch.log(x.clamp_min(1e-7))`",
+            "clamp the argument away from 0{at}: `tf.math.log(tf.maximum(x, 1e-7))`"),
+        Fix("or use `nanscope.losses.safe_log`; for a rate or a scale, predict its log instead "
+            "(an exp or softplus output cannot reach 0)"),
+    ),
     (Category.OP_DOMAIN, OpKind.SQRT): (
         Fix("clamp before the root: `torch.sqrt(x.clamp_min(0) + 1e-12)`{at}",
             "clamp before the root: `tf.sqrt(tf.maximum(x, 0.0) + 1e-12)`{at}"),
@@ -203,12 +211,13 @@ def fixes_for(
     module: str | None = None,
     dtype: str | None = None,
     forward_op_kind: OpKind | str | None = None,
+    input_op_kind: OpKind | str | None = None,
 ) -> list[str]:
     """Fixes for one diagnosis, best first, from ``TABLE``.
 
-    The op kind's own entry comes first (for a singular gradient, the forward op's), then,
-    for an overflow in float16, the float16 entry; the category's default only when neither
-    applies.
+    The op kind's own entry comes first (for a singular gradient, the forward op's; for a log,
+    whether its input came from a softmax, ``input_op_kind``), then, for an overflow in
+    float16, the float16 entry; the category's default only when neither applies.
 
     >>> fixes_for("op_domain", op_kind="log", location="train.py:41")[0]
     'replace log(softmax(x)) with log_softmax(x) (or F.cross_entropy on the logits) at train.py:41'
@@ -223,7 +232,11 @@ def fixes_for(
         k = OpKind.STD
     fill = {"at": _at(location, module), "module_call": f"model.{module}" if module else "module",
             "layer": f"`{module}` " if module else ""}
-    rows = [TABLE.get((c, k), ())]
+    if c is Category.OP_DOMAIN and k is OpKind.LOG and input_op_kind and OpKind(input_op_kind) not in (
+            OpKind.SOFTMAX, OpKind.LOG_SOFTMAX):
+        rows = [TABLE[(c, "log_not_of_softmax")]]  # the input's maker is known, and it is no softmax
+    else:
+        rows = [TABLE.get((c, k), ())]
     if c is Category.OVERFLOW and dtype == "float16":
         rows.append(TABLE[(c, "float16")])
     if not any(rows):

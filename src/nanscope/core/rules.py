@@ -94,7 +94,8 @@ def classify_producer(ev: ProducerEvidence) -> Diagnosis:
     summary = compose_summary(cause, ev.samples, ev.module, ev.location)
     evidence += ev.extra_evidence
     fixes = fixes_for(category, op_kind=k, framework=fw, location=ev.location, module=ev.module,
-                      dtype=ev.output.dtype, forward_op_kind=OpKind.of(ev.forward_op) if ev.forward_op else None)
+                      dtype=ev.output.dtype, forward_op_kind=OpKind.of(ev.forward_op) if ev.forward_op else None,
+                      input_op_kind=ev.details.get("input_op"))
     return Diagnosis(
         category=category, summary=summary, phase=ev.phase, op=ev.op, op_kind=k, module=ev.module,
         location=ev.location, dtype=ev.output.dtype, samples=list(ev.samples), step=ev.step,

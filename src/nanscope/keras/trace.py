@@ -362,13 +362,30 @@ def producer_evidence(
             extra.append(f"max |activation| of {rec.op}" + (f" in {layer}" if layer else "")
                          + f" computed in float32: {wide:.4g}, above the {out_summary.dtype} limit 65504"
                          if out_summary.dtype == "float16" else f"max |activation| in float32: {wide:.4g}")
+    details = {"layer_path": rec.layer_path} if rec.layer_path else {}
+    if OpKind.of(rec.op) is OpKind.LOG and rec.inputs and (maker := _maker(tr, rec.inputs[0], rec)) is not None:
+        details["input_op"] = str(OpKind.of(maker.op))
     return ProducerEvidence(
         op=rec.op, phase=rec.phase, inputs=ins, output=out_summary, framework="keras",
         op_kind=OpKind.of(forward_op) if rec.phase is Phase.BACKWARD and forward_op and OpKind.of(rec.op) is OpKind.OTHER else None,
         module=layer, location=location, samples=samples, step=step, forward_op=forward_op,
         forward_inputs=forward_inputs, valid_targets=valid_targets, ignore_index=ignore_index,
-        extra_evidence=extra, details={"layer_path": rec.layer_path} if rec.layer_path else {},
+        extra_evidence=extra, details=details,
     )
+
+
+# Ops that pick or move values without computing new ones: looked through to the op before.
+_SELECTS = {"GatherV2", "GatherNd", "Reshape", "Squeeze", "ExpandDims", "StridedSlice", "Identity",
+            "Transpose", "ConcatV2", "Pack", "Slice"}
+
+
+def _maker(tr: Trace, t: Any, reader: OpRecord, depth: int = 0) -> OpRecord | None:
+    """The forward op that made ``t`` (read by ``reader``), looking through selections."""
+    rec = next((r for r in reversed(tr.by_tensor.get(id(t), []))
+                if r is not reader and any(o is t for o in r.outputs)), None)
+    if rec is not None and rec.op in _SELECTS and rec.inputs and depth < 8:
+        return _maker(tr, rec.inputs[0], rec, depth + 1) or rec
+    return rec
 
 
 def forward_op_of(tr: Trace, rec: OpRecord) -> OpRecord | None:

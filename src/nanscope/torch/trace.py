@@ -64,6 +64,10 @@ __all__ = ["trace_step"]
 
 # Ops that bring values in from outside torch (storages, Python data): never producers.
 _SOURCES = {"set_", "lift_fresh", "lift_fresh_copy", "from_file", "_copy_from"}
+# Ops that pick or move values without computing new ones: a producer's input is "made by"
+# the op before them (log(softmax(x)[idx]) is still a log of a softmax).
+_SELECTS = {"clone", "contiguous", "to", "_to_copy", "index", "gather", "index_select", "take_along_dim",
+            "masked_select", "squeeze", "unsqueeze", "flatten", "reshape", "cat", "stack"}
 # Arithmetic ops whose Python-number operands are quoted as evidence (x / 0.0).
 _ARITH = (OpKind.DIV, OpKind.MUL, OpKind.ADD, OpKind.SUB, OpKind.POW)
 
@@ -277,6 +281,17 @@ class Analyzer:
     def origin_of(self, t: torch.Tensor) -> Origin | None:
         return self.origins.origin_of(id(t))
 
+    def _maker(self, t: torch.Tensor) -> Event | None:
+        """The forward op that made ``t`` (looked up at a producer only: the events hold their
+        outputs alive, so identity is unique). Views are looked through to their base op."""
+        for ev in reversed(self.forward_events):
+            if any(o is t for o in ev.outputs):
+                if ev.func.is_view or _short(ev.func) in _SELECTS:
+                    src = next(iter(ev.tensor_inputs()), None)
+                    return self._maker(src) if src is not None and src is not t else ev
+                return ev
+        return None
+
     def forward_of(self, node: Any) -> Event | None:
         if node is None:
             return None
@@ -337,6 +352,8 @@ class Analyzer:
             evidence.details["positions"] = positions
         if kind in (OpKind.STD, OpKind.VAR) and ins:
             evidence.details["reduced_size"] = ins[0].numel() // max(out.numel(), 1)
+        if kind is OpKind.LOG and ins and (maker := self._maker(ins[0])) is not None:
+            evidence.details["input_op"] = str(OpKind.of(maker.name))
         short = _short(ev.func)
         if short.startswith("nll_loss") and len(ev.args) >= 2:
             self._loss_context(evidence, ev)
