@@ -28,6 +28,7 @@ Design constraints:
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from nanscope.core.enums import Category, Phase, Policy
 from nanscope.core.errors import NanscopeError, NonFiniteError, NonFiniteWarning  # noqa: F401 (re-exported)
 from nanscope.core.guarding import STATE_PHASES, Ledger
 from nanscope.core.guarding import ledger_attr as _ledger_attr
+from nanscope.keras import distributed as _kdist
 from nanscope.keras._util import state_variables
 
 ACTIVE = 0  # guards installed right now (``nanscope run`` leaves fit's steps to them)
@@ -104,6 +106,7 @@ class Guard(keras.callbacks.Callback):
         self._session = _session
         self._patches: list[tuple[object, str, bool, Any]] = []
         self._status: tf.Variable | None = None
+        self._replica_flags: tf.Variable | None = None
         self._batches: list[Any] = []
         self._stash = _Stash()
         self._counted = False
@@ -212,7 +215,7 @@ class Guard(keras.callbacks.Callback):
         lr = _learning_rate(self.model.optimizer)
         own_step = self.loss is None and type(self.model).train_step is not keras.Model.train_step
         try:
-            for batch in self._batches:
+            for batch, replica in ((part, r) for b in self._batches for r, part in enumerate(_kdist.local_batches(b, self.model))):
                 if own_step:  # the user's train_step, re-run as written (its own loss)
                     d = diagnose_train_step(self.model, batch, step=step, grad_norms=list(self.history.grad_norm),
                                             learning_rate=lr)
@@ -221,7 +224,7 @@ class Guard(keras.callbacks.Callback):
                                  grad_norms=list(self.history.grad_norm), learning_rate=lr)
                 if d is not None:
                     self.batch = batch
-                    return self._blame_an_earlier_update(d, lr)
+                    return self._name_replica(self._blame_an_earlier_update(d, lr), replica)
             self.batch = self._batches[0] if self._batches else None
         except NanscopeError as err:
             return rules.not_localized("loss or gradient", str(err), framework="keras", step=step)
@@ -229,10 +232,22 @@ class Guard(keras.callbacks.Callback):
             self._internal_error("diagnosing the failed step", err)
             return rules.not_localized("loss or gradient", err, framework="keras", step=step)
         # The compiled step saw it, the eager re-run of the same batch from the same state did not.
-        return rules.not_reproduced(
+        return self._name_replica(rules.not_reproduced(
             "loss or gradient", framework="keras", step=step, phase=Phase.BACKWARD,
             compiled="the XLA-compiled train step" if getattr(self.model, "jit_compile", False) else None,
-            evidence=["the eager re-run of the kept batch (`guard.batch`) stayed finite op by op"])
+            evidence=["the eager re-run of the kept batch (`guard.batch`) stayed finite op by op"]), None)
+
+    def _name_replica(self, d: Diagnosis, replica: int | None) -> Diagnosis:
+        """tf.distribute: ``ranks`` = the replica whose own batch reproduced it, else the ones
+        whose in-graph check saw it first (their flags)."""
+        if self._replica_flags is None or self._replica_flags.shape[0] <= 1:
+            return d
+        seen = _kdist.seen_replicas([float(f) for f in self._replica_flags.numpy()])
+        d.ranks = [replica] if replica is not None else seen
+        how = "its own part of the batch reproduces it" if replica is not None else "its in-graph check saw it"
+        d.evidence.append(f"replica{'s' if len(d.ranks) > 1 else ''} {', '.join(map(str, d.ranks))} "
+                          f"saw it first: {how}; every replica kept the update out")
+        return d
 
     def _blame_an_earlier_update(self, d: Diagnosis, lr: float | None) -> Diagnosis:
         """Weights that were finite when fit began and are not now were written by an update
@@ -287,7 +302,13 @@ class Guard(keras.callbacks.Callback):
         veto = self.policy is not Policy.WARN
         # [loss and gradients finite, gradient norm, loss scale, loss-scale skip]
         status = self._status = tf.Variable([1.0, 0.0, 0.0, 0.0], dtype=tf.float32, trainable=False,
-                                            name="nanscope_status")
+                                            name="nanscope_status",
+                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # tf.distribute: each replica's flags (1 = non-finite, +2 = its own loss), all-reduced in-graph
+        n = _kdist.replicas(model)
+        with (_kdist.strategy_of(model).scope() if n > 1 else contextlib.nullcontext()):
+            flags = self._replica_flags = tf.Variable(tf.zeros([n]), trainable=False, name="nanscope_replicas",
+                                                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         stash = self._stash
 
         orig_scale_loss = self._patch(opt, "scale_loss", None)
@@ -315,17 +336,18 @@ class Guard(keras.callbacks.Callback):
             else:
                 scale, scale_skipped = tf.constant(0.0), tf.constant(0.0)
                 ok = grads_ok
+            loss_bad = tf.constant(False)
             if stash.loss is not None:
-                ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(tf.cast(stash.loss, tf.float32))))
+                loss_bad = tf.logical_not(tf.reduce_all(tf.math.is_finite(tf.cast(stash.loss, tf.float32))))
+                ok = tf.logical_and(ok, tf.logical_not(loss_bad))
+            ok, seen = _kdist.agree_in_graph(ok, loss_bad)  # all replicas decide together
+            if seen is not None:
+                flags.assign(seen)
             status.assign(tf.stack([tf.cast(ok, tf.float32), norm, scale, scale_skipped]))
             if not veto:
                 return orig_apply(grads, trainable_variables)
 
-            def update():
-                orig_apply(grads, trainable_variables)
-                return tf.constant(True)
-
-            tf.cond(ok, update, lambda: tf.constant(False))
+            _kdist.apply_if(ok, orig_apply, grads, trainable_variables)  # tf.distribute: in cross-replica context
 
         object.__setattr__(opt, "apply", apply)
 
@@ -347,7 +369,12 @@ class Guard(keras.callbacks.Callback):
                         v.assign(s)
                     return tf.constant(False)
 
-                tf.cond(status[0] > 0.5, lambda: tf.constant(True), restore)
+                if _kdist.replicas(model) > 1:  # no assign under tf.cond in a replica context (merge_call)
+                    kept = status[0] > 0.5
+                    for v, s in zip(state, saved, strict=True):
+                        v.assign(tf.where(kept, v.value, s))
+                else:
+                    tf.cond(status[0] > 0.5, lambda: tf.constant(True), restore)
             return logs
 
         object.__setattr__(model, "train_step", train_step)
