@@ -20,6 +20,7 @@ Usage: python bench/checkpoint_inspect.py [--rounds 5] [--out bench/results/chec
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -54,6 +55,36 @@ p.stop()
 sys.stdout.flush()
 sys.stderr.write(p.output_text(unicode=False, color=False, flat=True))
 """
+
+
+PHASES = """
+import json, sys, time
+t0 = time.perf_counter()
+if sys.argv[1] == "torch":
+    import torch  # noqa: F401
+    from nanscope.torch.audit import read_torch_checkpoint as read
+else:
+    import numpy  # noqa: F401
+    from nanscope.audit.torchfile import read_torch_file as read
+from nanscope.audit.checkpoint import find_norm_layers
+from nanscope.audit.inspect import analyze
+t1 = time.perf_counter()
+ck = read(sys.argv[2])
+ck.norm_layers = find_norm_layers(ck.tensors)
+t2 = time.perf_counter()
+text = str(analyze(ck))
+t3 = time.perf_counter()
+print(json.dumps({"imports": t1 - t0, "read": t2 - t1, "check and render": t3 - t2}))
+"""
+
+
+def _phases(kind: str, path: Path, rounds: int) -> dict[str, float]:
+    got: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        p = subprocess.run([sys.executable, "-c", PHASES, kind, str(path)], capture_output=True, text=True)
+        for k, v in json.loads(p.stdout).items():
+            got.setdefault(k, []).append(v)
+    return {k: statistics.median(v) for k, v in got.items()}
 
 
 def _evict(path: Path) -> None:
@@ -132,6 +163,9 @@ def main() -> None:
                     times.setdefault((name, state), []).append(_run(cmd))
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         sizes = {"pt": pt.stat().st_size, "st": st.stat().st_size}
+        _warm(pt)
+        phases = {"previous reader (import torch, torch.load(weights_only=True))": _phases("torch", pt, args.rounds),
+                  "nanscope's reader (import numpy, restricted unpickler + mapped storages)": _phases("nanscope", pt, args.rounds)}
         profiles = {}
         try:
             import pyinstrument  # noqa: F401 - a profiler for this report only, not a dependency
@@ -167,7 +201,15 @@ def main() -> None:
         "| --- | --- | ---: | ---: | ---: |",
         *rows,
         "",
-        "## Where the time goes (pyinstrument, flat: own time per function, warm file)",
+        "## Where the time goes",
+        "",
+        "Phases inside one process (medians of the rounds, warm file; Python's own start, ~0.02 s, not included):",
+        "",
+        "| reader | " + " | ".join(f"{k} s" for k in next(iter(phases.values()))) + " | total s |",
+        "| --- |" + " ---: |" * (len(next(iter(phases.values()))) + 1),
+        *[f"| {name} | " + " | ".join(f"{v:.3f}" for v in ph.values()) + f" | {sum(ph.values()):.3f} |" for name, ph in phases.items()],
+        "",
+        "pyinstrument, flat (own time per function), warm file:",
         "",
     ]
     for label, text in profiles.items():
