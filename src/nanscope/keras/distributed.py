@@ -76,18 +76,21 @@ def apply_if(ok: tf.Tensor, update: Callable[..., Any], grads: list, trainable_v
     ctx.merge_call(cross, args=(ok, grads, trainable_variables))
 
 
-def local_batches(batch: Any, model: Any = None) -> list[Any]:
-    """The replicas' own parts of a batch a distributed dataset handed to the step (one
-    per replica, in replica order); a plain batch is one part."""
+def local_batches(batch: Any, model: Any = None) -> list[tuple[int, Any]]:
+    """(replica id, that replica's part) for the parts of a batch a distributed dataset handed
+    to the step that live in this process (all of them under MirroredStrategy; this worker's
+    under MultiWorkerMirroredStrategy); a plain batch is one part, replica 0."""
     strategy = strategy_of(model)
-    if strategy is None or strategy.num_replicas_in_sync <= 1:
-        return [batch]
     parts = tf.nest.flatten(batch, expand_composites=False)
-    if not any(isinstance(p, tf.distribute.DistributedValues) for p in parts):
-        return [batch]
-    per = [strategy.experimental_local_results(p) if isinstance(p, tf.distribute.DistributedValues) else
-           [p] * strategy.num_replicas_in_sync for p in parts]
-    return [tf.nest.pack_sequence_as(batch, [p[i] for p in per]) for i in range(strategy.num_replicas_in_sync)]
+    if strategy is None or not any(isinstance(p, tf.distribute.DistributedValues) for p in parts):
+        return [(0, batch)]
+    per = [list(strategy.experimental_local_results(p)) if isinstance(p, tf.distribute.DistributedValues) else None
+           for p in parts]
+    n_local = max(len(p) for p in per if p is not None)
+    resolver = getattr(strategy, "cluster_resolver", None)
+    first = (getattr(resolver, "task_id", 0) or 0) * n_local if resolver is not None else 0
+    return [(first + i, tf.nest.pack_sequence_as(batch, [p[i] if p is not None else v for p, v in zip(per, parts, strict=True)]))
+            for i in range(n_local)]
 
 
 def seen_replicas(flags: list[float]) -> list[int]:

@@ -215,7 +215,7 @@ class Guard(keras.callbacks.Callback):
         lr = _learning_rate(self.model.optimizer)
         own_step = self.loss is None and type(self.model).train_step is not keras.Model.train_step
         try:
-            for batch, replica in ((part, r) for b in self._batches for r, part in enumerate(_kdist.local_batches(b, self.model))):
+            for batch, replica in ((part, r) for b in self._batches for r, part in _kdist.local_batches(b, self.model)):
                 if own_step:  # the user's train_step, re-run as written (its own loss)
                     d = diagnose_train_step(self.model, batch, step=step, grad_norms=list(self.history.grad_norm),
                                             learning_rate=lr)
