@@ -132,13 +132,16 @@ def diagnose_failure(evidence: ProducerEvidence, *, reached: str, backward_op: s
 
 
 def unexplained(what: str, *, framework: str = "torch", step: int | None = None,
-                why: str | None = None) -> Diagnosis:
+                why: str | None = None, evidence: list[str] | None = None, phase: Phase | None = None,
+                samples: list[int] | None = None) -> Diagnosis:
     """A non-finite ``what`` (loss, gradient, output) that no watched op produced."""
     fw = _NAMES.get(framework, framework)
     return Diagnosis(
         Category.UNKNOWN, f"the {what} is non-finite but no watched op produced it", framework=fw, step=step,
+        phase=phase, samples=list(samples or []),
         evidence=[why or f"no op nanscope watched made the {what} non-finite: it was written by code nanscope "
-                  "does not see (a custom C++/CUDA extension, a hook, another thread), or before the step began"],
+                  "does not see (a custom C++/CUDA extension, a hook, another thread), or before the step began",
+                  *(evidence or [])],
         fixes=fixes_for(Category.UNKNOWN, framework=fw),
     )
 
@@ -561,7 +564,7 @@ def growth_warning(grad_norms: list[float], *, step: int, framework: str = "torc
 def eval_only(
     bad_layers: dict[str, list[str]], *, train_finite: bool, producer: Diagnosis | None = None,
     framework: str = "torch", samples: list[int] | None = None, first_bad: str | None = None,
-    what: str = "output",
+    what: str = "output", compiled: str | None = None,
 ) -> Diagnosis:
     """Evaluation / inference made ``what`` non-finite: tell corrupt normalization statistics
     from a producer op. ``bad_layers`` are the normalization layers whose stored statistics are
@@ -587,7 +590,7 @@ def eval_only(
     if producer is not None:
         producer.evidence.append(f"training-mode {what} finite: {train_finite}; inference-mode {what} finite: False")
         return producer
-    return not_reproduced(what, framework=fw, phase=Phase.FORWARD, samples=samples,
+    return not_reproduced(what, framework=fw, phase=Phase.FORWARD, samples=samples, compiled=compiled,
                           evidence=[f"inference: {what} non-finite; the traced re-run of the same batch stayed finite "
                                     "op by op"])
 

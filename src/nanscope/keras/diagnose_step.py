@@ -28,7 +28,7 @@ import tensorflow as tf
 from nanscope.core import rules
 from nanscope.core.adapter import check_batch as _check_batch
 from nanscope.core.diagnosis import Diagnosis
-from nanscope.core.enums import Category, Phase
+from nanscope.core.enums import Phase
 from nanscope.core.summary import summarize
 from nanscope.keras._util import (
     KERAS,
@@ -159,11 +159,8 @@ def trace_step(
         d = diagnosis_from_trace(tr, failed, batch_size=n, step=step, valid_targets=valid, ignore_index=ignore_index,
                                  gradients_only=failed is not y_pred and failed is not value)
         if d is None:
-            return Diagnosis(
-                Category.UNKNOWN, "the step is non-finite but no op produced the first NaN/Inf in an eager re-run",
-                phase=Phase.LOSS if all_finite(y_pred) else Phase.FORWARD, step=step, framework=_FW,
-                evidence=["the eager re-run of this batch stayed finite op by op; the compiled step may differ (XLA)"],
-            )
+            return rules.unexplained("loss" if failed is value else "gradient", framework=_FW, step=step,
+                                     phase=Phase.LOSS if all_finite(y_pred) else Phase.FORWARD)
         return rules.with_history(d, history, lr=learning_rate)
     finally:
         snapshot.restore()

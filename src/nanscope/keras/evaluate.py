@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
-from nanscope.core.enums import Category, Phase
+from nanscope.core.enums import Phase
 from nanscope.core.summary import bad_rows, summarize
 from nanscope.keras._util import (
     VariableSnapshot,
@@ -123,23 +123,20 @@ def _explain(model: keras.Model, x: Any, entry) -> Diagnosis:
     else:  # the NaN came from stored state (a variable read): the first layer whose output is bad
         first = first_bad_layer(tr)
     bad_stats = norm_statistics_audit(model)
-    if bad_stats and train_finite:
-        # Order the layers as they run; the first one to produce the NaN leads.
-        order = {name: i for i, name in enumerate(dict.fromkeys(r.layer for r in tr.ops if r.layer))}
-        if first is not None and first.layer in bad_stats:
-            order[first.layer] = -1
-        layers = dict(sorted(bad_stats.items(), key=lambda kv: order.get(kv[0], len(order))))
-        d = rules.corrupt_norm_statistics(layers, framework="keras", phase=Phase.STATE, train_finite=True,
-                                          eval_finite=False, samples=eval_samples)
-        if first is not None:
-            d.evidence.insert(1, f"first non-finite output in inference mode: {first.op} in layer {first.layer}")
-        return d
-    d = diagnosis_from_trace(tr, out, batch_size=n)
-    if d is None:
-        return rules.corrupt_norm_statistics(bad_stats, framework="keras", train_finite=train_finite, eval_finite=False) \
-            if bad_stats else _unknown(eval_samples)
-    d.evidence.append(f"training-mode output finite: {train_finite}; inference-mode output finite: False")
-    return d
+    # Order the layers as they run; the first one to produce the NaN leads.
+    order = {name: i for i, name in enumerate(dict.fromkeys(r.layer for r in tr.ops if r.layer))}
+    if first is not None and first.layer in bad_stats:
+        order[first.layer] = -1
+    layers = dict(sorted(bad_stats.items(), key=lambda kv: order.get(kv[0], len(order))))
+    producer = None if layers and train_finite else diagnosis_from_trace(tr, out, batch_size=n)
+    return rules.eval_only(layers, train_finite=train_finite, producer=producer, framework="keras",
+                           samples=eval_samples, first_bad=f"{first.op} in layer {first.layer}" if first else None,
+                           compiled=_compiled(model))
+
+
+def _compiled(model: keras.Model) -> str | None:
+    """Names the compiled predict function when XLA compiled it (eager numerics may differ)."""
+    return "the XLA-compiled predict function" if getattr(model, "jit_compile", False) is True else None
 
 
 def _samples(out: Any, n: int | None) -> list[int]:
@@ -149,12 +146,6 @@ def _samples(out: Any, n: int | None) -> list[int]:
         if a is not None and n and a.ndim and a.shape[0] == n:
             rows.update(bad_rows(a))
     return sorted(rows)
-
-
-def _unknown(samples: list[int]) -> Diagnosis:
-    return Diagnosis(Category.UNKNOWN, "inference output is non-finite but no op produced it in an eager re-run",
-                     phase=Phase.FORWARD, framework="keras", samples=samples,
-                     evidence=["the eager re-run stayed finite op by op"], fixes=[])
 
 
 
@@ -306,8 +297,8 @@ def _explain_loss(model: keras.Model, x: Any, y: Any, sw: Any) -> Diagnosis:
     d = diagnosis_from_trace(tracer.trace, value, batch_size=n, valid_targets=valid, ignore_index=ignore_index)
     if d is not None:
         return d
-    return Diagnosis(Category.UNKNOWN, "the evaluation loss is non-finite but no op produced it in an eager re-run",
-                     phase=Phase.LOSS, framework="keras", evidence=["the eager re-run stayed finite op by op"])
+    return rules.not_reproduced("loss", framework="keras", phase=Phase.LOSS, compiled=_compiled(model),
+                                evidence=["the eager re-run of the batch in inference mode stayed finite op by op"])
 
 
 def _unexplained(model: keras.Model, data: CallData, *, reread: bool, seen: int) -> Diagnosis:
@@ -316,12 +307,14 @@ def _unexplained(model: keras.Model, data: CallData, *, reread: bool, seen: int)
         return d
     if bad_stats := norm_statistics_audit(model):
         return rules.corrupt_norm_statistics(bad_stats, framework="keras", phase=Phase.STATE)
-    why = (f"the eager re-run of {seen} batch{'es' if seen != 1 else ''} in inference mode stayed finite: "
-           "the compiled (graph/XLA) call differs numerically" if reread
-           else "its batches came from an iterator or generator, which cannot be read a second time")
-    return Diagnosis(Category.UNKNOWN, f"{data.call} returned non-finite values", phase=Phase.FORWARD,
-                     framework="keras", evidence=[why],
-                     fixes=["run `nanscope.keras.diagnose_eval(model, dataset)` on the same data for a per-op trace"])
+    if reread:
+        return rules.not_reproduced(
+            "output", framework="keras", phase=Phase.FORWARD, compiled=_compiled(model),
+            evidence=[f"{data.call} returned non-finite values; the eager re-run of {seen} "
+                      f"batch{'es' if seen != 1 else ''} in inference mode stayed finite"])
+    return rules.not_localized("output", "its batches came from an iterator or generator, which cannot be read "
+                               "a second time", framework="keras",
+                               evidence=[f"{data.call} returned non-finite values"])
 
 
 def _in_call(d: Diagnosis, data: CallData, index: int | None) -> Diagnosis:

@@ -46,7 +46,6 @@ from typing import Any
 
 __all__ = ["KerasRunner", "attach", "detach", "internal_error_text"]
 
-_TRACE_IT = "call `nanscope.keras.diagnose(model, (x, y), loss_fn)` on the failing batch for a per-op trace"
 _NANSCOPE_DIR = os.path.normcase(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _RUNNERS: dict[int, KerasRunner] = {}
 
@@ -478,26 +477,26 @@ class KerasRunner:
             return out
 
         def _replay(function, args, kwargs):
-            from nanscope.core.diagnosis import Diagnosis
-            from nanscope.core.enums import Category
+            from nanscope.core import rules
 
             compiled["replaying"] = True
             eager_before = tf.config.functions_run_eagerly()
             tf.config.run_functions_eagerly(True)
+            name = getattr(function, "__name__", "tf.function")
             try:
                 function.python_function(*args, **kwargs)
-                evidence = "the eager re-run of the step did not reach the optimizer"
+                d = rules.not_localized("gradient", "the eager re-run of the step did not reach the optimizer",
+                                        framework="keras", step=last.step,
+                                        evidence=[f"the compiled step {name} made the gradients non-finite",
+                                                  "its update was not applied"])
             except _ReplayStayedFinite:
-                evidence = "the eager re-run of the step stayed finite: the compiled (graph/XLA) step differs numerically"
+                d = rules.not_reproduced("gradient", framework="keras", step=last.step, compiled=name,
+                                         phase=Phase.BACKWARD, evidence=["its update was not applied"])
             finally:
                 tf.config.run_functions_eagerly(eager_before)
                 compiled["replaying"] = False
                 recorder.stop()
-            raise session.fail(Diagnosis(
-                Category.UNKNOWN,
-                f"a compiled step ({getattr(function, '__name__', 'tf.function')}) made the gradients non-finite",
-                phase=Phase.BACKWARD, step=last.step, framework="keras",
-                evidence=[evidence, "its update was not applied"], fixes=[_TRACE_IT]))
+            raise session.fail(d)
 
         self.patch(polymorphic_function.Function, "__call__", call_function)
 
@@ -541,8 +540,7 @@ def _in_guarded_fit() -> bool:
 
 def _diagnose_custom_step(last: _LastStep, grads: list, variables: Any, runner: KerasRunner):
     from nanscope.core import rules
-    from nanscope.core.diagnosis import Diagnosis
-    from nanscope.core.enums import Category, Phase
+    from nanscope.core.enums import Category
     from nanscope.core.summary import bad_rows, summarize
     from nanscope.core.trend import is_exploding
     from nanscope.keras._util import batch_size_of
@@ -573,15 +571,13 @@ def _diagnose_custom_step(last: _LastStep, grads: list, variables: Any, runner: 
         names = [getattr(v, "path", getattr(v, "name", "?")) for g, v in zip(grads, variables or [], strict=False)
                  if g is not None and not all_finite(g)]
         if last.target is not None and not all_finite(last.target):
-            summary, phase = "the loss became non-finite in a custom training loop", Phase.LOSS
-            ev = [f"loss: {summarize(to_numpy(last.target), last.target.dtype.name).describe()}"]
+            what, ev = "loss", [f"loss: {summarize(to_numpy(last.target), last.target.dtype.name).describe()}"]
         else:
-            summary, phase = "the gradients became non-finite in a custom training loop", Phase.BACKWARD
-            ev = [f"non-finite gradients of {len(names)} variables: {', '.join(names[:5])}"]
+            what, ev = "gradient", [f"non-finite gradients of {len(names)} variables: {', '.join(names[:5])}"]
             if bad:
                 ev.append(f"first: {summarize(to_numpy(bad[0]), bad[0].dtype.name).describe()}")
-        return Diagnosis(Category.UNKNOWN, summary, phase=phase, step=step, framework="keras", evidence=ev,
-                         fixes=[_TRACE_IT])
+        return rules.unexplained(what, framework="keras", step=step, why="in a custom training loop, no recorded op "
+                                 "made it non-finite (ops outside the GradientTape are not recorded)", evidence=ev)
     except Exception as err:
         runner.internal_error("nanscope's Keras custom-step diagnosis", err)
         return None
