@@ -37,6 +37,7 @@ Design constraints:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -65,8 +66,24 @@ def _replay(step_fn: Callable[[], Any], model: torch.nn.Module, step: int) -> Di
     """The per-op replay (a module-level function so tests can inject a failure into it)."""
     from nanscope.torch.trace import trace_step
 
-    with quiet_replay():  # the step warned once already, when it ran for real
+    # The step warned once already, when it ran for real; a compiled model or step is replayed
+    # eagerly (op by op is the point), so a finite replay of a compiled failure is its numerics.
+    with quiet_replay(), _force_eager():
         return trace_step(step_fn, model=model, step=step)
+
+
+def _force_eager() -> Any:
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def _compiled(model: Any, step_fn: Any) -> str | None:
+    """What ``torch.compile`` compiled in this step (the model or the step function), if anything."""
+    if getattr(step_fn, "_torchdynamo_orig_callable", None) is not None:
+        return f"torch.compile({getattr(step_fn, '__name__', 'train_step')})"
+    if getattr(model, "_orig_mod", None) is not None:
+        return f"torch.compile({type(model._orig_mod).__name__})"
+    return None
 
 
 class Guard:
@@ -159,6 +176,7 @@ class Guard:
         self.check_weights_every = max(1, int(check_weights_every))
         self.warn_early = warn_early
         self._applied_last = False  # the previous step's update was applied
+        self._step_fn: Any = None  # the step function of the step being checked
         self._bundles = 0
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._norm_buffers = [(m, n) for m in self.module.modules() if is_norm_layer(m)
@@ -199,6 +217,7 @@ class Guard:
         if self.ledger.disabled:
             return self._plain(step_fn, batch)
         index, rng_before, early = self.steps, None, None
+        self._step_fn = step_fn
         try:
             rng_before = self._before()
         except Exception as err:
@@ -519,7 +538,8 @@ class Guard:
             d = rules.not_localized(what, error, framework="torch", step=index, evidence=evidence)
         else:
             d = rules.not_reproduced(what, framework="torch", step=index, evidence=evidence,
-                                     phase=Phase.LOSS if what == "loss" else Phase.BACKWARD)
+                                     phase=Phase.LOSS if what == "loss" else Phase.BACKWARD,
+                                     compiled=_compiled(self.model, self._step_fn))
         return rules.with_history(d, list(self.history.grad_norm))
 
     def _act(self, d: Diagnosis, after: list[torch.Tensor], unrecoverable: bool, *, scaler_done: bool = False) -> None:
