@@ -104,3 +104,32 @@ def test_a_failure_only_the_compiled_step_shows_is_compiled_numerics():
     assert "torch.compile(Net)" in d.summary and "eager" in d.summary
     assert any(e.startswith("compiled run: loss non-finite; eager replay: finite") for e in d.evidence)
     assert "force_eager" in d.fixes[0]
+
+
+def test_nanscope_run_says_compiled_modules_run_eagerly_and_prints_no_torch_warning(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "compiled.py"
+    script.write_text(
+        "import torch, torch.nn.functional as F\n"
+        "calls = []\n"
+        "def backend(gm, ex):\n"
+        "    def run(*a):\n"
+        "        calls.append(1); return gm(*a)\n"
+        "    return run\n"
+        "torch.manual_seed(0)\n"
+        "model = torch.compile(torch.nn.Linear(6, 3), backend=backend)\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "for i in range(3):\n"
+        "    opt.zero_grad(); F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()\n"
+        "    opt.step()\n"
+        "print('compiled graph calls:', len(calls))\n")
+    plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    watched = subprocess.run([sys.executable, "-m", "nanscope", "run", str(script)], capture_output=True,
+                             text=True, timeout=120)
+    assert plain.stdout.strip() == "compiled graph calls: 3" and plain.returncode == 0
+    # Measured: under a dispatch mode Dynamo runs the frames eagerly (pytorch#131828), and nanscope says so once.
+    assert watched.stdout.strip() == "compiled graph calls: 0" and watched.returncode == 0
+    assert watched.stderr.count("nanscope run: torch.compile'd modules run eagerly") == 1, watched.stderr
+    assert "global hooks" not in watched.stderr and "Warning" not in watched.stderr, watched.stderr

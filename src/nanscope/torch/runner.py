@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 import weakref
 from typing import Any
 
 import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -59,6 +61,7 @@ __all__ = ["attach", "detach"]
 
 _SCALAR = torch.ops.aten._local_scalar_dense.default
 _ONES_LIKE = torch.ops.aten.ones_like.default
+_GLOBAL_HOOKS_WARNING = r"Using `torch.compile\(module\)` when there are global hooks on modules"
 _FLUSH_EVERY = 50_000  # records kept at most between two boundaries that drop them
 
 
@@ -148,6 +151,8 @@ class Runner:
         self.busy = False  # nanscope's own ops (checks, analysis) are not the script's
         self._handles: list[Any] = []
         self._lr: float | None = None
+        self._filter: Any = None
+        self._said_compiled = False
 
     @property
     def off(self) -> bool:
@@ -157,8 +162,23 @@ class Runner:
     def install(self) -> None:
         self.tracker.install()
         self._handles = [register_optimizer_step_pre_hook(self._pre_step),
-                         register_optimizer_step_post_hook(self._post_step)]
+                         register_optimizer_step_post_hook(self._post_step),
+                         register_module_forward_pre_hook(self._note_compiled)]
+        # torch warns that global module hooks fire once more under torch.compile: those hooks
+        # are nanscope's, not the script's, so the script's output must not carry the warning.
+        warnings.filterwarnings("ignore", message=_GLOBAL_HOOKS_WARNING, category=UserWarning)
+        self._filter = warnings.filters[0]
         self.mode.__enter__()
+
+    def _note_compiled(self, module: torch.nn.Module, args: Any) -> None:
+        """Say once that compiled modules run eagerly while watched (a dispatch mode makes
+        Dynamo fall back to eager frames): the per-op trace needs the eager ops."""
+        if self._said_compiled or not hasattr(module, "_orig_mod"):
+            return
+        self._said_compiled = True
+        print("nanscope run: torch.compile'd modules run eagerly while nanscope watches them op by op, "
+              "so this run has eager speed and eager numerics; nanscope.torch.Guard keeps them compiled",
+              file=sys.stderr)
 
     def remove(self) -> None:
         self.done = True
@@ -166,6 +186,12 @@ class Runner:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._filter is not None and self._filter in warnings.filters:
+            warnings.filters.remove(self._filter)
+            mutated = getattr(warnings, "_filters_mutated", None)  # what filterwarnings itself calls
+            if mutated is not None:
+                mutated()
+        self._filter = None
         try:
             self.mode.__exit__(None, None, None)
         except Exception:  # the mode stack was already unwound (the script ended in an error)
