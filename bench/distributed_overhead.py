@@ -1,0 +1,146 @@
+"""What does nanscope.torch.Guard cost on a healthy DDP step, at 2 and 4 gloo processes?
+
+Each world size runs in its own process group (one process per rank, CPU, gloo on
+localhost). In one run, interleaved round by round (the order of the two modes is drawn per
+round, the same on every rank), after a warm-up:
+
+    plain   zero_grad + forward + loss + backward (DDP's gradient all-reduce) + optimizer.step
+    guard   the same through Guard(policy="skip").step
+
+Reported: the median step time of each mode on rank 0 (collectives make the ranks wait for
+each other, so rank 0's time is the step's), their ratio, and the number of collectives
+nanscope itself issued per guarded step (``torch.distributed.all_reduce`` calls, counted;
+DDP's own gradient all-reduce runs in its C++ reducer and is not among them). The machine is
+shared: its load average is written next to the numbers.
+
+Usage: python bench/distributed_overhead.py [--rounds N] [--steps N] [--worlds 2,4] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+def worker(rank: int, world: int, port: int, rounds: int, steps: int, out: str) -> None:
+    from nanscope.torch import Guard
+
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = DDP(nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(rank)
+    data = [(torch.randn(64, 256, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(8)]
+
+    def train_step(batch):
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    def plain(batch):
+        opt.zero_grad(set_to_none=True)
+        train_step(batch)
+        opt.step()
+
+    guard = Guard(model, opt, policy="skip", reports=None)
+    calls = [0]
+    real_all_reduce = dist.all_reduce
+
+    def counting(*a, **k):
+        calls[0] += 1
+        return real_all_reduce(*a, **k)
+
+    dist.all_reduce = counting
+    modes = {"plain": plain, "guard": lambda b: guard.step(train_step, b)}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    order = random.Random(0)  # the same draw on every rank: the modes stay matched
+    for r in range(rounds + 1):
+        for name in order.sample(list(modes), 2):
+            fn = modes[name]
+            before = calls[0]
+            for i in range(steps):
+                dist.barrier()
+                t = time.perf_counter()
+                fn(data[i % len(data)])
+                if r:  # round 0 warms up
+                    times[name].append(time.perf_counter() - t)
+            if name == "guard" and r:
+                per_step = (calls[0] - before) / steps
+    dist.all_reduce = real_all_reduce
+    if rank == 0:
+        Path(out).write_text(json.dumps({"times": times, "collectives_per_step": per_step,
+                                         "skipped": guard.skipped, "disabled": guard.disabled}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--worlds", default="2,4")
+    ap.add_argument("--out", default="bench/results/distributed_overhead.md")
+    a = ap.parse_args(argv)
+    rows = []
+    load_before = os.getloadavg()
+    for world in (int(w) for w in a.worlds.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            res = Path(tmp) / "r.json"
+            t0 = time.time()
+            mp.spawn(worker, args=(world, port, a.rounds, a.steps, str(res)), nprocs=world, join=True)
+            r = json.loads(res.read_text())
+        plain, guard = (statistics.median(r["times"][m]) * 1e3 for m in ("plain", "guard"))
+        rows.append((world, plain, guard, guard / plain, r["collectives_per_step"], len(r["times"]["plain"]),
+                     r["skipped"], r["disabled"], time.time() - t0, os.getloadavg()))
+        print(f"world {world}: plain {plain:.2f} ms, guard {guard:.2f} ms, ratio {guard / plain:.3f}, "
+              f"{r['collectives_per_step']:.0f} nanscope collective(s) per step", flush=True)
+    lines = [
+        "# Guard overhead under DDP (gloo, CPU)", "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, torch {torch.__version__}, "
+        f"python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"Load average (1/5/15 min) before the run: {' / '.join(f'{v:.2f}' for v in load_before)} "
+        "(the machine is shared with other engineers' work).", "",
+        "Model: DDP(MLP 256-512-512-10), batch 64 per rank, SGD with momentum, one thread per rank. "
+        f"{a.rounds} rounds x {a.steps} steps per mode, interleaved (order drawn per round), after a "
+        "warm-up round; a barrier before every timed step; medians of rank 0's step times.", "",
+        "| processes | plain step | guarded step | ratio | nanscope collectives per step | timed steps per mode | load after |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for world, plain, guard, ratio, coll, n, skipped, disabled, _, load in rows:
+        assert skipped == 0 and not disabled
+        lines.append(f"| {world} | {plain:.2f} ms | {guard:.2f} ms | **{ratio:.3f}x** | {coll:.0f} all_reduce "
+                     f"of {world} floats | {n} | {load[0]:.2f} |")
+    lines += ["", "Command: `python bench/distributed_overhead.py` (target: <= 1.02x, one small all_reduce per step)."]
+    Path(a.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
