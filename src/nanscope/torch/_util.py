@@ -82,8 +82,8 @@ def finite_flag(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True if ``t`` holds no NaN/Inf (integer tensors always do)."""
-    if not is_float(t) or t.numel() == 0:
+    """True if ``t`` holds no NaN/Inf (integer tensors always do; meta tensors hold no values)."""
+    if not is_float(t) or t.numel() == 0 or t.is_meta:
         return True
     if t.is_complex():
         t = t.abs()

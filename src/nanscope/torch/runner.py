@@ -358,7 +358,8 @@ class Runner:
     # -- boundaries -------------------------------------------------------------------------
     def at_scalar(self, t: torch.Tensor) -> None:
         # The script syncs here anyway (it wants the number): one more look at one element.
-        if self.records and t.is_floating_point() and not bool(torch.isfinite(t).all()) and not self._is_constant(t):
+        if (self.records and t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())
+                and not self._is_constant(t)):
             self._fail([("loss", t)])
 
     def _is_constant(self, t: torch.Tensor) -> bool:
