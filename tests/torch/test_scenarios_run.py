@@ -44,7 +44,7 @@ EXPECTED = {
                            samples=[2]),
     "ctc": dict(category="invalid_target", phase="loss", op_kind="ctc_loss", samples=[1]),
     "seg_ignore": dict(category="invalid_target", phase="loss", op_kind="cross_entropy", samples=[0],
-                       function="eval_step"),
+                       function="eval_step", program="in evaluation, batch 2 (eval mode, no_grad), after 3 training steps"),
     "bn_eval": dict(category="corrupt_norm_statistics", phase="state", module="context.1"),
     # forward, loss and backward inside optimizer.step(closure); the loss is Inf, every gradient finite
     "lbfgs_closure": dict(category="op_domain", phase="loss", op="aten::log", op_kind="log", samples=[0],
@@ -66,7 +66,9 @@ def check(report: dict, expected: dict | None, name: str) -> None:
     assert report["status"] == "nonfinite" and report["framework"] == "torch"
     d = report["diagnosis"]
     for key, want in expected.items():
-        if key == "first_fix":  # the fix that fits: a log of a softmax, or of anything else
+        if key == "program":  # where in the program: the validation pass, not "step 3"
+            assert d["evidence"][0] == want and d["summary"].endswith("; " + want), d
+        elif key == "first_fix":  # the fix that fits: a log of a softmax, or of anything else
             assert d["fixes"][0].startswith(want), d["fixes"]
         elif key == "function":
             assert d["location"]["function"] == want and d["location"]["file"].endswith(f"{name}.py"), d["location"]

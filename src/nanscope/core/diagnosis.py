@@ -127,11 +127,17 @@ class Diagnosis:
         return self._headline(self.summary)
 
     def cause(self) -> str:
-        """The summary without its place and samples suffix (said on their own lines)."""
+        """The summary without its place and samples suffix (said on their own lines); where
+        in the program it happened (``rules.in_program``) stays."""
+        summary, program = self.summary, ""
+        call = self.details.get("call") if isinstance(self.details, dict) else None
+        if call and self.evidence and summary.endswith("; " + self.evidence[0]):
+            program = "; " + self.evidence[0]
+            summary = summary[: -len(program)]
         suffix = samples_phrase(self.samples) + where_phrase(self.module, self.location)
-        if suffix and self.summary.endswith(suffix) and len(self.summary) > len(suffix):
-            return self.summary[: -len(suffix)]
-        return self.summary
+        if suffix and summary.endswith(suffix) and len(summary) > len(suffix):
+            summary = summary[: -len(suffix)]
+        return summary + program
 
     def _headline(self, summary: str) -> str:
         step = f", step {self.step}" if self.step is not None else ""

@@ -595,6 +595,27 @@ def eval_only(
                                     "op by op"])
 
 
+def in_program(d: Diagnosis, call: str, *, batch: int | None = None, mode: str | None = None,
+               after_steps: int | None = None) -> Diagnosis:
+    """Say where in the program it happened, the same way in every framework: which call
+    (``model.predict``, ``evaluation``), which batch of it, in which mode, after how many
+    training steps. The summary ends with it; it is the first piece of evidence.
+
+    >>> d = in_program(Diagnosis(Category.OP_DOMAIN, "log received 1 zero"), "evaluation", batch=1,
+    ...                mode="eval mode, no_grad", after_steps=2)
+    >>> d.summary
+    'log received 1 zero; in evaluation, batch 1 (eval mode, no_grad), after 2 training steps'
+    """
+    where = (f"in {call}" + (f", batch {batch}" if batch is not None else "") + (f" ({mode})" if mode else "")
+             + (f", after {after_steps} training step{'s' if after_steps != 1 else ''}" if after_steps else ""))
+    d.summary = f"{d.summary}; {where}"
+    d.evidence.insert(0, where)
+    d.details["call"] = {"call": call, "batch": batch, "mode": mode}
+    if after_steps is not None:
+        d.details["call"]["after_steps"] = after_steps
+    return d
+
+
 # Categories that a growing gradient norm explains better than the op that finally overflowed.
 _EXPLOSION_SYMPTOMS = (Category.OP_DOMAIN, Category.OVERFLOW, Category.UNKNOWN, Category.SINGULAR_GRADIENT,
                        Category.NONFINITE_PARAMETERS)

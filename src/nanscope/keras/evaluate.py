@@ -319,8 +319,4 @@ def _unexplained(model: keras.Model, data: CallData, *, reread: bool, seen: int)
 
 def _in_call(d: Diagnosis, data: CallData, index: int | None) -> Diagnosis:
     """Say where in the program it happened: which call, which batch, inference mode."""
-    where = f"in {data.call}" + (f", batch {index}" if index is not None and not data.single else "") + " (inference)"
-    d.summary = f"{d.summary}; {where}"
-    d.evidence.insert(0, where)
-    d.details["call"] = {"call": data.call, "batch": None if data.single else index, "mode": "inference"}
-    return d
+    return rules.in_program(d, data.call, batch=None if data.single else index, mode="inference")

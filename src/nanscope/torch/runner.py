@@ -490,6 +490,12 @@ class Runner:
         if d.step is None:
             d.step = self.step
         d = rules.with_history(d, list(self.grad_norms), lr=self._lr)
+        tr = self.tracker
+        if tr.calls and not (tr.root_training and tr.root_grad):  # not a training step: say which pass
+            mode = ", ".join(m for m in ("eval mode" if not tr.root_training else "",
+                                         "no_grad" if not tr.root_grad else "") if m)
+            d = rules.in_program(d, "evaluation" if self.step else "inference", batch=tr.calls - 1, mode=mode,
+                                 after_steps=self.step or None)
         raise self.session.fail(d)
 
 

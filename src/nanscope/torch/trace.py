@@ -134,6 +134,8 @@ class ModuleTracker:
         self.on_root_done: Callable[[Any], None] | None = None
         self._phase: Phase | None = None
         self.batch_size: int | None = None  # dim 0 of the model's first input, this step
+        self.calls = 0  # top-level forwards since the last optimizer step
+        self.root_training, self.root_grad = True, True  # the mode of the last top-level forward
 
     def install(self) -> None:
         self._handles = [
@@ -154,6 +156,9 @@ class ModuleTracker:
             self.root_done = False
             first = next((t for _, t in named_tensors(args, "a")), None)
             self.batch_size = int(first.shape[0]) if first is not None and first.dim() else None
+            if not is_loss_module(module):  # a loss module called on its own is not a pass of the model
+                self.calls += 1
+                self.root_training, self.root_grad = module.training, torch.is_grad_enabled()
         self.stack.append(module)
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -169,6 +174,7 @@ class ModuleTracker:
                 self.on_root_done(output)
 
     def new_step(self) -> None:
+        self.calls = 0
         self._phase = None
         self.root_done = False
         self.root_outputs = []
