@@ -42,6 +42,9 @@ EXPECTED = {
     "adam_fp16": dict(category="optimizer_state", phase="optimizer", dtype="float16", step=0),
     "attention_mask": dict(category="all_masked_softmax", phase="forward", op_kind="softmax", module="attn",
                            samples=[2]),
+    # nn.Embedding(padding_idx) (it made the recorder stop before) and heads folded into the batch
+    "mha_padding": dict(category="all_masked_softmax", phase="forward", op_kind="softmax", module="attn",
+                        samples=[1], step=1),
     "ctc": dict(category="invalid_target", phase="loss", op_kind="ctc_loss", samples=[1]),
     "seg_ignore": dict(category="invalid_target", phase="loss", op_kind="cross_entropy", samples=[0],
                        function="eval_step", program="in evaluation, batch 2 (eval mode, no_grad), after 3 training steps"),

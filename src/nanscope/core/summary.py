@@ -163,17 +163,26 @@ def batch_rows(array: np.ndarray, batch_size: int | None) -> tuple[list[int], li
     a = np.asarray(array)
     if a.ndim == 0 or a.dtype.kind not in "fc":
         return [], []
-    rows = bad_rows(a)
-    if not batch_size or a.shape[0] == batch_size:
-        return rows, []
-    n0 = a.shape[0]
+    if batch_size and a.shape[0] != batch_size and batch_size > 1 and a.ndim > 1 and a.shape[1] == batch_size \
+            and not (a.shape[0] > batch_size and a.shape[0] % batch_size == 0):
+        return bad_rows(a, axis=1), []
+    return rows_to_samples(bad_rows(a), a.shape[0], batch_size)
+
+
+def rows_to_samples(rows: list[int], n0: int, batch_size: int | None) -> tuple[list[int], list[int]]:
+    """Rows of a tensor's dim 0 (of size ``n0``) as (samples of the batch, positions): see
+    ``batch_rows``.
+
+    >>> rows_to_samples([4, 5, 6, 7], 16, 4)   # batch 4 x 4 heads folded in: sample 1
+    ([1], [0, 1, 2, 3])
+    """
+    if not batch_size or n0 == batch_size:
+        return list(rows), []
     if batch_size == 1:
         return ([0] if rows else []), []
     if n0 > batch_size and n0 % batch_size == 0:
         k = n0 // batch_size
         return sorted({r // k for r in rows}), sorted({r % k for r in rows})[:64]
-    if a.ndim > 1 and a.shape[1] == batch_size:
-        return bad_rows(a, axis=1), []
     if n0 < batch_size:  # the guess was off (a sequence-first input): per-row values, dim 0
-        return rows, []
+        return list(rows), []
     return [], []

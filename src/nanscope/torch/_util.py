@@ -159,6 +159,15 @@ def quiet_replay() -> Iterator[None]:
 _C10_WARNING = re.compile(r"^\[W\d{4} [\d:.]+ [^\]]*\] Warning: ")
 
 
+def grad_fn_of(t: torch.Tensor) -> Any:
+    """``t.grad_fn``, or None where torch refuses to say: a view made in no_grad mode whose base
+    was later written in place with grad enabled (``nn.Embedding(padding_idx=...)`` makes one)."""
+    try:
+        return t.grad_fn
+    except RuntimeError:
+        return None
+
+
 def settled_norms(norms: list[float], tensors: list[torch.Tensor]) -> list[float]:
     """Per-tensor norms, each Inf one replaced by the exact float64 norm when its tensor is in
     fact finite (its float32 sum of squares overflowed: a norm past ~1.8e19). Failure path only."""

@@ -46,7 +46,7 @@ from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.errors import NonFiniteError
 from nanscope.core.limits import dtype_name
-from nanscope.torch._util import all_finite, quiet_replay, settled_norms
+from nanscope.torch._util import all_finite, grad_fn_of, quiet_replay, settled_norms
 from nanscope.torch.checks import check_model_state, check_optimizer_state, param_names
 from nanscope.torch.trace import (
     Analyzer,
@@ -267,7 +267,7 @@ class Runner:
     def record(self, func: Any, args: tuple, kwargs: dict, out: Any, snaps: dict | None) -> None:
         if self._last_forward is not None:  # autograd has set its outputs' grad_fn by now
             rec, outs = self._last_forward
-            rec.grad_fns = [o.grad_fn for o in outs]
+            rec.grad_fns = [grad_fn_of(o) for o in outs]
             self._last_forward = None
         if isinstance(out, torch.Tensor):
             all_outs = [out]

@@ -48,10 +48,11 @@ from nanscope.core.diagnosis import Diagnosis, Location, samples_text
 from nanscope.core.enums import OpKind, Phase
 from nanscope.core.origin import Failure, OpSeen, Origin, OriginKind, OriginTracker, Value
 from nanscope.core.source import is_user_file, location_from_stack
-from nanscope.core.summary import summarize
+from nanscope.core.summary import rows_to_samples, summarize
 from nanscope.torch._util import (
     all_finite,
     batch_rows,
+    grad_fn_of,
     is_float,
     is_loss_module,
     module_names,
@@ -304,7 +305,7 @@ class Analyzer:
         if self._node_map is None:
             self._node_map = {}
             for ev in self.forward_events:
-                for fn in (ev.grad_fns if ev.grad_fns is not None else [o.grad_fn for o in ev.outputs]):
+                for fn in (ev.grad_fns if ev.grad_fns is not None else [grad_fn_of(o) for o in ev.outputs]):
                     if fn is not None and id(fn) not in self._node_map:
                         self._node_map[id(fn)] = ev
         return self._node_map.get(id(node))
@@ -371,7 +372,8 @@ class Analyzer:
             if masked.any():
                 rows = masked.reshape(masked.shape[0], -1).any(1) if masked.dim() > 0 else masked.reshape(1)
                 evidence.all_masked_rows = [int(i) for i in torch.nonzero(rows).flatten()]
-                evidence.samples = list(evidence.all_masked_rows)
+                evidence.samples = rows_to_samples(evidence.all_masked_rows, int(rows.shape[0]),
+                                                   self.tracker.batch_size)[0]
                 evidence.extra_evidence.append(
                     f"{int(masked.sum())} of {masked.numel()} softmax rows are entirely -Inf")
         if ev.phase is Phase.BACKWARD:
