@@ -40,7 +40,7 @@ if workers == 0:  # PIL decoding alone, one thread: Image.open + np.asarray of e
     from pathlib import Path
     import numpy as np
     from PIL import Image
-    files = sorted(Path(path).glob("images/*"))
+    files = sorted(Path(path).glob("*/*"))  # images/ (and masks/): every file decoded once
     def audit(path, workers, progress):
         for f in files:
             with Image.open(f) as im:
@@ -183,6 +183,12 @@ def main() -> None:
                     made += 1
                 os.link(Path(tmp) / f"{i % made:05d}.jpg", folder / f"{i:05d}.jpg")
             roots[count] = folder.parent
+        seg = Path(tmp) / "seg"  # images/ + masks/: the masks' checks run in the workers too
+        (seg / "masks").mkdir(parents=True)
+        os.symlink(roots[counts[0]] / "images", seg / "images")
+        for f in sorted((seg / "images").iterdir()):
+            Image.fromarray(rng.integers(0, 21, (256, 256), dtype=np.uint8)).save(seg / "masks" / f"{f.stem}.png")
+        seg_pairs = len(list((seg / "masks").iterdir()))
         x = images = None  # the audits read the file, not these
 
         def cold_read() -> None:
@@ -195,6 +201,8 @@ def main() -> None:
             for count, root in roots.items():  # the same process structure as the audits below
                 e2e.setdefault((f"PIL decode alone (Image.open + np.asarray), 1 thread, folder of {count}", f"img{count}"),
                                []).extend(_subprocess_times(None, str(root), 0, 1))
+            e2e.setdefault((f"PIL decode alone, 1 thread, {seg_pairs} image/mask pairs", f"img{seg_pairs}"),
+                           []).extend(_subprocess_times(None, str(seg), 0, 1))
             for label, src in trees:
                 for workers in (1, 2):
                     e2e.setdefault((f"{label}: audit(x.npy), {workers} worker{'s' if workers > 1 else ''}, warm", "npy"), []).extend(
@@ -202,6 +210,8 @@ def main() -> None:
                     for count, root in roots.items():
                         e2e.setdefault((f"{label}: audit(folder of {count}), {workers} worker{'s' if workers > 1 else ''}", f"img{count}"), []).extend(
                             _subprocess_times(src, str(root), workers, 1))
+                    e2e.setdefault((f"{label}: audit({seg_pairs} image/mask pairs), {workers} worker{'s' if workers > 1 else ''}",
+                                    f"img{seg_pairs}"), []).extend(_subprocess_times(src, str(seg), workers, 1))
                 cold = [_cold_audit(src, path) for _ in range(2)]
                 e2e.setdefault((f"{label}: audit(x.npy), 2 workers, cold-ish (evicted)", "npy"), []).extend(cold)
             e2e.setdefault(("sequential read() of the cold file (disk limit)", "npy"), []).extend(_times(cold_read, 1))

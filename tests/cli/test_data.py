@@ -284,18 +284,18 @@ def test_npy_samples_in_an_image_folder(tmp_path):
     assert "1 +Inf" in f.evidence[0]
 
 
-def _close(a, b, path=""):
+def _close(a, b, path="", rel=1e-9):
     """Reports equal up to float rounding (merge order): counts, names and findings exactly."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
+            _close(a[k], b[k], f"{path}.{k}", rel)
     elif isinstance(a, list):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _close(x, y, f"{path}[{i}]")
+            _close(x, y, f"{path}[{i}]", rel)
     elif isinstance(a, float) and isinstance(b, float):
-        assert a == pytest.approx(b, rel=1e-9, abs=1e-9), path
+        assert a == pytest.approx(b, rel=rel, abs=rel), path
     else:
         assert a == b, path
 
@@ -444,3 +444,23 @@ def test_hits_merged_in_order_equal_hits_added_one_by_one():
     for p in parts:
         merged.merge(p)
     assert merged == one and len(one.samples) == MAX_LISTED and len(one.files) == MAX_NAMED
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(hnp.arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9)),
+                           elements=st.sampled_from([0, 1, 2, 3, 5, 20, 21, 200, 255])), min_size=1, max_size=6),
+       st.sampled_from([None, 3, 21]), st.sampled_from([None, 255, 0]))
+def test_mask_value_counts_give_the_pixel_checks(masks, num_classes, ignore_index):
+    """A mask checked from its Pillow histogram (in the worker) says what its pixels say."""
+    from nanscope.data.audit import _TargetAudit
+    from nanscope.data.samples import label_counts
+
+    by_counts = _TargetAudit("mask", num_classes, ignore_index)
+    by_pixels = _TargetAudit("mask", num_classes, ignore_index)
+    for i, m in enumerate(masks):
+        by_counts.update(label_counts(Image.fromarray(m, "L")), i, [f"m{i}.png"])
+        by_pixels.update(m[None], i, [f"m{i}.png"])
+    _close(by_counts.to_dict(), by_pixels.to_dict(), rel=1e-6)  # the pixel path sums 8-bit values in float32
+    for f in ("nonfinite", "out_of_range", "all_ignored", "bad_soft"):
+        assert getattr(by_counts, f) == getattr(by_pixels, f), f
+    assert by_counts.bad_values == by_pixels.bad_values and by_counts.above_cap == by_pixels.above_cap

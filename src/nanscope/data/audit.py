@@ -29,7 +29,7 @@ from nanscope.core.stats import ArrayStats, array_stats
 from nanscope.core.summary import fmt
 from nanscope.data import readers
 from nanscope.data.rules import Hits, input_findings, target_findings
-from nanscope.data.samples import SampleStats, batch_stats, channel_axis
+from nanscope.data.samples import LabelCounts, SampleStats, batch_stats, channel_axis
 
 _HIST_CAP = 1 << 16  # without num_classes, labels above this are counted apart, not binned
 
@@ -397,7 +397,10 @@ class _TargetAudit:
             return "classes"
         return "values"
 
-    def update(self, y: np.ndarray, start: int, names: list[str] | None) -> None:
+    def update(self, y: np.ndarray | LabelCounts, start: int, names: list[str] | None) -> None:
+        if isinstance(y, LabelCounts):
+            self._update_counts(y, start, names)
+            return
         y = np.asarray(y)
         if y.dtype.kind == "b":
             y = y.astype(np.uint8)
@@ -420,6 +423,45 @@ class _TargetAudit:
             self._soft(flat, start, names)
         elif self.kind == "classes":
             self._classes(flat, finite, start, names)
+
+    def _update_counts(self, lc: LabelCounts, start: int, names: list[str] | None) -> None:
+        """One 8-bit mask from its value counts: the same checks as ``_classes`` on its pixels."""
+        if self.kind is None:
+            self.kind, self.dtype = "classes", "uint8"  # what _decide says of any integer mask
+        self.stats = self.stats.merge(lc.stats())
+        if self.kind != "classes":
+            return
+        n_pix = math.prod(lc.sample_shape)
+        values = np.flatnonzero(lc.counts)
+        counts = lc.counts[values]
+        valid = values != self.ignore_index if self.ignore_index is not None else np.ones(values.size, bool)
+        bad = valid & (values >= self.num_classes) if self.num_classes is not None else np.zeros(values.size, bool)
+        name = names[0] if names else None
+        if bad.any():
+            for v, c in zip(values[bad].tolist(), counts[bad].tolist(), strict=True):
+                self.bad_values[v] = self.bad_values.get(v, 0) + c
+            self.out_of_range.add(start, name, f"{_label(start, 0, names)}: label {', '.join(map(str, values[bad][:5].tolist()))} "
+                                               f"at {int(counts[bad].sum())} of {n_pix} positions")
+        nvalid = int(counts[valid].sum())
+        self.valid += nvalid
+        self.ignored += n_pix - nvalid
+        if self.ignore_index is not None and n_pix > 1 and nvalid == 0:
+            self.all_ignored.add(start, name, f"{_label(start, 0, names)}: 0 of {n_pix} values valid")
+        good = valid & ~bad
+        self._add_counts(values[good], counts[good])
+
+    def _add_counts(self, values: np.ndarray, counts: np.ndarray) -> None:
+        """``_count`` for labels given as (value, how many times)."""
+        cap = self.num_classes if self.num_classes is not None else _HIST_CAP
+        over = values >= cap
+        if over.any():
+            self.above_cap += int(counts[over].sum())
+            values, counts = values[~over], counts[~over]
+        if values.size:
+            top = int(values.max()) + 1
+            if top > self.hist.size:
+                self.hist = np.concatenate([self.hist, np.zeros(top - self.hist.size, np.int64)])
+            self.hist[values] += counts
 
     def _soft(self, flat: np.ndarray, start: int, names: list[str] | None) -> None:
         with np.errstate(invalid="ignore"):

@@ -36,7 +36,14 @@ from pathlib import Path
 import numpy as np
 
 from nanscope.core.errors import BadInputError, MissingDependencyError
-from nanscope.data.samples import SampleStats, batch_stats, channel_axis, image_stats
+from nanscope.data.samples import (
+    LabelCounts,
+    SampleStats,
+    batch_stats,
+    channel_axis,
+    image_stats,
+    label_counts,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 SAMPLE_SUFFIXES = IMAGE_SUFFIXES | {".npy"}
@@ -346,6 +353,16 @@ def read_input_stats(path: Path) -> SampleStats | np.ndarray:
     return _decode(path, False, _summarize)
 
 
+def read_target_counts(path: Path) -> LabelCounts | np.ndarray:
+    """Decode one mask; an 8-bit one comes back as its value counts (see ``LabelCounts``)."""
+    return _decode(path, True, _count_labels)
+
+
+def _count_labels(sample: object) -> LabelCounts | np.ndarray:
+    counts = label_counts(sample)
+    return counts if counts is not None else np.asarray(sample)
+
+
 def _summarize(sample: object) -> SampleStats | np.ndarray:
     s = image_stats(sample)
     if s is not None:
@@ -395,7 +412,8 @@ class FolderFiles:
         if self.masks is not None:
             m = self.masks[i]
             if m is not None:
-                b.targets["mask"] = read_sample(m, as_mask=True)[None]
+                y = read_target_counts(m) if self.summarize else read_sample(m, as_mask=True)
+                b.targets["mask"] = y if isinstance(y, LabelCounts) else y[None]
                 b.target_names = [_rel(m, self.root)]
         if self.labels is not None:
             b.targets["label"] = np.array([self.labels[i]])
