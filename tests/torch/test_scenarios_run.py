@@ -45,6 +45,9 @@ EXPECTED = {
     # nn.Embedding(padding_idx) (it made the recorder stop before) and heads folded into the batch
     "mha_padding": dict(category="all_masked_softmax", phase="forward", op_kind="softmax", module="attn",
                         samples=[1], step=1),
+    # float16 inference after .half(): the replay keeps every dtype as the script had it
+    "half_inference": dict(category="overflow", phase="forward", op_kind="matmul", module="2", dtype="float16",
+                           samples=[0, 1, 2], step=0, program="in inference, batch 0 (eval mode, no_grad)"),
     "ctc": dict(category="invalid_target", phase="loss", op_kind="ctc_loss", samples=[1]),
     "seg_ignore": dict(category="invalid_target", phase="loss", op_kind="cross_entropy", samples=[0],
                        function="eval_step", program="in evaluation, batch 2 (eval mode, no_grad), after 3 training steps"),

@@ -139,7 +139,9 @@ class Runner:
         self.mode = _Mode(self)
         self.records: list[Event] = []
         self.losses: list[torch.Tensor] = []
-        self.produced: dict[int, tuple[weakref.ref, Any]] = {}
+        # id(tensor) -> (weak ref, key, dtype, shape): ``param.data = ...`` (module.half(),
+        # .to(dtype)) swaps a tensor's values without an aten op, so a hit must match all four.
+        self.produced: dict[int, tuple[weakref.ref, Any, torch.dtype, torch.Size]] = {}
         self.originals: dict[int, torch.Tensor] = {}
         self._last_forward: tuple[Event, list[torch.Tensor]] | None = None
         self.rng = torch.get_rng_state()
@@ -224,7 +226,7 @@ class Runner:
     # state) under the tracer's Analyzer: the evidence is exact, the healthy path pays nothing.
     def _ref(self, t: torch.Tensor) -> _Ref:
         hit = self.produced.get(id(t))
-        if hit is not None and hit[0]() is t:
+        if hit is not None and hit[0]() is t and hit[2] is t.dtype and hit[3] == t.shape:
             return _Ref(hit[1], None)
         return _Ref(None, t)
 
@@ -234,7 +236,8 @@ class Runner:
         for a in seq:
             if type(a) is torch.Tensor or type(a) is torch.nn.Parameter:  # the common case, inlined
                 hit = produced.get(id(a))
-                out.append(_Ref(hit[1], None) if hit is not None and hit[0]() is a else _Ref(None, a))
+                out.append(_Ref(hit[1], None) if hit is not None and hit[0]() is a and hit[2] is a.dtype
+                           and hit[3] == a.shape else _Ref(None, a))
                 continue
             if isinstance(a, torch.Tensor):
                 out.append(self._ref(a))
@@ -260,7 +263,7 @@ class Runner:
             t = args[i] if i < len(args) else kwargs.get(name)
             if isinstance(t, torch.Tensor):
                 hit = self.produced.get(id(t))
-                if hit is None or hit[0]() is not t:
+                if hit is None or hit[0]() is not t or hit[2] is not t.dtype or hit[3] != t.shape:
                     snaps[i if i < len(args) else name] = (t, t.detach().clone())
         return snaps or None
 
@@ -288,7 +291,7 @@ class Runner:
                     rargs[where] = _Ref(None, copy)
                 else:
                     rkwargs[where] = _Ref(None, copy)
-                self.produced[id(t)] = (weakref.ref(t), ("w", i, where))
+                self.produced[id(t)] = (weakref.ref(t), ("w", i, where), t.dtype, t.shape)
                 self.originals[id(copy)] = t
         phase = tr.phase(node is not None)
         ev = Event(i, func, tuple(rargs), rkwargs, [], phase, tr.current(), tr.root, user_frame(), node)
@@ -296,7 +299,7 @@ class Runner:
         floats = []
         produced = self.produced
         for k, o in enumerate(all_outs):
-            produced[id(o)] = (weakref.ref(o), (i, k))
+            produced[id(o)] = (weakref.ref(o), (i, k), o.dtype, o.shape)
             if o.is_floating_point():
                 floats.append(o)
         if node is None and floats:
