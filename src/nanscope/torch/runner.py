@@ -66,6 +66,7 @@ _FLUSH_EVERY = 50_000  # records kept at most between two boundaries that drop t
 
 
 _WRITES: dict[Any, list[tuple[int, str]]] = {}  # op -> arguments it writes to
+_MUTABLE: dict[Any, bool] = {}  # op -> whether it writes to an argument
 # Ops that make a tensor from Python values: an infinity they hold was written by the script.
 _CONSTANTS = {getattr(torch.ops.aten, name) for name in (
     "lift_fresh", "lift_fresh_copy", "full", "scalar_tensor", "fill_", "full_like", "new_full",
@@ -115,17 +116,29 @@ class _Mode(TorchDispatchMode):
         self.runner = runner
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # Every op of the script passes here: the common path is kept to attribute reads.
         kwargs = kwargs or {}
         r = self.runner
-        if r.off:
+        if r.in_optimizer or r.disabled or r.done or r.busy:
             return func(*args, **kwargs)
         if func is _SCALAR:
             r.guarded(r.at_scalar, args[0])
-        snaps = r.guarded(r.snapshot_written, func, args, kwargs) if func._schema.is_mutable else None
+        mutable = _MUTABLE.get(func)
+        if mutable is None:
+            mutable = _MUTABLE[func] = bool(func._schema.is_mutable)
+        snaps = r.guarded(r.snapshot_written, func, args, kwargs) if mutable else None
         out = func(*args, **kwargs)
         if func is _ONES_LIKE:
             r.guarded(r.note_backward_seed, args[0])
-        r.guarded(r.record, func, args, kwargs, out, snaps)
+        r.busy = True  # what Runner.guarded does, inlined for the per-op record
+        try:
+            r.record(func, args, kwargs, out, snaps)
+        except NonFiniteError:
+            raise
+        except Exception as err:
+            r.fail_internally(err)
+        finally:
+            r.busy = False
         return out
 
 
@@ -210,12 +223,16 @@ class Runner:
         except NonFiniteError:
             raise
         except Exception as err:
-            self.disabled = True
-            self._clear()
-            self.session.internal_error("watching the PyTorch script", err)
+            self.fail_internally(err)
             return None
         finally:
             self.busy = False
+
+    def fail_internally(self, err: BaseException) -> None:
+        """nanscope's own bug: step aside (the script runs on unwatched) with one warning."""
+        self.disabled = True
+        self._clear()
+        self.session.internal_error("watching the PyTorch script", err)
 
     # -- recording (per op: no synchronization, no tensor kept alive) -----------------------
     # Each op is recorded with its arguments as references: a tensor an earlier recorded op
