@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,14 @@ def audit(
         fs = src.files
         if fs is not None and workers > 1 and len(fs.files) > 2 * readers.PROCESS_TASK and readers.can_fork():
             _audit_in_processes(fs, state, workers, bar)
+        elif workers > 1 and fs is None:
+            # one pool for the whole stream: threads started once, not twice per chunk
+            with ThreadPoolExecutor(workers) as pool:
+                state.pool = pool
+                for batch in src.batches:
+                    state.add(batch, workers)
+                    bar.update(state.seen)
+            state.pool = None
         else:
             for batch in src.batches:
                 state.add(batch, workers)
@@ -114,10 +123,14 @@ class _Audits:
         self.inputs: dict[str, _InputAudit] = {}
         self.targets: dict[str, _TargetAudit] = {}
         self.seen = 0
+        self.pool: ThreadPoolExecutor | None = None  # threads for the statistics, while streaming
+
+    def __getstate__(self) -> dict:  # sent to worker processes: never with a thread pool
+        return {**self.__dict__, "pool": None}
 
     def add(self, batch: readers.Batch, workers: int) -> None:
         for k, x in batch.inputs.items():
-            self.inputs.setdefault(k, _InputAudit(k)).update(x, batch.start, batch.names, workers)
+            self.inputs.setdefault(k, _InputAudit(k)).update(x, batch.start, batch.names, workers, self.pool)
         for k, y in batch.targets.items():
             self.targets.setdefault(k, _TargetAudit(k, self.num_classes, self.ignore_index)).update(
                 y, batch.start, batch.target_names or batch.names)
@@ -239,7 +252,8 @@ class _InputAudit:
         self.channels: list[ArrayStats] | None = None
         self.nonfinite, self.constant = Hits(), Hits()
 
-    def update(self, x: np.ndarray | SampleStats, start: int, names: list[str] | None, workers: int) -> None:
+    def update(self, x: np.ndarray | SampleStats, start: int, names: list[str] | None, workers: int,
+               pool: ThreadPoolExecutor | None = None) -> None:
         summary = x if isinstance(x, SampleStats) else None
         if summary is None:
             x = np.asarray(x)
@@ -264,7 +278,7 @@ class _InputAudit:
             self._update_flat(x, start, names, workers)
             return
         if summary is None:
-            summary = batch_stats(x, ax if by_channel else None, workers=workers)
+            summary = batch_stats(x, ax if by_channel else None, workers=workers, pool=pool)
         rows = summary.rows  # (n, channels): one fused pass gave every number below
         split = by_channel and summary.channel_axis == ax
         if n == 1:  # one image: a few numbers, merged in Python (numpy calls cost more here)

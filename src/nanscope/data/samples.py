@@ -15,6 +15,7 @@ Design constraints:
 from __future__ import annotations
 
 import math
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,7 +64,7 @@ def channel_axis(sample_shape: tuple[int, ...]) -> int | None:
     return None
 
 
-def batch_stats(x: np.ndarray, axis: int | None, *, workers: int = 1) -> SampleStats:
+def batch_stats(x: np.ndarray, axis: int | None, *, workers: int = 1, pool: Executor | None = None) -> SampleStats:
     """Rows of ``x`` (samples first), split by channel along sample axis ``axis`` when given.
 
     Example:
@@ -80,7 +81,7 @@ def batch_stats(x: np.ndarray, axis: int | None, *, workers: int = 1) -> SampleS
     else:  # channels last: (n, H*W, C) seen as (n, C, H*W); row_stats copies cached groups only
         c = sample_shape[axis]
         view = np.moveaxis(x.reshape(n, -1, c), 2, 1) if axis == len(sample_shape) - 1 else np.moveaxis(x, 1 + axis, 1).reshape(n, c, -1)
-    return SampleStats(row_stats(view, workers=workers), x.dtype, sample_shape, axis)
+    return SampleStats(row_stats(view, workers=workers, pool=pool), x.dtype, sample_shape, axis)
 
 
 def image_stats(im: object) -> SampleStats | None:
