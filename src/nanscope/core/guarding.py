@@ -186,3 +186,28 @@ def ledger_attr(name: str, doc: str | None = None) -> property:
         setattr(self.ledger, name, value)
 
     return property(get, set_, doc=doc)
+
+
+class GuardState:
+    """The attributes every guard shows, read from its ``ledger`` (``nanscope.torch.Guard``,
+    ``nanscope.keras.Guard``, the Lightning and Hugging Face callbacks): same names, same
+    meaning, in every framework."""
+
+    ledger: Ledger
+    policy = ledger_attr("policy", "what a non-finite step gets: raise, skip, stop or warn")
+    should_stop = ledger_attr("should_stop", "True after a failure under 'stop' (or one 'skip' cannot undo)")
+    skipped = ledger_attr("skipped", "updates not applied")
+    counts = ledger_attr("counts", "failures by category (a Counter)")
+    diagnoses = ledger_attr("diagnoses", "the diagnoses so far (the last 32)")
+    history = ledger_attr("history", "loss and gradient-norm history")
+    steps = ledger_attr("steps", "steps seen so far; the contract's ``step`` of the next one")
+    max_skips_in_a_row = ledger_attr("max_skips_in_a_row", "failed steps in a row before 'skip' stops")
+    disabled = ledger_attr("disabled", "True after nanscope's own error: training goes on unguarded")
+
+    @property
+    def last(self) -> Diagnosis | None:
+        """The latest diagnosis, or None while every step was finite."""
+        return self.ledger.last
+
+    def __repr__(self) -> str:
+        return self.ledger.describe()

@@ -41,8 +41,7 @@ from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase, Policy
 from nanscope.core.errors import NanscopeError, NonFiniteError, NonFiniteWarning  # noqa: F401 (re-exported)
-from nanscope.core.guarding import STATE_PHASES, Ledger
-from nanscope.core.guarding import ledger_attr as _ledger_attr
+from nanscope.core.guarding import STATE_PHASES, GuardState, Ledger
 from nanscope.keras import distributed as _kdist
 from nanscope.keras._util import state_variables
 
@@ -53,7 +52,7 @@ class _Stash:
     loss: Any = None
 
 
-class Guard(keras.callbacks.Callback):
+class Guard(GuardState, keras.callbacks.Callback):
     """Stop NaN/Inf at the step that makes it, keep the model clean, and say why.
 
     Args:
@@ -111,26 +110,6 @@ class Guard(keras.callbacks.Callback):
         self._stash = _Stash()
         self._counted = False
         self._weights_finite_at_start = False
-
-    # The bookkeeping lives in the framework-free ledger (nanscope.core.guarding), shared
-    # with nanscope.torch.Guard: same names, same policy decisions.
-    policy = _ledger_attr("policy")
-    should_stop = _ledger_attr("should_stop")
-    skipped = _ledger_attr("skipped")
-    counts = _ledger_attr("counts")
-    diagnoses = _ledger_attr("diagnoses")
-    history = _ledger_attr("history")
-    steps = _ledger_attr("steps", "training steps seen; the contract's ``step`` of the next one")
-    max_skips_in_a_row = _ledger_attr("max_skips_in_a_row")
-    disabled = _ledger_attr("disabled", "True after nanscope's own error: fit goes on unguarded")
-
-    @property
-    def last(self) -> Diagnosis | None:
-        """The latest diagnosis, or None while every step was finite."""
-        return self.ledger.last
-
-    def __repr__(self) -> str:
-        return self.ledger.describe()
 
     # -- callback hooks ---------------------------------------------------------------------
     def on_train_begin(self, logs=None):

@@ -48,8 +48,7 @@ from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase, Policy
 from nanscope.core.errors import NonFiniteError
-from nanscope.core.guarding import STATE_PHASES, Ledger
-from nanscope.core.guarding import ledger_attr as _ledger_attr
+from nanscope.core.guarding import STATE_PHASES, GuardState, Ledger
 from nanscope.core.limits import dtype_name
 from nanscope.core.summary import fmt
 from nanscope.torch import bundle as _bundle
@@ -86,7 +85,7 @@ def _compiled(model: Any, step_fn: Any) -> str | None:
     return None
 
 
-class Guard:
+class Guard(GuardState):
     """Checks every optimizer update for NaN/Inf before it is applied, and explains failures.
 
     Args:
@@ -188,26 +187,6 @@ class Guard:
         self.sinks = sinks
         self._host_optimizer: Any = None
         self._accept_wrapped(model, optimizer)
-
-    # The bookkeeping lives in the framework-free ledger (nanscope.core.guarding), shared
-    # with nanscope.keras.Guard: same names, same policy decisions.
-    policy = _ledger_attr("policy")
-    should_stop = _ledger_attr("should_stop")
-    skipped = _ledger_attr("skipped")
-    counts = _ledger_attr("counts")
-    diagnoses = _ledger_attr("diagnoses")
-    history = _ledger_attr("history")
-    steps = _ledger_attr("steps", "guard.step calls so far; the contract's ``step`` of the next one")
-    max_skips_in_a_row = _ledger_attr("max_skips_in_a_row")
-    disabled = _ledger_attr("disabled", "True after nanscope's own error: the loop goes on unguarded")
-
-    @property
-    def last(self) -> Diagnosis | None:
-        """The latest diagnosis, or None while every step was finite."""
-        return self.ledger.last
-
-    def __repr__(self) -> str:
-        return self.ledger.describe()
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, step_fn: Callable[[Any], Any], batch: Any) -> Any:
