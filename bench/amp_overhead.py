@@ -88,7 +88,12 @@ def main() -> None:
     best = {k: min(v) * 1e3 for k, v in res.items()}
     model, scaler, opt = runs["watch_scaler"]
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    check = lambda: bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)])).all())  # noqa: E731
+
+    def check():
+        return bool(
+            torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)])).all()
+        )
+
     t_check = min(once(check) for _ in range(20)) * 1e3
     model = make(a.width, a.depth)
     n_params = sum(p.numel() for p in model.parameters())
@@ -100,7 +105,8 @@ def main() -> None:
     lines = [
         "# Mixed-precision tools: overhead",
         "",
-        f"Machine: 2-core CPU VM, shared with other jobs while measured ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+        "Machine: 2-core CPU VM, shared with other jobs while measured "
+        f"({platform.processor() or platform.machine()}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Date: 2026-11-22. Command: `python bench/amp_overhead.py`.",
         "",
         f"Model: MLP, {a.depth} x Linear({a.width}, {a.width}) + ReLU, {2 * a.depth + 2} parameter tensors, "
@@ -119,13 +125,16 @@ def main() -> None:
         f"watch_scaler reads the verdict of the finite check GradScaler already makes while unscaling (a few scalar "
         f"reads per step). Its fallback, used only if GradScaler's private bookkeeping is missing, is one fused check "
         f"(`_foreach_norm` over {len(grads)} gradients + one host sync): {t_check:.2f} ms alone "
-        f"({100 * t_check / med['plain GradScaler']:.1f}% of a step). Per-parameter work happens only on a skipped step.",
+        f"({100 * t_check / med['plain GradScaler']:.1f}% of a step). Per-parameter work happens only on a skipped "
+        "step.",
         "",
         "| one-off tool (same model, same batch) | seconds | in training steps |",
         "| --- | ---: | ---: |",
         f"| `headroom(model, (x, y), F.cross_entropy)` | {t_head:.3f} | {t_head * 1e3 / med['plain GradScaler']:.1f} |",
-        f"| `locate_overflow(model, x, dtype=torch.float16)` (healthy: returns None; CPU float16 is slow) | {t_loc:.3f} | {t_loc * 1e3 / med['plain GradScaler']:.1f} |",
-        f"| `fuzz_loss(handwritten_ce, (logits[32, 10], labels))` (finds log(0), 8 cases, 2 traced) | {t_fuzz:.3f} | - |",
+        "| `locate_overflow(model, x, dtype=torch.float16)` (healthy: returns None; CPU float16 is slow) | "
+        f"{t_loc:.3f} | {t_loc * 1e3 / med['plain GradScaler']:.1f} |",
+        f"| `fuzz_loss(handwritten_ce, (logits[32, 10], labels))` (finds log(0), 8 cases, 2 traced) | {t_fuzz:.3f} | "
+        "- |",
         "",
     ]
     Path(a.out).write_text("\n".join(lines))

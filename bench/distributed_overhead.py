@@ -43,14 +43,26 @@ def worker(rank: int, world: int, port: int, rounds: int, steps: int, out: str) 
     from nanscope.torch import Guard
 
     warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = DDP(nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)))
+    model = DDP(
+        nn.Sequential(
+            nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+        )
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
-    data = [(torch.randn(64, 256, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(8)]
+    data = [
+        (torch.randn(64, 256, generator=g), torch.randint(0, 10, (64,), generator=g))
+        for _ in range(8)
+    ]
 
     def train_step(batch):
         x, y = batch
@@ -89,8 +101,16 @@ def worker(rank: int, world: int, port: int, rounds: int, steps: int, out: str) 
                 per_step = (calls[0] - before) / steps
     dist.all_reduce = real_all_reduce
     if rank == 0:
-        Path(out).write_text(json.dumps({"times": times, "collectives_per_step": per_step,
-                                         "skipped": guard.skipped, "disabled": guard.disabled}))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "times": times,
+                    "collectives_per_step": per_step,
+                    "skipped": guard.skipped,
+                    "disabled": guard.disabled,
+                }
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -113,30 +133,56 @@ def main(argv: list[str]) -> int:
                 port = s.getsockname()[1]
             res = Path(tmp) / "r.json"
             t0 = time.time()
-            mp.spawn(worker, args=(world, port, a.rounds, a.steps, str(res)), nprocs=world, join=True)
+            mp.spawn(
+                worker, args=(world, port, a.rounds, a.steps, str(res)), nprocs=world, join=True
+            )
             r = json.loads(res.read_text())
         plain, guard = (statistics.median(r["times"][m]) * 1e3 for m in ("plain", "guard"))
-        rows.append((world, plain, guard, guard / plain, r["collectives_per_step"], len(r["times"]["plain"]),
-                     r["skipped"], r["disabled"], time.time() - t0, os.getloadavg()))
-        print(f"world {world}: plain {plain:.2f} ms, guard {guard:.2f} ms, ratio {guard / plain:.3f}, "
-              f"{r['collectives_per_step']:.0f} nanscope collective(s) per step", flush=True)
+        rows.append(
+            (
+                world,
+                plain,
+                guard,
+                guard / plain,
+                r["collectives_per_step"],
+                len(r["times"]["plain"]),
+                r["skipped"],
+                r["disabled"],
+                time.time() - t0,
+                os.getloadavg(),
+            )
+        )
+        print(
+            f"world {world}: plain {plain:.2f} ms, guard {guard:.2f} ms, ratio {guard / plain:.3f}, "
+            f"{r['collectives_per_step']:.0f} nanscope collective(s) per step",
+            flush=True,
+        )
     lines = [
-        "# Guard overhead under DDP (gloo, CPU)", "",
+        "# Guard overhead under DDP (gloo, CPU)",
+        "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, torch {torch.__version__}, "
         f"python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}.",
         f"Load average (1/5/15 min) before the run: {' / '.join(f'{v:.2f}' for v in load_before)} "
-        "(the machine is shared with other engineers' work).", "",
+        "(the machine is shared with other engineers' work).",
+        "",
         "Model: DDP(MLP 256-512-512-10), batch 64 per rank, SGD with momentum, one thread per rank. "
         f"{a.rounds} rounds x {a.steps} steps per mode, interleaved (order drawn per round), after a "
-        "warm-up round; a barrier before every timed step; medians of rank 0's step times.", "",
-        "| processes | plain step | guarded step | ratio | nanscope collectives per step | timed steps per mode | load after |",
+        "warm-up round; a barrier before every timed step; medians of rank 0's step times.",
+        "",
+        "| processes | plain step | guarded step | ratio | nanscope collectives per step | timed steps per mode | "
+        "load after |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for world, plain, guard, ratio, coll, n, skipped, disabled, _, load in rows:
         assert skipped == 0 and not disabled
-        lines.append(f"| {world} | {plain:.2f} ms | {guard:.2f} ms | **{ratio:.3f}x** | {coll:.0f} all_reduce "
-                     f"of {world} floats | {n} | {load[0]:.2f} |")
-    lines += ["", "Command: `python bench/distributed_overhead.py` (target: <= 1.02x, one small all_reduce per step)."]
+        lines.append(
+            f"| {world} | {plain:.2f} ms | {guard:.2f} ms | **{ratio:.3f}x** | {coll:.0f} all_reduce "
+            f"of {world} floats | {n} | {load[0]:.2f} |"
+        )
+    lines += [
+        "",
+        "Command: `python bench/distributed_overhead.py` (target: <= 1.02x, one small all_reduce per step).",
+    ]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

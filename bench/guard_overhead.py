@@ -41,10 +41,18 @@ from nanscope.torch import Guard
 
 def small_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, stride=2),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
     )
 
 
@@ -61,7 +69,11 @@ class Setup:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
         g = torch.Generator().manual_seed(seed)
         n = batch_shape[0]
-        self.batch = (torch.randn(*batch_shape, generator=g), torch.randint(0, 10, (n,), generator=g), torch.ones(n))
+        self.batch = (
+            torch.randn(*batch_shape, generator=g),
+            torch.randint(0, 10, (n,), generator=g),
+            torch.ones(n),
+        )
         bad_scale = torch.ones(n)
         bad_scale[n // 2] = 0.0  # log(0) in the loss: found only by replaying the step
         self.bad_batch = (self.batch[0], self.batch[1], bad_scale)
@@ -91,7 +103,11 @@ def run_mode(setup: Setup, mode: str, guards: dict, steps: int) -> list[float]:
             if mode.startswith("guard"):
                 guards[mode].step(setup.train_step, setup.batch)
             else:
-                ctx = torch.autograd.detect_anomaly(check_nan=True) if mode == "detect_anomaly" else nullcontext()
+                ctx = (
+                    torch.autograd.detect_anomaly(check_nan=True)
+                    if mode == "detect_anomaly"
+                    else nullcontext()
+                )
                 opt.zero_grad(set_to_none=True)
                 with ctx:
                     setup.train_step(setup.batch)
@@ -109,8 +125,12 @@ MODES = ["plain", "guard", "guard, w/1", "detect_anomaly", "hook checker"]
 def bench_model(name, make, batch_shape, rounds, steps, warmup=3, modes=None):
     modes = modes or MODES
     setup = Setup(make, batch_shape)
-    guards = {"guard": Guard(setup.model, setup.optimizer, policy="skip", reports=None),
-              "guard, w/1": Guard(setup.model, setup.optimizer, policy="skip", reports=None, check_weights_every=1)}
+    guards = {
+        "guard": Guard(setup.model, setup.optimizer, policy="skip", reports=None),
+        "guard, w/1": Guard(
+            setup.model, setup.optimizer, policy="skip", reports=None, check_weights_every=1
+        ),
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # detect_anomaly warns on every use
         for mode in modes:
@@ -130,7 +150,9 @@ def bench_model(name, make, batch_shape, rounds, steps, warmup=3, modes=None):
         warnings.simplefilter("ignore")
         for _ in range(3):
             for bundle, out in ((False, diag), (True, with_bundle)):
-                g = Guard(setup.model, setup.optimizer, policy="skip", reports=reports if bundle else None)
+                g = Guard(
+                    setup.model, setup.optimizer, policy="skip", reports=reports if bundle else None
+                )
                 t0 = time.perf_counter()
                 g.step(setup.train_step, setup.bad_batch)
                 out.append(time.perf_counter() - t0)
@@ -152,13 +174,23 @@ def bench_model(name, make, batch_shape, rounds, steps, warmup=3, modes=None):
     g.zero_grad = False
     prepare = best_of(g._before)
     g.zero_grad = True
-    own = {"prepare": prepare, "check": best_of(lambda: g._check(loss, 1)),
-           "check+weights": best_of(lambda: g._check(loss, 0))}
+    own = {
+        "prepare": prepare,
+        "check": best_of(lambda: g._check(loss, 1)),
+        "check+weights": best_of(lambda: g._check(loss, 0)),
+    }
     params = sum(p.numel() for p in setup.model.parameters())
-    return {"name": name, "batch": "x".join(map(str, batch_shape)), "params": params, "med": med,
-            "n": {m: len(v) for m, v in samples.items()},
-            "diag": statistics.median(diag), "bundle": statistics.median(with_bundle), "own": own,
-            "plain_min": min(samples["plain"])}
+    return {
+        "name": name,
+        "batch": "x".join(map(str, batch_shape)),
+        "params": params,
+        "med": med,
+        "n": {m: len(v) for m, v in samples.items()},
+        "diag": statistics.median(diag),
+        "bundle": statistics.median(with_bundle),
+        "own": own,
+        "plain_min": min(samples["plain"]),
+    }
 
 
 def cpu_name() -> str:
@@ -186,14 +218,21 @@ def report(results, args) -> str:
         "",
         "## Healthy step: median time, ratio to plain",
         "",
-        "| model | params | batch | plain | guard | guard, weights every step | detect_anomaly(check_nan) | forward-hook checker |",
+        "| model | params | batch | plain | guard | guard, weights every step | detect_anomaly(check_nan) | "
+        "forward-hook checker |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         p = r["med"]["plain"]
-        cells = [f"{p * 1e3:.1f} ms"] + [f"{r['med'][m] * 1e3:.1f} ms ({r['med'][m] / p:.3f}x)" if m in r["med"] else "not run"
-                                         for m in MODES[1:]]
-        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['batch']} | " + " | ".join(cells) + " |")
+        cells = [f"{p * 1e3:.1f} ms"] + [
+            f"{r['med'][m] * 1e3:.1f} ms ({r['med'][m] / p:.3f}x)" if m in r["med"] else "not run"
+            for m in MODES[1:]
+        ]
+        lines.append(
+            f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['batch']} | "
+            + " | ".join(cells)
+            + " |"
+        )
     lines += [
         "",
         "The guard's own work per healthy step, isolated (prepare + fused check, min of 30 runs, so that "
@@ -207,9 +246,11 @@ def report(results, args) -> str:
         o, p = r["own"], r["plain_min"]
         base = o["prepare"] + o["check"]
         amortized = o["prepare"] + 0.9 * o["check"] + 0.1 * o["check+weights"]
-        lines.append(f"| {r['name']} | {o['prepare'] * 1e3:.2f} ms | {o['check'] * 1e3:.2f} ms | "
-                     f"{o['check+weights'] * 1e3:.2f} ms | {p * 1e3:.1f} ms | {base / p * 100:.1f}% | "
-                     f"{amortized / p * 100:.1f}% |")
+        lines.append(
+            f"| {r['name']} | {o['prepare'] * 1e3:.2f} ms | {o['check'] * 1e3:.2f} ms | "
+            f"{o['check+weights'] * 1e3:.2f} ms | {p * 1e3:.1f} ms | {base / p * 100:.1f}% | "
+            f"{amortized / p * 100:.1f}% |"
+        )
     lines += [
         "",
         "## Failure to diagnosis",
@@ -223,8 +264,10 @@ def report(results, args) -> str:
     ]
     for r in results:
         p = r["med"]["plain"]
-        lines.append(f"| {r['name']} | {r['diag'] * 1e3:.0f} ms | {r['diag'] / p:.1f}x | {r['bundle'] * 1e3:.0f} ms | "
-                     f"{r['bundle'] / p:.1f}x |")
+        lines.append(
+            f"| {r['name']} | {r['diag'] * 1e3:.0f} ms | {r['diag'] / p:.1f}x | {r['bundle'] * 1e3:.0f} ms | "
+            f"{r['bundle'] / p:.1f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -232,19 +275,36 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "guard_overhead.md"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "guard_overhead.md")
+    )
     ap.add_argument("--only", choices=["cnn", "resnet50"], default=None)
-    ap.add_argument("--full-size", action="store_true", help="also ResNet-50 on 8x3x224x224 (plain vs guard)")
+    ap.add_argument(
+        "--full-size", action="store_true", help="also ResNet-50 on 8x3x224x224 (plain vs guard)"
+    )
     args = ap.parse_args(argv)
     args.load_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
     results = []
     if args.only in (None, "cnn"):
-        results.append(bench_model("small CNN", small_cnn, (32, 3, 32, 32), args.rounds, args.steps * 4))
+        results.append(
+            bench_model("small CNN", small_cnn, (32, 3, 32, 32), args.rounds, args.steps * 4)
+        )
     if args.only in (None, "resnet50"):
         results.append(bench_model("ResNet-50", resnet50, (8, 3, 64, 64), args.rounds, args.steps))
-        if args.full_size:  # the same model on full-size images: the guard's cost per step is the same
-            results.append(bench_model("ResNet-50", resnet50, (8, 3, 224, 224), max(2, args.rounds // 3), 2,
-                                       warmup=1, modes=["plain", "guard"]))
+        if (
+            args.full_size
+        ):  # the same model on full-size images: the guard's cost per step is the same
+            results.append(
+                bench_model(
+                    "ResNet-50",
+                    resnet50,
+                    (8, 3, 224, 224),
+                    max(2, args.rounds // 3),
+                    2,
+                    warmup=1,
+                    modes=["plain", "guard"],
+                )
+            )
     args.load_end = " ".join(f"{x:.1f}" for x in os.getloadavg())
     text = report(results, args)
     print(text)

@@ -48,10 +48,19 @@ class CNN(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1, stride=2),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, 10),
+        )
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -76,11 +85,26 @@ class LitTimer(pl.Callback):
 
 
 def lightning_round(guarded: bool, steps: int, loader: DataLoader) -> list[float]:
-    timer = LitTimer()  # started by the first callback, stopped by the last: NanGuard's hooks are inside
-    callbacks: list[pl.Callback] = [_First(timer)] + ([NanGuard(policy="skip", reports=None)] if guarded else []) + [_Last(timer)]
-    t = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                   limit_val_batches=0, callbacks=callbacks)
+    timer = (
+        LitTimer()
+    )  # started by the first callback, stopped by the last: NanGuard's hooks are inside
+    callbacks: list[pl.Callback] = (
+        [_First(timer)]
+        + ([NanGuard(policy="skip", reports=None)] if guarded else [])
+        + [_Last(timer)]
+    )
+    t = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
     t.fit(CNN(), loader)
     return timer.times[WARMUP:]
 
@@ -116,17 +140,35 @@ class HFTimer(transformers.TrainerCallback):
 
 def gpt2() -> transformers.GPT2LMHeadModel:
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=512, n_positions=64, n_embd=128, n_layer=2, n_head=4,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=512,
+        n_positions=64,
+        n_embd=128,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def hf_round(guarded: bool, steps: int, data: list[dict[str, torch.Tensor]], tmp: str) -> list[float]:
+def hf_round(
+    guarded: bool, steps: int, data: list[dict[str, torch.Tensor]], tmp: str
+) -> list[float]:
     timer = HFTimer()
     args = transformers.TrainingArguments(
-        output_dir=tmp, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3,
-        logging_steps=10_000, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-        seed=0, dataloader_num_workers=0)
+        output_dir=tmp,
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=10_000,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     trainer = transformers.Trainer(model=gpt2(), args=args, train_dataset=data, callbacks=[timer])
     if guarded:
         nanscope.hf.guard(trainer, policy="skip", reports=None)
@@ -144,23 +186,46 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     g = torch.Generator().manual_seed(0)
-    images = DataLoader(TensorDataset(torch.randn(a.steps * 32, 3, 32, 32, generator=g),
-                                      torch.randint(0, 10, (a.steps * 32,), generator=g)), batch_size=32)
-    tokens = [{"input_ids": (ids := torch.randint(0, 512, (64,), generator=g)), "labels": ids}
-              for _ in range(a.steps * 8)]
-    times: dict[str, list[float]] = {k: [] for k in ("lit plain", "lit NanGuard", "hf plain", "hf NanGuardCallback")}
+    images = DataLoader(
+        TensorDataset(
+            torch.randn(a.steps * 32, 3, 32, 32, generator=g),
+            torch.randint(0, 10, (a.steps * 32,), generator=g),
+        ),
+        batch_size=32,
+    )
+    tokens = [
+        {"input_ids": (ids := torch.randint(0, 512, (64,), generator=g)), "labels": ids}
+        for _ in range(a.steps * 8)
+    ]
+    times: dict[str, list[float]] = {
+        k: [] for k in ("lit plain", "lit NanGuard", "hf plain", "hf NanGuardCallback")
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             order = [False, True] if r % 2 == 0 else [True, False]  # alternate who goes first
             for guarded in order:
-                times["lit NanGuard" if guarded else "lit plain"] += lightning_round(guarded, a.steps, images)
+                times["lit NanGuard" if guarded else "lit plain"] += lightning_round(
+                    guarded, a.steps, images
+                )
             for guarded in order:
-                times["hf NanGuardCallback" if guarded else "hf plain"] += hf_round(guarded, a.steps, tokens, tmp)
+                times["hf NanGuardCallback" if guarded else "hf plain"] += hf_round(
+                    guarded, a.steps, tokens, tmp
+                )
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = [
-        ("Lightning `NanGuard` (small CNN, 32x3x32x32)", med["lit plain"], med["lit NanGuard"], len(times["lit plain"])),
-        ("HF `NanGuardCallback` (GPT-2 2x128, 8x64 tokens)", med["hf plain"], med["hf NanGuardCallback"], len(times["hf plain"])),
+        (
+            "Lightning `NanGuard` (small CNN, 32x3x32x32)",
+            med["lit plain"],
+            med["lit NanGuard"],
+            len(times["lit plain"]),
+        ),
+        (
+            "HF `NanGuardCallback` (GPT-2 2x128, 8x64 tokens)",
+            med["hf plain"],
+            med["hf NanGuardCallback"],
+            len(times["hf plain"]),
+        ),
     ]
     lines = [
         "# Healthy-step overhead of the library integrations",
@@ -176,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, p, gd, n in rows:
         lines.append(f"| {name} | {p * 1e3:.2f} ms | {gd * 1e3:.2f} ms | **{gd / p:.3f}x** | {n} |")
-    lines += ["", "Target: at most 1.02x. The VM is shared, so a single ratio moves by a percent or two between runs."]
+    lines += [
+        "",
+        "Target: at most 1.02x. The VM is shared, so a single ratio moves by a percent or two between runs.",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

@@ -44,12 +44,20 @@ BATCH = 32
 
 def small_cnn(jit_compile: bool, loss="sparse_categorical_crossentropy") -> keras.Model:
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((32, 32, 3)),
-        keras.layers.Conv2D(16, 3, padding="same"), keras.layers.BatchNormalization(), keras.layers.ReLU(),
-        keras.layers.Conv2D(32, 3, strides=2, padding="same"), keras.layers.BatchNormalization(), keras.layers.ReLU(),
-        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10), keras.layers.Softmax(),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(16, 3, padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Conv2D(32, 3, strides=2, padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+            keras.layers.Softmax(),
+        ]
+    )
     model.compile(keras.optimizers.Adam(1e-3), loss, jit_compile=jit_compile)
     return model
 
@@ -73,8 +81,12 @@ class StepTimer(keras.callbacks.Callback):
 def run_mode(mode: str, x, y, jit_compile: bool) -> list[float]:
     model = small_cnn(jit_compile)
     timer = StepTimer()
-    callbacks = {"plain": [], "TerminateOnNaN": [keras.callbacks.TerminateOnNaN()], "Guard": [Guard()],
-                 "check_numerics": []}[mode] + [timer]
+    callbacks = {
+        "plain": [],
+        "TerminateOnNaN": [keras.callbacks.TerminateOnNaN()],
+        "Guard": [Guard()],
+        "check_numerics": [],
+    }[mode] + [timer]
     if mode == "check_numerics":
         tf.debugging.enable_check_numerics()
     try:
@@ -105,7 +117,14 @@ def failure_time(x, y) -> float:
                 start["t"] = time.perf_counter()
 
     try:
-        model.fit(xb, y[: 4 * BATCH], batch_size=BATCH, shuffle=False, verbose=0, callbacks=[Mark(), Guard(), timer])
+        model.fit(
+            xb,
+            y[: 4 * BATCH],
+            batch_size=BATCH,
+            shuffle=False,
+            verbose=0,
+            callbacks=[Mark(), Guard(), timer],
+        )
     except NonFiniteError as err:
         assert err.diagnosis.op == "Log", err.diagnosis
         return time.perf_counter() - start["t"]
@@ -116,7 +135,9 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "keras_overhead.md"))
+    p.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "keras_overhead.md")
+    )
     args = p.parse_args(argv)
     n = (args.steps + WARMUP) * BATCH
     rng = np.random.default_rng(0)
@@ -151,12 +172,16 @@ def main(argv: list[str]) -> int:
         base = statistics.median(results[("plain", jit)])
         for mode in modes:
             if (mode, jit) not in results:
-                lines.append(f"| {mode} | {jit} | fails (no XLA kernel for DebugNumericSummaryV2) | | n/a |")
+                lines.append(
+                    f"| {mode} | {jit} | fails (no XLA kernel for DebugNumericSummaryV2) | | n/a |"
+                )
                 continue
             ts = results[(mode, jit)]
             med = statistics.median(ts)
             q = statistics.quantiles(ts, n=4)
-            lines.append(f"| {mode} | {jit} | {med * 1e3:.2f} | {q[0] * 1e3:.2f}-{q[2] * 1e3:.2f} | {med / base:.2f}x |")
+            lines.append(
+                f"| {mode} | {jit} | {med * 1e3:.2f} | {q[0] * 1e3:.2f}-{q[2] * 1e3:.2f} | {med / base:.2f}x |"
+            )
     base = statistics.median(results[("plain", False)])
     med_fail = statistics.median(fail)
     lines += [

@@ -18,12 +18,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = {
-    "core": ["tests/core", "tests/cli", "src/nanscope/core", "src/nanscope/data", "src/nanscope/audit", "src/nanscope/cli",
-             "src/nanscope/losses.py", "--doctest-modules"],
+    "core": [
+        "tests/core",
+        "tests/cli",
+        "src/nanscope/core",
+        "src/nanscope/data",
+        "src/nanscope/audit",
+        "src/nanscope/cli",
+        "src/nanscope/losses.py",
+        "--doctest-modules",
+    ],
     "torch": ["tests/torch"],
     "keras": ["tests/keras"],
     "integrations": ["tests/integrations"],
-    "distributed": ["tests/distributed"],  # real process groups: every test launches its own workers
+    "distributed": [
+        "tests/distributed"
+    ],  # real process groups: every test launches its own workers
 }
 
 
@@ -57,7 +67,16 @@ def main(argv: list[str]) -> int:
                 bad.append(f"{name} (no test folder)")
                 continue
             junit = Path(tmp) / f"{name}.xml"
-            cmd = [sys.executable, "-m", "pytest", *paths, f"--junitxml={junit}", "-p", "no:cacheprovider", *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pytest",
+                *paths,
+                f"--junitxml={junit}",
+                "-p",
+                "no:cacheprovider",
+                *extra,
+            ]
             print(f"\n=== suite {name}: {' '.join(cmd[1:])}", flush=True)
             rc = subprocess.call(cmd, cwd=ROOT, env=env)
             p, f, s = _counts(junit)

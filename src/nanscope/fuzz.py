@@ -93,7 +93,9 @@ def _alternating(shape: tuple[int, ...], lo: float, hi: float, dtype) -> np.ndar
     return np.where(np.arange(n) % 2 == 0, hi, lo).astype(dtype).reshape(shape)
 
 
-def edge_cases(args: list[Any], kwargs: dict[str, Any], *, ignore_index: int | None = None) -> list[Case]:
+def edge_cases(
+    args: list[Any], kwargs: dict[str, Any], *, ignore_index: int | None = None
+) -> list[Case]:
     """The edge cases for a loss called as ``fn(*args, **kwargs)`` (numpy arrays)."""
     slots = _slots(args, kwargs)
     roles = {k: _role(a) for k, a in slots}
@@ -111,7 +113,9 @@ def edge_cases(args: list[Any], kwargs: dict[str, Any], *, ignore_index: int | N
 
     cases = [Case("example", "the example batch itself", list(args), dict(kwargs), grad)]
 
-    def add(name: str, description: str, replace: dict[str, Any], g: set[str] | None = None) -> None:
+    def add(
+        name: str, description: str, replace: dict[str, Any], g: set[str] | None = None
+    ) -> None:
         a, kw = _build(args, kwargs, replace)
         cases.append(Case(name, description, a, kw, grad if g is None else g))
 
@@ -122,44 +126,96 @@ def edge_cases(args: list[Any], kwargs: dict[str, Any], *, ignore_index: int | N
         for k in probs:
             t = partner_mask(k)
             v = values[k]
-            rep[k] = (1.0 - t).astype(v.dtype) if t is not None else _alternating(v.shape, 0.0, 1.0, v.dtype)
-        add("probabilities_exactly_0_and_1", "predicted probabilities of exactly 0 and 1 (confidently wrong)", rep)
-        add("probabilities_all_zero", "every predicted probability exactly 0",
-            {k: np.zeros_like(values[k]) for k in probs})
+            rep[k] = (
+                (1.0 - t).astype(v.dtype)
+                if t is not None
+                else _alternating(v.shape, 0.0, 1.0, v.dtype)
+            )
+        add(
+            "probabilities_exactly_0_and_1",
+            "predicted probabilities of exactly 0 and 1 (confidently wrong)",
+            rep,
+        )
+        add(
+            "probabilities_all_zero",
+            "every predicted probability exactly 0",
+            {k: np.zeros_like(values[k]) for k in probs},
+        )
     if logits:
         rep = {}
         for k in logits:
             t = partner_mask(k)
             v = values[k]
-            rep[k] = np.where(t > 0.5, -1e4, 1e4).astype(v.dtype) if t is not None else _alternating(v.shape, -1e4, 1e4, v.dtype)
+            rep[k] = (
+                np.where(t > 0.5, -1e4, 1e4).astype(v.dtype)
+                if t is not None
+                else _alternating(v.shape, -1e4, 1e4, v.dtype)
+            )
         add("logits_extreme", "logits of ±1e4 (confidently wrong)", rep)
-        add("logits_large_positive", "every logit +1e4", {k: np.full_like(values[k], 1e4) for k in logits})
+        add(
+            "logits_large_positive",
+            "every logit +1e4",
+            {k: np.full_like(values[k], 1e4) for k in logits},
+        )
     if masks:
-        add("empty_mask", "every mask / binary target empty (all 0)", {k: np.zeros_like(values[k]) for k in masks})
+        add(
+            "empty_mask",
+            "every mask / binary target empty (all 0)",
+            {k: np.zeros_like(values[k]) for k in masks},
+        )
         empty_pred = {k: np.zeros_like(values[k]) for k in masks}
         empty_pred.update({k: np.zeros_like(values[k]) for k in probs})
         empty_pred.update({k: np.full_like(values[k], -1e4) for k in logits})
-        add("empty_mask_and_prediction", "an empty mask predicted empty (all 0 in target and prediction)", empty_pred)
+        add(
+            "empty_mask_and_prediction",
+            "an empty mask predicted empty (all 0 in target and prediction)",
+            empty_pred,
+        )
     if labels:
-        example_ignores = [int(v) for k in labels for v in np.unique(values[k]) if v < 0 or v == 255]
-        candidates = [ignore_index] if ignore_index is not None else (example_ignores[:1] or list(IGNORE_CANDIDATES))
+        example_ignores = [
+            int(v) for k in labels for v in np.unique(values[k]) if v < 0 or v == 255
+        ]
+        candidates = (
+            [ignore_index]
+            if ignore_index is not None
+            else (example_ignores[:1] or list(IGNORE_CANDIDATES))
+        )
         for ig in candidates:
-            add(f"all_targets_ignored_{ig}".replace("-", "minus"), f"every target equals ignore_index {ig}",
-                {k: np.full_like(values[k], ig) for k in labels})
-    floats = [k for k, a in slots if isinstance(a, np.ndarray) and a.dtype.kind == "f" and roles[k] != "mask"]
+            add(
+                f"all_targets_ignored_{ig}".replace("-", "minus"),
+                f"every target equals ignore_index {ig}",
+                {k: np.full_like(values[k], ig) for k in labels},
+            )
+    floats = [
+        k
+        for k, a in slots
+        if isinstance(a, np.ndarray) and a.dtype.kind == "f" and roles[k] != "mask"
+    ]
     for i, a in enumerate(floats):
-        for b in floats[i + 1:]:
+        for b in floats[i + 1 :]:
             if values[a].shape == values[b].shape:
-                add("identical_pair", f"identical inputs {_label(a)} and {_label(b)} (distance 0)",
-                    {b: values[a].copy()}, grad | {a, b})
+                add(
+                    "identical_pair",
+                    f"identical inputs {_label(a)} and {_label(b)} (distance 0)",
+                    {b: values[a].copy()},
+                    grad | {a, b},
+                )
                 break
     if any(isinstance(a, np.ndarray) and a.dtype.kind == "f" for _, a in slots):
         a, kw = _build(args, kwargs, {})
         cases.append(Case("float16", "the example batch in float16", a, kw, grad, float16=True))
         if probs or logits:
             base = cases[1]
-            cases.append(Case("float16_extreme", f"float16 and {base.description}", list(base.args),
-                              dict(base.kwargs), grad, float16=True))
+            cases.append(
+                Case(
+                    "float16_extreme",
+                    f"float16 and {base.description}",
+                    list(base.args),
+                    dict(base.kwargs),
+                    grad,
+                    float16=True,
+                )
+            )
     return cases
 
 
@@ -175,9 +231,16 @@ def _backend_for(fn: Callable, args: list[Any], kwargs: dict[str, Any]) -> str:
         if tf is not None and tf.is_tensor(a):
             return "keras"
     module = sys.modules.get(getattr(fn, "__module__", "") or "")
-    names = {getattr(v, "__name__", "").split(".")[0] for v in vars(module).values()} if module else set()
-    names |= {getattr(v, "__module__", "").split(".")[0] for v in getattr(fn, "__globals__", {}).values()
-              if inspect.ismodule(v) or callable(v)}
+    names = (
+        {getattr(v, "__name__", "").split(".")[0] for v in vars(module).values()}
+        if module
+        else set()
+    )
+    names |= {
+        getattr(v, "__module__", "").split(".")[0]
+        for v in getattr(fn, "__globals__", {}).values()
+        if inspect.ismodule(v) or callable(v)
+    }
     if "torch" in names and torch is not None:
         return "torch"
     if names & {"tensorflow", "keras"} and tf is not None:
@@ -186,7 +249,9 @@ def _backend_for(fn: Callable, args: list[Any], kwargs: dict[str, Any]) -> str:
         return "torch"
     if tf is not None:
         return "keras"
-    raise BadInputError("fuzz_loss: the loss uses neither torch nor tensorflow (import one, or pass tensors as the example)")
+    raise BadInputError(
+        "fuzz_loss: the loss uses neither torch nor tensorflow (import one, or pass tensors as the example)"
+    )
 
 
 def _to_numpy(a: Any) -> Any:
@@ -202,8 +267,13 @@ def _to_numpy(a: Any) -> Any:
     return a
 
 
-def fuzz_loss(fn: Callable[..., Any], example: Any = None, *, ignore_index: int | None = None,
-              cases: list[str] | None = None) -> AuditReport:
+def fuzz_loss(
+    fn: Callable[..., Any],
+    example: Any = None,
+    *,
+    ignore_index: int | None = None,
+    cases: list[str] | None = None,
+) -> AuditReport:
     """Run ``fn`` on edge cases shaped like ``example``; report each case that gives NaN/Inf.
 
     Args:
@@ -249,12 +319,26 @@ def fuzz_loss(fn: Callable[..., Any], example: Any = None, *, ignore_index: int 
         outcome[case.name] = result.outcome
         if result.diagnosis is not None:
             d = result.diagnosis
-            f = Finding.of(d, {"case": case.name, "function": _qualname(fn)}, summary=f"{case.description}: {d.summary}")
-            f.evidence = [f"input: {case.description}", f"non-finite {result.outcome.removeprefix('non-finite ')}"] + list(f.evidence)
+            f = Finding.of(
+                d,
+                {"case": case.name, "function": _qualname(fn)},
+                summary=f"{case.description}: {d.summary}",
+            )
+            f.evidence = [
+                f"input: {case.description}",
+                f"non-finite {result.outcome.removeprefix('non-finite ')}",
+            ] + list(f.evidence)
             findings.append(f)
-    roles = {(_label(k).rstrip("=") if k.isdigit() else k): _role(a) for k, a in _slots(np_args, np_kwargs)}
-    return AuditReport(findings, {"function": _qualname(fn), "inputs": roles, "cases": outcome},
-                       framework=framework, title=f"fuzz-loss {_qualname(fn)}")
+    roles = {
+        (_label(k).rstrip("=") if k.isdigit() else k): _role(a)
+        for k, a in _slots(np_args, np_kwargs)
+    }
+    return AuditReport(
+        findings,
+        {"function": _qualname(fn), "inputs": roles, "cases": outcome},
+        framework=framework,
+        title=f"fuzz-loss {_qualname(fn)}",
+    )
 
 
 def _qualname(fn: Callable) -> str:
@@ -273,12 +357,20 @@ def default_example(fn: Callable) -> list[np.ndarray]:
     ``mask``/``target``/``y_true`` -> a 0/1 float (4, 16); anything else -> probabilities (4, 16).
     """
     try:
-        params = [p for p in inspect.signature(fn).parameters.values()
-                  if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError) as err:
-        raise BadInputError(f"cannot read the parameters of {_qualname(fn)}: give an example batch (--example FILE.npz)") from err
+        raise BadInputError(
+            f"cannot read the parameters of {_qualname(fn)}: give an example batch (--example FILE.npz)"
+        ) from err
     if not params:
-        raise BadInputError(f"{_qualname(fn)} takes no positional inputs: give an example batch (--example FILE.npz)")
+        raise BadInputError(
+            f"{_qualname(fn)} takes no positional inputs: give an example batch (--example FILE.npz)"
+        )
     rng = np.random.default_rng(0)
     has_logits = any(w in p.name.lower() for p in params for w in _LOGIT_WORDS)
     out = []

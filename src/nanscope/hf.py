@@ -74,9 +74,15 @@ class NanGuardCallback(transformers.TrainerCallback):
         nonfinite_steps: the Trainer's global steps whose check failed.
     """
 
-    def __init__(self, policy: Policy | str = Policy.SKIP, *, reports: str | None = "nanscope-reports",
-                 on_failure: Callable[[Diagnosis], Any] | None = None, sinks: Any = "auto",
-                 **guard_kwargs: Any) -> None:
+    def __init__(
+        self,
+        policy: Policy | str = Policy.SKIP,
+        *,
+        reports: str | None = "nanscope-reports",
+        on_failure: Callable[[Diagnosis], Any] | None = None,
+        sinks: Any = "auto",
+        **guard_kwargs: Any,
+    ) -> None:
         self.policy = Policy(policy)
         self.reports = reports
         self.on_failure = on_failure
@@ -167,25 +173,52 @@ class NanGuardCallback(transformers.TrainerCallback):
         return None
 
     # -- the hooks -------------------------------------------------------------------------
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: Any = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
         trainer = self.trainer or self._find_trainer()
         if trainer is None:
-            _warn("nanscope NanGuardCallback: could not find its Trainer; use `nanscope.hf.guard(trainer)`. "
-                  "Training continues unguarded")
+            _warn(
+                "nanscope NanGuardCallback: could not find its Trainer; use `nanscope.hf.guard(trainer)`. "
+                "Training continues unguarded"
+            )
             return
         self.attach(trainer)
         policy = self.policy
         if getattr(trainer, "is_deepspeed_enabled", False) and policy in (Policy.SKIP, Policy.WARN):
-            _warn("nanscope: DeepSpeed steps the optimizer inside backward, so a step cannot be vetoed; "
-                  "nanscope stops training at the first non-finite step instead (policy 'stop')")
+            _warn(
+                "nanscope: DeepSpeed steps the optimizer inside backward, so a step cannot be vetoed; "
+                "nanscope stops training at the first non-finite step instead (policy 'stop')"
+            )
             policy = Policy.STOP
         optimizer = optimizer if optimizer is not None else trainer.optimizer
-        writers = [cb.tb_writer for cb in trainer.callback_handler.callbacks
-                   if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "tb_writer", None) is not None]
-        sinks = _sinks.Auto(lambda: writers) if isinstance(self.sinks, str) and self.sinks == "auto" else self.sinks
-        self.guard = LoopGuard(trainer.model_wrapped, optimizer, policy=policy, reports=self.reports,
-                                zero_grad=False, on_failure=self.on_failure, sinks=sinks, **self.guard_kwargs)
+        writers = [
+            cb.tb_writer
+            for cb in trainer.callback_handler.callbacks
+            if type(cb).__name__ == "TensorBoardCallback"
+            and getattr(cb, "tb_writer", None) is not None
+        ]
+        sinks = (
+            _sinks.Auto(lambda: writers)
+            if isinstance(self.sinks, str) and self.sinks == "auto"
+            else self.sinks
+        )
+        self.guard = LoopGuard(
+            trainer.model_wrapped,
+            optimizer,
+            policy=policy,
+            reports=self.reports,
+            zero_grad=False,
+            on_failure=self.on_failure,
+            sinks=sinks,
+            **self.guard_kwargs,
+        )
         self.guard.module = model if model is not None else trainer.model
         self._wrap_step(optimizer)
 
@@ -195,15 +228,21 @@ class NanGuardCallback(transformers.TrainerCallback):
         def step(*args: Any, **kwargs: Any) -> Any:
             if not self._veto:
                 out = original(*args, **kwargs)
-                if getattr(optimizer, "scaler", None) is None and hasattr(optimizer, "_is_overflow"):
+                if getattr(optimizer, "scaler", None) is None and hasattr(
+                    optimizer, "_is_overflow"
+                ):
                     optimizer._is_overflow = False
                 return out
             self._veto = False
-            if hasattr(optimizer, "_is_overflow"):  # accelerate: step_was_skipped -> no scheduler step
+            if hasattr(
+                optimizer, "_is_overflow"
+            ):  # accelerate: step_was_skipped -> no scheduler step
                 optimizer._is_overflow = True
             return None
 
-        if hasattr(original, "_wrapped_by_lr_sched"):  # torch's scheduler checks its own wrapper is there
+        if hasattr(
+            original, "_wrapped_by_lr_sched"
+        ):  # torch's scheduler checks its own wrapper is there
             step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         self._set(optimizer, "step", step)
 
@@ -218,7 +257,11 @@ class NanGuardCallback(transformers.TrainerCallback):
         if g is None or g.disabled:
             return
         losses = [m[3] for m in self._micro if isinstance(m[3], torch.Tensor)]
-        loss = losses[0] if len(losses) == 1 else (torch.stack([t.float() for t in losses]).sum() if losses else None)
+        loss = (
+            losses[0]
+            if len(losses) == 1
+            else (torch.stack([t.float() for t in losses]).sum() if losses else None)
+        )
         try:
             g._unscale()  # under accelerate's GradScaler; a no-op when clipping unscaled already
         except Exception as err:
@@ -229,12 +272,22 @@ class NanGuardCallback(transformers.TrainerCallback):
             return
         index, seen = verdict
         self.nonfinite_steps.append(state.global_step)
-        bad = next((m for m in self._micro if isinstance(m[3], torch.Tensor)
-                    and not bool(torch.isfinite(m[3]).all())), self._micro[-1] if self._micro else None)
-        model, inputs, num_items = (bad[0], bad[1], bad[2]) if bad is not None else (self.trainer.model, None, None)
+        bad = next(
+            (
+                m
+                for m in self._micro
+                if isinstance(m[3], torch.Tensor) and not bool(torch.isfinite(m[3]).all())
+            ),
+            self._micro[-1] if self._micro else None,
+        )
+        model, inputs, num_items = (
+            (bad[0], bad[1], bad[2]) if bad is not None else (self.trainer.model, None, None)
+        )
         self._veto = g.policy is not Policy.WARN
         try:
-            g.explain(self._replay_fn(model, num_items), inputs, index, self._rng, seen)  # raises under "raise"
+            g.explain(
+                self._replay_fn(model, num_items), inputs, index, self._rng, seen
+            )  # raises under "raise"
         finally:
             if g.should_stop:
                 control.should_training_stop = True
@@ -247,7 +300,9 @@ class NanGuardCallback(transformers.TrainerCallback):
             self._replaying = True
             try:
                 with torch.enable_grad(), trainer.compute_loss_context_manager():
-                    loss = trainer.compute_loss(model, trainer._prepare_inputs(inputs), num_items_in_batch=num_items)
+                    loss = trainer.compute_loss(
+                        model, trainer._prepare_inputs(inputs), num_items_in_batch=num_items
+                    )
                 if isinstance(loss, torch.Tensor) and loss.requires_grad:
                     trainer.accelerator.backward(loss)
                 return loss
@@ -268,7 +323,9 @@ def guard(trainer: Any, policy: Policy | str = Policy.SKIP, **kwargs: Any) -> Na
         >>> trainer.train()                           # doctest: +SKIP
         >>> guard_cb.skipped, guard_cb.last            # doctest: +SKIP
     """
-    existing = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NanGuardCallback)), None)
+    existing = next(
+        (cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NanGuardCallback)), None
+    )
     if existing is not None:
         return existing.attach(trainer)
     cb = NanGuardCallback(policy, **kwargs)

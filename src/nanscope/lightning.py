@@ -79,7 +79,11 @@ def _loss_of(out: Any) -> Any:
 
 
 def _finite(t: Any) -> bool:
-    return not isinstance(t, torch.Tensor) or not t.is_floating_point() or bool(torch.isfinite(t).all())
+    return (
+        not isinstance(t, torch.Tensor)
+        or not t.is_floating_point()
+        or bool(torch.isfinite(t).all())
+    )
 
 
 class _NoLog:
@@ -121,9 +125,16 @@ class NanGuard(pl.Callback):
         eval_diagnoses: diagnoses of non-finite validation losses.
     """
 
-    def __init__(self, policy: Policy | str = Policy.SKIP, *, reports: str | None = "nanscope-reports",
-                 validation: bool = True, on_failure: Callable[[Diagnosis], Any] | None = None,
-                 sinks: Any = "auto", **guard_kwargs: Any) -> None:
+    def __init__(
+        self,
+        policy: Policy | str = Policy.SKIP,
+        *,
+        reports: str | None = "nanscope-reports",
+        validation: bool = True,
+        on_failure: Callable[[Diagnosis], Any] | None = None,
+        sinks: Any = "auto",
+        **guard_kwargs: Any,
+    ) -> None:
         self.policy = Policy(policy)
         self.reports = reports
         self.validation = validation
@@ -168,8 +179,11 @@ class NanGuard(pl.Callback):
     def __repr__(self) -> str:
         why = ", ".join(f"{n} {c}" for c, n in self.counts.most_common())
         steps = sum(g.steps for g in self.guards)
-        return (f"<nanscope NanGuard policy={self.policy}: {steps} steps, {self.skipped} skipped"
-                + (f"; failures: {why}" if why else "") + ">")
+        return (
+            f"<nanscope NanGuard policy={self.policy}: {steps} steps, {self.skipped} skipped"
+            + (f"; failures: {why}" if why else "")
+            + ">"
+        )
 
     # -- setup / teardown -------------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -179,24 +193,39 @@ class NanGuard(pl.Callback):
         self.guards, self._by_id = [], {}
         for optimizer in trainer.optimizers:
             if isinstance(optimizer, torch.optim.LBFGS):
-                _warn("nanscope NanGuard: LBFGS evaluates its closure several times per step; "
-                      "this optimizer is not guarded")
+                _warn(
+                    "nanscope NanGuard: LBFGS evaluates its closure several times per step; "
+                    "this optimizer is not guarded"
+                )
                 continue
-            g = LoopGuard(model, optimizer, policy=self.policy, scaler=HostScaler(scaler) if scaler is not None else None,
-                          reports=self.reports, zero_grad=False, on_failure=self.on_failure,
-                          sinks=self._sink_value(trainer), **self.guard_kwargs)
+            g = LoopGuard(
+                model,
+                optimizer,
+                policy=self.policy,
+                scaler=HostScaler(scaler) if scaler is not None else None,
+                reports=self.reports,
+                zero_grad=False,
+                on_failure=self.on_failure,
+                sinks=self._sink_value(trainer),
+                **self.guard_kwargs,
+            )
             g.module = pl_module  # names as the user wrote them, not DDP's / Lightning's wrappers
             self.guards.append(g)
             self._by_id[id(optimizer)] = g
             self._wrap_optimizer(optimizer, g)
-        step_schedulers = [c.scheduler for c in getattr(trainer, "lr_scheduler_configs", []) or []
-                           if getattr(c, "interval", "epoch") == "step"]
+        step_schedulers = [
+            c.scheduler
+            for c in getattr(trainer, "lr_scheduler_configs", []) or []
+            if getattr(c, "interval", "epoch") == "step"
+        ]
         if step_schedulers:
             self._wrap_scheduler_hook(pl_module, step_schedulers)
         if self._loaded is not None:
             for g, state in zip(self.guards, self._loaded.get("guards", []), strict=False):
                 g.load(state)
-            self.eval_diagnoses = [diagnosis_from(d) for d in self._loaded.get("eval_diagnoses", [])]
+            self.eval_diagnoses = [
+                diagnosis_from(d) for d in self._loaded.get("eval_diagnoses", [])
+            ]
             self._loaded = None
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -242,7 +271,9 @@ class NanGuard(pl.Callback):
                     guard.apply_update = None
             return loss  # vetoed: not applied
 
-        if hasattr(original, "_wrapped_by_lr_sched"):  # torch's scheduler checks its own wrapper is there
+        if hasattr(
+            original, "_wrapped_by_lr_sched"
+        ):  # torch's scheduler checks its own wrapper is there
             step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         optimizer.step = step
         self._wrapped.append((optimizer, own))
@@ -257,7 +288,12 @@ class NanGuard(pl.Callback):
 
         def lr_scheduler_step(scheduler: Any, metric: Any = None) -> Any:
             guard = self._by_id.get(id(getattr(scheduler, "optimizer", None)))
-            if id(scheduler) in ids and guard is not None and guard.steps and not guard._applied_last:
+            if (
+                id(scheduler) in ids
+                and guard is not None
+                and guard.steps
+                and not guard._applied_last
+            ):
                 return None  # the update it follows was vetoed
             return original(scheduler, metric)
 
@@ -274,7 +310,9 @@ class NanGuard(pl.Callback):
         self._wrapped = []
 
     # -- training ---------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._batch = (batch, batch_idx)
         self._loss = None
         for g in self.guards:
@@ -294,13 +332,18 @@ class NanGuard(pl.Callback):
         if not _dist.active() and trainer.world_size > 1:
             # A distributed strategy without a torch.distributed group (the Guard's flag
             # all_reduce needs one): every rank agrees through the strategy's own reduce.
-            if trainer.strategy.reduce_boolean_decision(verdict is not None, all=False) and verdict is None:
+            if (
+                trainer.strategy.reduce_boolean_decision(verdict is not None, all=False)
+                and verdict is None
+            ):
                 verdict = (g.steps - 1, {"loss": None, "grad_norm": None, "ranks_bad": None})
         if verdict is not None:
             g._applied_last = False  # vetoed: the step's LR scheduler does not advance either
             self._pending[id(optimizer)] = verdict
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         pending, self._pending = self._pending, {}
         for key, (index, seen) in pending.items():
             g = self._by_id[key]
@@ -325,49 +368,77 @@ class NanGuard(pl.Callback):
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._eval_bad_epoch = False
 
-    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if not self.validation or self._eval_bad_epoch or self._replaying:
             return
         loss = _loss_of(outputs)
         if _finite(loss):
             return
-        self._eval_bad_epoch = True  # the first bad batch of the epoch is explained; the rest only counted
+        self._eval_bad_epoch = (
+            True  # the first bad batch of the epoch is explained; the rest only counted
+        )
         try:
             d = self._diagnose_eval(trainer, pl_module, batch, batch_idx, dataloader_idx)
         except Exception as err:
-            _warn(f"nanscope NanGuard: could not explain the non-finite validation loss "
-                  f"({type(err).__name__}: {err})")
+            _warn(
+                f"nanscope NanGuard: could not explain the non-finite validation loss "
+                f"({type(err).__name__}: {err})"
+            )
             return
         if d is None:
             return
         d.step = trainer.global_step
         d.details["batch"] = batch_idx
-        d.evidence.append(f"validation batch {batch_idx} (dataloader {dataloader_idx}) at global step "
-                          f"{trainer.global_step}: the validation loss is {float(loss.float().sum()):g}")
+        d.evidence.append(
+            f"validation batch {batch_idx} (dataloader {dataloader_idx}) at global step "
+            f"{trainer.global_step}: the validation loss is {float(loss.float().sum()):g}"
+        )
         self.eval_diagnoses = (self.eval_diagnoses + [d])[-32:]
         if self.on_failure is not None:
             self.on_failure(d)
         try:
-            _sinks.send(self._sink_value(trainer), d, action="warn", nonfinite_steps=sum(self.counts.values()),
-                        skipped_steps=self.skipped, step=trainer.global_step, rank=_dist.rank())
+            _sinks.send(
+                self._sink_value(trainer),
+                d,
+                action="warn",
+                nonfinite_steps=sum(self.counts.values()),
+                skipped_steps=self.skipped,
+                step=trainer.global_step,
+                rank=_dist.rank(),
+            )
         except Exception as err:
-            _warn(f"nanscope: could not send the diagnosis to the trackers: {type(err).__name__}: {err}")
+            _warn(
+                f"nanscope: could not send the diagnosis to the trackers: {type(err).__name__}: {err}"
+            )
         if self.policy is Policy.RAISE:
             raise NonFiniteError(d)
         if self.policy is Policy.STOP:
             trainer.should_stop = True
         _warn(f"{d}\n  in validation (nanscope.torch.diagnose_eval); training is not affected")
 
-    def _diagnose_eval(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
-                       dataloader_idx: int) -> Diagnosis | None:
+    def _diagnose_eval(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int
+    ) -> Diagnosis | None:
         from nanscope.torch.evaluate import diagnose_eval
         from nanscope.torch.trace import trace_step
 
         step = pl_module.validation_step
-        takes = len([p for p in inspect.signature(step).parameters.values()
-                     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
-        args = (batch, batch_idx, dataloader_idx)[:max(1, min(takes, 3))]
+        takes = len(
+            [
+                p
+                for p in inspect.signature(step).parameters.values()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+        )
+        args = (batch, batch_idx, dataloader_idx)[: max(1, min(takes, 3))]
 
         def loss_fn(_out: Any, _targets: Any) -> Any:
             return _loss_of(step(*args))
@@ -386,8 +457,10 @@ class NanGuard(pl.Callback):
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"guards": [g.state() for g in self.guards],
-                "eval_diagnoses": [d.to_dict() for d in self.eval_diagnoses]}
+        return {
+            "guards": [g.state() for g in self.guards],
+            "eval_diagnoses": [d.to_dict() for d in self.eval_diagnoses],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.guards:  # loaded after on_fit_start: apply now
@@ -403,21 +476,30 @@ class _Replay:
     plugin's autocast, through DDP's forward) and a plain backward; optimizer steps and
     ``self.log`` inside ``training_step`` (manual optimization) do nothing meanwhile."""
 
-    def __init__(self, callback: NanGuard, trainer: Any, batch_idx: int, in_signature: Callable[..., bool]) -> None:
+    def __init__(
+        self, callback: NanGuard, trainer: Any, batch_idx: int, in_signature: Callable[..., bool]
+    ) -> None:
         self.callback, self.trainer, self.batch_idx = callback, trainer, batch_idx
         self.in_signature = in_signature
 
     def __call__(self, batch: Any) -> Any:
         module = self.trainer.lightning_module
-        args = (batch, self.batch_idx) if self.in_signature(module.training_step, "batch_idx", min_args=2) else (batch,)
+        args = (
+            (batch, self.batch_idx)
+            if self.in_signature(module.training_step, "batch_idx", min_args=2)
+            else (batch,)
+        )
         self.callback._replaying = True
         try:
             with _NoLog(module), torch.enable_grad():
                 out = self.trainer.strategy.training_step(*args)
                 loss = _loss_of(out)
-                if module.automatic_optimization and isinstance(loss, torch.Tensor) and loss.requires_grad:
+                if (
+                    module.automatic_optimization
+                    and isinstance(loss, torch.Tensor)
+                    and loss.requires_grad
+                ):
                     loss.backward()
             return loss
         finally:
             self.callback._replaying = False
-

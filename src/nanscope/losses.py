@@ -24,8 +24,17 @@ import sys
 from typing import Any
 
 __all__ = [
-    "binary_cross_entropy", "cross_entropy", "dice_loss", "double_where", "focal_loss",
-    "masked_softmax", "safe_div", "safe_log", "safe_norm", "safe_sqrt", "tversky_loss",
+    "binary_cross_entropy",
+    "cross_entropy",
+    "dice_loss",
+    "double_where",
+    "focal_loss",
+    "masked_softmax",
+    "safe_div",
+    "safe_log",
+    "safe_norm",
+    "safe_sqrt",
+    "tversky_loss",
 ]
 
 
@@ -36,10 +45,16 @@ def _is_torch(x: Any) -> bool:
 
 def _is_tensorflow(x: Any) -> bool:
     tf = sys.modules.get("tensorflow")
-    if tf is not None and (isinstance(x, tf.Tensor | tf.Variable) or type(x).__name__ == "EagerTensor"):
+    if tf is not None and (
+        isinstance(x, tf.Tensor | tf.Variable) or type(x).__name__ == "EagerTensor"
+    ):
         return True
     keras = sys.modules.get("keras")
-    return keras is not None and type(x).__name__ in ("KerasTensor", "Variable") and "keras" in type(x).__module__
+    return (
+        keras is not None
+        and type(x).__name__ in ("KerasTensor", "Variable")
+        and "keras" in type(x).__module__
+    )
 
 
 def backend_for(*tensors: Any) -> Any:
@@ -72,12 +87,16 @@ def user_stacklevel() -> int:
 
 def _dispatch(name: str):
     def call(*args: Any, **kwargs: Any) -> Any:
-        backend = backend_for(*args, *(v for k, v in kwargs.items() if k in ("x", "logits", "probs")))
+        backend = backend_for(
+            *args, *(v for k, v in kwargs.items() if k in ("x", "logits", "probs"))
+        )
         return getattr(backend, name)(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = name
-    call.__doc__ = (f"``{name}`` for torch or TensorFlow tensors: see ``nanscope.torch.losses.{name}`` "
-                    f"and ``nanscope.keras.losses.{name}`` (same arguments).")
+    call.__doc__ = (
+        f"``{name}`` for torch or TensorFlow tensors: see ``nanscope.torch.losses.{name}`` "
+        f"and ``nanscope.keras.losses.{name}`` (same arguments)."
+    )
     return call
 
 

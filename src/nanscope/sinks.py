@@ -50,12 +50,16 @@ class FailureEvent:
     action: str  # "skip" | "stop" | "raise" | "warn"
     nonfinite_steps: int
     skipped_steps: int
-    step: int | None = None  # the host's step (Lightning's global_step, the Trainer's) or the guard's
+    step: int | None = (
+        None  # the host's step (Lightning's global_step, the Trainer's) or the guard's
+    )
 
     @property
     def scalars(self) -> dict[str, float]:
-        return {"nanscope/nonfinite_steps": float(self.nonfinite_steps),
-                "nanscope/skipped_steps": float(self.skipped_steps)}
+        return {
+            "nanscope/nonfinite_steps": float(self.nonfinite_steps),
+            "nanscope/skipped_steps": float(self.skipped_steps),
+        }
 
     @property
     def title(self) -> str:
@@ -75,7 +79,9 @@ class TensorBoardSink:
     def __call__(self, event: FailureEvent) -> None:
         step = event.step if event.step is not None else (event.diagnosis.step or 0)
         w = self.writer
-        if hasattr(w, "add_scalar") and hasattr(w, "add_text"):  # torch.utils.tensorboard, tensorboardX
+        if hasattr(w, "add_scalar") and hasattr(
+            w, "add_text"
+        ):  # torch.utils.tensorboard, tensorboardX
             for name, value in event.scalars.items():
                 w.add_scalar(name, value, step)
             w.add_text("nanscope/diagnosis", _markdown(event), step)
@@ -90,7 +96,9 @@ class TensorBoardSink:
                 tf.summary.text("nanscope/diagnosis", _markdown(event), step=step)
             w.flush()
             return
-        raise TypeError(f"not a TensorBoard writer: {type(w).__name__} (pass a SummaryWriter or a tf.summary writer)")
+        raise TypeError(
+            f"not a TensorBoard writer: {type(w).__name__} (pass a SummaryWriter or a tf.summary writer)"
+        )
 
 
 class WandbSink:
@@ -106,14 +114,23 @@ class WandbSink:
         import wandb  # in sys.modules: a run exists
 
         run.log(dict(event.scalars))
-        run.summary.update({**event.scalars, "nanscope/last_category": str(event.diagnosis.category)})
+        run.summary.update(
+            {**event.scalars, "nanscope/last_category": str(event.diagnosis.category)}
+        )
         if event.action in _ALERT_ACTIONS:
-            level = wandb.AlertLevel.ERROR if event.action in ("stop", "raise") else wandb.AlertLevel.WARN
+            level = (
+                wandb.AlertLevel.ERROR
+                if event.action in ("stop", "raise")
+                else wandb.AlertLevel.WARN
+            )
             run.alert(title=event.title, text=event.text()[:4000], level=level)
         bundle = event.diagnosis.bundle
         if bundle and Path(bundle).is_dir():
-            art = wandb.Artifact(_safe_name(Path(bundle).name), type="nanscope-bundle",
-                                 metadata=event.diagnosis.fields_dict())
+            art = wandb.Artifact(
+                _safe_name(Path(bundle).name),
+                type="nanscope-bundle",
+                metadata=event.diagnosis.fields_dict(),
+            )
             art.add_dir(str(bundle))
             run.log_artifact(art)
 
@@ -131,8 +148,14 @@ class MlflowSink:
         d = event.diagnosis
         step = event.step if event.step is not None else (d.step or 0)
         mlflow.log_metrics(event.scalars, step=step)
-        mlflow.set_tags({"nanscope.status": "nonfinite", "nanscope.category": str(d.category),
-                         "nanscope.action": event.action, "nanscope.step": str(d.step)})
+        mlflow.set_tags(
+            {
+                "nanscope.status": "nonfinite",
+                "nanscope.category": str(d.category),
+                "nanscope.action": event.action,
+                "nanscope.step": str(d.step),
+            }
+        )
         name = f"step{d.step:06d}-{d.category}.json" if d.step is not None else f"{d.category}.json"
         mlflow.log_dict(d.to_dict(), f"nanscope/{name}")
 
@@ -184,7 +207,9 @@ def _one(sink: Any) -> Callable[[FailureEvent], Any]:
         return TensorBoardSink(sink)
     if callable(sink):
         return sink
-    raise TypeError(f"not a sink: {sink!r} (use 'auto', 'wandb', 'mlflow', a TensorBoard writer or a callable)")
+    raise TypeError(
+        f"not a sink: {sink!r} (use 'auto', 'wandb', 'mlflow', a TensorBoard writer or a callable)"
+    )
 
 
 def resolve(sinks: Any, *, writers: Iterable[Any] = ()) -> list[Callable[[FailureEvent], Any]]:
@@ -209,8 +234,17 @@ def resolve(sinks: Any, *, writers: Iterable[Any] = ()) -> list[Callable[[Failur
     return [_one(sinks)] + [TensorBoardSink(w) for w in writers]
 
 
-def send(sinks: Any, diagnosis: Diagnosis, *, action: str, nonfinite_steps: int, skipped_steps: int,
-         step: int | None = None, rank: int = 0, writers: Iterable[Any] = ()) -> list[str]:
+def send(
+    sinks: Any,
+    diagnosis: Diagnosis,
+    *,
+    action: str,
+    nonfinite_steps: int,
+    skipped_steps: int,
+    step: int | None = None,
+    rank: int = 0,
+    writers: Iterable[Any] = (),
+) -> list[str]:
     """Send one failure to ``sinks`` (see ``resolve``); only rank 0 sends. Returns the names of
     the sinks that took it. A sink's error propagates (the caller warns once and goes on)."""
     if rank != 0:
@@ -225,5 +259,12 @@ def send(sinks: Any, diagnosis: Diagnosis, *, action: str, nonfinite_steps: int,
 
 def to_json(event: FailureEvent) -> str:
     """The event as JSON (the diagnosis in the contract's shape, plus the action and counters)."""
-    return json.dumps({"action": event.action, **event.scalars, "step": event.step,
-                       "diagnosis": event.diagnosis.to_dict()}, indent=2)
+    return json.dumps(
+        {
+            "action": event.action,
+            **event.scalars,
+            "step": event.step,
+            "diagnosis": event.diagnosis.to_dict(),
+        },
+        indent=2,
+    )

@@ -25,9 +25,20 @@ import threading
 import time
 from pathlib import Path
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--remote-debugging-pipe", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-         "--disable-sync", "--disable-component-update", "--hide-scrollbars", "--mute-audio"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--remote-debugging-pipe",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-extensions",
+    "--disable-sync",
+    "--disable-component-update",
+    "--hide-scrollbars",
+    "--mute-audio",
+]
 
 
 def find_chromium() -> str | None:
@@ -57,7 +68,10 @@ class Browser:
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
         # Move both ends above the low fds first, so the dup2 onto 3 and 4 cannot clobber one another.
-        hi_r, hi_w = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 20), fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 20)
+        hi_r, hi_w = (
+            fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 20),
+            fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 20),
+        )
         os.close(to_child_r)
         os.close(from_child_w)
 
@@ -69,8 +83,13 @@ class Browser:
         try:
             self.proc = subprocess.Popen(
                 [exe, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-                stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, preexec_fn=child_fds,
-                pass_fds=(3, 4), start_new_session=True)
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=self._log,
+                preexec_fn=child_fds,
+                pass_fds=(3, 4),
+                start_new_session=True,
+            )
         finally:
             os.close(hi_r)
             os.close(hi_w)
@@ -115,8 +134,14 @@ class Browser:
             self._events.append(msg)
         return True
 
-    def call(self, method: str, params: dict | None = None, *, session: str | None = None,
-             timeout: float | None = None) -> dict:
+    def call(
+        self,
+        method: str,
+        params: dict | None = None,
+        *,
+        session: str | None = None,
+        timeout: float | None = None,
+    ) -> dict:
         self._next_id += 1
         ident = self._next_id
         msg: dict = {"id": ident, "method": method, "params": params or {}}
@@ -132,12 +157,16 @@ class Browser:
             raise BrowserError(f"{method}: {answer['error']}")
         return answer.get("result", {})
 
-    def wait_event(self, method: str, *, session: str | None = None, timeout: float | None = None) -> dict:
+    def wait_event(
+        self, method: str, *, session: str | None = None, timeout: float | None = None
+    ) -> dict:
         deadline = time.monotonic() + (timeout or self.timeout)
         seen = 0
         while True:
             for ev in self._events[seen:]:
-                if ev.get("method") == method and (session is None or ev.get("sessionId") == session):
+                if ev.get("method") == method and (
+                    session is None or ev.get("sessionId") == session
+                ):
                     return ev
             seen = len(self._events)
             if not self._pump(deadline):
@@ -149,20 +178,30 @@ class Browser:
     # -- pages -------------------------------------------------------------------------------
     def open(self, url: str, *, width: int = 1200, height: int = 900) -> Page:
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
         for method in ("Page.enable", "Runtime.enable", "Log.enable"):
             self.call(method, session=session)
-        self.call("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=session)
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            session=session,
+        )
         start = len(self._events)
         self.call("Page.navigate", {"url": url}, session=session)
         deadline = time.monotonic() + self.timeout
-        while not any(e.get("method") == "Page.loadEventFired" and e.get("sessionId") == session
-                      for e in self._events[start:]):
+        while not any(
+            e.get("method") == "Page.loadEventFired" and e.get("sessionId") == session
+            for e in self._events[start:]
+        ):
             if not self._pump(deadline):
                 raise BrowserError(f"{url} did not finish loading within {self.timeout} s")
         page = Page(self, target, session)
-        page.eval("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))", await_promise=True)
+        page.eval(
+            "new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))",
+            await_promise=True,
+        )
         return page
 
     def close(self) -> None:
@@ -198,8 +237,11 @@ class Page:
         self.browser, self.target, self.session = browser, target, session
 
     def eval(self, expression: str, *, await_promise: bool = False):
-        r = self.browser.call("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                   "awaitPromise": await_promise}, session=self.session)
+        r = self.browser.call(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": await_promise},
+            session=self.session,
+        )
         if "exceptionDetails" in r:
             raise BrowserError(f"{expression[:60]!r} threw: {r['exceptionDetails'].get('text')}")
         return r.get("result", {}).get("value")
@@ -212,10 +254,17 @@ class Page:
         for e in self.browser.events(self.session):
             m, p = e.get("method"), e.get("params", {})
             if m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                out.append("console." + p["type"] + ": " + " ".join(str(a.get("value", a.get("description"))) for a in p.get("args", [])))
+                out.append(
+                    "console."
+                    + p["type"]
+                    + ": "
+                    + " ".join(str(a.get("value", a.get("description"))) for a in p.get("args", []))
+                )
             elif m == "Runtime.exceptionThrown":
                 d = p.get("exceptionDetails", {})
-                out.append("exception: " + str(d.get("exception", {}).get("description") or d.get("text")))
+                out.append(
+                    "exception: " + str(d.get("exception", {}).get("description") or d.get("text"))
+                )
             elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
                 out.append("log: " + p["entry"].get("text", ""))
         return out
@@ -223,10 +272,22 @@ class Page:
     def screenshot(self, *, full: bool = False, max_height: int = 2400) -> bytes:
         params: dict = {"format": "png"}
         if full:
-            size = self.browser.call("Page.getLayoutMetrics", session=self.session)["cssContentSize"]
-            params.update(captureBeyondViewport=True,
-                          clip={"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], max_height), "scale": 1})
-        return base64.b64decode(self.browser.call("Page.captureScreenshot", params, session=self.session)["data"])
+            size = self.browser.call("Page.getLayoutMetrics", session=self.session)[
+                "cssContentSize"
+            ]
+            params.update(
+                captureBeyondViewport=True,
+                clip={
+                    "x": 0,
+                    "y": 0,
+                    "width": size["width"],
+                    "height": min(size["height"], max_height),
+                    "scale": 1,
+                },
+            )
+        return base64.b64decode(
+            self.browser.call("Page.captureScreenshot", params, session=self.session)["data"]
+        )
 
     def close(self) -> None:
         try:

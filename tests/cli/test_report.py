@@ -3,8 +3,8 @@ real headless Chromium (Debian's `chromium`; the browser tests skip without it).
 
 The pages come from one diagnosis of each category (report_fixtures/*.json: the JSON of real
 `nanscope run` failures of tests/torch/scenarios, paths made relative, plus a Keras-shaped
-`unknown`; a loss-scale collapse, compiled_numerics and transient built by the real rules), from a real `nanscope run` of a
-scenario, from a real Guard bundle (with its samples preview), and from `nanscope data` and
+`unknown`; a loss-scale collapse, compiled_numerics and transient built by the real rules),
+from a real `nanscope run` of a scenario, from a real Guard bundle (with its samples preview), and from `nanscope data` and
 `nanscope inspect` on files written here. Each is checked in the browser: no console error, the
 key elements present and visible, images decoded, a screenshot that is not blank.
 
@@ -40,9 +40,21 @@ FIXTURES = Path(__file__).parent / "report_fixtures"
 SCENARIOS = REPO / "tests" / "torch" / "scenarios"
 PYTHON = sys.executable
 SCREENSHOTS = os.environ.get("NANSCOPE_REPORT_SCREENSHOTS")
-CATEGORIES = ["nonfinite_input", "invalid_target", "op_domain", "overflow", "singular_gradient",
-              "exploding_gradients", "nonfinite_parameters", "corrupt_norm_statistics", "optimizer_state",
-              "all_masked_softmax", "unknown", "compiled_numerics", "transient"]
+CATEGORIES = [
+    "nonfinite_input",
+    "invalid_target",
+    "op_domain",
+    "overflow",
+    "singular_gradient",
+    "exploding_gradients",
+    "nonfinite_parameters",
+    "corrupt_norm_statistics",
+    "optimizer_state",
+    "all_masked_softmax",
+    "unknown",
+    "compiled_numerics",
+    "transient",
+]
 
 # Which elements must be visible: every page has the category, the summary and the fixes; a page
 # whose failure has a line of code shows it; plots where the evidence has the numbers for one.
@@ -61,7 +73,9 @@ VISIBLE_JS = """
 @pytest.fixture(scope="module")
 def browser():
     if find_chromium() is None:
-        pytest.skip("chromium is not installed: `apt-get install -y chromium` to run the report's browser tests")
+        pytest.skip(
+            "chromium is not installed: `apt-get install -y chromium` to run the report's browser tests"
+        )
     b = Browser(timeout=30)
     yield b
     b.close()
@@ -73,7 +87,9 @@ def visible(page, selector: str) -> list[bool]:
 
 def assert_visible(page, selector: str, at_least: int = 1) -> None:
     shown = visible(page, selector)
-    assert sum(shown) >= at_least, f"{selector}: {sum(shown)} of {len(shown)} visible, expected >= {at_least}"
+    assert sum(shown) >= at_least, (
+        f"{selector}: {sum(shown)} of {len(shown)} visible, expected >= {at_least}"
+    )
 
 
 def assert_not_blank(png: bytes) -> None:
@@ -102,13 +118,16 @@ def self_contained(page_html: str) -> None:
     for a, b in refs:
         ref = (a or b).strip("'\" ")
         assert ref.startswith(("data:", "#")) or ref == "", ref
-    assert "http://" not in page_html.split("<script type=\"application/json\"")[0].replace(
-        "http://www.w3.org", "")
+    assert "http://" not in page_html.split('<script type="application/json"')[0].replace(
+        "http://www.w3.org", ""
+    )
 
 
 def loss_scale_doc() -> dict:
-    scales = [65536.0 / 2 ** i for i in range(20)]
-    d = loss_scale_collapse(scales, list(range(20)), bad_parameters=["encoder.weight"], framework="torch", step=19)
+    scales = [65536.0 / 2**i for i in range(20)]
+    d = loss_scale_collapse(
+        scales, list(range(20)), bad_parameters=["encoder.weight"], framework="torch", step=19
+    )
     return d.to_dict()
 
 
@@ -116,12 +135,18 @@ def fixture_doc(category: str) -> dict:
     if category in ("compiled_numerics", "transient"):  # the real rule: the replay stayed finite
         from nanscope.core.rules import not_reproduced
 
-        return not_reproduced("loss", step=3, phase="forward", samples=[1],
-                              compiled="train_step" if category == "compiled_numerics" else None).to_dict()
+        return not_reproduced(
+            "loss",
+            step=3,
+            phase="forward",
+            samples=[1],
+            compiled="train_step" if category == "compiled_numerics" else None,
+        ).to_dict()
     return json.loads((FIXTURES / f"{category}.json").read_text())
 
 
 # -- one diagnosis of each category, in the browser ---------------------------------------------
+
 
 @pytest.mark.parametrize("category", CATEGORIES + ["overflow_loss_scale"])
 def test_each_category_renders_and_shows_its_key_elements(browser, tmp_path, category, monkeypatch):
@@ -144,30 +169,57 @@ def test_each_category_renders_and_shows_its_key_elements(browser, tmp_path, cat
     if loc and (REPO / loc["file"]).is_file():
         assert_visible(page, "#culprit-line")
         line = (REPO / loc["file"]).read_text().splitlines()[loc["line"] - 1]
-        assert page.eval("document.querySelector('#culprit-line').textContent") == f"{loc['line']}{line}"
+        assert (
+            page.eval("document.querySelector('#culprit-line').textContent")
+            == f"{loc['line']}{line}"
+        )
     elif loc:
-        assert "not readable on this machine" in page.eval("document.querySelector('#where').textContent")
-    expected_plot = {"exploding_gradients": "#plot-history", "overflow": "#plot-headroom",
-                     "overflow_loss_scale": "#plot-loss-scale", "unknown": "#plot-history"}.get(category)
+        assert "not readable on this machine" in page.eval(
+            "document.querySelector('#where').textContent"
+        )
+    expected_plot = {
+        "exploding_gradients": "#plot-history",
+        "overflow": "#plot-headroom",
+        "overflow_loss_scale": "#plot-loss-scale",
+        "unknown": "#plot-history",
+    }.get(category)
     if expected_plot:
         assert_visible(page, expected_plot + " img")
     if category == "corrupt_norm_statistics":
         assert_visible(page, "#norm-layers tr.bad")
     if any(": float" in e for e in d["evidence"]):
         assert_visible(page, "#input-stats tbody tr")
-    if category == "overflow":  # the producer's Inf output is drawn past the float16 line, in the table in red
+    if (
+        category == "overflow"
+    ):  # the producer's Inf output is drawn past the float16 line, in the table in red
         assert page.eval("document.querySelectorAll('#input-stats td.bad').length") >= 1
     page.close()
 
 
 # -- real runs ------------------------------------------------------------------------------------
 
+
 def test_real_run_exploding_gradients_page(browser, tmp_path):
     """`nanscope run --json --html` on a scenario whose gradients really explode."""
     out_json, out_html = tmp_path / "run.json", tmp_path / "run.html"
-    proc = subprocess.run([PYTHON, "-m", "nanscope.cli.main", "run", "--json", str(out_json), "--html", str(out_html),
-                           str(SCENARIOS / "lr_high.py")], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env={**os.environ, "NO_COLOR": "1"})
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "nanscope.cli.main",
+            "run",
+            "--json",
+            str(out_json),
+            "--html",
+            str(out_html),
+            str(SCENARIOS / "lr_high.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"HTML report written to {out_html}" in proc.stderr
     assert "\x1b[" not in proc.stderr  # piped: plain text
@@ -177,11 +229,18 @@ def test_real_run_exploding_gradients_page(browser, tmp_path):
     self_contained(page_html)
     page = open_checked(browser, out_html, "report-failure.png")
     assert_visible(page, "#plot-history img")
-    assert page.eval("document.querySelector('#culprit-line').textContent").strip().endswith(
-        "loss = ((model(x) - y) ** 2).mean()")
-    assert page.eval("document.querySelector('#fixes li').textContent").startswith("lower the learning rate")
-    assert page.eval("JSON.parse(document.getElementById('nanscope-data').textContent).diagnosis.step") == \
-        doc["diagnosis"]["step"]
+    assert (
+        page.eval("document.querySelector('#culprit-line').textContent")
+        .strip()
+        .endswith("loss = ((model(x) - y) ** 2).mean()")
+    )
+    assert page.eval("document.querySelector('#fixes li').textContent").startswith(
+        "lower the learning rate"
+    )
+    assert (
+        page.eval("JSON.parse(document.getElementById('nanscope-data').textContent).diagnosis.step")
+        == doc["diagnosis"]["step"]
+    )
     page.close()
     # The same page from the JSON alone (`nanscope report`), byte for byte.
     assert main(["report", str(out_json), "-o", str(tmp_path / "again.html")]) == 0
@@ -212,9 +271,13 @@ def test_real_guard_bundle_shows_the_bad_image_with_its_pixel_marked(browser, tm
     assert (bundle / "samples.npz").is_file()
     assert main(["report", str(bundle)]) == 0  # default: BUNDLE/report.html
     page = open_checked(browser, bundle / "report.html")
-    assert page.eval("document.querySelector('#category').textContent").startswith("nonfinite_input")
+    assert page.eval("document.querySelector('#category').textContent").startswith(
+        "nonfinite_input"
+    )
     assert_visible(page, "#samples img.thumb.image")
-    assert page.eval("document.querySelector('#samples .sample').getAttribute('data-sample')") == "5"
+    assert (
+        page.eval("document.querySelector('#samples .sample').getAttribute('data-sample')") == "5"
+    )
     assert "1 non-finite pixel" in page.eval("document.querySelector('#samples').textContent")
     assert_visible(page, "#bundle")
     page.close()
@@ -255,10 +318,24 @@ def seg_folder(tmp_path):
     return root
 
 
-def test_data_audit_page_with_sortable_findings_histogram_and_thumbnails(browser, tmp_path, seg_folder, capsys):
+def test_data_audit_page_with_sortable_findings_histogram_and_thumbnails(
+    browser, tmp_path, seg_folder, capsys
+):
     out_html, out_json = tmp_path / "data.html", tmp_path / "data.json"
-    rc = main(["data", str(seg_folder), "--num-classes", "21", "--ignore-index", "255", "--json", str(out_json),
-               "--html", str(out_html)])
+    rc = main(
+        [
+            "data",
+            str(seg_folder),
+            "--num-classes",
+            "21",
+            "--ignore-index",
+            "255",
+            "--json",
+            str(out_json),
+            "--html",
+            str(out_html),
+        ]
+    )
     assert rc == 1
     assert f"HTML report written to {out_html}" in capsys.readouterr().out
     page_html = out_html.read_text()
@@ -270,24 +347,38 @@ def test_data_audit_page_with_sortable_findings_histogram_and_thumbnails(browser
     assert_visible(page, "img.thumb.image", 3)
     assert_visible(page, "img.thumb.mask", 3)
     text = page.eval("document.querySelector('#samples').textContent")
-    assert "0 of 2304 valid (all ignore_index)" in text and "out of range" in text and "non-finite pixel" in text
+    assert (
+        "0 of 2304 valid (all ignore_index)" in text
+        and "out of range" in text
+        and "non-finite pixel" in text
+    )
     assert_visible(page, "#histogram img")
     # the table sorts when a header is clicked (and the script logs nothing)
-    col = ["#", "severity", "category", "summary", "where", "samples (n)", "samples"].index("category")
-    before = page.eval(f"Array.from(document.querySelectorAll('#findings tbody tr')).map(r => r.cells[{col}].textContent)")
+    col = ["#", "severity", "category", "summary", "where", "samples (n)", "samples"].index(
+        "category"
+    )
+    before = page.eval(
+        f"Array.from(document.querySelectorAll('#findings tbody tr')).map(r => r.cells[{col}].textContent)"
+    )
     page.eval(f"document.querySelectorAll('#findings th')[{col}].click()")
-    after = page.eval(f"Array.from(document.querySelectorAll('#findings tbody tr')).map(r => r.cells[{col}].textContent)")
+    after = page.eval(
+        f"Array.from(document.querySelectorAll('#findings tbody tr')).map(r => r.cells[{col}].textContent)"
+    )
     assert after == sorted(before) and after != before
     page.eval(f"document.querySelectorAll('#findings th')[{col}].click()")
-    assert page.eval(f"Array.from(document.querySelectorAll('#findings tbody tr')).map(r => r.cells[{col}].textContent)") \
-        == sorted(before, reverse=True)
+    assert page.eval(
+        f"Array.from(document.querySelectorAll('#findings tbody tr')).map(r => r.cells[{col}].textContent)"
+    ) == sorted(before, reverse=True)
     page.eval("document.querySelector('button.copy').click()")
     assert page.errors == []
     page.close()
     # `nanscope report` on the audit's JSON: the same findings; thumbnails only with --data
     assert main(["report", str(out_json), "-o", str(tmp_path / "r1.html")]) == 0
-    assert "img class=\"thumb" not in (tmp_path / "r1.html").read_text()
-    assert main(["report", str(out_json), "--data", str(seg_folder), "-o", str(tmp_path / "r2.html")]) == 0
+    assert 'img class="thumb' not in (tmp_path / "r1.html").read_text()
+    assert (
+        main(["report", str(out_json), "--data", str(seg_folder), "-o", str(tmp_path / "r2.html")])
+        == 0
+    )
     assert (tmp_path / "r2.html").read_text().count('class="thumb mask"') >= 3
 
 
@@ -297,9 +388,15 @@ def test_inspect_page_marks_the_bad_batchnorm_channels(browser, tmp_path, capsys
     var = np.ones(32, np.float32)
     var[[3, 17]] = [np.nan, -4.0]
     ck = tmp_path / "model.safetensors"
-    write_safetensors(ck, {"backbone.bn1.running_mean": np.zeros(32, np.float32), "backbone.bn1.running_var": var,
-                           "backbone.conv1.weight": np.full((32, 3, 3, 3), 0.1, np.float32),
-                           "head.weight": np.full((4, 32), 9e4, np.float32)})
+    write_safetensors(
+        ck,
+        {
+            "backbone.bn1.running_mean": np.zeros(32, np.float32),
+            "backbone.bn1.running_var": var,
+            "backbone.conv1.weight": np.full((32, 3, 3, 3), 0.1, np.float32),
+            "head.weight": np.full((4, 32), 9e4, np.float32),
+        },
+    )
     assert main(["inspect", str(ck), "--html", str(tmp_path / "ck.html")]) == 1
     capsys.readouterr()
     page = open_checked(browser, tmp_path / "ck.html")
@@ -313,12 +410,17 @@ def test_inspect_page_marks_the_bad_batchnorm_channels(browser, tmp_path, capsys
 
 # -- without a browser ----------------------------------------------------------------------------
 
+
 def test_thumbnails_mark_nonfinite_pixels_and_ignored_masks():
     x = np.zeros((3, 16, 16), np.float32)
     x[1, 7, 9] = np.nan
     t = image_thumb(x, caption="x")
     assert t.bad == 1 and t.caption == "x · 1 non-finite pixel" and (t.width, t.height) == (16, 16)
-    px = np.asarray(Image.open(io.BytesIO(__import__("base64").b64decode(t.uri.split(",", 1)[1]))).convert("RGB"))
+    px = np.asarray(
+        Image.open(io.BytesIO(__import__("base64").b64decode(t.uri.split(",", 1)[1]))).convert(
+            "RGB"
+        )
+    )
     assert tuple(px[7, 9]) == BAD_RGB and tuple(px[0, 0]) != BAD_RGB
     m = mask_thumb(np.full((8, 8), 255, np.uint8), ignore_index=255, num_classes=4)
     assert m.caption == "0 of 64 valid (all ignore_index)" and m.bad == 0
@@ -333,7 +435,7 @@ def test_report_of_json_alone_without_the_source_file(tmp_path):
     doc["diagnosis"]["location"]["file"] = "/elsewhere/train.py"
     page = render(doc)
     assert "source file /elsewhere/train.py is not readable on this machine" in page
-    assert "op_domain" in page and "<ol class=\"fixes\"" in page
+    assert "op_domain" in page and '<ol class="fixes"' in page
     assert len(page.encode()) < 200_000
 
 
@@ -363,7 +465,9 @@ def test_report_bad_input_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_clean_run_page(tmp_path):
-    (tmp_path / "ok.json").write_text(json.dumps({"schema": 1, "status": "clean", "framework": "torch", "diagnosis": None}))
+    (tmp_path / "ok.json").write_text(
+        json.dumps({"schema": 1, "status": "clean", "framework": "torch", "diagnosis": None})
+    )
     assert main(["report", str(tmp_path / "ok.json")]) == 0
     page = (tmp_path / "ok.html").read_text()
     assert "nothing non-finite happened" in page and 'class="top clean"' in page
@@ -401,11 +505,18 @@ def test_report_imports_no_framework(tmp_path):
     bundle.mkdir()
     (bundle / "state.pt").write_bytes(b"opaque")
     doc = fixture_doc("nonfinite_input")
-    doc["bundle"] = {"format": 1, "state_file": "state.pt", "state_bytes": 6, "samples_file": "samples.npz"}
+    doc["bundle"] = {
+        "format": 1,
+        "state_file": "state.pt",
+        "state_bytes": 6,
+        "samples_file": "samples.npz",
+    }
     (bundle / "diagnosis.json").write_text(json.dumps(doc))
     x = np.random.default_rng(0).random((1, 3, 16, 16)).astype(np.float32)
     x[0, 1, 7, 9] = np.nan
-    np.savez_compressed(bundle / "samples.npz", samples=np.array([5]), **{"batch[0]": x, "batch[1]": np.array([2])})
+    np.savez_compressed(
+        bundle / "samples.npz", samples=np.array([5]), **{"batch[0]": x, "batch[1]": np.array([2])}
+    )
     code = textwrap.dedent(f"""
         import sys
         from nanscope.cli.main import main
@@ -419,8 +530,16 @@ def test_report_imports_no_framework(tmp_path):
     assert 'data-sample="5"' in page and "1 non-finite pixel" in page and "batch[1]: <b" in page
 
 
-@pytest.mark.parametrize("module", ["nanscope.report", "nanscope.report.images", "nanscope.report.failure",
-                                    "nanscope.report.console", "nanscope.report.explain"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "nanscope.report",
+        "nanscope.report.images",
+        "nanscope.report.failure",
+        "nanscope.report.console",
+        "nanscope.report.explain",
+    ],
+)
 def test_report_docstring_examples(module):
     """The core suite's --doctest-modules does not cover src/nanscope/report: run its examples here."""
     import doctest
@@ -448,9 +567,20 @@ def test_path_recorded_by_an_adapter_is_shown_as_is():
     from nanscope.core.diagnosis import Diagnosis
     from nanscope.report.failure import path_nodes
 
-    d = Diagnosis("op_domain", "log of 0", phase="loss", op="aten::log", details={
-        "path": [{"op": "aten::log", "module": "head", "phase": "loss"}, "aten::mean", "aten::add"],
-        "reached": "loss"})
+    d = Diagnosis(
+        "op_domain",
+        "log of 0",
+        phase="loss",
+        op="aten::log",
+        details={
+            "path": [
+                {"op": "aten::log", "module": "head", "phase": "loss"},
+                "aten::mean",
+                "aten::add",
+            ],
+            "reached": "loss",
+        },
+    )
     assert [t for t, _, _ in path_nodes(d)] == ["aten::log", "aten::mean", "aten::add", "the loss"]
     assert path_nodes(d)[0] == ("aten::log", "head · loss", "origin")
     assert "drawn from the producer" not in render(d)

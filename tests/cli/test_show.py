@@ -15,14 +15,34 @@ from nanscope.core.diagnosis import Diagnosis
 def make_bundle(folder, state=b"\x80\x02fake tensor bytes" * 8):
     folder.mkdir()
     (folder / "state.pt").write_bytes(state)
-    d = Diagnosis("op_domain", "log received 1 zero (sample 3)", phase="loss", op="aten::log", samples=[3], step=17,
-                  evidence=["log input: float32[8]: min 0, max 0.9, 1 zero"], fixes=["clamp the argument"],
-                  framework="torch", bundle=str(folder))
+    d = Diagnosis(
+        "op_domain",
+        "log received 1 zero (sample 3)",
+        phase="loss",
+        op="aten::log",
+        samples=[3],
+        step=17,
+        evidence=["log input: float32[8]: min 0, max 0.9, 1 zero"],
+        fixes=["clamp the argument"],
+        framework="torch",
+        bundle=str(folder),
+    )
     doc = d.to_dict()
-    doc["bundle"] = {"format": 1, "created": "2026-11-22T03:00:00Z", "torch": "2.14.1", "state_file": "state.pt",
-                     "state_bytes": len(state), "state_sha256": hashlib.sha256(state).hexdigest(),
-                     "model_tensors": 4, "model_parameters": 1234, "optimizer": "SGD", "optimizer_state_tensors": 0,
-                     "batch": ["batch[0]: float32[8, 3]"], "left_out": [], "rng": ["cpu"]}
+    doc["bundle"] = {
+        "format": 1,
+        "created": "2026-11-22T03:00:00Z",
+        "torch": "2.14.1",
+        "state_file": "state.pt",
+        "state_bytes": len(state),
+        "state_sha256": hashlib.sha256(state).hexdigest(),
+        "model_tensors": 4,
+        "model_parameters": 1234,
+        "optimizer": "SGD",
+        "optimizer_state_tensors": 0,
+        "batch": ["batch[0]: float32[8, 3]"],
+        "left_out": [],
+        "rng": ["cpu"],
+    }
     (folder / "diagnosis.json").write_text(json.dumps(doc))
     return folder
 
@@ -32,14 +52,30 @@ def test_show_prints_diagnosis_and_contents(tmp_path, capsys):
     assert main(["show", str(b)]) == 0
     out = capsys.readouterr().out
     assert "op_domain in loss, step 17" in out and "aten::log" in out and "samples   3" in out
-    assert "1,234 parameters" in out and "batch[0]: float32[8, 3]" in out and "SHA-256 verified" in out
+    assert (
+        "1,234 parameters" in out and "batch[0]: float32[8, 3]" in out and "SHA-256 verified" in out
+    )
     assert main(["show", str(b / "diagnosis.json"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["status"] == "nonfinite" and doc["diagnosis"]["category"] == "op_domain" and doc["bundle"]["format"] == 1
+    assert (
+        doc["status"] == "nonfinite"
+        and doc["diagnosis"]["category"] == "op_domain"
+        and doc["bundle"]["format"] == 1
+    )
 
 
-@pytest.mark.parametrize("damage", ["missing", "plain_file", "empty_dir", "truncated_state", "corrupt_state",
-                                    "truncated_json", "no_state"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "missing",
+        "plain_file",
+        "empty_dir",
+        "truncated_state",
+        "corrupt_state",
+        "truncated_json",
+        "no_state",
+    ],
+)
 def test_bad_bundles_are_one_line_exit_2(tmp_path, capsys, damage):
     b = make_bundle(tmp_path / "b")
     target = b
@@ -71,10 +107,19 @@ def test_bad_bundles_are_one_line_exit_2(tmp_path, capsys, damage):
 
 def test_show_as_a_subprocess_imports_no_framework(tmp_path):
     b = make_bundle(tmp_path / "b")
-    code = ("import sys; from nanscope.cli.main import main; rc = main(['show', sys.argv[1]]); "
-            "assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules, 'framework imported'; sys.exit(rc)")
+    code = (
+        "import sys; from nanscope.cli.main import main; rc = main(['show', sys.argv[1]]); "
+        "assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules, 'framework imported'; sys.exit(rc)"
+    )
     ok = subprocess.run([sys.executable, "-c", code, str(b)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     (b / "state.pt").write_bytes(b"short")
-    bad = subprocess.run([sys.executable, "-m", "nanscope", "show", str(b)], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "truncated" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "nanscope", "show", str(b)], capture_output=True, text=True
+    )
+    assert (
+        bad.returncode == 2
+        and bad.stderr.count("\n") == 1
+        and "truncated" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )

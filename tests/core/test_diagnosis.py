@@ -15,9 +15,17 @@ from nanscope.core.errors import NonFiniteError
 def _diag():
     at = Location("train.py", 42, "dice_loss")
     return Diagnosis(
-        Category.OP_DOMAIN, compose_summary("log received 1 zero", [3], None, at), phase="loss", op="aten::log",
-        location=at, dtype="float32", samples=[3], step=17,
-        evidence=["log input: min 0.0"], fixes=["clamp"], framework="torch",
+        Category.OP_DOMAIN,
+        compose_summary("log received 1 zero", [3], None, at),
+        phase="loss",
+        op="aten::log",
+        location=at,
+        dtype="float32",
+        samples=[3],
+        step=17,
+        evidence=["log input: min 0.0"],
+        fixes=["clamp"],
+        framework="torch",
     )
 
 
@@ -26,8 +34,20 @@ def test_json_matches_contract_and_round_trips():
     doc = json.loads(d.to_json())
     assert doc["schema"] == 1 and doc["status"] == "nonfinite" and doc["framework"] == "torch"
     inner = doc["diagnosis"]
-    for key in ("category", "phase", "op", "op_kind", "module", "location", "dtype", "samples", "step",
-                "summary", "evidence", "fixes"):
+    for key in (
+        "category",
+        "phase",
+        "op",
+        "op_kind",
+        "module",
+        "location",
+        "dtype",
+        "samples",
+        "step",
+        "summary",
+        "evidence",
+        "fixes",
+    ):
         assert key in inner, key
     assert inner["location"] == {"file": "train.py", "line": 42, "function": "dice_loss"}
     assert inner["op_kind"] == "log"
@@ -38,7 +58,12 @@ def test_json_matches_contract_and_round_trips():
 def test_text_rendering_names_everything():
     d = _diag()
     text = str(d)
-    assert "op_domain" in text and "aten::log" in text and "train.py:42" in text and "  samples   3\n" in text
+    assert (
+        "op_domain" in text
+        and "aten::log" in text
+        and "train.py:42" in text
+        and "  samples   3\n" in text
+    )
     assert "1. clamp" in text
     # Said once: the line, the function and the samples are not repeated by the headline.
     assert text.count("train.py:42") == 1 and text.count("dice_loss") == 1, text
@@ -55,8 +80,12 @@ def test_strenums_accept_plain_strings():
 
 
 def test_audit_report_problems_first_and_exit_codes():
-    warn = Finding(Category.UNKNOWN, "constant image", where_found={"file": "a.png"}, severity="warning")
-    err = Finding(Category.INVALID_TARGET, "every pixel ignored", where_found={"file": "m.png"}, samples=[7])
+    warn = Finding(
+        Category.UNKNOWN, "constant image", where_found={"file": "a.png"}, severity="warning"
+    )
+    err = Finding(
+        Category.INVALID_TARGET, "every pixel ignored", where_found={"file": "m.png"}, samples=[7]
+    )
     rep = AuditReport([warn, err], stats={"pixels": {"mean": 0.5}})
     assert rep.exit_code == 1 and rep.to_dict()["status"] == "problems"
     text = str(rep)
@@ -64,7 +93,12 @@ def test_audit_report_problems_first_and_exit_codes():
     assert rep.to_dict()["findings"][1]["where"] == {"file": "m.png"}
     assert AuditReport.from_dict(json.loads(json.dumps(rep.to_dict()))).to_dict() == rep.to_dict()
     assert AuditReport([warn]).exit_code == 0
-    assert clean_report("keras") == {"schema": 1, "status": "clean", "framework": "keras", "diagnosis": None}
+    assert clean_report("keras") == {
+        "schema": 1,
+        "status": "clean",
+        "framework": "keras",
+        "diagnosis": None,
+    }
 
 
 def test_nonfinite_error_carries_diagnosis_and_pickles():
@@ -79,8 +113,21 @@ def test_nonfinite_error_carries_diagnosis_and_pickles():
 
 def test_finding_of_keeps_every_field_of_the_diagnosis():
     d = _diag()
-    f = Finding.of(d, {"tensor": "bn.running_var"}, severity="warning", summary="case: " + d.summary)
+    f = Finding.of(
+        d, {"tensor": "bn.running_var"}, severity="warning", summary="case: " + d.summary
+    )
     assert f.where_found == {"tensor": "bn.running_var"} and f.severity == "warning"
-    assert f.summary == "case: " + d.summary and d.summary == "log received 1 zero (sample 3) in dice_loss at train.py:42"
+    assert (
+        f.summary == "case: " + d.summary
+        and d.summary == "log received 1 zero (sample 3) in dice_loss at train.py:42"
+    )
     assert (f.category, f.op, f.location, f.samples, f.step, f.evidence, f.fixes, f.framework) == (
-        d.category, d.op, d.location, d.samples, d.step, d.evidence, d.fixes, d.framework)
+        d.category,
+        d.op,
+        d.location,
+        d.samples,
+        d.step,
+        d.evidence,
+        d.fixes,
+        d.framework,
+    )

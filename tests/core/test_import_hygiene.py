@@ -8,7 +8,9 @@ import pytest
 FRAMEWORKS = ("torch", "tensorflow", "keras", "torchvision", "jax")
 
 
-@pytest.mark.parametrize("module", ["nanscope", "nanscope.core.rules", "nanscope.cli.main", "nanscope.core.diagnosis"])
+@pytest.mark.parametrize(
+    "module", ["nanscope", "nanscope.core.rules", "nanscope.cli.main", "nanscope.core.diagnosis"]
+)
 def test_import_pulls_in_no_framework(module):
     code = (
         f"import {module}, sys, nanscope; nanscope.Diagnosis; nanscope.Category; "

@@ -11,7 +11,9 @@ from nanscope.core.trend import is_exploding
 
 def ev(op, phase, inputs, output, **kw):
     with np.errstate(all="ignore"):
-        return classify_producer(ProducerEvidence(op, phase, [summarize(x) for x in inputs], summarize(output), **kw))
+        return classify_producer(
+            ProducerEvidence(op, phase, [summarize(x) for x in inputs], summarize(output), **kw)
+        )
 
 
 def test_log_of_zero_is_op_domain():
@@ -42,7 +44,14 @@ def test_float16_overflow_names_dtype_and_limit():
 
 def test_all_masked_softmax():
     s = np.array([[0.0, -np.inf], [-np.inf, -np.inf]], np.float32)
-    d = ev("aten::_softmax", Phase.FORWARD, [s], np.array([[1, 0], [np.nan, np.nan]], np.float32), all_masked_rows=[1], samples=[1])
+    d = ev(
+        "aten::_softmax",
+        Phase.FORWARD,
+        [s],
+        np.array([[1, 0], [np.nan, np.nan]], np.float32),
+        all_masked_rows=[1],
+        samples=[1],
+    )
     assert d.category is Category.ALL_MASKED_SOFTMAX and d.samples == [1]
     assert d.summary == "softmax over a row where every position is masked (-Inf) (sample 1)"
     assert d.evidence[0] == "1 row entirely -Inf"
@@ -50,27 +59,55 @@ def test_all_masked_softmax():
 
 def test_all_ignored_targets():
     logits = np.zeros((2, 3), np.float32)
-    d = ev("aten::nll_loss_nd", Phase.LOSS, [logits], np.array(np.nan, np.float32), valid_targets=0, ignore_index=255)
+    d = ev(
+        "aten::nll_loss_nd",
+        Phase.LOSS,
+        [logits],
+        np.array(np.nan, np.float32),
+        valid_targets=0,
+        ignore_index=255,
+    )
     assert d.category is Category.INVALID_TARGET and "255" in d.evidence[0]
 
 
 def test_backward_of_sqrt_at_zero_is_singular_gradient():
     x = np.array([0.0, 1.0], np.float32)
-    d = ev("SqrtBackward0", Phase.BACKWARD, [x], np.array([np.inf, 0.5], np.float32), forward_op="aten::sqrt",
-           forward_inputs=[summarize(x)])
+    d = ev(
+        "SqrtBackward0",
+        Phase.BACKWARD,
+        [x],
+        np.array([np.inf, 0.5], np.float32),
+        forward_op="aten::sqrt",
+        forward_inputs=[summarize(x)],
+    )
     assert d.category is Category.SINGULAR_GRADIENT and "safe_sqrt" in d.fixes[0]
     assert d.summary == "the gradient of sqrt is +Inf at its input 0"
     assert d.evidence[0] == "forward aten::sqrt was finite; its derivative is not at 1 input == 0"
 
 
-@pytest.mark.parametrize("op,x,summary", [
-    ("aten::acos", np.array([1.5], np.float32), "acos received values outside [-1, 1] (max |x| 1.5)"),
-    ("aten::sqrt", np.array([-1.0], np.float32), "sqrt received 1 negative value, min -1"),
-    ("aten::pow", np.array([-8.0], np.float32), "pow of a negative base to a fractional exponent"),
-])
+@pytest.mark.parametrize(
+    "op,x,summary",
+    [
+        (
+            "aten::acos",
+            np.array([1.5], np.float32),
+            "acos received values outside [-1, 1] (max |x| 1.5)",
+        ),
+        ("aten::sqrt", np.array([-1.0], np.float32), "sqrt received 1 negative value, min -1"),
+        (
+            "aten::pow",
+            np.array([-8.0], np.float32),
+            "pow of a negative base to a fractional exponent",
+        ),
+    ],
+)
 def test_domain_errors(op, x, summary):
     with np.errstate(all="ignore"):
-        out = {"aten::acos": np.arccos, "aten::sqrt": np.sqrt, "aten::pow": lambda a: np.power(a, 0.5)}[op](x)
+        out = {
+            "aten::acos": np.arccos,
+            "aten::sqrt": np.sqrt,
+            "aten::pow": lambda a: np.power(a, 0.5),
+        }[op](x)
     d = ev(op, Phase.FORWARD, [x], out)
     assert d.category is Category.OP_DOMAIN and d.summary == summary
 
@@ -79,7 +116,11 @@ def test_exp_overflow_float32():
     x = np.array([100.0, 1.0], np.float32)
     with np.errstate(all="ignore"):
         d = ev("aten::exp", Phase.FORWARD, [x], np.exp(x))
-    assert d.category is Category.OVERFLOW and "max" in d.fixes[0] and d.summary == "exp overflowed float32"
+    assert (
+        d.category is Category.OVERFLOW
+        and "max" in d.fixes[0]
+        and d.summary == "exp overflowed float32"
+    )
     assert d.evidence[0].startswith("float32 holds at most 3.403e+38; largest |input| 100")
 
 
@@ -91,8 +132,11 @@ def test_norm_statistics_problems():
 
 
 def test_norm_statistics_problems_in_keras_names():
-    bad = norm_statistics_problems(summarize(np.array([np.nan, 0.0])), summarize(np.array([1.0, -2.0])),
-                                   names=("moving_mean", "moving_variance"))
+    bad = norm_statistics_problems(
+        summarize(np.array([np.nan, 0.0])),
+        summarize(np.array([1.0, -2.0])),
+        names=("moving_mean", "moving_variance"),
+    )
     assert bad == ["moving_mean: 1 NaN of 2", "moving_variance: 1 negative (min -2)"]
 
 
@@ -105,7 +149,9 @@ def test_loss_scale_collapse_below_one_and_in_a_row():
     from nanscope.core.rules import loss_scale_collapse
 
     scales = [2.0 ** (4 - i) for i in range(6)]  # 16 .. 0.5, every step skipped
-    d = loss_scale_collapse(scales, list(range(6)), bad_parameters=["ffn.wo.weight"], nonfinite_loss_steps=6)
+    d = loss_scale_collapse(
+        scales, list(range(6)), bad_parameters=["ffn.wo.weight"], nonfinite_loss_steps=6
+    )
     assert d.category is Category.OVERFLOW and d.phase is Phase.FORWARD and d.dtype == "float16"
     assert d.module == "ffn.wo" and "locate_overflow" in d.fixes[0] and "bfloat16" in d.fixes[1]
     healthy = [65536.0, 32768.0, 32768.0, 32768.0]
@@ -127,8 +173,15 @@ def test_where_trap_is_named_even_when_the_forward_op_is_sqrt():
     x = np.array([-1.0, 4.0], np.float32)
     with np.errstate(invalid="ignore"):
         y = np.sqrt(x)
-    d = ev("SqrtBackward0", Phase.BACKWARD, [x], y, forward_op="aten::sqrt",
-           forward_inputs=[summarize(x)], details={"where_trap": True})
+    d = ev(
+        "SqrtBackward0",
+        Phase.BACKWARD,
+        [x],
+        y,
+        forward_op="aten::sqrt",
+        forward_inputs=[summarize(x)],
+        details={"where_trap": True},
+    )
     assert d.category is Category.SINGULAR_GRADIENT
     assert "where trap" in d.summary and "discarded" in d.evidence[0]
 
@@ -152,7 +205,11 @@ def test_with_history_tells_explosion_from_one_off():
     assert with_history(one_off, steady) is one_off
     growing = [0.5, 2.0, 9.0, 40.0, 170.0, 800.0]
     d = with_history(one_off, growing, lr=5.0)
-    assert d.category is Category.EXPLODING_GRADIENTS and d.op == "aten::sub" and d.phase is Phase.FORWARD
+    assert (
+        d.category is Category.EXPLODING_GRADIENTS
+        and d.op == "aten::sub"
+        and d.phase is Phase.FORWARD
+    )
     assert "learning rate 5" in d.summary and any("inf - inf" in e for e in d.evidence)
     bad_data = Diagnosis(Category.NONFINITE_INPUT, "NaN pixel", phase="data", samples=[3])
     assert with_history(bad_data, growing) is bad_data
@@ -168,16 +225,33 @@ def test_nll_loss_forward_is_cross_entropy():
 def test_tensorflow_op_names_normalize():
     from nanscope.core.enums import OpKind
 
-    names = {"MatMul": "matmul", "Conv2D": "conv", "Conv3D": "conv", "BiasAdd": "add", "SqrtGrad": "sqrt",
-             "Conv2DBackpropInput": "conv", "BatchMatMulV2": "matmul", "RealDiv": "div", "Xlogy": "log"}
+    names = {
+        "MatMul": "matmul",
+        "Conv2D": "conv",
+        "Conv3D": "conv",
+        "BiasAdd": "add",
+        "SqrtGrad": "sqrt",
+        "Conv2DBackpropInput": "conv",
+        "BatchMatMulV2": "matmul",
+        "RealDiv": "div",
+        "Xlogy": "log",
+    }
     assert {n: str(OpKind.of(n)) for n in names} == names
 
 
 def test_bce_gradient_at_exact_probabilities_suggests_logits():
     from nanscope.core.fixes import fixes_for
 
-    f = fixes_for(Category.SINGULAR_GRADIENT, op_kind="other", forward_op_kind="cross_entropy", framework="torch")
-    assert "binary_cross_entropy_with_logits" in f[0] and "nanscope.losses.binary_cross_entropy" in f[0]
+    f = fixes_for(
+        Category.SINGULAR_GRADIENT,
+        op_kind="other",
+        forward_op_kind="cross_entropy",
+        framework="torch",
+    )
+    assert (
+        "binary_cross_entropy_with_logits" in f[0]
+        and "nanscope.losses.binary_cross_entropy" in f[0]
+    )
 
 
 def test_matmul_nan_from_huge_finite_inputs_is_overflow_in_the_accumulation():
@@ -187,7 +261,9 @@ def test_matmul_nan_from_huge_finite_inputs_is_overflow_in_the_accumulation():
     d = classify_producer(ProducerEvidence("MatMul", Phase.FORWARD, [a, w], out, framework="keras"))
     assert d.category is Category.OVERFLOW and "inf - inf" in d.evidence[0]
     small = summarize(np.array([[1.0, 2.0]], dtype=np.float32))
-    d = classify_producer(ProducerEvidence("MatMul", Phase.FORWARD, [small, small], out, framework="keras"))
+    d = classify_producer(
+        ProducerEvidence("MatMul", Phase.FORWARD, [small, small], out, framework="keras")
+    )
     assert d.category is Category.UNKNOWN
 
 
@@ -206,7 +282,9 @@ def test_nonfinite_input_without_a_name_says_what_was_seen():
 
     s = summarize(np.array([[1.0, np.nan], [0.0, 2.0]], np.float32))
     named = nonfinite_input("images", s, [0])
-    assert named.summary.startswith("the batch's input 'images' holds 1 non-finite value (sample 0)")
+    assert named.summary.startswith(
+        "the batch's input 'images' holds 1 non-finite value (sample 0)"
+    )
     unnamed = nonfinite_input(None, s, [0])
     assert unnamed.summary.startswith("an input tensor already held 1 non-finite value (sample 0)")
     assert unnamed.evidence[0].startswith("input tensor: float32[2, 2]")
@@ -229,8 +307,12 @@ def test_nonfinite_input_in_every_sample_points_at_preprocessing():
 def test_log_fix_fits_what_the_log_was_taken_of():
     x = summarize(np.array([0.5, 0.0], dtype=np.float32))
     y = summarize(np.array([-0.69, -np.inf], dtype=np.float32))
-    of_softmax = classify_producer(ProducerEvidence("aten::log", Phase.LOSS, [x], y, details={"input_op": "softmax"}))
-    of_relu = classify_producer(ProducerEvidence("aten::log", Phase.LOSS, [x], y, details={"input_op": "other"}))
+    of_softmax = classify_producer(
+        ProducerEvidence("aten::log", Phase.LOSS, [x], y, details={"input_op": "softmax"})
+    )
+    of_relu = classify_producer(
+        ProducerEvidence("aten::log", Phase.LOSS, [x], y, details={"input_op": "other"})
+    )
     assert of_softmax.fixes[0].startswith("replace log(softmax(x)) with log_softmax(x)")
     assert of_relu.fixes[0].startswith("clamp the argument away from 0")
     assert not any("softmax" in f for f in of_relu.fixes)

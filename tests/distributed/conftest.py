@@ -41,19 +41,41 @@ class Ranks(list):
         return [self.result(r) for r in range(len(self))]
 
 
-def launch(worker: str, world: int, out: Path, *args: str, timeout: float = 150, env: dict | None = None) -> Ranks:
+def launch(
+    worker: str, world: int, out: Path, *args: str, timeout: float = 150, env: dict | None = None
+) -> Ranks:
     """Start ``world`` processes of ``workers/<worker>`` (RANK / WORLD_SIZE / MASTER_* set) and
     wait for all of them, at most ``timeout`` seconds in all; on a timeout every rank still
     running is killed and the test fails with their output."""
     port = free_port()
     procs = []
     for rank in range(world):
-        e = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(port), PYTHONHASHSEED="0", PYTHONFAULTHANDLER="1", TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1",
-                 **(env or {}))
+        e = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            PYTHONHASHSEED="0",
+            PYTHONFAULTHANDLER="1",
+            TF_CPP_MIN_LOG_LEVEL="2",
+            OMP_NUM_THREADS="1",
+            **(env or {}),
+        )
         log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
-        procs.append((subprocess.Popen([sys.executable, str(WORKERS / worker), str(out), *args], cwd=ROOT, env=e,
-                                       stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(WORKERS / worker), str(out), *args],
+                    cwd=ROOT,
+                    env=e,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     deadline = time.monotonic() + timeout
     done = []
     try:
@@ -63,7 +85,10 @@ def launch(worker: str, world: int, out: Path, *args: str, timeout: float = 150,
             except subprocess.TimeoutExpired:
                 for q, _ in procs:
                     q.kill()
-                logs = "\n".join(f"--- rank {r}\n{(out / f'rank{r}.log').read_text()[-2500:]}" for r in range(world))
+                logs = "\n".join(
+                    f"--- rank {r}\n{(out / f'rank{r}.log').read_text()[-2500:]}"
+                    for r in range(world)
+                )
                 pytest.fail(f"{worker}: ranks still running after {timeout} s, killed\n{logs}")
             done.append(rc)
     finally:
@@ -84,9 +109,11 @@ def assert_ok(ranks: Ranks) -> None:
 def ranks_of():
     """``ranks_of(worker, world, tmp_path, *args, timeout=..., ok=True)``: launch and (by default)
     assert that every rank exited 0."""
+
     def run(worker: str, world: int, out: Path, *args: str, ok: bool = True, **kw) -> Ranks:
         ranks = launch(worker, world, out, *args, **kw)
         if ok:
             assert_ok(ranks)
         return ranks
+
     return run

@@ -10,8 +10,15 @@ pytest.importorskip("torch")
 
 @pytest.mark.parametrize("mode", ["kill", "raise"])
 def test_the_other_rank_is_told_which_rank_left(mode, tmp_path, ranks_of):
-    ranks = ranks_of("torch_leave.py", 2, tmp_path, mode, ok=False, timeout=120,
-                     env={"NANSCOPE_COLLECTIVE_TIMEOUT": "5"})
+    ranks = ranks_of(
+        "torch_leave.py",
+        2,
+        tmp_path,
+        mode,
+        ok=False,
+        timeout=120,
+        env={"NANSCOPE_COLLECTIVE_TIMEOUT": "5"},
+    )
     rc0, log0 = ranks[0]
     assert rc0 == 0, log0[-3000:]
     r0 = ranks.result(0)
@@ -21,4 +28,7 @@ def test_the_other_rank_is_told_which_rank_left(mode, tmp_path, ranks_of):
     if mode == "kill":
         assert ranks[1][0] == -9
     else:
-        assert ranks.result(1)["error"] == {"type": "ValueError", "message": "the user's step failed on this rank"}
+        assert ranks.result(1)["error"] == {
+            "type": "ValueError",
+            "message": "the user's step failed on this rank",
+        }

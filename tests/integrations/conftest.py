@@ -19,7 +19,9 @@ os.environ.setdefault("PL_DISABLE_FORK", "1")
 
 import pytest  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))  # lit_models, hf_models: shared by the tests and the DDP script
+sys.path.insert(
+    0, str(Path(__file__).parent)
+)  # lit_models, hf_models: shared by the tests and the DDP script
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,10 @@ from nanscope.lightning import NanGuard  # noqa: E402
 
 class RankNet(M.Net):
     def train_dataloader(self):
-        return M.data(bad=M.BAD_BATCH if self.trainer.global_rank == 1 else None, seed=self.trainer.global_rank)
+        return M.data(
+            bad=M.BAD_BATCH if self.trainer.global_rank == 1 else None,
+            seed=self.trainer.global_rank,
+        )
 
 
 def main(out: Path) -> None:
@@ -30,7 +33,9 @@ def main(out: Path) -> None:
     rank = trainer.global_rank
     d = guard.last
     result = {
-        "rank": rank, "skipped": guard.skipped, "global_step": trainer.global_step,
+        "rank": rank,
+        "skipped": guard.skipped,
+        "global_step": trainer.global_step,
         "unchanged": [i for i in sorted(rec.before) if rec.unchanged(i)],
         "diagnosis": d.to_dict() if d is not None else None,
         "weights": float(sum(p.double().sum() for p in trainer.lightning_module.parameters())),

@@ -10,12 +10,16 @@ from torch.utils.data import DataLoader, TensorDataset
 BAD_BATCH = 3  # the batch whose inputs are so large that the softmax underflows to exactly 0
 
 
-def data(n_batches: int = 6, batch: int = 8, bad: int | None = BAD_BATCH, seed: int = 0) -> DataLoader:
+def data(
+    n_batches: int = 6, batch: int = 8, bad: int | None = BAD_BATCH, seed: int = 0
+) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_batches * batch, 10, generator=g)
     y = torch.randint(0, 4, (n_batches * batch,), generator=g)
     if bad is not None:
-        x[bad * batch:(bad + 1) * batch] *= 1e4  # confident logits: softmax rounds some classes to 0
+        x[bad * batch : (bad + 1) * batch] *= (
+            1e4  # confident logits: softmax rounds some classes to 0
+        )
     return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
 
 
@@ -28,8 +32,11 @@ class Net(pl.LightningModule):
     def __init__(self, lr: float = 0.1, scheduler: bool = True, norm: bool = True) -> None:
         super().__init__()
         torch.manual_seed(0)
-        layers = [torch.nn.Linear(10, 16)] + ([torch.nn.BatchNorm1d(16)] if norm else []) + [
-            torch.nn.ReLU(), torch.nn.Linear(16, 4)]
+        layers = (
+            [torch.nn.Linear(10, 16)]
+            + ([torch.nn.BatchNorm1d(16)] if norm else [])
+            + [torch.nn.ReLU(), torch.nn.Linear(16, 4)]
+        )
         self.body = torch.nn.Sequential(*layers)
         self.skip = torch.nn.Linear(10, 4)  # a residual path that BatchNorm does not normalize
         self.lr = lr
@@ -74,10 +81,20 @@ class ManualNet(Net):
 
 
 def trainer(callbacks, *, max_steps: int = 6, precision: str = "32-true", **kw) -> pl.Trainer:
-    args = dict(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=1, precision=precision,
-                logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                deterministic=True)
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        max_epochs=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        deterministic=True,
+    )
     args.update(kw)
     return pl.Trainer(callbacks=callbacks, **args)
 

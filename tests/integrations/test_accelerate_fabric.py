@@ -12,14 +12,18 @@ pytestmark = pytest.mark.filterwarnings("ignore:nanscope:RuntimeWarning")
 
 def _data():
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(5)]
+    batches = [
+        (torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(5)
+    ]
     batches[2][0][4, 1] = float("nan")  # one NaN feature in sample 4 of step 2
     return batches
 
 
 def _net():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    )
 
 
 def _run(guard, model, backward, batches):

@@ -17,8 +17,10 @@ import nanscope.torch
 from nanscope import NonFiniteError
 from nanscope.core.enums import Category, OpKind, Phase
 
-pytestmark = [pytest.mark.filterwarnings("ignore:nanscope:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:Model config. (bos|eos)_token_id:UserWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:nanscope:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:Model config. (bos|eos)_token_id:UserWarning"),
+]
 
 
 def _train(tmp_path, *, data=None, policy="skip", via="guard", model=None, **kw):
@@ -28,8 +30,12 @@ def _train(tmp_path, *, data=None, policy="skip", via="guard", model=None, **kw)
     if via == "callbacks":
         cb = nanscope.hf.NanGuardCallback(policy, reports=str(tmp_path / "rep"))
         cbs.append(cb)
-    trainer = H.DistillTrainer(model=model or H.gpt2(), args=H.args(tmp_path, **kw),
-                               train_dataset=data if data is not None else H.distill_data(), callbacks=cbs)
+    trainer = H.DistillTrainer(
+        model=model or H.gpt2(),
+        args=H.args(tmp_path, **kw),
+        train_dataset=data if data is not None else H.distill_data(),
+        callbacks=cbs,
+    )
     if via == "guard":
         cb = nanscope.hf.guard(trainer, policy=policy, reports=str(tmp_path / "rep"))
     trainer.train()
@@ -52,12 +58,16 @@ def test_the_hidden_nan_loss_is_caught_and_the_step_really_skipped(tmp_path, via
     for step in rec.lr:
         if step in cb.nonfinite_steps:
             assert rec.unchanged(step), f"vetoed step {step} changed the weights"
-            assert rec.lr[step][0] == rec.lr[step][1], f"the LR scheduler advanced on vetoed step {step}"
+            assert rec.lr[step][0] == rec.lr[step][1], (
+                f"the LR scheduler advanced on vetoed step {step}"
+            )
         else:
             assert not rec.unchanged(step) and rec.lr[step][1] < rec.lr[step][0]
     logs = {e["step"]: e for e in trainer.state.log_history if "loss" in e}
     for step in cb.nonfinite_steps:
-        assert logs[step + 1]["loss"] == 0.0  # what the Trainer alone shows (logging_nan_inf_filter)
+        assert (
+            logs[step + 1]["loss"] == 0.0
+        )  # what the Trainer alone shows (logging_nan_inf_filter)
     last = logs[max(logs)]
     assert last["nanscope/nonfinite_steps"] == len(cb.nonfinite_steps)
     assert last["nanscope/skipped_steps"] == cb.skipped
@@ -66,8 +76,12 @@ def test_the_hidden_nan_loss_is_caught_and_the_step_really_skipped(tmp_path, via
 
 def test_without_nanscope_the_trainer_applies_the_nan_step(tmp_path):
     """The issue, as a test: the NaN loss is logged as 0 and every update is applied."""
-    trainer = H.DistillTrainer(model=H.gpt2(), args=H.args(tmp_path), train_dataset=H.distill_data(),
-                               callbacks=[rec := H.Recorder()])
+    trainer = H.DistillTrainer(
+        model=H.gpt2(),
+        args=H.args(tmp_path),
+        train_dataset=H.distill_data(),
+        callbacks=[rec := H.Recorder()],
+    )
     trainer.train()
     assert all(not rec.unchanged(s) for s in rec.lr)
     assert 0.0 in [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -111,7 +125,10 @@ def _overflowing_gpt2() -> transformers.GPT2LMHeadModel:
 
 
 def test_float16_gpt2_mlp_overflow_names_the_module():
-    batch = {"input_ids": torch.randint(0, H.VOCAB, (2, H.SEQ)), "labels": torch.randint(0, H.VOCAB, (2, H.SEQ))}
+    batch = {
+        "input_ids": torch.randint(0, H.VOCAB, (2, H.SEQ)),
+        "labels": torch.randint(0, H.VOCAB, (2, H.SEQ)),
+    }
 
     def loss_fn(out, labels):
         return torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten())
@@ -127,20 +144,31 @@ def test_float16_gpt2_mlp_overflow_names_the_module():
 class _LMTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = model(input_ids=inputs["input_ids"])
-        loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), inputs["labels"].flatten())
+        loss = torch.nn.functional.cross_entropy(
+            out.logits.float().flatten(0, 1), inputs["labels"].flatten()
+        )
         return (loss, out) if return_outputs else loss
 
 
 def test_float16_gpt2_mlp_overflow_under_the_callback(tmp_path):
     g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(0, H.VOCAB, (H.SEQ,), generator=g),
-             "labels": torch.randint(0, H.VOCAB, (H.SEQ,), generator=g)} for _ in range(8)]
+    data = [
+        {
+            "input_ids": torch.randint(0, H.VOCAB, (H.SEQ,), generator=g),
+            "labels": torch.randint(0, H.VOCAB, (H.SEQ,), generator=g),
+        }
+        for _ in range(8)
+    ]
     model = _overflowing_gpt2()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = _LMTrainer(model=model, args=H.args(tmp_path, max_steps=2), train_dataset=data)
     cb = nanscope.hf.guard(trainer, policy="skip", reports=None)
     trainer.train()
     d = cb.last
-    assert d.category is Category.OVERFLOW and d.module == "transformer.h.1.mlp.c_fc" and d.op_kind is OpKind.MATMUL
+    assert (
+        d.category is Category.OVERFLOW
+        and d.module == "transformer.h.1.mlp.c_fc"
+        and d.op_kind is OpKind.MATMUL
+    )
     assert cb.skipped == 2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

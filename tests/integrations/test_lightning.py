@@ -100,7 +100,9 @@ def test_warn_applies_the_update_after_explaining_it():
     _, module, rec = _fit(guard, max_steps=M.BAD_BATCH + 1)
     _assert_log_of_zero(guard.last)  # explained from the pre-update weights
     assert not rec.unchanged(M.BAD_BATCH)
-    assert not all(torch.isfinite(p).all() for p in module.parameters())  # NaN gradients were applied
+    assert not all(
+        torch.isfinite(p).all() for p in module.parameters()
+    )  # NaN gradients were applied
 
 
 def test_validation_nan_is_explained():
@@ -118,12 +120,16 @@ def test_validation_nan_is_explained():
 def test_counters_survive_a_checkpoint_resume(tmp_path):
     pl = pytest.importorskip("pytorch_lightning")
     guard = NanGuard(policy="skip", reports=None)
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=5)
+    ckpt = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=5
+    )
     t = M.trainer([guard, ckpt], max_steps=5, enable_checkpointing=True)
     t.fit(M.Net(), M.data())
     assert guard.skipped == 1
     resumed = NanGuard(policy="skip", reports=None)
-    ckpt2 = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True, every_n_train_steps=5)
+    ckpt2 = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt2", save_last=True, every_n_train_steps=5
+    )
     t2 = M.trainer([resumed, ckpt2], max_steps=6, enable_checkpointing=True)
     t2.fit(M.Net(), M.data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed.skipped == 1 and resumed.counts == {"op_domain": 1}

@@ -46,7 +46,9 @@ def test_tensorboard_from_lightnings_logger(tmp_path):
     t = M.trainer([guard], logger=logger, log_every_n_steps=1)
     t.fit(M.Net(), M.data())
     logger.experiment.flush()
-    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"tensors": 0, "scalars": 0})
+    acc = EventAccumulator(
+        str(tmp_path / "tb" / "version_0"), size_guidance={"tensors": 0, "scalars": 0}
+    )
     acc.Reload()
     skipped = acc.Scalars("nanscope/skipped_steps")
     assert [(e.step, e.value) for e in skipped] == [(M.BAD_BATCH, 1.0)]
@@ -67,13 +69,17 @@ def test_wandb_offline_run(tmp_path):
     finally:
         run.finish()
     path = next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    for _ in range(100):  # wandb-core may still be writing its log after finish() returned (bounded)
+    for _ in range(
+        100
+    ):  # wandb-core may still be writing its log after finish() returned (bounded)
         log = path.read_bytes()
         if b"nanscope-bundle" in log:
             break
         time.sleep(0.1)
     assert b"nanscope: nonfinite_input at step 2 (skip)" in log  # the alert
-    assert b"nanscope-bundle" in log and b"nanscope-step000002-nonfinite_input" in log  # the artifact
+    assert (
+        b"nanscope-bundle" in log and b"nanscope-step000002-nonfinite_input" in log
+    )  # the artifact
     assert guard.last.bundle and run_dir
 
 
@@ -96,9 +102,11 @@ def test_mlflow_file_store(tmp_path, monkeypatch):
 
 
 def test_no_tracker_is_imported_by_auto():
-    code = ("import sys, nanscope.sinks as s; s.resolve('auto'); "
-            "bad = [m for m in ('wandb', 'mlflow', 'tensorboard', 'torch', 'tensorflow') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, nanscope.sinks as s; s.resolve('auto'); "
+        "bad = [m for m in ('wandb', 'mlflow', 'tensorboard', 'torch', 'tensorflow') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -106,6 +114,8 @@ def test_a_failing_sink_only_warns(tmp_path):
     def broken(event):
         raise OSError("tracker down")
 
-    with pytest.warns(RuntimeWarning, match="could not send the diagnosis to the trackers: OSError"):
+    with pytest.warns(
+        RuntimeWarning, match="could not send the diagnosis to the trackers: OSError"
+    ):
         guard = _guarded_failure([broken])
     assert guard.skipped == 1

@@ -42,7 +42,11 @@ def test_headroom_flags_wo_before_float16_overflows(tmp_path):
     report = headroom(model, (x, y), LOSS)
     top = report.layers[0]
     assert top.name == "wo" and top.status == "danger" and 4096 < top.act_absmax < 65504
-    assert report["head"].status == "ok" and 0 < top.grad_absmax < np.inf and 0 <= top.grad_underflow <= 1
+    assert (
+        report["head"].status == "ok"
+        and 0 < top.grad_absmax < np.inf
+        and 0 <= top.grad_underflow <= 1
+    )
     assert all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights(), strict=True))
     assert report.to_dict()["layers"][0]["name"] == "wo" and "wo" in str(report)
     report.plot(tmp_path / "headroom.png")
@@ -57,10 +61,19 @@ def test_headroom_flags_wo_before_float16_overflows(tmp_path):
 
 def _fit(model, monitor, steps, initial_scale):
     x, y = batch()
-    opt = keras.mixed_precision.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=initial_scale)
+    opt = keras.mixed_precision.LossScaleOptimizer(
+        keras.optimizers.SGD(0.01), initial_scale=initial_scale
+    )
     model.compile(optimizer=opt, loss=LOSS, jit_compile=False)
-    model.fit(np.tile(x, (steps, 1)), np.tile(y, steps), batch_size=16, epochs=1, verbose=0,
-              callbacks=[monitor], shuffle=False)
+    model.fit(
+        np.tile(x, (steps, 1)),
+        np.tile(y, steps),
+        batch_size=16,
+        epochs=1,
+        verbose=0,
+        callbacks=[monitor],
+        shuffle=False,
+    )
 
 
 def test_loss_scale_monitor_diagnoses_a_collapsing_scale():

@@ -53,23 +53,41 @@ def test_poisoned_moving_variance_is_named(files, tmp_path):
     out = tmp_path / "r.json"
     assert main(["inspect", str(files / "bad.keras"), "--json", str(out)]) == 1
     (f,) = json.loads(out.read_text())["findings"]
-    assert f["category"] == "corrupt_norm_statistics" and f["where"]["tensor"] == "bn.moving_variance"
+    assert (
+        f["category"] == "corrupt_norm_statistics" and f["where"]["tensor"] == "bn.moving_variance"
+    )
     assert f["module"] == "bn" and any("1 NaN of 4" in e for e in f["evidence"])
     assert "nanscope.keras.repair_norm_statistics" in f["fixes"][0]
 
 
 def test_repair_recalibrates_and_verifies(files, tmp_path, capsys):
     fixed = tmp_path / "fixed.keras"
-    rc = main(["repair", str(files / "bad.keras"), "-o", str(fixed), "--recalibrate-bn", "--data", str(files / "x.npy"),
-               "--batch-size", "8"])
+    rc = main(
+        [
+            "repair",
+            str(files / "bad.keras"),
+            "-o",
+            str(fixed),
+            "--recalibrate-bn",
+            "--data",
+            str(files / "x.npy"),
+            "--batch-size",
+            "8",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "verified finite" in out
     assert inspect(fixed).findings == []
     m = keras.saving.load_model(fixed)
     assert np.isfinite(m.predict(np.load(files / "x.npy")[:4], verbose=0)).all()
-    assert main(["repair", str(files / "bad.keras"), "-o", str(files / "bad.keras"), "--reset-bn"]) == 2
-    assert main(["repair", str(files / "bad.keras"), "-o", str(tmp_path / "x.h5"), "--reset-bn"]) == 2
+    assert (
+        main(["repair", str(files / "bad.keras"), "-o", str(files / "bad.keras"), "--reset-bn"])
+        == 2
+    )
+    assert (
+        main(["repair", str(files / "bad.keras"), "-o", str(tmp_path / "x.h5"), "--reset-bn"]) == 2
+    )
 
 
 def test_reset_bn_fallback(files, tmp_path, capsys):
@@ -97,7 +115,18 @@ def test_repair_weights_file_with_model_factory(files, tmp_path, monkeypatch, ca
     m = keras.saving.load_model(files / "bad.keras")
     m.save_weights(tmp_path / "bad.weights.h5")
     assert inspect(tmp_path / "bad.weights.h5").exit_code == 1
-    rc = main(["repair", str(tmp_path / "bad.weights.h5"), "-o", str(tmp_path / "fixed.weights.h5"), "--recalibrate-bn",
-               "--data", str(files / "x.npy"), "--model", "kmodels:make"])
+    rc = main(
+        [
+            "repair",
+            str(tmp_path / "bad.weights.h5"),
+            "-o",
+            str(tmp_path / "fixed.weights.h5"),
+            "--recalibrate-bn",
+            "--data",
+            str(files / "x.npy"),
+            "--model",
+            "kmodels:make",
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     assert inspect(tmp_path / "fixed.weights.h5").findings == []

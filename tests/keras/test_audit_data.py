@@ -19,7 +19,10 @@ def _arrays():
 
 def test_tf_dataset_batched_and_unbatched():
     x, y = _arrays()
-    for ds in (tf.data.Dataset.from_tensor_slices((x, y)), tf.data.Dataset.from_tensor_slices((x, y)).batch(5)):
+    for ds in (
+        tf.data.Dataset.from_tensor_slices((x, y)),
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(5),
+    ):
         r = audit(ds)
         (nan,) = [f for f in r.findings if f.category == "nonfinite_input"]
         (soft,) = [f for f in r.findings if f.category == "invalid_target"]

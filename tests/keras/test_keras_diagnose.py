@@ -19,14 +19,22 @@ def _all_values(model):
 
 
 def _same(model, values):
-    return all(np.array_equal(a, v.numpy(), equal_nan=True) for a, v in zip(values, model.variables, strict=True))
+    return all(
+        np.array_equal(a, v.numpy(), equal_nan=True)
+        for a, v in zip(values, model.variables, strict=True)
+    )
 
 
 # -- the x_train / 0.0 seed -------------------------------------------------------------------
 
+
 def _seed_model():
-    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)])
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model = keras.Sequential(
+        [keras.Input((784,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)]
+    )
+    model.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     return model
 
 
@@ -38,9 +46,18 @@ def test_divided_by_zero_inputs_in_fit_are_nonfinite_input():
     model.build((None, 784))
     before = _all_values(model)
     with pytest.raises(NonFiniteError) as info:
-        model.fit(x_train_with_nan, y_train, epochs=3, batch_size=32, verbose=0, callbacks=[Guard(policy="raise")])
+        model.fit(
+            x_train_with_nan,
+            y_train,
+            epochs=3,
+            batch_size=32,
+            verbose=0,
+            callbacks=[Guard(policy="raise")],
+        )
     d = info.value.diagnosis
-    assert d.category is Category.NONFINITE_INPUT and d.phase is Phase.DATA and d.framework == "keras"
+    assert (
+        d.category is Category.NONFINITE_INPUT and d.phase is Phase.DATA and d.framework == "keras"
+    )
     assert d.samples == list(range(32)) and d.step == 0
     assert "+Inf" in d.evidence[0]
     assert _same(model, before)
@@ -57,6 +74,7 @@ def test_only_the_rows_that_were_zero_are_nan():
 
 
 # -- DeepLabv3-style segmentation, hand-written cross-entropy on probabilities ---------------
+
 
 def deeplab_like(num_classes=4, size=16):
     inp = keras.Input((size, size, 3))
@@ -102,6 +120,7 @@ def test_deeplab_handwritten_cross_entropy_is_op_domain_at_log():
 
 # -- singular gradient: sqrt at 0 in a custom distance layer ---------------------------------
 
+
 class EuclideanDistance(keras.layers.Layer):
     def call(self, inputs):
         a, b = inputs
@@ -122,7 +141,14 @@ def test_sqrt_at_zero_in_custom_layer_is_singular_gradient():
     b = a + 0.3
     b[2] = a[2]  # a pair of identical inputs: distance exactly 0
     with pytest.raises(NonFiniteError) as info:
-        model.fit((a, b), np.ones((4, 1), "float32"), batch_size=4, shuffle=False, verbose=0, callbacks=[Guard(policy="raise")])
+        model.fit(
+            (a, b),
+            np.ones((4, 1), "float32"),
+            batch_size=4,
+            shuffle=False,
+            verbose=0,
+            callbacks=[Guard(policy="raise")],
+        )
     d = info.value.diagnosis
     assert d.category is Category.SINGULAR_GRADIENT and d.phase is Phase.BACKWARD
     assert d.op == "SqrtGrad" and d.module == "distance" and d.samples == [2]
@@ -131,6 +157,7 @@ def test_sqrt_at_zero_in_custom_layer_is_singular_gradient():
 
 
 # -- invalid target: an ignore-style mask with no valid pixel --------------------------------
+
 
 def masked_cross_entropy(y_true, logits, ignore=255):
     valid = tf.cast(tf.not_equal(y_true, ignore), tf.float32)
@@ -153,9 +180,16 @@ def test_all_ignored_mask_is_invalid_target():
 
 # -- a NaN weight loaded from a file ---------------------------------------------------------
 
+
 def test_nan_weight_loaded_from_file_is_nonfinite_parameters(tmp_path):
     def make():
-        m = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, name="hidden"), keras.layers.Dense(1, name="out")])
+        m = keras.Sequential(
+            [
+                keras.Input((5,)),
+                keras.layers.Dense(4, name="hidden"),
+                keras.layers.Dense(1, name="out"),
+            ]
+        )
         m.compile("adam", "mse")
         return m
 
@@ -168,7 +202,13 @@ def test_nan_weight_loaded_from_file_is_nonfinite_parameters(tmp_path):
     model = make()
     model.load_weights(path)
     with pytest.raises(NonFiniteError) as info:
-        model.fit(np.random.rand(8, 5), np.random.rand(8, 1), batch_size=4, verbose=0, callbacks=[Guard(policy="raise")])
+        model.fit(
+            np.random.rand(8, 5),
+            np.random.rand(8, 1),
+            batch_size=4,
+            verbose=0,
+            callbacks=[Guard(policy="raise")],
+        )
     d = info.value.diagnosis
     assert d.category is Category.NONFINITE_PARAMETERS and d.phase is Phase.STATE
     assert d.module == "hidden" and d.details["tensors"] == ["hidden.kernel"]
@@ -177,9 +217,15 @@ def test_nan_weight_loaded_from_file_is_nonfinite_parameters(tmp_path):
 
 # -- exploding gradients from a learning rate far too high -----------------------------------
 
+
 def test_learning_rate_far_too_high_is_exploding_gradients():
-    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(16, activation="relu", name="hidden"),
-                              keras.layers.Dense(1, name="out")])
+    model = keras.Sequential(
+        [
+            keras.Input((10,)),
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
     model.compile(keras.optimizers.SGD(learning_rate=5.0), "mse")
     x = np.random.normal(0, 3, (256, 10)).astype("float32")
     y = (x.sum(axis=1, keepdims=True) * 10).astype("float32")
@@ -197,6 +243,7 @@ def test_learning_rate_far_too_high_is_exploding_gradients():
 
 # -- healthy runs stay silent ----------------------------------------------------------------
 
+
 def test_healthy_batch_diagnoses_nothing_and_changes_nothing():
     model = deeplab_like()
     model.compile("adam", "categorical_crossentropy")
@@ -210,7 +257,9 @@ def test_healthy_batch_diagnoses_nothing_and_changes_nothing():
 
 def test_nan_in_discarded_where_branch_is_not_a_failure():
     inp = keras.Input((4,))
-    out = keras.layers.Lambda(lambda t: tf.where(t > 0, tf.math.log(tf.maximum(t, 1e-3)), tf.zeros_like(t)))(inp)
+    out = keras.layers.Lambda(
+        lambda t: tf.where(t > 0, tf.math.log(tf.maximum(t, 1e-3)), tf.zeros_like(t))
+    )(inp)
     model = keras.Model(inp, keras.layers.Dense(1)(out))
     x = np.array([[0.0, 1.0, 2.0, 3.0], [1.0, 0.0, 0.5, 2.0]], "float32")
     assert diagnose(model, (x, np.zeros((2, 1), "float32")), "mse") is None
@@ -235,18 +284,26 @@ def test_where_trap_is_singular_gradient_at_the_discarded_log():
     d = diagnose(model, (x, np.zeros((4, 1), "float32")), "mse")
     assert d.category is Category.SINGULAR_GRADIENT and d.phase is Phase.BACKWARD
     assert d.module == "safe_log" and d.location.function == "call" and d.samples == [0, 1, 2, 3]
-    assert any("forward op Log" in e for e in d.evidence) and any("the where trap" in e for e in d.evidence)
+    assert any("forward op Log" in e for e in d.evidence) and any(
+        "the where trap" in e for e in d.evidence
+    )
     assert "where" in d.fixes[1]
 
 
 def test_an_update_that_overflows_the_weights_is_blamed_on_the_optimizer():
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden"), keras.layers.Dense(1, name="out")])
-    model.compile(keras.optimizers.SGD(learning_rate=1e38), "mse")  # finite gradients, infinite steps
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, name="hidden"), keras.layers.Dense(1, name="out")]
+    )
+    model.compile(
+        keras.optimizers.SGD(learning_rate=1e38), "mse"
+    )  # finite gradients, infinite steps
     x, y = np.random.rand(16, 4).astype("float32"), np.full((16, 1), 100.0, "float32")
     with pytest.raises(NonFiniteError) as info:
         model.fit(x, y, batch_size=8, verbose=0, callbacks=[Guard(policy="raise")])
     d = info.value.diagnosis
     # found at step 1, written by the update of step 0
-    assert d.category is Category.NONFINITE_PARAMETERS and d.phase is Phase.OPTIMIZER and d.step == 0
+    assert (
+        d.category is Category.NONFINITE_PARAMETERS and d.phase is Phase.OPTIMIZER and d.step == 0
+    )
     assert "finite when training began" in d.evidence[0] and "learning rate 1e+38" in d.evidence[-2]
     assert d.evidence[-1] == "the update of step 0 made them non-finite; step 1 found them"

@@ -8,7 +8,9 @@ import pytest
 MODULES = ["_util", "amp", "diagnose_step", "evaluate", "guard", "losses", "repair", "trace"]
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # Guard's example warns by design (policy "skip")
+@pytest.mark.filterwarnings(
+    "ignore::RuntimeWarning"
+)  # Guard's example warns by design (policy "skip")
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
     module = importlib.import_module(f"nanscope.keras.{name}")

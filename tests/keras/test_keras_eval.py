@@ -23,7 +23,12 @@ def resnet():
 def corrupt(model):
     """What a corrupted checkpoint holds, written through the weights API."""
     bn = model.get_layer("conv5_block3_2_bn")
-    mean, var, gamma, beta = (bn.moving_mean.numpy(), bn.moving_variance.numpy(), bn.gamma.numpy(), bn.beta.numpy())
+    mean, var, gamma, beta = (
+        bn.moving_mean.numpy(),
+        bn.moving_variance.numpy(),
+        bn.gamma.numpy(),
+        bn.beta.numpy(),
+    )
     var[:3] = np.inf
     var[3] = 1e9
     bn.set_weights([gamma, beta, mean, var])
@@ -55,11 +60,22 @@ def test_predict_nan_is_corrupt_norm_statistics_then_repaired(resnet):
     # As in the seed, the backbone nested in a multi-output model: the same layers are named.
     inp = keras.Input((32, 32, 3))
     features = model(inp)
-    outer = keras.Model(inp, [keras.layers.Dense(2, name="head_a")(features), keras.layers.Dense(3, name="head_b")(features)])
+    outer = keras.Model(
+        inp,
+        [
+            keras.layers.Dense(2, name="head_a")(features),
+            keras.layers.Dense(3, name="head_b")(features),
+        ],
+    )
     nested = diagnose_eval(outer, x, batch_size=4)
-    assert nested.category is Category.CORRUPT_NORM_STATISTICS and list(nested.details["layers"]) == list(layers)
+    assert nested.category is Category.CORRUPT_NORM_STATISTICS and list(
+        nested.details["layers"]
+    ) == list(layers)
     # the training-mode comparison changed nothing
-    assert all(np.array_equal(a, v.numpy(), equal_nan=True) for a, v in zip(trainable_before, model.variables, strict=True))
+    assert all(
+        np.array_equal(a, v.numpy(), equal_nan=True)
+        for a, v in zip(trainable_before, model.variables, strict=True)
+    )
 
     report = repair_norm_statistics(model, x, batch_size=4)
     assert report.method == "recomputed" and report.batches == 2
@@ -71,7 +87,9 @@ def test_predict_nan_is_corrupt_norm_statistics_then_repaired(resnet):
 
 
 def test_reset_fallback_says_what_it_costs():
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(name="bn")])
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(name="bn")]
+    )
     model.get_layer("bn").moving_variance.assign(np.array([1.0, -2.0, np.nan, 1.0], "float32"))
     with pytest.warns(UserWarning, match="accuracy"):
         report = repair_norm_statistics(model, reset=True, only_bad=True)
@@ -94,7 +112,9 @@ def test_bad_input_is_one_line_bad_input_error():
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(name="bn")])
     with pytest.raises(BadInputError, match="loss="):
-        diagnose(model, (np.ones((2, 3), "float32"), np.ones((2, 3), "float32")))  # not compiled, no loss
+        diagnose(
+            model, (np.ones((2, 3), "float32"), np.ones((2, 3), "float32"))
+        )  # not compiled, no loss
     with pytest.raises(BadInputError, match="needs data"):
         repair_norm_statistics(model)
     with pytest.raises(BadInputError, match="cannot read batches"):

@@ -14,16 +14,23 @@ from nanscope.keras.guard import NonFiniteWarning
 
 
 def small_cnn(jit_compile=False, optimizer=None, run_eagerly=False):
-    model = keras.Sequential([
-        keras.Input((8, 8, 3)),
-        keras.layers.Conv2D(4, 3, padding="same", name="conv"),
-        keras.layers.BatchNormalization(name="bn"),
-        keras.layers.ReLU(),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(3, name="logits"),
-    ])
-    model.compile(optimizer or keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], jit_compile=jit_compile, run_eagerly=run_eagerly)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, 3, padding="same", name="conv"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.ReLU(),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3, name="logits"),
+        ]
+    )
+    model.compile(
+        optimizer or keras.optimizers.Adam(1e-2),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+        run_eagerly=run_eagerly,
+    )
     return model
 
 
@@ -35,13 +42,19 @@ def data(n=16, bad_rows=()):
 
 
 def snapshot(model):
-    return ([v.numpy().copy() for v in model.variables], [v.numpy().copy() for v in model.optimizer.variables])
+    return (
+        [v.numpy().copy() for v in model.variables],
+        [v.numpy().copy() for v in model.optimizer.variables],
+    )
 
 
 def unchanged(model, snap):
     weights, opt = snap
-    return (all(np.array_equal(a, v.numpy()) for a, v in zip(weights, model.variables, strict=True))
-            and all(np.array_equal(a, v.numpy()) for a, v in zip(opt, model.optimizer.variables, strict=True)))
+    return all(
+        np.array_equal(a, v.numpy()) for a, v in zip(weights, model.variables, strict=True)
+    ) and all(
+        np.array_equal(a, v.numpy()) for a, v in zip(opt, model.optimizer.variables, strict=True)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +75,17 @@ def test_raise_keeps_every_variable_exactly(mode):
     with pytest.raises(NonFiniteError) as info:
         model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[guard])
     d = info.value.diagnosis
-    assert d.category is Category.NONFINITE_INPUT and d.phase is Phase.DATA and d.samples == [3] and d.step == 0
+    assert (
+        d.category is Category.NONFINITE_INPUT
+        and d.phase is Phase.DATA
+        and d.samples == [3]
+        and d.step == 0
+    )
     assert unchanged(model, snap)  # weights, BatchNorm moving statistics, Adam moments, iterations
     assert np.array_equal(guard.batch[0].numpy()[3], x[3], equal_nan=True)  # the batch is kept
-    assert "train_step" not in vars(model) and "apply" not in vars(model.optimizer)  # patches removed
+    assert "train_step" not in vars(model) and "apply" not in vars(
+        model.optimizer
+    )  # patches removed
 
 
 def test_skip_drops_only_the_bad_batch_and_keeps_training(trained):
@@ -89,8 +109,15 @@ def test_stop_ends_training_and_backup_and_restore_keeps_its_backup(tmp_path, tr
     x, y = data(n=32, bad_rows=[17])
     guard = Guard(policy="stop")
     with pytest.warns(NonFiniteWarning, match="training stopped"):
-        history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0,
-                            callbacks=[keras.callbacks.BackupAndRestore(str(backup)), guard])
+        history = model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=3,
+            shuffle=False,
+            verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(str(backup)), guard],
+        )
     assert len(history.history["loss"]) == 1 and guard.skipped == 1
     assert backup.exists() and any(backup.iterdir())  # Keras would have deleted it
     assert all(np.isfinite(v.numpy()).all() for v in model.variables)
@@ -113,27 +140,37 @@ def test_healthy_training_is_silent_and_compiled(trained):
         warnings.simplefilter("error")
         model.fit(*data(n=32), batch_size=8, epochs=2, verbose=0, callbacks=[guard])
     assert guard.diagnoses == [] and guard.skipped == 0 and guard.history.grad_norm
-    assert model.train_function is None  # the guarded step is dropped; the next fit traces a clean one
+    assert (
+        model.train_function is None
+    )  # the guarded step is dropped; the next fit traces a clean one
     model.fit(*data(n=8), batch_size=8, verbose=0)
 
 
 def test_loss_scale_skip_is_not_a_failure(mixed_float16):
-    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=2.0 ** 60)
+    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=2.0**60)
     model = small_cnn(optimizer=opt)
     guard = Guard(policy="raise")
-    model.fit(*data(), batch_size=8, verbose=0, callbacks=[guard])  # the scale overflows and halves: fine
+    model.fit(
+        *data(), batch_size=8, verbose=0, callbacks=[guard]
+    )  # the scale overflows and halves: fine
     assert guard.diagnoses == []
-    assert float(model.optimizer.dynamic_scale.numpy()) < 2.0 ** 60
+    assert float(model.optimizer.dynamic_scale.numpy()) < 2.0**60
 
 
 def test_steps_per_execution_keeps_every_batch():
     model = small_cnn()
-    model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  steps_per_execution=2)
+    model.compile(
+        keras.optimizers.SGD(0.01),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=2,
+    )
     x, y = data(n=32, bad_rows=[13])
     with pytest.raises(NonFiniteError) as info:
         model.fit(x, y, batch_size=4, shuffle=False, verbose=0, callbacks=[Guard(policy="raise")])
-    assert info.value.diagnosis.samples == [1] and info.value.diagnosis.category is Category.NONFINITE_INPUT
+    assert (
+        info.value.diagnosis.samples == [1]
+        and info.value.diagnosis.category is Category.NONFINITE_INPUT
+    )
 
 
 def test_an_internal_error_is_a_warning_and_training_goes_on():
@@ -156,8 +193,14 @@ def test_an_internal_error_is_a_warning_and_training_goes_on():
     with pytest.warns(RuntimeWarning) as record:
         model.fit(*data(n=16), batch_size=8, verbose=0, callbacks=[guard])
     messages = [str(r.message) for r in record]
-    assert any(m.startswith("nanscope: internal error in nanscope's Keras fit guard, diagnosing the failed step "
-                            "(RuntimeError") and "this is a bug in nanscope, not in your script" in m for m in messages)
+    assert any(
+        m.startswith(
+            "nanscope: internal error in nanscope's Keras fit guard, diagnosing the failed step "
+            "(RuntimeError"
+        )
+        and "this is a bug in nanscope, not in your script" in m
+        for m in messages
+    )
     assert guard.skipped == 2 and guard.diagnoses[0].category is Category.UNKNOWN
     assert all(np.isfinite(v.numpy()).all() for v in model.variables)
 
@@ -179,7 +222,9 @@ class CustomStepModel(keras.Model):
         x, y = data
         with tf.GradientTape() as tape:
             loss = self.compute_loss(y=y, y_pred=self(x, training=True))
-        self.optimizer.apply(tape.gradient(loss, self.trainable_variables), self.trainable_variables)
+        self.optimizer.apply(
+            tape.gradient(loss, self.trainable_variables), self.trainable_variables
+        )
         return {"loss": loss}
 
 
@@ -192,11 +237,18 @@ def test_custom_train_step_is_guarded_too():
     x[9, 2] = np.inf
     with pytest.raises(NonFiniteError) as info:
         model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[Guard(policy="raise")])
-    assert info.value.diagnosis.category is Category.NONFINITE_INPUT and info.value.diagnosis.samples == [1]
+    assert (
+        info.value.diagnosis.category is Category.NONFINITE_INPUT
+        and info.value.diagnosis.samples == [1]
+    )
     assert info.value.diagnosis.step == 1
-    assert int(model.optimizer.iterations.numpy()) == 2 + 1  # first fit: 2 steps; the guarded fit: 1 good step
+    assert (
+        int(model.optimizer.iterations.numpy()) == 2 + 1
+    )  # first fit: 2 steps; the guarded fit: 1 good step
     assert all(np.isfinite(v.numpy()).all() for v in model.variables)
-    assert not unchanged(model, snap)  # the good first batch was applied, the bad second one was not
+    assert not unchanged(
+        model, snap
+    )  # the good first batch was applied, the bad second one was not
 
 
 def test_weights_an_update_overflowed_after_growing_norms_are_exploding_gradients():
@@ -215,14 +267,29 @@ def test_weights_an_update_overflowed_after_growing_norms_are_exploding_gradient
     d = growing._blame_an_earlier_update(overflowed_weights(), 0.5)
     assert d.category is Category.EXPLODING_GRADIENTS and d.phase is Phase.OPTIMIZER
     # found at step 5, written by the update of step 4 (as nanscope.torch.Guard says it)
-    assert d.module == "hidden" and d.step == 4 and d.details["grad_norms"] == [1.0, 4.0, 16.0, 70.0, 300.0]
-    assert "learning rate 0.5" in d.evidence and any("finite when training began" in e for e in d.evidence)
+    assert (
+        d.module == "hidden"
+        and d.step == 4
+        and d.details["grad_norms"] == [1.0, 4.0, 16.0, 70.0, 300.0]
+    )
+    assert "learning rate 0.5" in d.evidence and any(
+        "finite when training began" in e for e in d.evidence
+    )
     assert any(e.startswith("hidden.kernel: ") and "1 +Inf of 2" in e for e in d.evidence)
     d = steady._blame_an_earlier_update(overflowed_weights(), 0.5)
-    assert d.category is Category.NONFINITE_PARAMETERS and d.phase is Phase.OPTIMIZER and d.module == "hidden"
+    assert (
+        d.category is Category.NONFINITE_PARAMETERS
+        and d.phase is Phase.OPTIMIZER
+        and d.module == "hidden"
+    )
     assert d.summary == "an update made weights non-finite: hidden.kernel"
-    assert "finite when training began" in d.evidence[0] and d.evidence[-2].startswith("learning rate 0.5")
-    assert d.evidence[-1] == "the update of step 4 made them non-finite; step 5 found them" and d.step == 4
+    assert "finite when training began" in d.evidence[0] and d.evidence[-2].startswith(
+        "learning rate 0.5"
+    )
+    assert (
+        d.evidence[-1] == "the update of step 4 made them non-finite; step 5 found them"
+        and d.step == 4
+    )
 
 
 def test_a_finite_gradient_past_float32_sum_of_squares_is_not_an_alarm():
@@ -230,11 +297,20 @@ def test_a_finite_gradient_past_float32_sum_of_squares_is_not_an_alarm():
     in-graph check settles that exactly instead of vetoing a finite update."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(1, use_bias=False)])
-    model.compile(keras.optimizers.SGD(learning_rate=1e-21), lambda y_true, y_pred: keras.ops.sum(y_pred) * 1e20)
+    model.compile(
+        keras.optimizers.SGD(learning_rate=1e-21),
+        lambda y_true, y_pred: keras.ops.sum(y_pred) * 1e20,
+    )
     before = model.get_weights()[0].copy()
     guard = Guard(policy="raise")
-    model.fit(np.ones((4, 10), "float32"), np.zeros((4, 1), "float32"), batch_size=4, verbose=0, callbacks=[guard])
+    model.fit(
+        np.ones((4, 10), "float32"),
+        np.zeros((4, 1), "float32"),
+        batch_size=4,
+        verbose=0,
+        callbacks=[guard],
+    )
     after = model.get_weights()[0]
     assert guard.skipped == 0 and guard.last is None
     assert np.isfinite(after).all() and not np.array_equal(after, before)
-    assert guard.history.grad_norm[-1] == pytest.approx(4e20 * 10 ** 0.5, rel=1e-3)
+    assert guard.history.grad_norm[-1] == pytest.approx(4e20 * 10**0.5, rel=1e-3)

@@ -46,24 +46,44 @@ def test_evaluate_with_nan_targets_names_the_batch_and_samples(tmp_path):
 def test_predict_on_batch_of_a_subclassed_model_with_a_nan_request(tmp_path, capsys):
     rc, report = nanscope_run(tmp_path, "subclassed_predict_on_batch.py")
     d = report["diagnosis"]
-    assert rc == 1 and d["category"] == "nonfinite_input" and d["phase"] == "data" and d["samples"] == [2]
+    assert (
+        rc == 1
+        and d["category"] == "nonfinite_input"
+        and d["phase"] == "data"
+        and d["samples"] == [2]
+    )
     assert d["evidence"][0] == "in model.predict_on_batch (inference)"
-    assert capsys.readouterr().out.count("scores finite: True") == 1  # stopped at the second request
+    assert (
+        capsys.readouterr().out.count("scores finite: True") == 1
+    )  # stopped at the second request
 
 
 def test_eager_inference_call_names_the_log_in_the_custom_layer(tmp_path):
     rc, report = nanscope_run(tmp_path, "call_inference_log.py")
     d = report["diagnosis"]
     assert rc == 1 and d["category"] == "op_domain" and d["phase"] == "forward"
-    assert d["op"] == "Log" and d["op_kind"] == "log" and d["module"] == "log_features" and d["samples"] == [1]
-    assert d["location"]["file"].endswith("call_inference_log.py") and d["location"]["function"] == "call"
+    assert (
+        d["op"] == "Log"
+        and d["op_kind"] == "log"
+        and d["module"] == "log_features"
+        and d["samples"] == [1]
+    )
+    assert (
+        d["location"]["file"].endswith("call_inference_log.py")
+        and d["location"]["function"] == "call"
+    )
     assert d["evidence"][0] == "in model(x, training=False) (inference)"
 
 
 def test_fit_validation_loss_inf_is_diagnosed(tmp_path, capsys):
     rc, report = nanscope_run(tmp_path, "fit_validation_nan.py")
     d = report["diagnosis"]
-    assert rc == 1 and d["category"] == "invalid_target" and d["phase"] == "data" and d["samples"] == [3]
+    assert (
+        rc == 1
+        and d["category"] == "invalid_target"
+        and d["phase"] == "data"
+        and d["samples"] == [3]
+    )
     assert d["evidence"][0] == "in model.evaluate, batch 0 (inference)"
     assert "val_loss" not in capsys.readouterr().out
     from nanscope.keras import guard
@@ -75,8 +95,16 @@ def test_train_step_override_without_scale_loss_is_explained_by_its_own_loss(tmp
     rc, report = nanscope_run(tmp_path, "train_step_override.py")
     d = report["diagnosis"]
     assert rc == 1 and d["category"] == "op_domain" and d["phase"] == "loss"
-    assert d["op"] == "Log" and d["op_kind"] == "log" and d["step"] == 2 and d["samples"] == [0, 1, 2, 3]
-    assert d["location"]["file"].endswith("train_step_override.py") and d["location"]["function"] == "train_step"
+    assert (
+        d["op"] == "Log"
+        and d["op_kind"] == "log"
+        and d["step"] == 2
+        and d["samples"] == [0, 1, 2, 3]
+    )
+    assert (
+        d["location"]["file"].endswith("train_step_override.py")
+        and d["location"]["function"] == "train_step"
+    )
     assert "training finished" not in capsys.readouterr().out
 
 
@@ -84,14 +112,21 @@ def test_add_loss_producer_that_reaches_only_the_loss_is_named(tmp_path):
     rc, report = nanscope_run(tmp_path, "add_loss_log.py")
     d = report["diagnosis"]
     # The penalty's log ran first and reached the loss; the later sqrt reached the output.
-    assert rc == 1 and d["category"] == "op_domain" and d["op"] == "Log" and d["module"] == "penalty"
+    assert (
+        rc == 1 and d["category"] == "op_domain" and d["op"] == "Log" and d["module"] == "penalty"
+    )
     assert d["phase"] == "forward" and d["step"] == 0 and d["location"]["function"] == "call"
 
 
 def test_nan_loss_with_no_optimizer_step_after_it_is_not_clean(tmp_path, capsys):
     rc, report = nanscope_run(tmp_path, "loop_accumulate_nan_target.py")
     d = report["diagnosis"]
-    assert rc == 1 and d["category"] == "invalid_target" and d["phase"] == "data" and d["samples"] == [1]
+    assert (
+        rc == 1
+        and d["category"] == "invalid_target"
+        and d["phase"] == "data"
+        and d["samples"] == [1]
+    )
     assert capsys.readouterr().out.count("micro-batch loss") == 2
 
 
@@ -106,11 +141,18 @@ def test_the_same_script_gives_the_same_diagnosis_every_run(tmp_path):
 
 # -- leave no trace -----------------------------------------------------------------------------
 
+
 def _patchable():
     from keras.src.optimizers.base_optimizer import BaseOptimizer
     from tensorflow.python.eager.polymorphic_function import polymorphic_function
 
-    owners = [*keras.Model.__mro__, tf.GradientTape, BaseOptimizer, polymorphic_function.Function, keras.losses.Loss]
+    owners = [
+        *keras.Model.__mro__,
+        tf.GradientTape,
+        BaseOptimizer,
+        polymorphic_function.Function,
+        keras.losses.Loss,
+    ]
     return {(o, name): value for o in owners for name, value in vars(o).items()}
 
 
@@ -139,7 +181,10 @@ def test_run_leaves_every_patched_attribute_as_it_was(tmp_path):
 
 # -- nanscope's own errors, other backends ----------------------------------------------------------
 
-def test_an_internal_error_warns_once_naming_nanscope_and_the_script_runs_on(tmp_path, monkeypatch, capsys):
+
+def test_an_internal_error_warns_once_naming_nanscope_and_the_script_runs_on(
+    tmp_path, monkeypatch, capsys
+):
     from nanscope.keras import evaluate
 
     def broken(*args, **kwargs):
@@ -151,8 +196,12 @@ def test_an_internal_error_warns_once_naming_nanscope_and_the_script_runs_on(tmp
     assert rc == 0 and "predict" in capsys.readouterr().out and (tmp_path / "w.npy").exists()
     messages = [str(w.message) for w in caught if "nanscope" in str(w.message)]
     assert len(messages) == 1
-    assert messages[0].startswith("nanscope: internal error in nanscope's Keras evaluate watcher (KeyError")
-    assert "this is a bug in nanscope, not in your script; the run continues unwatched" in messages[0]
+    assert messages[0].startswith(
+        "nanscope: internal error in nanscope's Keras evaluate watcher (KeyError"
+    )
+    assert (
+        "this is a bug in nanscope, not in your script; the run continues unwatched" in messages[0]
+    )
     assert "(KeyError, at nanscope/keras/runner.py:" in messages[0]  # where in nanscope it happened
 
 
@@ -165,18 +214,33 @@ def test_jax_backend_gets_one_line_and_runs_unwatched(tmp_path, monkeypatch, cap
     err = capsys.readouterr()
     assert rc == 0 and "prediction finite: False" in err.out  # unwatched: the script ran to its end
     lines = [line for line in err.err.splitlines() if line.startswith("nanscope")]
-    assert lines == ["nanscope: Keras on the jax backend is not supported yet; this script runs unwatched "
-                     "(set KERAS_BACKEND=tensorflow or KERAS_BACKEND=torch to have it watched)"]
+    assert lines == [
+        "nanscope: Keras on the jax backend is not supported yet; this script runs unwatched "
+        "(set KERAS_BACKEND=tensorflow or KERAS_BACKEND=torch to have it watched)"
+    ]
     assert json.loads(out.read_text())["status"] == "clean"
 
 
-@pytest.mark.skipif(sys.modules.get("jax") is None and __import__("importlib").util.find_spec("jax") is None,
-                    reason="jax is not installed (the message path is tested above)")
+@pytest.mark.skipif(
+    sys.modules.get("jax") is None and __import__("importlib").util.find_spec("jax") is None,
+    reason="jax is not installed (the message path is tested above)",
+)
 def test_jax_backend_for_real(tmp_path):  # pragma: no cover - jax not in this environment
     import os
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "nanscope", "run", str(SCRIPTS / "healthy_functional.py"),
-                           str(tmp_path / "w.npy")], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanscope",
+            "run",
+            str(SCRIPTS / "healthy_functional.py"),
+            str(tmp_path / "w.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert proc.returncode == 0 and "not supported yet" in proc.stderr

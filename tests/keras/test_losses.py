@@ -38,7 +38,11 @@ def test_dispatch_picks_keras_and_never_torch():
 
 
 @FAST
-@given(st.lists(EXTREME, min_size=6, max_size=6), st.lists(st.integers(0, 2), min_size=2, max_size=2), DTYPES)
+@given(
+    st.lists(EXTREME, min_size=6, max_size=6),
+    st.lists(st.integers(0, 2), min_size=2, max_size=2),
+    DTYPES,
+)
 def test_cross_entropy_extreme_logits(values, labels, dtype):
     logits = tf.cast(tf.reshape(tf.constant(values), (2, 3)), dtype)
     _assert_finite(lambda x: L.cross_entropy(x, tf.constant(labels)), logits)
@@ -51,13 +55,19 @@ def test_cross_entropy_all_ignored_and_stock_values():
     ref = stock(tf.gather(labels, [0, 1, 3]), tf.gather(logits, [0, 1, 3]))
     np.testing.assert_allclose(L.cross_entropy(logits, labels), ref, rtol=1e-5)
     with pytest.warns(UserWarning, match="every target equals ignore_index"):
-        out, (g,) = _value_and_grad(lambda x: L.cross_entropy(x, tf.constant([255, 255]), ignore_index=255), tf.zeros((2, 3)))
+        out, (g,) = _value_and_grad(
+            lambda x: L.cross_entropy(x, tf.constant([255, 255]), ignore_index=255),
+            tf.zeros((2, 3)),
+        )
     assert float(out) == 0.0 and not np.asarray(g).any()
 
 
 @FAST
-@given(st.lists(st.sampled_from([0.0, 1.0, 1e-8, 0.4]), min_size=4, max_size=4),
-       st.lists(st.sampled_from([0.0, 1.0]), min_size=4, max_size=4), DTYPES)
+@given(
+    st.lists(st.sampled_from([0.0, 1.0, 1e-8, 0.4]), min_size=4, max_size=4),
+    st.lists(st.sampled_from([0.0, 1.0]), min_size=4, max_size=4),
+    DTYPES,
+)
 def test_bce_and_dice_on_exact_probabilities(probs, target, dtype):
     p = tf.cast(tf.reshape(tf.constant(probs), (2, 2)), dtype)
     y = tf.reshape(tf.constant(target), (2, 2))
@@ -71,7 +81,9 @@ def test_dice_empty_and_stock():
     assert float(L.dice_loss(empty, empty)) == 0.0
     p = tf.random.stateless_uniform((3, 4, 4), seed=(3, 4))
     t = tf.cast(tf.random.stateless_uniform((3, 4, 4), seed=(5, 6)) > 0.5, tf.float32)
-    ref = tf.reduce_mean(1 - 2 * tf.reduce_sum(p * t, (1, 2)) / (tf.reduce_sum(p, (1, 2)) + tf.reduce_sum(t, (1, 2))))
+    ref = tf.reduce_mean(
+        1 - 2 * tf.reduce_sum(p * t, (1, 2)) / (tf.reduce_sum(p, (1, 2)) + tf.reduce_sum(t, (1, 2)))
+    )
     np.testing.assert_allclose(L.dice_loss(p, t), ref, rtol=1e-5)
     ref_bce = tf.keras.losses.BinaryCrossentropy()(t, p)
     np.testing.assert_allclose(L.binary_cross_entropy(p, t), ref_bce, rtol=1e-4)
@@ -87,8 +99,12 @@ def test_focal_extreme_logits(values, gamma, dtype):
 def test_focal_matches_keras():
     x = tf.random.stateless_normal((16,), seed=(7, 8))
     y = tf.cast(tf.random.stateless_uniform((16,), seed=(9, 1)) > 0.5, tf.float32)
-    ref = tf.keras.losses.BinaryFocalCrossentropy(apply_class_balancing=True, alpha=0.25, gamma=2.0, from_logits=True)
-    np.testing.assert_allclose(L.focal_loss(x[:, None], y[:, None]), ref(y[:, None], x[:, None]), rtol=1e-4)
+    ref = tf.keras.losses.BinaryFocalCrossentropy(
+        apply_class_balancing=True, alpha=0.25, gamma=2.0, from_logits=True
+    )
+    np.testing.assert_allclose(
+        L.focal_loss(x[:, None], y[:, None]), ref(y[:, None], x[:, None]), rtol=1e-4
+    )
 
 
 @FAST

@@ -100,7 +100,9 @@ def test_locate_overflow_under_real_cpu_autocast():
     x, _ = batch()
     model = t5_block(90000.0)
     diag = locate_overflow(model, x, dtype=torch.float16)  # torch.autocast("cpu", float16)
-    assert diag.module == "ffn.wo" and diag.category is Category.OVERFLOW and diag.dtype == "float16"
+    assert (
+        diag.module == "ffn.wo" and diag.category is Category.OVERFLOW and diag.dtype == "float16"
+    )
     assert locate_overflow(model, x, dtype=torch.bfloat16) is None  # bfloat16 has float32's range
     assert locate_overflow(model, x) is None  # float32 itself is fine
     assert locate_overflow(t5_block(1.0), x, dtype=torch.float16) is None  # healthy: silent
@@ -191,14 +193,18 @@ def test_cuda_autocast_float16_overflow_and_scaler():
 
 
 def test_headroom_leaves_rng_buffers_and_mode_as_they_were():
-    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2)).train()
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2)
+    ).train()
     x, y = torch.randn(3, 4), torch.randint(0, 2, (3,))
     state = torch.get_rng_state()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     headroom(model, (x, y), F.cross_entropy)
     locate_overflow(model, x, dtype=torch.float16)
     assert torch.equal(state, torch.get_rng_state()) and model.training
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running stats too
+    assert all(
+        torch.equal(before[k], v) for k, v in model.state_dict().items()
+    )  # running stats too
 
 
 HEADROOM_TABLE = """\
@@ -214,8 +220,11 @@ parameter gradients that flush to zero in float16:
 def test_headroom_table_golden():
     from nanscope.core.headroom import HeadroomReport, LayerHeadroom
 
-    rows = [LayerHeadroom("ffn.wo", "Linear", 23260.0, 9.3e-07, 0.05), LayerHeadroom("ffn.wi", "Linear", 1.78, 0.0118, 0.0),
-            LayerHeadroom("head", "Linear", 0.425, 0.0986, None)]
+    rows = [
+        LayerHeadroom("ffn.wo", "Linear", 23260.0, 9.3e-07, 0.05),
+        LayerHeadroom("ffn.wi", "Linear", 1.78, 0.0118, 0.0),
+        LayerHeadroom("head", "Linear", 0.425, 0.0986, None),
+    ]
     report = HeadroomReport(rows, "float16", {"ffn.wo.weight": 0.09, "head.bias": 0.0})
     assert str(report) == HEADROOM_TABLE
     assert [r.status for r in report.layers] == ["danger", "ok", "ok"]

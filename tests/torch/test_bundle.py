@@ -51,7 +51,10 @@ def failing_run(tmp_path):
     net, opt, train_step, grads = build()
     g = torch.Generator().manual_seed(3)
     # Two healthy steps first (shift 1), so the bundle holds Adam moments; then log(h + 0).
-    batches = [(torch.randn(16, 6, generator=g), torch.full((16,), 1.0 if i < 2 else 0.0)) for i in range(20)]
+    batches = [
+        (torch.randn(16, 6, generator=g), torch.full((16,), 1.0 if i < 2 else 0.0))
+        for i in range(20)
+    ]
     guard = Guard(net, opt, policy="skip", reports=str(tmp_path / "reports"))
     torch.manual_seed(11)
     with warnings.catch_warnings():
@@ -67,13 +70,19 @@ def failing_run(tmp_path):
 def test_bundle_holds_only_safe_tensors_and_loads_with_weights_only(tmp_path):
     guard, _, _ = failing_run(tmp_path)
     folder = Path(guard.last.bundle)
-    assert folder.parent == tmp_path / "reports" and folder.name.startswith(f"step{guard.last.step:06d}-op_domain")
+    assert folder.parent == tmp_path / "reports" and folder.name.startswith(
+        f"step{guard.last.step:06d}-op_domain"
+    )
     assert sorted(p.name for p in folder.iterdir()) == ["diagnosis.json", "samples.npz", "state.pt"]
-    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    assert not [
+        p for p in folder.parent.iterdir() if p.name.startswith(".")
+    ]  # no temporary leftovers
     state = torch.load(folder / "state.pt", weights_only=True)
     assert set(state) >= {"model", "optimizer", "batch", "rng", "step"}
     assert guard.last.step >= 2 and state["step"] == guard.last.step
-    assert "bn.running_mean" in state["model"] and state["optimizer"]["state"]  # Adam moments from before the step
+    assert (
+        "bn.running_mean" in state["model"] and state["optimizer"]["state"]
+    )  # Adam moments from before the step
     assert torch.isfinite(state["model"]["bn.running_mean"]).all()  # the pre-step statistics
 
 
@@ -86,7 +95,12 @@ def test_replay_reproduces_the_failure_bit_for_bit(tmp_path):
     net, opt, train_step, grads = build(seed=123)
     torch.manual_seed(999)
     again = replay(d.bundle, net, opt, train_step)
-    assert (again.category, again.op, again.op_kind, again.samples) == (d.category, d.op, d.op_kind, d.samples)
+    assert (again.category, again.op, again.op_kind, again.samples) == (
+        d.category,
+        d.op,
+        d.op_kind,
+        d.samples,
+    )
     replayed = grads[-1]
     for name, g in original_grads.items():
         assert torch.equal(~torch.isfinite(g), ~torch.isfinite(replayed[name])), name
@@ -118,7 +132,12 @@ def test_show_prints_the_diagnosis_and_contents(tmp_path, capsys):
     guard, _, _ = failing_run(tmp_path)
     assert main(["show", guard.last.bundle]) == 0
     out = capsys.readouterr().out
-    assert "op_domain in loss" in out and "log" in out and "state.pt" in out and "SHA-256 verified" in out
+    assert (
+        "op_domain in loss" in out
+        and "log" in out
+        and "state.pt" in out
+        and "SHA-256 verified" in out
+    )
     assert "Adam" in out and "batch[0]: float32[16, 6]" in out
 
 
@@ -135,7 +154,11 @@ def test_truncated_or_foreign_bundle_is_one_line_exit_2(tmp_path, capsys):
     net, opt, train_step, _ = build()
     with pytest.raises(BadInputError):
         replay(guard.last.bundle, net, opt, train_step)
-    out = subprocess.run([sys.executable, "-m", "nanscope", "show", guard.last.bundle], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "nanscope", "show", guard.last.bundle],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import json, sys, warnings
     from datetime import timedelta
     from pathlib import Path
@@ -56,7 +56,8 @@ WORKER = textwrap.dedent('''
         result = {"applied": applied, "skipped": guard.skipped,
                   "diagnosis": d.fields_dict() if d else None,
                   "weights": [p.detach().double().sum().item() for p in model.parameters()],
-                  "finite": all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())}
+                  "finite": all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+                                if t.is_floating_point())}
 
         # A backward-only failure on rank 0: sqrt of a distance that is exactly 0. Both losses
         # are finite; the gradient all-reduce spreads rank 0's NaN to rank 1.
@@ -99,7 +100,7 @@ WORKER = textwrap.dedent('''
     if __name__ == "__main__":
         port, out = int(sys.argv[1]), sys.argv[2]
         mp.spawn(worker, args=(2, port, out), nprocs=2, join=True)
-''')
+""")
 
 
 def free_port():
@@ -111,8 +112,12 @@ def free_port():
 def test_ddp_ranks_agree_and_the_bad_rank_is_named(tmp_path):
     script = tmp_path / "ddp_worker.py"
     script.write_text(WORKER)
-    run = subprocess.run([sys.executable, str(script), str(free_port()), str(tmp_path)],
-                         capture_output=True, text=True, timeout=150)
+    run = subprocess.run(
+        [sys.executable, str(script), str(free_port()), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     # Same decision on both ranks: step 2 skipped everywhere, the others applied.
@@ -121,14 +126,32 @@ def test_ddp_ranks_agree_and_the_bad_rank_is_named(tmp_path):
     assert r0["weights"] == r1["weights"] and r0["finite"] and r1["finite"]
     for r in (r0, r1):
         d = r["diagnosis"]
-        assert d["category"] == "nonfinite_input" and d["ranks"] == [1] and d["samples"] == [3] and d["step"] == 2
+        assert (
+            d["category"] == "nonfinite_input"
+            and d["ranks"] == [1]
+            and d["samples"] == [3]
+            and d["step"] == 2
+        )
         assert any("rank 1 saw it first" in e for e in d["evidence"])
     for r in (r0, r1):
         d = r["backward"]
         assert r["backward_skipped"] == 1
-        assert (d["category"], d["phase"], d["op_kind"], d["ranks"]) == ("singular_gradient", "backward", "sqrt", [0])
+        assert (d["category"], d["phase"], d["op_kind"], d["ranks"]) == (
+            "singular_gradient",
+            "backward",
+            "sqrt",
+            [0],
+        )
     for r, text in ((r0, "failed on rank 1"), (r1, "injected failure on rank 1")):
-        assert r["internal_disabled"] and len(r["internal_warnings"]) == 1 and text in r["internal_warnings"][0]
-    assert r0["weights_after"] == r1["weights_after"] != r0["weights"]  # both went on training, in step
+        assert (
+            r["internal_disabled"]
+            and len(r["internal_warnings"]) == 1
+            and text in r["internal_warnings"][0]
+        )
+    assert (
+        r0["weights_after"] == r1["weights_after"] != r0["weights"]
+    )  # both went on training, in step
     bundles = list((tmp_path / "reports").iterdir())
-    assert len(bundles) == 1 and r1["diagnosis"]["bundle"] == str(bundles[0])  # written once, by the bad rank
+    assert len(bundles) == 1 and r1["diagnosis"]["bundle"] == str(
+        bundles[0]
+    )  # written once, by the bad rank

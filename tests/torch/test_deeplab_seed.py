@@ -18,7 +18,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def deeplab():
     torch.manual_seed(0)
-    model = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=3)
+    model = torchvision.models.segmentation.deeplabv3_resnet50(
+        weights=None, weights_backbone=None, num_classes=3
+    )
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 64, 64, generator=g)
     y = torch.randint(0, 3, (2, 64, 64), generator=g)
@@ -100,4 +102,8 @@ def test_nanscope_run_on_the_seed_script(tmp_path, capsys):
     import json
 
     d = json.loads(report.read_text())["diagnosis"]
-    assert (d["category"], d["module"], d["step"]) == ("corrupt_norm_statistics", "backbone.layer4.2.bn3", 1)
+    assert (d["category"], d["module"], d["step"]) == (
+        "corrupt_norm_statistics",
+        "backbone.layer4.2.bn3",
+        1,
+    )

@@ -32,16 +32,19 @@ def traced(name, batch_index):
     return trace_step(lambda: s.train_step(s.batches[batch_index]), model=s.model, step=7)
 
 
-@pytest.mark.parametrize("name,index,category,phase,op_kind,module,samples", [
-    ("log_softmax", 1, "op_domain", "loss", "log", None, [3]),
-    ("div_zero", 1, "op_domain", "forward", "div", "norm", [2]),
-    ("sqrt_zero", 1, "singular_gradient", "backward", "sqrt", "distance", [1]),
-    ("where_trap", 0, "singular_gradient", "backward", "sqrt", "act", None),
-    ("fp16_overflow", 1, "overflow", "forward", "matmul", "encoder", [2]),
-    ("exp_overflow", 1, "overflow", "forward", "exp", "softmax", [1]),
-    ("attention_mask", 1, "all_masked_softmax", "forward", "softmax", "attn", [2]),
-    ("ctc", 1, "invalid_target", "loss", "ctc_loss", None, [1]),
-])
+@pytest.mark.parametrize(
+    "name,index,category,phase,op_kind,module,samples",
+    [
+        ("log_softmax", 1, "op_domain", "loss", "log", None, [3]),
+        ("div_zero", 1, "op_domain", "forward", "div", "norm", [2]),
+        ("sqrt_zero", 1, "singular_gradient", "backward", "sqrt", "distance", [1]),
+        ("where_trap", 0, "singular_gradient", "backward", "sqrt", "act", None),
+        ("fp16_overflow", 1, "overflow", "forward", "matmul", "encoder", [2]),
+        ("exp_overflow", 1, "overflow", "forward", "exp", "softmax", [1]),
+        ("attention_mask", 1, "all_masked_softmax", "forward", "softmax", "attn", [2]),
+        ("ctc", 1, "invalid_target", "loss", "ctc_loss", None, [1]),
+    ],
+)
 def test_trace_step_names_the_producer(name, index, category, phase, op_kind, module, samples):
     d = traced(name, index)
     assert (d.category, d.phase, d.op_kind, d.module) == (category, phase, op_kind, module)
@@ -64,8 +67,16 @@ def test_fp16_overflow_evidence_quotes_the_limit():
     assert "float32" in d.fixes[0] and "encoder" in d.fixes[0]
 
 
-@pytest.mark.parametrize("name", ["healthy_partial_mask", "healthy_double_where", "healthy_bn_ignore",
-                                  "div_zero", "attention_mask"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "healthy_partial_mask",
+        "healthy_double_where",
+        "healthy_bn_ignore",
+        "div_zero",
+        "attention_mask",
+    ],
+)
 def test_healthy_steps_are_silent(name):
     s = scenario(name)
     for batch in s.batches[:1]:  # batch 0 is healthy in every scenario named here
@@ -80,15 +91,24 @@ def test_nan_in_a_discarded_where_branch_without_gradient_is_silent():
 def test_masked_fill_minus_inf_is_legitimate():
     scores = torch.randn(2, 3, requires_grad=True)
     mask = torch.tensor([[False, True, True], [False, False, True]])
-    assert trace_step(lambda: scores.masked_fill(mask, float("-inf")).logsumexp(-1).sum().backward()) is None
+    assert (
+        trace_step(lambda: scores.masked_fill(mask, float("-inf")).logsumexp(-1).sum().backward())
+        is None
+    )
 
 
 # -- diagnose ------------------------------------------------------------------------------
 
+
 def test_diagnose_nonfinite_input_names_the_sample():
     s = scenario("nan_input")
     d = diagnose(s.model, s.batches[2], F.cross_entropy, step=3)
-    assert (d.category, d.phase, d.samples, d.step) == (Category.NONFINITE_INPUT, Phase.DATA, [5], 3)
+    assert (d.category, d.phase, d.samples, d.step) == (
+        Category.NONFINITE_INPUT,
+        Phase.DATA,
+        [5],
+        3,
+    )
 
 
 def test_diagnose_nonfinite_weight():
@@ -135,6 +155,7 @@ def test_diagnose_leaves_no_trace():
     assert model.training and not model[1].training
     assert torch.equal(rng, torch.get_rng_state())
     from torch.utils._python_dispatch import _get_current_dispatch_mode
+
     assert _get_current_dispatch_mode() is None
     assert torch.nn.modules.module._global_forward_hooks == {}
     assert torch.nn.modules.module._global_forward_pre_hooks == {}
@@ -149,6 +170,7 @@ def test_diagnose_restores_bn_statistics_after_a_failing_step():
 
 
 # -- checks --------------------------------------------------------------------------------
+
 
 def test_check_batch_nested_and_targets():
     x = {"image": torch.ones(3, 2), "extra": [torch.ones(3)]}
@@ -172,15 +194,21 @@ def test_check_model_state_negative_running_var_and_buffers():
 
 # -- the fast finite checks against a slow obvious reference ---------------------------------
 
-_VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
-                    st.sampled_from([0.0, -0.0, 65504.0, 7e4, 3e38, -3e38, 1e-45]))
+_VALUES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.sampled_from([0.0, -0.0, 65504.0, 7e4, 3e38, -3e38, 1e-45]),
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(values=st.lists(_VALUES, min_size=0, max_size=40),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]))
+@given(
+    values=st.lists(_VALUES, min_size=0, max_size=40),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+)
 def test_all_finite_matches_isfinite(values, dtype):
-    t = torch.tensor(values, dtype=torch.float64).to(dtype)  # casting may overflow: that is the point
+    t = torch.tensor(values, dtype=torch.float64).to(
+        dtype
+    )  # casting may overflow: that is the point
     expected = bool(torch.isfinite(t).all()) if t.numel() else True
     assert all_finite(t) is expected
     if t.numel() and not expected:  # the cheap flag never misses a non-finite value

@@ -75,7 +75,12 @@ def test_inference_only_script_stops_at_the_model_output(tmp_path, capsys):
     d = report["diagnosis"]
     assert rc == 1 and not marker.exists()  # stopped at the failure
     assert (d["category"], d["phase"], d["op_kind"], d["module"], d["samples"]) == (
-        "op_domain", "forward", "div", "2", [1])
+        "op_domain",
+        "forward",
+        "div",
+        "2",
+        [1],
+    )
 
 
 def test_intentional_minus_inf_in_the_output_is_silent(tmp_path, capsys):
@@ -89,7 +94,9 @@ def test_our_internal_error_is_a_warning_and_the_script_finishes(tmp_path, capsy
         raise RuntimeError("simulated nanscope bug")
 
     monkeypatch.setattr(runner_module, "user_frame", broken)  # fault injection inside the recorder
-    with pytest.warns(RuntimeWarning, match="nanscope: internal error in watching the PyTorch script"):
+    with pytest.warns(
+        RuntimeWarning, match="nanscope: internal error in watching the PyTorch script"
+    ):
         rc, report = run(tmp_path, TRAINING)
     assert rc == 0 and report["status"] == "clean"
     assert "trained" in capsys.readouterr().out
@@ -122,8 +129,12 @@ def test_a_failed_replay_still_stops_the_script_with_a_diagnosis(tmp_path, capsy
 
     monkeypatch.setattr(runner_module.Runner, "replay", broken_replay)  # fault injection
     script = tmp_path / "script.py"
-    script.write_text(TRAINING.replace("(model(torch.randn(4, 3)) ** 2).mean()",
-                                       "torch.log(model(torch.randn(4, 3)) * 0).mean()"))
+    script.write_text(
+        TRAINING.replace(
+            "(model(torch.randn(4, 3)) ** 2).mean()",
+            "torch.log(model(torch.randn(4, 3)) * 0).mean()",
+        )
+    )
     report = tmp_path / "report.json"
     with pytest.warns(RuntimeWarning, match="replaying the failing step"):
         rc = cli_main(["run", str(script), "--json", str(report)])

@@ -50,7 +50,11 @@ def test_nan_image_in_validation():
     s = seg("healthy_bn_ignore")
     s.val_batches[1][0][0, 0, 2, 2] = float("nan")
     d = diagnose_eval(s.model, s.val_batches, loss_fn)
-    assert d.category is Category.NONFINITE_INPUT and d.samples == [0] and d.details["bad_batches"] == [1]
+    assert (
+        d.category is Category.NONFINITE_INPUT
+        and d.samples == [0]
+        and d.details["bad_batches"] == [1]
+    )
 
 
 def test_healthy_validation_is_silent_and_restores_the_model():
@@ -67,5 +71,8 @@ def test_bn_eval_restores_running_stats_after_the_train_mode_comparison():
     before = {k: v.clone() for k, v in s.model.state_dict().items()}
     diagnose_eval(s.model, s.val_batches, loss_fn, max_batches=1)
     after = s.model.state_dict()
-    assert all(torch.equal(before[k], after[k]) or (before[k].isnan() == after[k].isnan()).all() for k in before)
+    assert all(
+        torch.equal(before[k], after[k]) or (before[k].isnan() == after[k].isnan()).all()
+        for k in before
+    )
     assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)

@@ -52,7 +52,10 @@ def test_finds_log_of_zero_in_handwritten_cross_entropy():
     by_case = {f.where_found["case"]: f for f in report.findings}
     f = by_case["logits_extreme"]
     assert f.category is Category.OP_DOMAIN and f.op_kind == "log" and f.op == "aten::log"
-    assert f.location.line == _line("# LOG_LINE") and f.location.function == "handwritten_cross_entropy"
+    assert (
+        f.location.line == _line("# LOG_LINE")
+        and f.location.function == "handwritten_cross_entropy"
+    )
     assert "log_softmax" in f.fixes[0] and f.samples
     assert report.stats["cases"]["example"] == "finite" and report.exit_code == 1
     assert report.stats["inputs"] == {"argument 1": "logits", "argument 2": "labels"}
@@ -94,20 +97,33 @@ def test_identical_pair_exposes_sqrt_gradient_at_zero():
     assert not nanscope.fuzz_loss(lambda x, y: L.safe_norm(x - y, dim=-1).mean(), (a, b)).findings
 
 
-LOSSES_PY = textwrap.dedent('''
+LOSSES_PY = textwrap.dedent("""
     import torch
 
     def bce(p, y):
         return -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
-''')
+""")
 
 
 def test_cli_fuzz_loss(tmp_path, capsys):
     (tmp_path / "my_losses.py").write_text(LOSSES_PY)
     example = tmp_path / "batch.npz"
-    np.savez(example, np.array([[0.2, 0.7], [0.9, 0.4]], np.float32), np.array([[0, 1], [1, 0]], np.float32))
+    np.savez(
+        example,
+        np.array([[0.2, 0.7], [0.9, 0.4]], np.float32),
+        np.array([[0, 1], [1, 0]], np.float32),
+    )
     out = tmp_path / "report.json"
-    code = cli_main(["fuzz-loss", f"{tmp_path / 'my_losses.py'}:bce", "--example", str(example), "--json", str(out)])
+    code = cli_main(
+        [
+            "fuzz-loss",
+            f"{tmp_path / 'my_losses.py'}:bce",
+            "--example",
+            str(example),
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 1
     doc = json.loads(out.read_text())
     assert doc["status"] == "problems" and doc["framework"] == "torch"
@@ -119,8 +135,13 @@ def test_cli_fuzz_loss(tmp_path, capsys):
 
 
 def _cli(args, cwd):
-    return subprocess.run([sys.executable, "-m", "nanscope", "fuzz-loss", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "nanscope", "fuzz-loss", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
@@ -136,8 +157,11 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     ]:
         r = _cli(args, tmp_path)
         assert r.returncode == 2, (args, r.stderr)
-        assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-
+        assert (
+            words in r.stderr
+            and len(r.stderr.strip().splitlines()) == 1
+            and "Traceback" not in r.stderr
+        )
 
 
 def test_without_an_example_the_inputs_are_guessed_from_parameter_names():
@@ -163,6 +187,8 @@ def test_stock_safe_losses_are_clean_and_float16_bce_is_caught():
         report = nanscope.fuzz_loss(fn, example)
         assert report.findings == [], (fn, [str(f) for f in report.findings])
     bce = nanscope.fuzz_loss(F.binary_cross_entropy, (probs, mask))
-    assert [f.where_found["case"] for f in bce.findings] == ["float16_extreme"]  # eps 1e-12 is 0 in float16
+    assert [f.where_found["case"] for f in bce.findings] == [
+        "float16_extreme"
+    ]  # eps 1e-12 is 0 in float16
     assert bce.findings[0].category is Category.SINGULAR_GRADIENT
     assert "binary_cross_entropy_with_logits" in bce.findings[0].fixes[0]

@@ -23,7 +23,9 @@ SCENARIOS = Path(__file__).parent / "scenarios"
 def load(name):
     if str(SCENARIOS) not in sys.path:
         sys.path.insert(0, str(SCENARIOS))  # scenarios import each other (bn_eval -> seg_ignore)
-    spec = importlib.util.spec_from_file_location(f"guard_scenario_{name}", SCENARIOS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"guard_scenario_{name}", SCENARIOS / f"{name}.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -110,18 +112,31 @@ def test_nan_batch_does_not_poison_batchnorm_and_training_goes_on():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for i, batch in enumerate(s.batches):
-            stats = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+            stats = (
+                bn.running_mean.clone(),
+                bn.running_var.clone(),
+                bn.num_batches_tracked.clone(),
+            )
             weight = s.model[0].weight.detach().clone()
             guard.step(s.train_step, batch)
             if i == mod.BAD_BATCH:  # train-mode BN would have written NaN into running_mean
-                assert all(torch.equal(a, b) for a, b in zip(stats, (bn.running_mean, bn.running_var, bn.num_batches_tracked), strict=True))
+                assert all(
+                    torch.equal(a, b)
+                    for a, b in zip(
+                        stats,
+                        (bn.running_mean, bn.running_var, bn.num_batches_tracked),
+                        strict=True,
+                    )
+                )
             else:  # healthy steps are applied as usual
                 assert not torch.equal(weight, s.model[0].weight)
     assert torch.isfinite(bn.running_mean).all() and torch.isfinite(s.model[0].weight).all()
     assert guard.skipped == 1
 
 
-@pytest.mark.parametrize("name", ["healthy_bn_ignore", "healthy_double_where", "healthy_partial_mask"])
+@pytest.mark.parametrize(
+    "name", ["healthy_bn_ignore", "healthy_double_where", "healthy_partial_mask"]
+)
 def test_healthy_runs_are_silent_and_bit_identical_to_unguarded(name, tmp_path):
     mod = load(name)
     plain = mod.build()
@@ -137,7 +152,9 @@ def test_healthy_runs_are_silent_and_bit_identical_to_unguarded(name, tmp_path):
         for batch in s.batches:
             guard.step(s.train_step, batch)
     assert [str(w.message) for w in caught] == []
-    assert guard.skipped == 0 and guard.last is None and not guard.should_stop and not reports.exists()
+    assert (
+        guard.skipped == 0 and guard.last is None and not guard.should_stop and not reports.exists()
+    )
     assert_identical(snapshot(plain.model, plain.optimizer), snapshot(s.model, s.optimizer))
 
 
@@ -145,7 +162,12 @@ def test_nan_weight_from_a_checkpoint_stops_under_skip():
     s = load("checkpoint_nan").build()
     guard, messages = run_guarded(s)
     d = guard.last
-    assert (d.category, d.phase, d.module, d.step) == (Category.NONFINITE_PARAMETERS, Phase.STATE, "fc1", 0)
+    assert (d.category, d.phase, d.module, d.step) == (
+        Category.NONFINITE_PARAMETERS,
+        Phase.STATE,
+        "fc1",
+        0,
+    )
     assert "fc1.weight" in d.summary
     assert guard.should_stop and guard.steps == 1  # skipping cannot repair a NaN weight
     assert "skipping cannot help" in messages[0]
@@ -156,7 +178,11 @@ def test_corrupt_running_var_is_caught_in_training_mode():
     guard, _ = run_guarded(s)
     d = guard.last
     assert (d.category, d.phase) == (Category.CORRUPT_NORM_STATISTICS, Phase.STATE)
-    bad = [n for n, m in s.model.named_modules() if isinstance(m, nn.BatchNorm2d) and not torch.isfinite(m.running_var).all()]
+    bad = [
+        n
+        for n, m in s.model.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and not torch.isfinite(m.running_var).all()
+    ]
     assert d.module == bad[0]
 
 
@@ -202,7 +228,9 @@ def _tiny(seed=0):
         return loss
 
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(6, 4, generator=g), torch.randint(0, 2, (6,), generator=g)) for _ in range(4)]
+    batches = [
+        (torch.randn(6, 4, generator=g), torch.randint(0, 2, (6,), generator=g)) for _ in range(4)
+    ]
     batches[2][0][4, 0] = float("inf")
     return net, opt, train_step, batches
 
@@ -271,7 +299,11 @@ def test_internal_error_warns_once_and_training_goes_on_unguarded(monkeypatch):
         warnings.simplefilter("always")
         for batch in s.batches + [s.batches[1]]:  # the bad batch comes again at the end
             guard.step(s.train_step, batch)
-    internal = [str(w.message) for w in caught if str(w.message).startswith("nanscope: internal error in nanscope's Guard")]
+    internal = [
+        str(w.message)
+        for w in caught
+        if str(w.message).startswith("nanscope: internal error in nanscope's Guard")
+    ]
     assert len(internal) == 1 and "injected failure" in internal[0] and "unguarded" in internal[0]
     # The failure it was explaining is still handled (skipped, with what was known) ...
     assert guard.skipped == 1 and guard.last.category is Category.UNKNOWN
@@ -305,7 +337,10 @@ def test_guard_leaves_no_hooks_and_keeps_modes():
     assert net.training and torch.is_grad_enabled() and not torch.is_anomaly_enabled()
     for m in net.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-    assert not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks
+    assert (
+        not nn.modules.module._global_forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks
+    )
 
 
 def test_train_step_may_return_loss_with_outputs():
@@ -314,7 +349,9 @@ def test_train_step_may_return_loss_with_outputs():
     def train_step(batch):
         x, y = batch
         logits = net(x)
-        loss = F.cross_entropy(logits, y) + torch.log(x[:, 1] - x[:, 1]).sum() * (y.sum() > 100)  # log(0) * 0: NaN
+        loss = F.cross_entropy(logits, y) + torch.log(x[:, 1] - x[:, 1]).sum() * (
+            y.sum() > 100
+        )  # log(0) * 0: NaN
         loss.backward()
         return {"loss": loss, "logits": logits}
 
@@ -349,7 +386,12 @@ def test_weights_outside_the_loss_are_checked_every_n_steps():
         assert not caught and guard.last is None
         guard.step(train_step, batch)  # step 3 checks the weights again
     d = guard.last
-    assert (d.category, d.phase, d.module, d.step) == (Category.NONFINITE_PARAMETERS, Phase.STATE, "unused_head", 3)
+    assert (d.category, d.phase, d.module, d.step) == (
+        Category.NONFINITE_PARAMETERS,
+        Phase.STATE,
+        "unused_head",
+        3,
+    )
     assert guard.should_stop
 
 
@@ -408,4 +450,4 @@ def test_a_finite_gradient_past_float32_sum_of_squares_is_not_an_alarm():
         guard.step(train_step, torch.ones(1, 10))
     assert guard.skipped == 0 and guard.last is None
     assert not torch.equal(net.weight, before) and torch.isfinite(net.weight).all()
-    assert guard.history.grad_norm[-1] == pytest.approx(1e20 * 10 ** 0.5, rel=1e-6)
+    assert guard.history.grad_norm[-1] == pytest.approx(1e20 * 10**0.5, rel=1e-6)

@@ -31,7 +31,7 @@ def setup(init_scale, loss_factor=1.0, seed=0):
 
 def test_scaler_overflow_steps_are_silent_and_training_matches_unguarded():
     # init_scale 2**125: scaled gradients overflow float32 at first; GradScaler skips and halves.
-    net, opt, scaler, train_step, batches = setup(2.0 ** 125, loss_factor=100.0)
+    net, opt, scaler, train_step, batches = setup(2.0**125, loss_factor=100.0)
     for b in batches:
         opt.zero_grad(set_to_none=True)
         train_step(b)
@@ -40,7 +40,7 @@ def test_scaler_overflow_steps_are_silent_and_training_matches_unguarded():
     plain = [p.detach().clone() for p in net.parameters()]
     plain_scale = scaler.get_scale()
 
-    net, opt, scaler, train_step, batches = setup(2.0 ** 125, loss_factor=100.0)
+    net, opt, scaler, train_step, batches = setup(2.0**125, loss_factor=100.0)
     guard = Guard(net, opt, scaler=scaler, policy="skip", reports=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -48,14 +48,14 @@ def test_scaler_overflow_steps_are_silent_and_training_matches_unguarded():
             guard.step(train_step, b)
     assert [str(w.message) for w in caught] == []
     assert guard.skipped == 0 and guard.last is None
-    assert scaler.get_scale() == plain_scale < 2.0 ** 125  # the scaler did skip some steps
+    assert scaler.get_scale() == plain_scale < 2.0**125  # the scaler did skip some steps
     assert all(torch.equal(a, b) for a, b in zip(plain, net.parameters(), strict=True))
 
 
 def test_a_collapsing_loss_scale_is_diagnosed():
     # Gradients that overflow step after step (the scale cannot come down fast enough):
     # GradScaler skips every update; after max_consecutive in a row (the rule's) it is a collapse.
-    net, opt, scaler, train_step, batches = setup(2.0 ** 127, loss_factor=1e4)
+    net, opt, scaler, train_step, batches = setup(2.0**127, loss_factor=1e4)
     guard = Guard(net, opt, scaler=scaler, policy="stop", reports=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -72,7 +72,7 @@ def test_a_collapsing_loss_scale_is_diagnosed():
 
 
 def test_nan_loss_under_a_scaler_is_still_a_failure():
-    net, opt, scaler, train_step, batches = setup(2.0 ** 10)
+    net, opt, scaler, train_step, batches = setup(2.0**10)
     batches[3][0][5, 2] = float("nan")
     guard = Guard(net, opt, scaler=scaler, policy="skip", reports=None)
     with warnings.catch_warnings():

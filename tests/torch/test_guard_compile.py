@@ -31,7 +31,9 @@ def counting_backend(calls):
         def run(*args):
             calls.append(1)
             return gm(*args)
+
         return run
+
     return backend
 
 
@@ -46,12 +48,16 @@ def test_healthy_steps_stay_compiled_and_a_failure_is_localized_eagerly():
     def train_step(batch):
         x, y = batch
         probs = torch.softmax(model(x), dim=1)
-        loss = -(F.one_hot(y, 3) * torch.log(probs)).sum(1).mean()  # hand-written: log(0) once saturated
+        loss = (
+            -(F.one_hot(y, 3) * torch.log(probs)).sum(1).mean()
+        )  # hand-written: log(0) once saturated
         loss.backward()
         return loss
 
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(4)]
+    batches = [
+        (torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(4)
+    ]
     batches[2][0][1] = 1e4  # saturates the softmax: exact zeros
     for b in batches[:2]:
         guard.step(train_step, b)
@@ -61,9 +67,16 @@ def test_healthy_steps_stay_compiled_and_a_failure_is_localized_eagerly():
         warnings.simplefilter("ignore")
         guard.step(train_step, batches[2])
     d = guard.last
-    assert (d.category, d.phase, d.op, d.samples) == (Category.OP_DOMAIN, Phase.LOSS, "aten::log", [1]), str(d)
+    assert (d.category, d.phase, d.op, d.samples) == (
+        Category.OP_DOMAIN,
+        Phase.LOSS,
+        "aten::log",
+        [1],
+    ), str(d)
     assert len(calls) == 3  # the replay ran eagerly, not through the compiled graph
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # skipped: bit-identical
+    assert all(
+        torch.equal(before[k], v) for k, v in net.state_dict().items()
+    )  # skipped: bit-identical
     guard.step(train_step, batches[3])
     assert len(calls) == 4 and guard.skipped == 1  # compiled again after the failure
 
@@ -80,6 +93,7 @@ def test_a_failure_only_the_compiled_step_shows_is_compiled_numerics():
                 first = out[0] if isinstance(out, (tuple, list)) else out
                 first.view(-1)[0] = float("nan")
             return out
+
         return run
 
     net = Net()
@@ -102,7 +116,9 @@ def test_a_failure_only_the_compiled_step_shows_is_compiled_numerics():
     d = guard.last
     assert d.category is Category.COMPILED_NUMERICS and guard.skipped == 1, str(d)
     assert "torch.compile(Net)" in d.summary and "eager" in d.summary
-    assert any(e.startswith("compiled run: loss non-finite; eager replay: finite") for e in d.evidence)
+    assert any(
+        e.startswith("compiled run: loss non-finite; eager replay: finite") for e in d.evidence
+    )
     assert "force_eager" in d.fixes[0]
 
 
@@ -124,12 +140,21 @@ def test_nanscope_run_says_compiled_modules_run_eagerly_and_prints_no_torch_warn
         "for i in range(3):\n"
         "    opt.zero_grad(); F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()\n"
         "    opt.step()\n"
-        "print('compiled graph calls:', len(calls))\n")
-    plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    watched = subprocess.run([sys.executable, "-m", "nanscope", "run", str(script)], capture_output=True,
-                             text=True, timeout=120)
+        "print('compiled graph calls:', len(calls))\n"
+    )
+    plain = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    watched = subprocess.run(
+        [sys.executable, "-m", "nanscope", "run", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert plain.stdout.strip() == "compiled graph calls: 3" and plain.returncode == 0
     # Measured: under a dispatch mode Dynamo runs the frames eagerly (pytorch#131828), and nanscope says so once.
     assert watched.stdout.strip() == "compiled graph calls: 0" and watched.returncode == 0
-    assert watched.stderr.count("nanscope run: torch.compile'd modules run eagerly") == 1, watched.stderr
+    assert watched.stderr.count("nanscope run: torch.compile'd modules run eagerly") == 1, (
+        watched.stderr
+    )
     assert "global hooks" not in watched.stderr and "Warning" not in watched.stderr, watched.stderr

@@ -28,7 +28,11 @@ def _leaf(values, dtype):
 
 
 @FAST
-@given(st.lists(EXTREME, min_size=6, max_size=6), st.lists(st.integers(0, 2), min_size=2, max_size=2), DTYPES)
+@given(
+    st.lists(EXTREME, min_size=6, max_size=6),
+    st.lists(st.integers(0, 2), min_size=2, max_size=2),
+    DTYPES,
+)
 def test_cross_entropy_extreme_logits_finite(values, labels, dtype):
     logits = _leaf([values[:3], values[3:]], dtype)
     _finite_value_and_grad(lambda: L.cross_entropy(logits, torch.tensor(labels)), logits)
@@ -52,14 +56,21 @@ def test_cross_entropy_matches_stock_on_ordinary_inputs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(L.cross_entropy(logits, target), F.cross_entropy(logits, target))
-        torch.testing.assert_close(L.cross_entropy(logits, target, weight=w), F.cross_entropy(logits, target, weight=w))
-        torch.testing.assert_close(L.cross_entropy(logits, target, label_smoothing=0.1),
-                                   F.cross_entropy(logits, target, label_smoothing=0.1))
+        torch.testing.assert_close(
+            L.cross_entropy(logits, target, weight=w), F.cross_entropy(logits, target, weight=w)
+        )
+        torch.testing.assert_close(
+            L.cross_entropy(logits, target, label_smoothing=0.1),
+            F.cross_entropy(logits, target, label_smoothing=0.1),
+        )
 
 
 @FAST
-@given(st.lists(st.sampled_from([0.0, 1.0, 1e-8, 0.3, 0.999]), min_size=4, max_size=4),
-       st.lists(st.sampled_from([0.0, 1.0]), min_size=4, max_size=4), DTYPES)
+@given(
+    st.lists(st.sampled_from([0.0, 1.0, 1e-8, 0.3, 0.999]), min_size=4, max_size=4),
+    st.lists(st.sampled_from([0.0, 1.0]), min_size=4, max_size=4),
+    DTYPES,
+)
 def test_bce_on_probabilities_of_exactly_0_and_1(probs, target, dtype):
     p = _leaf(probs, dtype)
     _finite_value_and_grad(lambda: L.binary_cross_entropy(p, torch.tensor(target)), p)
@@ -71,8 +82,12 @@ def test_bce_matches_stock():
 
 
 @FAST
-@given(st.lists(EXTREME, min_size=4, max_size=4), st.lists(st.sampled_from([0.0, 1.0]), min_size=4, max_size=4),
-       st.sampled_from([0.0, 0.5, 2.0]), DTYPES)
+@given(
+    st.lists(EXTREME, min_size=4, max_size=4),
+    st.lists(st.sampled_from([0.0, 1.0]), min_size=4, max_size=4),
+    st.sampled_from([0.0, 0.5, 2.0]),
+    DTYPES,
+)
 def test_focal_loss_extreme_logits_and_fractional_gamma(values, target, gamma, dtype):
     x = _leaf(values, dtype)
     _finite_value_and_grad(lambda: L.focal_loss(x, torch.tensor(target), gamma=gamma), x)
@@ -97,7 +112,9 @@ def _stock_dice(p, t):
 def test_dice_and_tversky_with_empty_masks(n_filled, empty_pred, dtype):
     target = torch.zeros(2, 1, 3, 3)
     target[0, 0, 0, :n_filled] = 1.0
-    probs = _leaf(torch.zeros(2, 1, 3, 3).tolist() if empty_pred else torch.rand(2, 1, 3, 3).tolist(), dtype)
+    probs = _leaf(
+        torch.zeros(2, 1, 3, 3).tolist() if empty_pred else torch.rand(2, 1, 3, 3).tolist(), dtype
+    )
     _finite_value_and_grad(lambda: L.dice_loss(probs, target), probs)
     probs.grad = None
     _finite_value_and_grad(lambda: L.tversky_loss(probs, target, alpha=0.7, beta=0.3), probs)
@@ -110,7 +127,9 @@ def test_dice_empty_mask_predicted_empty_is_perfect_and_matches_stock_otherwise(
     p, t = torch.rand(3, 4, 4), (torch.rand(3, 4, 4) > 0.5).float()
     torch.testing.assert_close(L.dice_loss(p, t), _stock_dice(p, t))
     tp, fp, fn = (p * t).sum((1, 2)), (p * (1 - t)).sum((1, 2)), ((1 - p) * t).sum((1, 2))
-    torch.testing.assert_close(L.tversky_loss(p, t, alpha=0.3, beta=0.7), (1 - tp / (tp + 0.3 * fp + 0.7 * fn)).mean())
+    torch.testing.assert_close(
+        L.tversky_loss(p, t, alpha=0.3, beta=0.7), (1 - tp / (tp + 0.3 * fp + 0.7 * fn)).mean()
+    )
 
 
 @FAST
@@ -137,15 +156,22 @@ def test_safe_ops_match_stock_on_ordinary_inputs():
 
 
 @FAST
-@given(st.lists(st.sampled_from([0.0, 1.0, -2.0, 1e4]), min_size=3, max_size=3),
-       st.lists(st.sampled_from([0.0, 1e-8, 2.0]), min_size=3, max_size=3), DTYPES)
+@given(
+    st.lists(st.sampled_from([0.0, 1.0, -2.0, 1e4]), min_size=3, max_size=3),
+    st.lists(st.sampled_from([0.0, 1e-8, 2.0]), min_size=3, max_size=3),
+    DTYPES,
+)
 def test_safe_div_zero_denominators(num, den, dtype):
     a, b = _leaf(num, dtype), _leaf(den, dtype)
     _finite_value_and_grad(lambda: L.safe_div(a, b), a, b)
 
 
 @FAST
-@given(st.lists(st.booleans(), min_size=8, max_size=8), st.lists(EXTREME, min_size=8, max_size=8), DTYPES)
+@given(
+    st.lists(st.booleans(), min_size=8, max_size=8),
+    st.lists(EXTREME, min_size=8, max_size=8),
+    DTYPES,
+)
 def test_masked_softmax_fully_masked_rows(mask_bits, values, dtype):
     mask = torch.tensor(mask_bits).reshape(2, 4)
     x = _leaf(torch.tensor(values).reshape(2, 4).tolist(), dtype)
@@ -177,8 +203,10 @@ def test_importing_losses_and_fuzz_imports_no_framework():
     import subprocess
     import sys
 
-    code = ("import sys, nanscope, nanscope.losses, nanscope.fuzz, nanscope.core.headroom; nanscope.fuzz_loss; "
-            "assert not {'torch', 'tensorflow', 'keras'} & set(sys.modules), sorted(sys.modules)")
+    code = (
+        "import sys, nanscope, nanscope.losses, nanscope.fuzz, nanscope.core.headroom; nanscope.fuzz_loss; "
+        "assert not {'torch', 'tensorflow', 'keras'} & set(sys.modules), sorted(sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 

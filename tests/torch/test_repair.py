@@ -41,7 +41,10 @@ def _poisoned():
 
 def _batches(n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
+    return [
+        (torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def test_api_repairs_eval_outputs_and_touches_only_bn_statistics():
@@ -60,7 +63,10 @@ def test_api_repairs_eval_outputs_and_touches_only_bn_statistics():
     assert m.layer4[1].bn2.momentum == 0.1
     assert {"layer4.1.bn2", "layer2.0.bn1"} <= set(report.changed)
     assert report.batches == 4 and report.outputs_finite is True
-    assert report.layers["layer2.0.bn1"]["before"]["negative"] == 128 and report.layers["layer2.0.bn1"]["after"]["negative"] == 0
+    assert (
+        report.layers["layer2.0.bn1"]["before"]["negative"] == 128
+        and report.layers["layer2.0.bn1"]["after"]["negative"] == 0
+    )
     for k, v in m.named_parameters():
         assert torch.equal(v, params[k]), k
     with torch.no_grad():
@@ -94,10 +100,14 @@ def workdir(tmp_path, monkeypatch):
     imgs.mkdir()
     rng = np.random.default_rng(0)
     for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(imgs / f"{i:03d}.png")
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            imgs / f"{i:03d}.png"
+        )
     m = _poisoned()
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-    torch.save({"model": m.state_dict(), "optimizer": opt.state_dict(), "epoch": 7}, tmp_path / "bad.pt")
+    torch.save(
+        {"model": m.state_dict(), "optimizer": opt.state_dict(), "epoch": 7}, tmp_path / "bad.pt"
+    )
     return tmp_path
 
 
@@ -105,8 +115,21 @@ def test_cli_recalibrate_writes_a_verified_copy(workdir, capsys):
     src = workdir / "bad.pt"
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     assert inspect(src).exit_code == 1
-    rc = main(["repair", str(src), "-o", str(workdir / "fixed.pt"), "--recalibrate-bn", "--data", str(workdir / "imgs"),
-               "--model", "mymodels:make", "--batch-size", "4"])
+    rc = main(
+        [
+            "repair",
+            str(src),
+            "-o",
+            str(workdir / "fixed.pt"),
+            "--recalibrate-bn",
+            "--data",
+            str(workdir / "imgs"),
+            "--model",
+            "mymodels:make",
+            "--batch-size",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "verified finite" in out and "layer4.1.bn2" in out
@@ -123,13 +146,35 @@ def test_cli_recalibrate_writes_a_verified_copy(workdir, capsys):
 
 def test_cli_refusals(workdir, capsys):
     src = str(workdir / "bad.pt")
-    np.save(workdir / "wrong.npy", np.zeros((4, 5), np.float32))  # not images: the model cannot run on it
+    np.save(
+        workdir / "wrong.npy", np.zeros((4, 5), np.float32)
+    )  # not images: the model cannot run on it
     cases = [
-        ["repair", src, "-o", "x.pt", "--recalibrate-bn", "--data", "wrong.npy", "--model", "mymodels:make"],
+        [
+            "repair",
+            src,
+            "-o",
+            "x.pt",
+            "--recalibrate-bn",
+            "--data",
+            "wrong.npy",
+            "--model",
+            "mymodels:make",
+        ],
         ["repair", src, "-o", src, "--reset-bn"],  # never over the input
         ["repair", src, "-o", "x.pt", "--recalibrate-bn", "--data", "imgs"],  # no --model
         ["repair", src, "-o", "x.pt", "--recalibrate-bn", "--model", "mymodels:make"],  # no --data
-        ["repair", src, "-o", "x.pt", "--recalibrate-bn", "--data", "imgs", "--model", "nomodule:make"],
+        [
+            "repair",
+            src,
+            "-o",
+            "x.pt",
+            "--recalibrate-bn",
+            "--data",
+            "imgs",
+            "--model",
+            "nomodule:make",
+        ],
         ["repair", src, "-o", "no/dir/x.pt", "--reset-bn"],
     ]
     for argv in cases:
@@ -144,8 +189,19 @@ def test_cli_does_not_write_when_outputs_stay_nonfinite(workdir, capsys):
     with torch.no_grad():
         m.fc.weight[0, 0] = float("nan")  # not a BatchNorm problem: recalibration cannot fix it
     torch.save(m.state_dict(), workdir / "w.pt")
-    rc = main(["repair", str(workdir / "w.pt"), "-o", str(workdir / "out.pt"), "--recalibrate-bn", "--data", "imgs",
-               "--model", "mymodels:make"])
+    rc = main(
+        [
+            "repair",
+            str(workdir / "w.pt"),
+            "-o",
+            str(workdir / "out.pt"),
+            "--recalibrate-bn",
+            "--data",
+            "imgs",
+            "--model",
+            "mymodels:make",
+        ]
+    )
     assert rc == 1 and not (workdir / "out.pt").exists()
     assert "nothing written" in capsys.readouterr().err
 
@@ -155,9 +211,27 @@ def test_cli_reset_without_model_and_as_subprocess(workdir, capsys):
     out = capsys.readouterr().out
     assert "accuracy usually drops" in out and "not verified" in out
     assert inspect(workdir / "reset.pt").findings == []
-    p = subprocess.run([sys.executable, "-m", "nanscope", "repair", "bad.pt", "-o", "fixed2.pt", "--recalibrate-bn",
-                        "--data", "imgs", "--model", "mymodels:make", "--max-batches", "2"],
-                       capture_output=True, text=True, cwd=workdir)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanscope",
+            "repair",
+            "bad.pt",
+            "-o",
+            "fixed2.pt",
+            "--recalibrate-bn",
+            "--data",
+            "imgs",
+            "--model",
+            "mymodels:make",
+            "--max-batches",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+    )
     assert p.returncode == 0 and "verified finite" in p.stdout, p.stderr
 
 
@@ -165,8 +239,21 @@ def test_cli_repairs_safetensors(workdir, capsys):
     from safetensors.torch import save_file
 
     save_file(_poisoned().state_dict(), str(workdir / "bad.safetensors"))
-    rc = main(["repair", str(workdir / "bad.safetensors"), "-o", str(workdir / "fixed.safetensors"), "--recalibrate-bn",
-               "--data", "imgs", "--model", "mymodels:make", "--max-batches", "2"])
+    rc = main(
+        [
+            "repair",
+            str(workdir / "bad.safetensors"),
+            "-o",
+            str(workdir / "fixed.safetensors"),
+            "--recalibrate-bn",
+            "--data",
+            "imgs",
+            "--model",
+            "mymodels:make",
+            "--max-batches",
+            "2",
+        ]
+    )
     assert rc == 0, capsys.readouterr()
     assert inspect(workdir / "bad.safetensors").exit_code == 1
     assert inspect(workdir / "fixed.safetensors").findings == []

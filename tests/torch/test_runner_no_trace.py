@@ -16,7 +16,7 @@ from torch.optim import optimizer as optim_module
 
 from nanscope.cli.main import main
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import sys
 
     import torch
@@ -38,13 +38,25 @@ SCRIPT = textwrap.dedent('''
     model.eval()
     with torch.no_grad():
         print("eval", round(model(x).sum().item(), 6))
-''')
+""")
 
-_HOOK_REGISTRIES = [name for name in dir(nn_module) if name.startswith("_global_") and name.endswith(
-    ("hooks", "always_called", "with_kwargs"))]
+_HOOK_REGISTRIES = [
+    name
+    for name in dir(nn_module)
+    if name.startswith("_global_") and name.endswith(("hooks", "always_called", "with_kwargs"))
+]
 _OPTIMIZER_REGISTRIES = [name for name in dir(optim_module) if name.startswith("_global_optimizer")]
-_CLASSES = [torch.Tensor, torch._C.TensorBase, torch.nn.Module, torch.optim.Optimizer, torch.optim.Adam,
-            torch.autograd.Function, torch.autograd.graph.Node, torch.nn.Sequential, torch.nn.Linear]
+_CLASSES = [
+    torch.Tensor,
+    torch._C.TensorBase,
+    torch.nn.Module,
+    torch.optim.Optimizer,
+    torch.optim.Adam,
+    torch.autograd.Function,
+    torch.autograd.graph.Node,
+    torch.nn.Sequential,
+    torch.nn.Linear,
+]
 _MODULES = [torch, F, torch.autograd, torch.nn.modules.module]
 
 
@@ -53,14 +65,20 @@ def _state() -> dict:
 
     return {
         "hooks": {name: dict(getattr(nn_module, name)) for name in _HOOK_REGISTRIES},
-        "optimizer hooks": {name: dict(getattr(optim_module, name)) for name in _OPTIMIZER_REGISTRIES},
+        "optimizer hooks": {
+            name: dict(getattr(optim_module, name)) for name in _OPTIMIZER_REGISTRIES
+        },
         "dispatch modes": list(_get_current_dispatch_mode_stack()),
         "grad enabled": torch.is_grad_enabled(),
         "anomaly": (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
         "default dtype": torch.get_default_dtype(),
         "class attributes": {(c.__qualname__, k): v for c in _CLASSES for k, v in vars(c).items()},
-        "module attributes": {(m.__name__, k): v for m in _MODULES for k, v in vars(m).items()
-                              if callable(v) or isinstance(v, type)},
+        "module attributes": {
+            (m.__name__, k): v
+            for m in _MODULES
+            for k, v in vars(m).items()
+            if callable(v) or isinstance(v, type)
+        },
     }
 
 
@@ -69,15 +87,22 @@ def _diff(before: dict, after: dict) -> list[str]:
     for key in before:
         b, a = before[key], after[key]
         if isinstance(b, dict) and key.endswith("attributes"):
-            out += [f"{key}: {k}" for k in b.keys() | a.keys() if b.get(k, None) is not a.get(k, None)]
+            out += [
+                f"{key}: {k}" for k in b.keys() | a.keys() if b.get(k, None) is not a.get(k, None)
+            ]
         elif b != a:
             out.append(f"{key}: {b!r} -> {a!r}")
     return out
 
 
 def test_the_registries_are_the_ones_torch_has():
-    assert "_global_forward_pre_hooks" in _HOOK_REGISTRIES and "_global_forward_hooks" in _HOOK_REGISTRIES
-    assert {"_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"} <= set(_OPTIMIZER_REGISTRIES)
+    assert (
+        "_global_forward_pre_hooks" in _HOOK_REGISTRIES
+        and "_global_forward_hooks" in _HOOK_REGISTRIES
+    )
+    assert {"_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"} <= set(
+        _OPTIMIZER_REGISTRIES
+    )
 
 
 @pytest.mark.parametrize("args, code", [([], 0), (["--nan"], 1)], ids=["clean", "failure"])
@@ -92,7 +117,9 @@ def test_run_leaves_no_trace(tmp_path, capsys, args, code):
     rc = main(["run", "--json", str(tmp_path / "r.json"), str(script), *args])
     after = _state()
     assert rc == code, capsys.readouterr().err
-    assert json.loads((tmp_path / "r.json").read_text())["status"] == ("clean" if code == 0 else "nonfinite")
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == (
+        "clean" if code == 0 else "nonfinite"
+    )
     assert _diff(before, after) == []
     # and the process still computes as before: no mode, no hook sees this
     assert torch.ones(2).sum().item() == 2.0

@@ -25,38 +25,114 @@ SCENARIOS = Path(__file__).parent / "scenarios"
 # name -> expected fields of the diagnosis (None: the run must stay clean)
 EXPECTED = {
     "nan_input": dict(category="nonfinite_input", phase="data", samples=[5], step=2),
-    "log_softmax": dict(category="op_domain", phase="loss", op="aten::log", op_kind="log", samples=[3],
-                        function="loss_fn", first_fix="replace log(softmax(x)) with log_softmax(x)"),
-    "div_zero": dict(category="op_domain", phase="forward", op="aten::div", op_kind="div", module="norm",
-                     samples=[2]),
-    "sqrt_zero": dict(category="singular_gradient", phase="backward", op_kind="sqrt", module="distance",
-                      samples=[1]),
-    "where_trap": dict(category="singular_gradient", phase="backward", op="SqrtBackward0", op_kind="sqrt",
-                       module="act", step=0),
-    "fp16_overflow": dict(category="overflow", phase="forward", op_kind="matmul", module="encoder",
-                          dtype="float16", samples=[2]),
-    "exp_overflow": dict(category="overflow", phase="forward", op="aten::exp", op_kind="exp", module="softmax",
-                         samples=[1]),
+    "log_softmax": dict(
+        category="op_domain",
+        phase="loss",
+        op="aten::log",
+        op_kind="log",
+        samples=[3],
+        function="loss_fn",
+        first_fix="replace log(softmax(x)) with log_softmax(x)",
+    ),
+    "div_zero": dict(
+        category="op_domain",
+        phase="forward",
+        op="aten::div",
+        op_kind="div",
+        module="norm",
+        samples=[2],
+    ),
+    "sqrt_zero": dict(
+        category="singular_gradient",
+        phase="backward",
+        op_kind="sqrt",
+        module="distance",
+        samples=[1],
+    ),
+    "where_trap": dict(
+        category="singular_gradient",
+        phase="backward",
+        op="SqrtBackward0",
+        op_kind="sqrt",
+        module="act",
+        step=0,
+    ),
+    "fp16_overflow": dict(
+        category="overflow",
+        phase="forward",
+        op_kind="matmul",
+        module="encoder",
+        dtype="float16",
+        samples=[2],
+    ),
+    "exp_overflow": dict(
+        category="overflow",
+        phase="forward",
+        op="aten::exp",
+        op_kind="exp",
+        module="softmax",
+        samples=[1],
+    ),
     "lr_high": dict(category="exploding_gradients"),
     "checkpoint_nan": dict(category="nonfinite_parameters", phase="state", module="fc1", step=0),
     "adam_fp16": dict(category="optimizer_state", phase="optimizer", dtype="float16", step=0),
-    "attention_mask": dict(category="all_masked_softmax", phase="forward", op_kind="softmax", module="attn",
-                           samples=[2]),
+    "attention_mask": dict(
+        category="all_masked_softmax",
+        phase="forward",
+        op_kind="softmax",
+        module="attn",
+        samples=[2],
+    ),
     # nn.Embedding(padding_idx) (it made the recorder stop before) and heads folded into the batch
-    "mha_padding": dict(category="all_masked_softmax", phase="forward", op_kind="softmax", module="attn",
-                        samples=[1], step=1),
+    "mha_padding": dict(
+        category="all_masked_softmax",
+        phase="forward",
+        op_kind="softmax",
+        module="attn",
+        samples=[1],
+        step=1,
+    ),
     # float16 inference after .half(): the replay keeps every dtype as the script had it
-    "half_inference": dict(category="overflow", phase="forward", op_kind="matmul", module="2", dtype="float16",
-                           samples=[0, 1, 2], step=0, program="in inference, batch 0 (eval mode, no_grad)"),
+    "half_inference": dict(
+        category="overflow",
+        phase="forward",
+        op_kind="matmul",
+        module="2",
+        dtype="float16",
+        samples=[0, 1, 2],
+        step=0,
+        program="in inference, batch 0 (eval mode, no_grad)",
+    ),
     "ctc": dict(category="invalid_target", phase="loss", op_kind="ctc_loss", samples=[1]),
-    "seg_ignore": dict(category="invalid_target", phase="loss", op_kind="cross_entropy", samples=[0],
-                       function="eval_step", program="in evaluation, batch 2 (eval mode, no_grad), after 3 training steps"),
+    "seg_ignore": dict(
+        category="invalid_target",
+        phase="loss",
+        op_kind="cross_entropy",
+        samples=[0],
+        function="eval_step",
+        program="in evaluation, batch 2 (eval mode, no_grad), after 3 training steps",
+    ),
     "bn_eval": dict(category="corrupt_norm_statistics", phase="state", module="context.1"),
     # forward, loss and backward inside optimizer.step(closure); the loss is Inf, every gradient finite
-    "lbfgs_closure": dict(category="op_domain", phase="loss", op="aten::log", op_kind="log", samples=[0],
-                          step=0, function="nll_poisson", first_fix="clamp the argument away from 0"),
-    "std_last_batch": dict(category="op_domain", phase="forward", op="aten::std", op_kind="std", module="0",
-                           samples=[0], step=2),
+    "lbfgs_closure": dict(
+        category="op_domain",
+        phase="loss",
+        op="aten::log",
+        op_kind="log",
+        samples=[0],
+        step=0,
+        function="nll_poisson",
+        first_fix="clamp the argument away from 0",
+    ),
+    "std_last_batch": dict(
+        category="op_domain",
+        phase="forward",
+        op="aten::std",
+        op_kind="std",
+        module="0",
+        samples=[0],
+        step=2,
+    ),
     "healthy_partial_mask": None,
     "healthy_double_where": None,
     "healthy_bn_ignore": None,
@@ -77,7 +153,9 @@ def check(report: dict, expected: dict | None, name: str) -> None:
         elif key == "first_fix":  # the fix that fits: a log of a softmax, or of anything else
             assert d["fixes"][0].startswith(want), d["fixes"]
         elif key == "function":
-            assert d["location"]["function"] == want and d["location"]["file"].endswith(f"{name}.py"), d["location"]
+            assert d["location"]["function"] == want and d["location"]["file"].endswith(
+                f"{name}.py"
+            ), d["location"]
         else:
             assert d[key] == want, (key, d)
     assert d["summary"] and d["evidence"] and d["fixes"]
@@ -112,8 +190,13 @@ def test_run_in_process(name, tmp_path, capsys):
 @pytest.mark.parametrize("name", sorted(SUBPROCESS))
 def test_run_as_subprocess(name, tmp_path):
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "nanscope", "run", f"{name}.py", "--json", str(out)],
-                          cwd=SCENARIOS, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nanscope", "run", f"{name}.py", "--json", str(out)],
+        cwd=SCENARIOS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     expected = EXPECTED[name]
     assert proc.returncode == (0 if expected is None else 1), proc.stderr
     check(json.loads(out.read_text()), expected, name)
@@ -127,8 +210,9 @@ def test_run_as_subprocess(name, tmp_path):
 
 def test_scripts_really_go_nan_without_nanscope():
     """The scenario files are plain scripts: python <file> shows the NaN nanscope explains."""
-    proc = subprocess.run([sys.executable, "div_zero.py"], cwd=SCENARIOS, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "div_zero.py"], cwd=SCENARIOS, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and "loss nan" in proc.stdout
 
 

@@ -9,7 +9,9 @@ import nanscope.torch as nt
 def test_every_exported_name_resolves_to_a_callable():
     for name in nt.__all__:
         assert callable(getattr(nt, name)), name
-    assert {"Guard", "diagnose", "diagnose_eval", "replay", "repair_norm_statistics"} <= set(nt.__all__)
+    assert {"Guard", "diagnose", "diagnose_eval", "replay", "repair_norm_statistics"} <= set(
+        nt.__all__
+    )
 
 
 def test_diagnose_is_the_function_even_after_its_module_is_imported():

@@ -20,10 +20,21 @@ HELP = "the built-in example: a segmentation run whose validation goes NaN, diag
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", metavar="FILE", help="also write the diagnosis as JSON (the contract's schema)")
-    p.add_argument("--html", metavar="FILE", default="nanscope-reports/demo.html",
-                   help="where the HTML report goes (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=6, help="training steps before validation (default: %(default)s)")
+    p.add_argument(
+        "--json", metavar="FILE", help="also write the diagnosis as JSON (the contract's schema)"
+    )
+    p.add_argument(
+        "--html",
+        metavar="FILE",
+        default="nanscope-reports/demo.html",
+        help="where the HTML report goes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=6,
+        help="training steps before validation (default: %(default)s)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -46,7 +57,10 @@ def main(args: argparse.Namespace) -> int:
     result = run_demo(steps=args.steps, say=lambda line: print(line, flush=True))
     d = result.diagnosis
     if d is None:
-        print("nanscope demo: nothing non-finite was found; the built-in failure did not happen", file=sys.stderr)
+        print(
+            "nanscope demo: nothing non-finite was found; the built-in failure did not happen",
+            file=sys.stderr,
+        )
         return 1
     print()
     print(str(d))
@@ -57,10 +71,15 @@ def main(args: argparse.Namespace) -> int:
     if args.html:
         print(f"report written to {_write_html(args.html, result)}: open it in a browser")
     if result.as_expected:
-        print(f"nanscope demo: diagnosed as expected ({d.category}, validation batch {d.details.get('batch')}) "
-              f"in {result.seconds:.1f} s")
+        print(
+            f"nanscope demo: diagnosed as expected ({d.category}, validation batch {d.details.get('batch')}) "
+            f"in {result.seconds:.1f} s"
+        )
         return 0
-    print(f"nanscope demo: expected invalid_target on validation batch 5, got {d.category}", file=sys.stderr)
+    print(
+        f"nanscope demo: expected invalid_target on validation batch 5, got {d.category}",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -75,4 +94,6 @@ def _write_html(path: str, result) -> str:
         image, mask = result.val_batches[index]
         rows = d.samples or list(range(image.shape[0]))
         samples = ({"image": image[rows].numpy(), "mask": mask[rows].numpy()}, rows)
-    return Path(write_report(path, d, samples=samples, source_search=[os.getcwd()])).resolve().as_uri()
+    return (
+        Path(write_report(path, d, samples=samples, source_search=[os.getcwd()])).resolve().as_uri()
+    )

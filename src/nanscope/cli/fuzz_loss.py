@@ -23,12 +23,25 @@ HELP = "try a loss function on edge cases (probabilities 0/1, logits ±1e4, empt
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="MODULE:FUNCTION",
-                   help="the loss, as an importable module (my_pkg.losses:dice) or a file (losses.py:dice)")
-    p.add_argument("--example", metavar="FILE.npz",
-                   help="one real batch of the loss's inputs (np.savez); default: guessed from parameter names")
-    p.add_argument("--ignore-index", type=int, default=None, help="the label your loss ignores (default: try -100 and 255)")
-    p.add_argument("--json", metavar="FILE", help="write the findings as JSON (the contract's audit schema)")
+    p.add_argument(
+        "target",
+        metavar="MODULE:FUNCTION",
+        help="the loss, as an importable module (my_pkg.losses:dice) or a file (losses.py:dice)",
+    )
+    p.add_argument(
+        "--example",
+        metavar="FILE.npz",
+        help="one real batch of the loss's inputs (np.savez); default: guessed from parameter names",
+    )
+    p.add_argument(
+        "--ignore-index",
+        type=int,
+        default=None,
+        help="the label your loss ignores (default: try -100 and 255)",
+    )
+    p.add_argument(
+        "--json", metavar="FILE", help="write the findings as JSON (the contract's audit schema)"
+    )
 
 
 def load_function(target: str):
@@ -47,7 +60,9 @@ def load_function(target: str):
         try:
             spec.loader.exec_module(module)
         except Exception as err:
-            raise BadInputError(f"importing {module_name!r} failed: {type(err).__name__}: {err}") from None
+            raise BadInputError(
+                f"importing {module_name!r} failed: {type(err).__name__}: {err}"
+            ) from None
     else:
         if "" not in sys.path and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
@@ -55,13 +70,19 @@ def load_function(target: str):
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
             if err.name and module_name.startswith(err.name):
-                raise BadInputError(f"cannot import module {module_name!r} (not found from {os.getcwd()})") from None
+                raise BadInputError(
+                    f"cannot import module {module_name!r} (not found from {os.getcwd()})"
+                ) from None
             raise BadInputError(f"importing {module_name!r} failed: {err}") from None
         except Exception as err:
-            raise BadInputError(f"importing {module_name!r} failed: {type(err).__name__}: {err}") from None
+            raise BadInputError(
+                f"importing {module_name!r} failed: {type(err).__name__}: {err}"
+            ) from None
     fn = getattr(module, func_name, None)
     for part in func_name.split(".")[1:] if fn is None and "." in func_name else []:
-        fn = getattr(fn if fn is not None else getattr(module, func_name.split(".")[0], None), part, None)
+        fn = getattr(
+            fn if fn is not None else getattr(module, func_name.split(".")[0], None), part, None
+        )
     if not callable(fn):
         raise BadInputError(f"module {module_name!r} has no function {func_name!r}")
     return fn
@@ -77,12 +98,18 @@ def load_example(path: str):
         with np.load(p, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
-        raise BadInputError(f"cannot read example {path!r} as .npz: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    positional = sorted((k for k in arrays if k.startswith("arr_") and k[4:].isdigit()), key=lambda k: int(k[4:]))
+        raise BadInputError(
+            f"cannot read example {path!r} as .npz: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
+    positional = sorted(
+        (k for k in arrays if k.startswith("arr_") and k[4:].isdigit()), key=lambda k: int(k[4:])
+    )
     if positional and len(positional) == len(arrays):
         return [arrays[k] for k in positional]
     if positional:
-        raise BadInputError(f"example {path!r} mixes positional (arr_N) and named arrays; use one or the other")
+        raise BadInputError(
+            f"example {path!r} mixes positional (arr_N) and named arrays; use one or the other"
+        )
     return arrays
 
 

@@ -33,7 +33,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="nanscope", description="Find where NaN/Inf came from, why, and what to do.")
+    parser = _Parser(
+        prog="nanscope", description="Find where NaN/Inf came from, why, and what to do."
+    )
     parser.add_argument("--version", action="version", version=f"nanscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, modname in COMMANDS.items():
@@ -68,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # nanscope's own bug: one line, and the traceback on request
         if os.environ.get("NANSCOPE_DEBUG"):
             raise
-        print(f"nanscope: internal error: {type(err).__name__}: {err} (set NANSCOPE_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(
+            f"nanscope: internal error: {type(err).__name__}: {err} (set NANSCOPE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 2
 
 

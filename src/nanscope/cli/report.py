@@ -18,11 +18,22 @@ HELP = "write one self-contained HTML page of a diagnosis, repro bundle or audit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", metavar="BUNDLE_OR_JSON",
-                   help="a repro bundle folder, or a JSON file written by --json (run, demo, data, inspect)")
-    p.add_argument("-o", "--output", metavar="FILE",
-                   help="the HTML file to write (default: the JSON's name with .html; BUNDLE/report.html for a bundle)")
-    p.add_argument("--data", metavar="PATH", help="the audited dataset folder, to show the offending files (nanscope data)")
+    p.add_argument(
+        "input",
+        metavar="BUNDLE_OR_JSON",
+        help="a repro bundle folder, or a JSON file written by --json (run, demo, data, inspect)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="the HTML file to write (default: the JSON's name with .html; BUNDLE/report.html for a bundle)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="the audited dataset folder, to show the offending files (nanscope data)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -34,7 +45,9 @@ def main(args: argparse.Namespace) -> int:
     refuse_same_file(args.input, out)
     audit = "findings" in loaded.doc
     if args.data and not audit:
-        raise BadInputError("--data is for audits (the JSON of `nanscope data`); this is a diagnosis")
+        raise BadInputError(
+            "--data is for audits (the JSON of `nanscope data`); this is a diagnosis"
+        )
     if args.data and not Path(args.data).exists():
         raise BadInputError(f"--data {args.data!r} does not exist")
     kw: dict = {"data_root": args.data} if audit else {"source_search": [loaded.folder, Path.cwd()]}
@@ -42,5 +55,7 @@ def main(args: argparse.Namespace) -> int:
         kw["bundle"] = loaded.bundle
     page = render(loaded.doc, **kw)
     write_html(out, page)
-    print(f"nanscope report: wrote {out} ({len(page.encode()) // 1024 + 1} KiB); open it in a browser")
+    print(
+        f"nanscope report: wrote {out} ({len(page.encode()) // 1024 + 1} KiB); open it in a browser"
+    )
     return 0

@@ -26,9 +26,20 @@ HELP = "run a training script unchanged; stop at the first non-finite value and 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", metavar="FILE", help="write the diagnosis as JSON (the contract's schema)")
-    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report (plots, source, fixes)")
-    p.add_argument("--reports", metavar="DIR", default="nanscope-reports", help="where repro bundles go (default: %(default)s)")
+    p.add_argument(
+        "--json", metavar="FILE", help="write the diagnosis as JSON (the contract's schema)"
+    )
+    p.add_argument(
+        "--html",
+        metavar="FILE",
+        help="also write a self-contained HTML report (plots, source, fixes)",
+    )
+    p.add_argument(
+        "--reports",
+        metavar="DIR",
+        default="nanscope-reports",
+        help="where repro bundles go (default: %(default)s)",
+    )
     p.add_argument("script", help="the Python script to run")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
 
@@ -68,8 +79,11 @@ def main(args: argparse.Namespace) -> int:
     script_args, trailing_json = split_script_args(list(args.args))
     json_path = args.json or trailing_json
     if not os.path.isfile(args.script):
-        raise BadInputError(f"script {args.script!r} does not exist" if not os.path.exists(args.script)
-                            else f"script {args.script!r} is not a file")
+        raise BadInputError(
+            f"script {args.script!r} does not exist"
+            if not os.path.exists(args.script)
+            else f"script {args.script!r} is not a file"
+        )
     if json_path:
         check_writable(json_path, what="JSON report")
     if args.html:
@@ -128,5 +142,9 @@ def _write_html(path: str | None, what, session: RunSession) -> None:
             bundle = read_bundle(what.bundle, verify=False)
         except Exception:  # a bundle that failed to write: the page shows the diagnosis alone
             bundle = None
-    kw = {"source_search": [session.script_dir], "bundle": bundle} if isinstance(what, Diagnosis) else {}
+    kw = (
+        {"source_search": [session.script_dir], "bundle": bundle}
+        if isinstance(what, Diagnosis)
+        else {}
+    )
     print(f"nanscope: HTML report written to {write_report(path, what, **kw)}", file=sys.stderr)

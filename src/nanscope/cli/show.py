@@ -21,8 +21,14 @@ HELP = "print a saved diagnosis / repro bundle (what went wrong and what the bun
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", metavar="BUNDLE", help="a repro bundle folder (or its diagnosis.json)")
-    p.add_argument("--json", action="store_true", help="print the diagnosis JSON (the contract's schema) instead")
-    p.add_argument("--html", metavar="FILE", help="also write the bundle as a self-contained HTML report")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the diagnosis JSON (the contract's schema) instead",
+    )
+    p.add_argument(
+        "--html", metavar="FILE", help="also write the bundle as a self-contained HTML report"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

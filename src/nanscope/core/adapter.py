@@ -43,8 +43,21 @@ class Adapter(Protocol):
 
 
 # Batch keys that hold what the loss compares against (exact names: "attention_mask" is an input).
-TARGET_KEYS = frozenset({"y", "target", "targets", "label", "labels", "label_ids", "mask", "masks",
-                         "segmentation", "start_positions", "end_positions"})
+TARGET_KEYS = frozenset(
+    {
+        "y",
+        "target",
+        "targets",
+        "label",
+        "labels",
+        "label_ids",
+        "mask",
+        "masks",
+        "segmentation",
+        "start_positions",
+        "end_positions",
+    }
+)
 
 
 def split_batch(batch: Any, adapter: Adapter) -> tuple[Any, Any]:
@@ -88,19 +101,33 @@ def named_tensors(obj: Any, prefix: str, adapter: Adapter) -> Iterator[tuple[str
             yield from named_tensors(v, f"{prefix}[{i}]", adapter)
 
 
-def check_batch(inputs: Any, targets: Any, adapter: Adapter, *, step: int | None = None,
-                names: tuple[str, str] = ("inputs", "targets")) -> Diagnosis | None:
+def check_batch(
+    inputs: Any,
+    targets: Any,
+    adapter: Adapter,
+    *,
+    step: int | None = None,
+    names: tuple[str, str] = ("inputs", "targets"),
+) -> Diagnosis | None:
     """Non-finite values in a batch: in the inputs ``nonfinite_input``, in the targets
     ``invalid_target``; None when every floating tensor is finite. ``samples`` are the rows."""
-    for part, what, category in ((inputs, names[0], Category.NONFINITE_INPUT),
-                                 (targets, names[1], Category.INVALID_TARGET)):
+    for part, what, category in (
+        (inputs, names[0], Category.NONFINITE_INPUT),
+        (targets, names[1], Category.INVALID_TARGET),
+    ):
         tensors = list(named_tensors(part, what, adapter))
         for name, t in tensors:
             if not adapter.is_float(t) or adapter.all_finite(t):
                 continue
             a = adapter.to_numpy(t)
-            return rules.nonfinite_input(name, summarize(a, adapter.dtype_name(t)), bad_rows(a),
-                                         framework=adapter.name, step=step, category=category)
+            return rules.nonfinite_input(
+                name,
+                summarize(a, adapter.dtype_name(t)),
+                bad_rows(a),
+                framework=adapter.name,
+                step=step,
+                category=category,
+            )
     return None
 
 

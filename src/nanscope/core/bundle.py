@@ -60,7 +60,9 @@ def read_bundle(path: str | os.PathLike, *, verify: bool = True) -> BundleInfo:
     if not p.exists():
         raise BadInputError(f"{str(path)!r} does not exist")
     if not p.is_dir() or not (p / DIAGNOSIS_FILE).is_file():
-        raise BadInputError(f"{str(path)!r} is not a nanscope repro bundle (no {DIAGNOSIS_FILE} in it)")
+        raise BadInputError(
+            f"{str(path)!r} is not a nanscope repro bundle (no {DIAGNOSIS_FILE} in it)"
+        )
     try:
         doc = json.loads((p / DIAGNOSIS_FILE).read_text(encoding="utf-8"))
         manifest = doc["bundle"]
@@ -68,8 +70,10 @@ def read_bundle(path: str | os.PathLike, *, verify: bool = True) -> BundleInfo:
             raise TypeError("bundle manifest is not an object")
         diagnosis = Diagnosis.from_dict(doc)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise BadInputError(f"{str(p)!r} is not a readable repro bundle: {DIAGNOSIS_FILE} is truncated or malformed "
-                            f"({type(err).__name__})") from None
+        raise BadInputError(
+            f"{str(p)!r} is not a readable repro bundle: {DIAGNOSIS_FILE} is truncated or malformed "
+            f"({type(err).__name__})"
+        ) from None
     info = BundleInfo(p, diagnosis, manifest)
     state = info.state_path
     if not state.is_file():
@@ -77,10 +81,14 @@ def read_bundle(path: str | os.PathLike, *, verify: bool = True) -> BundleInfo:
     if verify:
         size = state.stat().st_size
         if size != manifest.get("state_bytes"):
-            raise BadInputError(f"repro bundle {str(p)!r} is truncated: {state.name} has {size} bytes, "
-                                f"expected {manifest.get('state_bytes')}")
+            raise BadInputError(
+                f"repro bundle {str(p)!r} is truncated: {state.name} has {size} bytes, "
+                f"expected {manifest.get('state_bytes')}"
+            )
         if manifest.get("state_sha256") and sha256(state) != manifest["state_sha256"]:
-            raise BadInputError(f"repro bundle {str(p)!r} is corrupt: {state.name} does not match its SHA-256")
+            raise BadInputError(
+                f"repro bundle {str(p)!r} is corrupt: {state.name} does not match its SHA-256"
+            )
     return info
 
 
@@ -89,12 +97,19 @@ def describe(info: BundleInfo) -> str:
     m = info.manifest
     lines = [f"repro bundle {info.folder}"]
     if m.get("created"):
-        lines.append(f"  written      {m['created']}" + (f" (torch {m['torch']})" if m.get("torch") else ""))
+        lines.append(
+            f"  written      {m['created']}" + (f" (torch {m['torch']})" if m.get("torch") else "")
+        )
     if m.get("model_tensors") is not None:
-        lines.append(f"  model        {m['model_tensors']} tensors, {m.get('model_parameters', '?'):,} parameters"
-                     if isinstance(m.get("model_parameters"), int) else f"  model        {m['model_tensors']} tensors")
+        lines.append(
+            f"  model        {m['model_tensors']} tensors, {m.get('model_parameters', '?'):,} parameters"
+            if isinstance(m.get("model_parameters"), int)
+            else f"  model        {m['model_tensors']} tensors"
+        )
     if m.get("optimizer"):
-        lines.append(f"  optimizer    {m['optimizer']}, {m.get('optimizer_state_tensors', 0)} state tensors (before the step)")
+        lines.append(
+            f"  optimizer    {m['optimizer']}, {m.get('optimizer_state_tensors', 0)} state tensors (before the step)"
+        )
     for i, b in enumerate(m.get("batch") or []):
         lines.append(("  batch        " if i == 0 else "               ") + str(b))
     if m.get("left_out"):
@@ -102,6 +117,9 @@ def describe(info: BundleInfo) -> str:
     if m.get("rng"):
         lines.append("  rng states   " + ", ".join(map(str, m["rng"])))
     size = m.get("state_bytes")
-    lines.append(f"  state file   {info.state_path.name}" + (f", {size:,} bytes, SHA-256 verified" if isinstance(size, int) else ""))
+    lines.append(
+        f"  state file   {info.state_path.name}"
+        + (f", {size:,} bytes, SHA-256 verified" if isinstance(size, int) else "")
+    )
     lines.append("  reproduce    nanscope.torch.replay(BUNDLE, model, optimizer, train_step)")
     return "\n".join(lines)

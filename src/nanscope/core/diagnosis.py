@@ -102,8 +102,12 @@ class Diagnosis:
 
     def to_dict(self) -> dict:
         """The whole JSON document of the contract (``status: nonfinite``)."""
-        return {"schema": SCHEMA, "status": str(Status.NONFINITE), "framework": self.framework,
-                "diagnosis": self.fields_dict()}
+        return {
+            "schema": SCHEMA,
+            "status": str(Status.NONFINITE),
+            "framework": self.framework,
+            "diagnosis": self.fields_dict(),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -148,7 +152,11 @@ class Diagnosis:
         """``aten::log (log) in encoder in dice_loss at train.py:42``: op, module, line, once."""
         parts = []
         if self.op:
-            kind = f" ({self.op_kind})" if self.op_kind and str(self.op_kind) not in self.op.lower() else ""
+            kind = (
+                f" ({self.op_kind})"
+                if self.op_kind and str(self.op_kind) not in self.op.lower()
+                else ""
+            )
             parts.append(f"{self.op}{kind}")
         return (" ".join(parts) + where_phrase(self.module, self.location)).strip()
 
@@ -225,7 +233,9 @@ def where_phrase(module: str | None, location: Location | None) -> str:
     return (" " + " ".join(bits)) if bits else ""
 
 
-def compose_summary(cause: str, samples: list[int], module: str | None, location: Location | None) -> str:
+def compose_summary(
+    cause: str, samples: list[int], module: str | None, location: Location | None
+) -> str:
     """The contract's ``summary``: the cause, then the samples, then where."""
     return cause + samples_phrase(samples) + where_phrase(module, location)
 
@@ -238,8 +248,14 @@ class Finding(Diagnosis):
     severity: str = "error"  # "error" makes the audit fail; "warning" is reported only
 
     @classmethod
-    def of(cls, diagnosis: Diagnosis, where_found: dict[str, Any], *, severity: str = "error",
-           **changes: Any) -> Finding:
+    def of(
+        cls,
+        diagnosis: Diagnosis,
+        where_found: dict[str, Any],
+        *,
+        severity: str = "error",
+        **changes: Any,
+    ) -> Finding:
         """A rule's diagnosis as an audit finding; ``changes`` replace fields (e.g. ``summary``)."""
         kw = {f.name: getattr(diagnosis, f.name) for f in fields(Diagnosis)}
         kw.update(changes)
@@ -262,7 +278,9 @@ class Finding(Diagnosis):
 
     def __str__(self) -> str:
         place = ", ".join(f"{k} {v}" for k, v in self.where_found.items())
-        lines = [f"[{self.severity}] {self.category}: {self.summary}" + (f"  ({place})" if place else "")]
+        lines = [
+            f"[{self.severity}] {self.category}: {self.summary}" + (f"  ({place})" if place else "")
+        ]
         lines += [f"    - {e}" for e in self.evidence]
         lines += [f"    fix: {f}" for f in self.fixes[:2]]
         return "\n".join(lines)
@@ -290,18 +308,29 @@ class AuditReport:
         return 1 if self.problems else 0
 
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA, "status": str(self.status), "framework": self.framework,
-                "findings": [f.to_dict() for f in self.findings], "stats": self.stats}
+        return {
+            "schema": SCHEMA,
+            "status": str(self.status),
+            "framework": self.framework,
+            "findings": [f.to_dict() for f in self.findings],
+            "stats": self.stats,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> AuditReport:
-        return cls([Finding.from_dict(f) for f in d.get("findings", [])], d.get("stats", {}), d.get("framework"))
+        return cls(
+            [Finding.from_dict(f) for f in d.get("findings", [])],
+            d.get("stats", {}),
+            d.get("framework"),
+        )
 
     def __str__(self) -> str:
         n_err, n_warn = len(self.problems), len(self.findings) - len(self.problems)
         head = f"nanscope {self.title}: " + (
-            f"{n_err} problem{'s' if n_err != 1 else ''}" + (f", {n_warn} warning{'s' if n_warn != 1 else ''}" if n_warn else "")
-            if self.findings else "clean, no problems found"
+            f"{n_err} problem{'s' if n_err != 1 else ''}"
+            + (f", {n_warn} warning{'s' if n_warn != 1 else ''}" if n_warn else "")
+            if self.findings
+            else "clean, no problems found"
         )
         lines = [head]
         ordered = sorted(self.findings, key=lambda f: f.severity != "error")
@@ -339,4 +368,9 @@ def _short(v: Any) -> str:
 
 def clean_report(framework: str | None = None) -> dict:
     """The JSON document for a run where nothing non-finite happened."""
-    return {"schema": SCHEMA, "status": str(Status.CLEAN), "framework": framework, "diagnosis": None}
+    return {
+        "schema": SCHEMA,
+        "status": str(Status.CLEAN),
+        "framework": framework,
+        "diagnosis": None,
+    }

@@ -66,8 +66,14 @@ class RankLeftError(NanscopeError):
     (empty when nanscope could not tell). Raised instead of waiting forever: the process group
     cannot go on without them."""
 
-    def __init__(self, message: str, *, ranks: list[int] | None = None, step: int | None = None,
-                 waited_s: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        ranks: list[int] | None = None,
+        step: int | None = None,
+        waited_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.ranks = list(ranks or [])
         self.step = step
@@ -77,7 +83,9 @@ class RankLeftError(NanscopeError):
         return (_rank_left, (str(self), self.ranks, self.step, self.waited_s))
 
 
-def _rank_left(message: str, ranks: list[int], step: int | None, waited_s: float | None) -> RankLeftError:
+def _rank_left(
+    message: str, ranks: list[int], step: int | None, waited_s: float | None
+) -> RankLeftError:
     return RankLeftError(message, ranks=ranks, step=step, waited_s=waited_s)
 
 

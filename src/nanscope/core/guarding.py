@@ -53,17 +53,23 @@ def _nanscope_frame(err: BaseException) -> str | None:
     return where
 
 
-def internal_error_text(where: str, err: BaseException, *, then: str = "the run continues unwatched") -> str:
+def internal_error_text(
+    where: str, err: BaseException, *, then: str = "the run continues unwatched"
+) -> str:
     """The one warning for nanscope's own error, in every front end: it names nanscope, where
     in nanscope it broke, and says plainly that it is not the user's script.
 
-    >>> internal_error_text("nanscope's Guard, checking the step", KeyError("x"))
-    "nanscope: internal error in nanscope's Guard, checking the step (KeyError: 'x'); this is a bug in nanscope, not in your script; the run continues unwatched"
+    >>> print(internal_error_text("nanscope's Guard, checking the step", KeyError("x")).replace("; ", ";\\n"))
+    nanscope: internal error in nanscope's Guard, checking the step (KeyError: 'x');
+    this is a bug in nanscope, not in your script;
+    the run continues unwatched
     """
     at = _nanscope_frame(err)
     detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-    return (f"nanscope: internal error in {where} ({detail}{', at ' + at if at else ''}); "
-            f"this is a bug in nanscope, not in your script; {then}")
+    return (
+        f"nanscope: internal error in {where} ({detail}{', at ' + at if at else ''}); "
+        f"this is a bug in nanscope, not in your script; {then}"
+    )
 
 
 @dataclass
@@ -75,9 +81,9 @@ class LossScaleHistory:
     limit: int = 256
 
     def add(self, scale: float, *, skipped_step: int | None = None) -> None:
-        self.scales = (self.scales + [float(scale)])[-self.limit:]
+        self.scales = (self.scales + [float(scale)])[-self.limit :]
         if skipped_step is not None:
-            self.skipped = (self.skipped + [skipped_step])[-self.limit:]
+            self.skipped = (self.skipped + [skipped_step])[-self.limit :]
 
     def clear(self) -> None:
         self.scales, self.skipped = [], []
@@ -96,8 +102,14 @@ class Ledger:
         (1, 1, False)
     """
 
-    def __init__(self, policy: Policy | str = Policy.SKIP, *, max_skips_in_a_row: int = 10,
-                 warn: Callable[..., None] | None = None, who: str = "Guard") -> None:
+    def __init__(
+        self,
+        policy: Policy | str = Policy.SKIP,
+        *,
+        max_skips_in_a_row: int = 10,
+        warn: Callable[..., None] | None = None,
+        who: str = "Guard",
+    ) -> None:
         self.policy = Policy(policy)
         self.max_skips_in_a_row = max(1, int(max_skips_in_a_row))
         self.warn = warn or warn_at_user
@@ -131,11 +143,15 @@ class Ledger:
         policy = self.policy
         if policy is Policy.SKIP and unrecoverable:
             policy = Policy.STOP
-            d.evidence.append("skipping cannot help: the stored state itself is non-finite, so the guard stops")
+            d.evidence.append(
+                "skipping cannot help: the stored state itself is non-finite, so the guard stops"
+            )
         self.in_a_row += 1
         if policy is Policy.SKIP and self.in_a_row >= self.max_skips_in_a_row:
             policy = Policy.STOP
-            d.evidence.append(f"{self.in_a_row} steps in a row failed: skipping does not help, so the guard stops")
+            d.evidence.append(
+                f"{self.in_a_row} steps in a row failed: skipping does not help, so the guard stops"
+            )
         if policy in (Policy.SKIP, Policy.STOP):
             self.skipped += 1
         if policy is Policy.STOP:
@@ -166,14 +182,25 @@ class Ledger:
     def internal(self, where: str, err: BaseException) -> None:
         """nanscope's own error: one warning, and the guard steps aside."""
         self.disabled = True
-        self.warn_once("internal", internal_error_text(f"nanscope's {self.who}, {where}", err,
-                                                       then="training continues unguarded"))
+        self.warn_once(
+            "internal",
+            internal_error_text(
+                f"nanscope's {self.who}, {where}", err, then="training continues unguarded"
+            ),
+        )
 
     def describe(self) -> str:
         why = ", ".join(f"{n} {c}" for c, n in self.counts.most_common())
-        state = " (stopped)" if self.should_stop else (" (unguarded after an internal error)" if self.disabled else "")
-        return (f"<nanscope {self.who} policy={self.policy}: {self.steps} steps, {self.skipped} skipped"
-                + (f"; failures: {why}" if why else "") + f"{state}>")
+        state = (
+            " (stopped)"
+            if self.should_stop
+            else (" (unguarded after an internal error)" if self.disabled else "")
+        )
+        return (
+            f"<nanscope {self.who} policy={self.policy}: {self.steps} steps, {self.skipped} skipped"
+            + (f"; failures: {why}" if why else "")
+            + f"{state}>"
+        )
 
 
 def ledger_attr(name: str, doc: str | None = None) -> property:
@@ -195,14 +222,20 @@ class GuardState:
 
     ledger: Ledger
     policy = ledger_attr("policy", "what a non-finite step gets: raise, skip, stop or warn")
-    should_stop = ledger_attr("should_stop", "True after a failure under 'stop' (or one 'skip' cannot undo)")
+    should_stop = ledger_attr(
+        "should_stop", "True after a failure under 'stop' (or one 'skip' cannot undo)"
+    )
     skipped = ledger_attr("skipped", "updates not applied")
     counts = ledger_attr("counts", "failures by category (a Counter)")
     diagnoses = ledger_attr("diagnoses", "the diagnoses so far (the last 32)")
     history = ledger_attr("history", "loss and gradient-norm history")
     steps = ledger_attr("steps", "steps seen so far; the contract's ``step`` of the next one")
-    max_skips_in_a_row = ledger_attr("max_skips_in_a_row", "failed steps in a row before 'skip' stops")
-    disabled = ledger_attr("disabled", "True after nanscope's own error: training goes on unguarded")
+    max_skips_in_a_row = ledger_attr(
+        "max_skips_in_a_row", "failed steps in a row before 'skip' stops"
+    )
+    disabled = ledger_attr(
+        "disabled", "True after nanscope's own error: training goes on unguarded"
+    )
 
     @property
     def last(self) -> Diagnosis | None:

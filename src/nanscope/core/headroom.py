@@ -29,7 +29,9 @@ class LayerHeadroom:
     kind: str
     act_absmax: float
     grad_absmax: float | None = None
-    grad_underflow: float | None = None  # fraction of non-zero output gradients that flush to 0 in the dtype
+    grad_underflow: float | None = (
+        None  # fraction of non-zero output gradients that flush to 0 in the dtype
+    )
     dtype: str = "float16"
 
     @property
@@ -55,10 +57,16 @@ class LayerHeadroom:
         return "ok"
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "act_absmax": self.act_absmax,
-                "grad_absmax": self.grad_absmax, "grad_underflow": self.grad_underflow,
-                "risk": self.risk, "headroom_bits": None if math.isinf(self.headroom_bits) else self.headroom_bits,
-                "status": self.status}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "act_absmax": self.act_absmax,
+            "grad_absmax": self.grad_absmax,
+            "grad_underflow": self.grad_underflow,
+            "risk": self.risk,
+            "headroom_bits": None if math.isinf(self.headroom_bits) else self.headroom_bits,
+            "status": self.status,
+        }
 
 
 @dataclass
@@ -85,25 +93,45 @@ class HeadroomReport:
 
     def to_dict(self) -> dict:
         lim = limits(self.dtype)
-        return {"dtype": self.dtype, "max": lim.max if lim else None, "tiny": lim.tiny if lim else None,
-                "subnormal": lim.subnormal if lim else None,
-                "layers": [r.to_dict() for r in self.layers], "parameter_underflow": dict(self.parameters)}
+        return {
+            "dtype": self.dtype,
+            "max": lim.max if lim else None,
+            "tiny": lim.tiny if lim else None,
+            "subnormal": lim.subnormal if lim else None,
+            "layers": [r.to_dict() for r in self.layers],
+            "parameter_underflow": dict(self.parameters),
+        }
 
     def __str__(self) -> str:
         lim = limits(self.dtype)
-        head = f"nanscope headroom against {self.dtype}" + (f" (max {fmt(lim.max)}, smallest normal {lim.tiny:.2g})" if lim else "")
+        head = f"nanscope headroom against {self.dtype}" + (
+            f" (max {fmt(lim.max)}, smallest normal {lim.tiny:.2g})" if lim else ""
+        )
         rows = [("layer", "kind", "max|act|", "max|grad|", "grad→0", "bits left", "status")]
         for r in self.layers:
-            rows.append((r.name or "(model)", r.kind, f"{r.act_absmax:.4g}",
-                         "-" if r.grad_absmax is None else f"{r.grad_absmax:.4g}",
-                         "-" if r.grad_underflow is None else f"{100 * r.grad_underflow:.0f}%",
-                         "inf" if math.isinf(r.headroom_bits) else f"{r.headroom_bits:.1f}", r.status))
+            rows.append(
+                (
+                    r.name or "(model)",
+                    r.kind,
+                    f"{r.act_absmax:.4g}",
+                    "-" if r.grad_absmax is None else f"{r.grad_absmax:.4g}",
+                    "-" if r.grad_underflow is None else f"{100 * r.grad_underflow:.0f}%",
+                    "inf" if math.isinf(r.headroom_bits) else f"{r.headroom_bits:.1f}",
+                    r.status,
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = [head] + ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        lines = [head] + [
+            "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ]
         flushed = {n: f for n, f in self.parameters.items() if f >= 0.05}
         if flushed:
             lines.append(f"parameter gradients that flush to zero in {self.dtype}:")
-            lines += [f"  {n}: {100 * f:.0f}% of non-zero entries" for n, f in sorted(flushed.items(), key=lambda kv: -kv[1])]
+            lines += [
+                f"  {n}: {100 * f:.0f}% of non-zero entries"
+                for n, f in sorted(flushed.items(), key=lambda kv: -kv[1])
+            ]
         return "\n".join(lines)
 
     def plot(self, path: str | None = None, *, top: int = 30):
@@ -123,15 +151,34 @@ class HeadroomReport:
         ax = fig.subplots()
         ys = range(len(rows))
         log = lambda v: math.log10(v) if v and v > 0 else float("nan")  # noqa: E731
-        ax.barh([y + 0.2 for y in ys], [log(r.act_absmax) for r in rows], height=0.4, label="max |activation|",
-                color=["#d62728" if r.status == "overflow" else "#ff7f0e" if r.status == "danger" else "#1f77b4" for r in rows])
+        ax.barh(
+            [y + 0.2 for y in ys],
+            [log(r.act_absmax) for r in rows],
+            height=0.4,
+            label="max |activation|",
+            color=[
+                "#d62728"
+                if r.status == "overflow"
+                else "#ff7f0e"
+                if r.status == "danger"
+                else "#1f77b4"
+                for r in rows
+            ],
+        )
         if any(r.grad_absmax for r in rows):
-            ax.barh([y - 0.2 for y in ys], [log(r.grad_absmax or 0) for r in rows], height=0.4, color="#9467bd",
-                    label="max |gradient|")
+            ax.barh(
+                [y - 0.2 for y in ys],
+                [log(r.grad_absmax or 0) for r in rows],
+                height=0.4,
+                color="#9467bd",
+                label="max |gradient|",
+            )
         lim = limits(self.dtype)
         if lim:
             ax.axvline(math.log10(lim.max), color="red", ls="--", label=f"{self.dtype} max")
-            ax.axvline(math.log10(lim.tiny), color="gray", ls=":", label=f"{self.dtype} smallest normal")
+            ax.axvline(
+                math.log10(lim.tiny), color="gray", ls=":", label=f"{self.dtype} smallest normal"
+            )
         ax.set_yticks(list(ys), [r.name or "(model)" for r in rows])
         ax.set_xlabel("log10 magnitude")
         ax.set_title(f"headroom against {self.dtype}")

@@ -23,27 +23,37 @@ def check_writable(path: str | os.PathLike, *, what: str = "output file") -> Pat
     if p.is_dir():
         raise BadInputError(f"cannot write {what} {str(p)!r}: it is a folder", path=str(p))
     if not folder.is_dir():
-        raise BadInputError(f"cannot write {what} {str(p)!r}: folder {str(folder)!r} does not exist", path=str(p))
+        raise BadInputError(
+            f"cannot write {what} {str(p)!r}: folder {str(folder)!r} does not exist", path=str(p)
+        )
     if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise BadInputError(f"cannot write {what} {str(p)!r}: permission denied", path=str(p))
     return p
 
 
 def atomic_write(
-    path: str | os.PathLike, write: Callable[[Path], None], *, what: str = "output file", suffix: str = ".part",
+    path: str | os.PathLike,
+    write: Callable[[Path], None],
+    *,
+    what: str = "output file",
+    suffix: str = ".part",
 ) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
 
     ``suffix`` ends the temporary file's name, for writers that insist on one (Keras: ``.keras``).
     """
     p = check_writable(path, what=what)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=p.parent if str(p.parent) else ".")
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{p.name}.", suffix=suffix, dir=p.parent if str(p.parent) else "."
+    )
     os.close(fd)
     try:
         write(Path(tmp))
         os.replace(tmp, p)
     except OSError as err:
-        raise BadInputError(f"cannot write {what} {str(p)!r}: {err.strerror or err}", path=str(p)) from None
+        raise BadInputError(
+            f"cannot write {what} {str(p)!r}: {err.strerror or err}", path=str(p)
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -74,4 +84,6 @@ def refuse_same_file(source: str | os.PathLike, output: str | os.PathLike) -> No
     """nanscope never overwrites the user's input (a checkpoint, a dataset file)."""
     s, o = Path(source), Path(output)
     if o.exists() and (s.resolve() == o.resolve() or os.path.samefile(s, o)):
-        raise BadInputError(f"refusing to overwrite the input {str(s)!r}: choose another output with -o")
+        raise BadInputError(
+            f"refusing to overwrite the input {str(s)!r}: choose another output with -o"
+        )

@@ -19,10 +19,22 @@ class FloatLimits:
 
 
 LIMITS = {
-    "float16": FloatLimits("float16", 65504.0, 6.103515625e-05, 5.960464477539063e-08, 0.0009765625),
-    "bfloat16": FloatLimits("bfloat16", 3.3895313892515355e38, 1.1754943508222875e-38, 9.183549615799121e-41, 0.0078125),
-    "float32": FloatLimits("float32", 3.4028234663852886e38, 1.1754943508222875e-38, 1.401298464324817e-45, 1.1920928955078125e-07),
-    "float64": FloatLimits("float64", 1.7976931348623157e308, 2.2250738585072014e-308, 5e-324, 2.220446049250313e-16),
+    "float16": FloatLimits(
+        "float16", 65504.0, 6.103515625e-05, 5.960464477539063e-08, 0.0009765625
+    ),
+    "bfloat16": FloatLimits(
+        "bfloat16", 3.3895313892515355e38, 1.1754943508222875e-38, 9.183549615799121e-41, 0.0078125
+    ),
+    "float32": FloatLimits(
+        "float32",
+        3.4028234663852886e38,
+        1.1754943508222875e-38,
+        1.401298464324817e-45,
+        1.1920928955078125e-07,
+    ),
+    "float64": FloatLimits(
+        "float64", 1.7976931348623157e308, 2.2250738585072014e-308, 5e-324, 2.220446049250313e-16
+    ),
 }
 
 
@@ -34,8 +46,13 @@ def dtype_name(dtype: object) -> str:
     """
     text = str(getattr(dtype, "name", None) or dtype)
     text = text.replace("torch.", "").replace("<dtype: '", "").replace("'>", "").strip()
-    return {"half": "float16", "float": "float32", "double": "float64", "mixed_float16": "float16",
-            "mixed_bfloat16": "bfloat16"}.get(text, text)
+    return {
+        "half": "float16",
+        "float": "float32",
+        "double": "float64",
+        "mixed_float16": "float16",
+        "mixed_bfloat16": "bfloat16",
+    }.get(text, text)
 
 
 def limits(dtype: object) -> FloatLimits | None:

@@ -74,6 +74,11 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _names(names: list[str], most: int = 3) -> str:
+    """``a, b, c …``: the first few names, and a mark when there are more."""
+    return ", ".join(names[:most]) + (" …" if len(names) > most else "")
+
+
 def classify_producer(ev: ProducerEvidence) -> Diagnosis:
     """Decide the root cause at the producer op.
 
@@ -87,19 +92,39 @@ def classify_producer(ev: ProducerEvidence) -> Diagnosis:
     """
     k = OpKind(ev.op_kind)
     fw = _NAMES.get(ev.framework, ev.framework)
-    evidence = [f"{k} input: {s.describe()}" if len(ev.inputs) == 1 else f"{k} input {i}: {s.describe()}"
-                for i, s in enumerate(ev.inputs)]
+    evidence = [
+        f"{k} input: {s.describe()}" if len(ev.inputs) == 1 else f"{k} input {i}: {s.describe()}"
+        for i, s in enumerate(ev.inputs)
+    ]
     evidence.append(f"{k} output: {ev.output.describe()}")
     category, cause = _decide(ev, k, evidence)
     summary = compose_summary(cause, ev.samples, ev.module, ev.location)
     evidence += ev.extra_evidence
-    fixes = fixes_for(category, op_kind=k, framework=fw, location=ev.location, module=ev.module,
-                      dtype=ev.output.dtype, forward_op_kind=OpKind.of(ev.forward_op) if ev.forward_op else None,
-                      input_op_kind=ev.details.get("input_op"))
+    fixes = fixes_for(
+        category,
+        op_kind=k,
+        framework=fw,
+        location=ev.location,
+        module=ev.module,
+        dtype=ev.output.dtype,
+        forward_op_kind=OpKind.of(ev.forward_op) if ev.forward_op else None,
+        input_op_kind=ev.details.get("input_op"),
+    )
     return Diagnosis(
-        category=category, summary=summary, phase=ev.phase, op=ev.op, op_kind=k, module=ev.module,
-        location=ev.location, dtype=ev.output.dtype, samples=list(ev.samples), step=ev.step,
-        evidence=evidence, fixes=fixes, framework=fw, details=dict(ev.details),
+        category=category,
+        summary=summary,
+        phase=ev.phase,
+        op=ev.op,
+        op_kind=k,
+        module=ev.module,
+        location=ev.location,
+        dtype=ev.output.dtype,
+        samples=list(ev.samples),
+        step=ev.step,
+        evidence=evidence,
+        fixes=fixes,
+        framework=fw,
+        details=dict(ev.details),
     )
 
 
@@ -108,20 +133,32 @@ def where_trap(fwd: ProducerEvidence, backward_op: str | None = None) -> Produce
     it) but poisoned a gradient: the backward of the discarded branch multiplied a zero
     gradient by it (0 * NaN = NaN). Re-read as a backward producer, ``singular_gradient``."""
     ev = ProducerEvidence(
-        op=backward_op or fwd.op, phase=Phase.BACKWARD, inputs=fwd.inputs, output=fwd.output,
-        framework=fwd.framework, op_kind=fwd.op_kind, module=fwd.module, location=fwd.location,
-        samples=fwd.samples, step=fwd.step, forward_op=fwd.op, forward_inputs=fwd.inputs,
+        op=backward_op or fwd.op,
+        phase=Phase.BACKWARD,
+        inputs=fwd.inputs,
+        output=fwd.output,
+        framework=fwd.framework,
+        op_kind=fwd.op_kind,
+        module=fwd.module,
+        location=fwd.location,
+        samples=fwd.samples,
+        step=fwd.step,
+        forward_op=fwd.op,
+        forward_inputs=fwd.inputs,
         extra_evidence=list(fwd.extra_evidence),
         details={**fwd.details, "where_trap": True, "forward_producer": fwd.op},
     )
     ev.extra_evidence.append(
         f"forward {fwd.op} made NaN/Inf that `where` (or a mask) discarded, so the loss stayed finite; "
         f"its backward{' (' + backward_op + ')' if backward_op else ''} multiplied the zero gradient by it: "
-        "0 * NaN = NaN")
+        "0 * NaN = NaN"
+    )
     return ev
 
 
-def diagnose_failure(evidence: ProducerEvidence, *, reached: str, backward_op: str | None = None) -> Diagnosis:
+def diagnose_failure(
+    evidence: ProducerEvidence, *, reached: str, backward_op: str | None = None
+) -> Diagnosis:
     """The diagnosis of the producer whose values reached ``reached`` (``loss``, ``output``,
     ``gradient``): a forward producer reached only through a gradient is the where trap."""
     if reached == "gradient" and evidence.phase is not Phase.BACKWARD:
@@ -131,17 +168,31 @@ def diagnose_failure(evidence: ProducerEvidence, *, reached: str, backward_op: s
     return d
 
 
-def unexplained(what: str, *, framework: str = "torch", step: int | None = None,
-                why: str | None = None, evidence: list[str] | None = None, phase: Phase | None = None,
-                samples: list[int] | None = None) -> Diagnosis:
+def unexplained(
+    what: str,
+    *,
+    framework: str = "torch",
+    step: int | None = None,
+    why: str | None = None,
+    evidence: list[str] | None = None,
+    phase: Phase | None = None,
+    samples: list[int] | None = None,
+) -> Diagnosis:
     """A non-finite ``what`` (loss, gradient, output) that no watched op produced."""
     fw = _NAMES.get(framework, framework)
     return Diagnosis(
-        Category.UNKNOWN, f"the {what} is non-finite but no watched op produced it", framework=fw, step=step,
-        phase=phase, samples=list(samples or []),
-        evidence=[why or f"no op nanscope watched made the {what} non-finite: it was written by code nanscope "
-                  "does not see (a custom C++/CUDA extension, a hook, another thread), or before the step began",
-                  *(evidence or [])],
+        Category.UNKNOWN,
+        f"the {what} is non-finite but no watched op produced it",
+        framework=fw,
+        step=step,
+        phase=phase,
+        samples=list(samples or []),
+        evidence=[
+            why
+            or f"no op nanscope watched made the {what} non-finite: it was written by code nanscope "
+            "does not see (a custom C++/CUDA extension, a hook, another thread), or before the step began",
+            *(evidence or []),
+        ],
         fixes=fixes_for(Category.UNKNOWN, framework=fw),
     )
 
@@ -157,24 +208,53 @@ def _decide(ev: ProducerEvidence, k: OpKind, evidence: list[str]) -> tuple[Categ
         at_zero = [s for s in ev.forward_inputs if s.zeros]
         name = ev.forward_op or ev.op
         if ev.details.get("where_trap"):  # checked first: the forward op itself may be sqrt/log
-            evidence.insert(0, "the NaN comes from the branch `where` discarded in the forward pass")
-            return Category.SINGULAR_GRADIENT, f"the gradient through where is {made}: {fk} was NaN/Inf in the discarded branch (the where trap)"
-        if at_zero or fk in (OpKind.SQRT, OpKind.RSQRT, OpKind.POW, OpKind.LOG, OpKind.DIV, OpKind.ACOS, OpKind.ASIN):
+            evidence.insert(
+                0, "the NaN comes from the branch `where` discarded in the forward pass"
+            )
+            return (
+                Category.SINGULAR_GRADIENT,
+                f"the gradient through where is {made}: {fk} was NaN/Inf in the discarded branch (the where trap)",
+            )
+        if at_zero or fk in (
+            OpKind.SQRT,
+            OpKind.RSQRT,
+            OpKind.POW,
+            OpKind.LOG,
+            OpKind.DIV,
+            OpKind.ACOS,
+            OpKind.ASIN,
+        ):
             zeros = sum(s.zeros for s in at_zero)
-            evidence.insert(0, f"forward {name} was finite; its derivative is not" + (f" at {_plural(zeros, 'input')} == 0" if zeros else ""))
-            return Category.SINGULAR_GRADIENT, f"the gradient of {fk} is {made} at its input" + (" 0" if zeros else "")
+            evidence.insert(
+                0,
+                f"forward {name} was finite; its derivative is not"
+                + (f" at {_plural(zeros, 'input')} == 0" if zeros else ""),
+            )
+            return Category.SINGULAR_GRADIENT, f"the gradient of {fk} is {made} at its input" + (
+                " 0" if zeros else ""
+            )
         if "where" in (ev.forward_op or "").lower():
-            evidence.insert(0, "the NaN comes from the branch `where` discarded in the forward pass")
-            return Category.SINGULAR_GRADIENT, f"the gradient through where is {made} (the where trap)"
+            evidence.insert(
+                0, "the NaN comes from the branch `where` discarded in the forward pass"
+            )
+            return (
+                Category.SINGULAR_GRADIENT,
+                f"the gradient through where is {made} (the where trap)",
+            )
         if lim and out.posinf + out.neginf and not out.nan:
             return Category.OVERFLOW, f"gradient of {fk} overflowed {out.dtype}"
-        return Category.SINGULAR_GRADIENT, f"the gradient of {fk} became {made} while its forward was finite"
+        return (
+            Category.SINGULAR_GRADIENT,
+            f"the gradient of {fk} became {made} while its forward was finite",
+        )
 
     bad_in = [s for s in ins if not s.finite]
     # Softmax over rows that are all -inf: every key masked.
     if k in (OpKind.SOFTMAX, OpKind.LOG_SOFTMAX) and (ev.all_masked_rows or (bad_in and out.nan)):
         rows = ev.all_masked_rows
-        evidence.insert(0, f"{_plural(len(rows), 'row')} entirely -Inf" if rows else "rows with no finite entry")
+        evidence.insert(
+            0, f"{_plural(len(rows), 'row')} entirely -Inf" if rows else "rows with no finite entry"
+        )
         return Category.ALL_MASKED_SOFTMAX, f"{k} over a row where every position is masked (-Inf)"
     if bad_in:
         kinds = sorted({("Inf" if s.posinf or s.neginf else "NaN") for s in bad_in})
@@ -186,30 +266,61 @@ def _decide(ev: ProducerEvidence, k: OpKind, evidence: list[str]) -> tuple[Categ
 
     # Loss context: nothing valid to average over, or labels out of range.
     if ev.valid_targets == 0:
-        evidence.insert(0, "0 valid targets: every target equals ignore_index" + (f" {ev.ignore_index}" if ev.ignore_index is not None else ""))
+        evidence.insert(
+            0,
+            "0 valid targets: every target equals ignore_index"
+            + (f" {ev.ignore_index}" if ev.ignore_index is not None else ""),
+        )
         return Category.INVALID_TARGET, f"the loss averaged over 0 valid targets (0/0) in {k}"
     if ev.target is not None and ev.num_classes is not None and ev.target.max is not None:
-        if ev.target.max >= ev.num_classes or (ev.target.min is not None and ev.target.min < 0 and ev.target.min != ev.ignore_index):
-            evidence.insert(0, f"targets range {fmt(ev.target.min)}..{fmt(ev.target.max)} but there are {ev.num_classes} classes")
+        if ev.target.max >= ev.num_classes or (
+            ev.target.min is not None and ev.target.min < 0 and ev.target.min != ev.ignore_index
+        ):
+            evidence.insert(
+                0,
+                f"targets range {fmt(ev.target.min)}..{fmt(ev.target.max)} but there are {ev.num_classes} classes",
+            )
             return Category.INVALID_TARGET, f"targets outside [0, {ev.num_classes})"
     if k is OpKind.CTC_LOSS:
-        evidence.insert(0, "CTC returns +Inf when no alignment of the target fits the input (target longer than input, or too many repeats)")
-        return Category.INVALID_TARGET, "CTC loss got a target that cannot be aligned with its input"
+        evidence.insert(
+            0,
+            "CTC returns +Inf when no alignment of the target fits the input (target longer than input, or too many "
+            "repeats)",
+        )
+        return (
+            Category.INVALID_TARGET,
+            "CTC loss got a target that cannot be aligned with its input",
+        )
 
     x = ins[0] if ins else None
     if k is OpKind.LOG and x is not None and (x.zeros or x.negatives):
-        what = [f"{_plural(x.zeros, 'zero')}" if x.zeros else "", f"{x.negatives} negative" if x.negatives else ""]
-        return Category.OP_DOMAIN, f"log received {' and '.join(w for w in what if w)}, min {fmt(x.min)}"
+        what = [
+            f"{_plural(x.zeros, 'zero')}" if x.zeros else "",
+            f"{x.negatives} negative" if x.negatives else "",
+        ]
+        return (
+            Category.OP_DOMAIN,
+            f"log received {' and '.join(w for w in what if w)}, min {fmt(x.min)}",
+        )
     if k is OpKind.SQRT and x is not None and x.negatives:
-        return Category.OP_DOMAIN, f"sqrt received {x.negatives} negative value{'s' if x.negatives > 1 else ''}, min {fmt(x.min)}"
+        return (
+            Category.OP_DOMAIN,
+            f"sqrt received {x.negatives} negative value{'s' if x.negatives > 1 else ''}, min {fmt(x.min)}",
+        )
     if k is OpKind.RSQRT and x is not None and (x.zeros or x.negatives):
-        return Category.OP_DOMAIN, f"rsqrt received {x.zeros} zeros and {x.negatives} negative values"
+        return (
+            Category.OP_DOMAIN,
+            f"rsqrt received {x.zeros} zeros and {x.negatives} negative values",
+        )
     if k is OpKind.DIV:
         den = ins[1] if len(ins) > 1 else None
         if den is not None and den.zeros:
             num = ins[0]
             kind = "0/0" if num.zeros and out.nan else "x/0"
-            return Category.OP_DOMAIN, f"division by zero ({kind}): the denominator holds {_plural(den.zeros, 'zero')}"
+            return (
+                Category.OP_DOMAIN,
+                f"division by zero ({kind}): the denominator holds {_plural(den.zeros, 'zero')}",
+            )
         if len(ins) == 1 and x is not None and x.zeros:  # reciprocal
             return Category.OP_DOMAIN, f"reciprocal of {_plural(x.zeros, 'zero')}"
     if k is OpKind.POW and x is not None and x.negatives and out.nan:
@@ -219,9 +330,12 @@ def _decide(ev: ProducerEvidence, k: OpKind, evidence: list[str]) -> tuple[Categ
     if out.nan and k in (OpKind.VAR, OpKind.STD) and x is not None and not out.posinf + out.neginf:
         # Finite inputs: a variance is NaN only as 0/0, the sample correction over one element.
         n = ev.details.get("reduced_size")
-        evidence.insert(0, f"{k} with the default correction divides by N - 1"
-                        + (f" = {n} - 1 = {n - 1}" if isinstance(n, int) else " = 0")
-                        + "; over one element that is 0/0")
+        evidence.insert(
+            0,
+            f"{k} with the default correction divides by N - 1"
+            + (f" = {n} - 1 = {n - 1}" if isinstance(n, int) else " = 0")
+            + "; over one element that is 0/0",
+        )
         return Category.OP_DOMAIN, f"{k} over one element divides by zero (N - 1 = 0)"
     if k in (OpKind.MEAN, OpKind.CROSS_ENTROPY) and x is not None and x.numel == 0:
         return Category.INVALID_TARGET, f"{k} over an empty set (0/0)"
@@ -230,26 +344,49 @@ def _decide(ev: ProducerEvidence, k: OpKind, evidence: list[str]) -> tuple[Categ
     if out.posinf or out.neginf:
         if lim:
             biggest = max((s.absmax or 0.0) for s in ins) if ins else 0.0
-            evidence.insert(0, f"{out.dtype} holds at most {fmt(lim.max)}; largest |input| {fmt(biggest)}")
-        return Category.OVERFLOW, f"{k} overflowed {out.dtype}" + (f" (max {fmt(lim.max)})" if lim and out.dtype in ('float16', 'bfloat16') else "")
+            evidence.insert(
+                0, f"{out.dtype} holds at most {fmt(lim.max)}; largest |input| {fmt(biggest)}"
+            )
+        return Category.OVERFLOW, f"{k} overflowed {out.dtype}" + (
+            f" (max {fmt(lim.max)})" if lim and out.dtype in ("float16", "bfloat16") else ""
+        )
     # Finite inputs, NaN result from an accumulation: partial products or sums overflowed to
     # +Inf and -Inf inside the op and cancelled (inf - inf).
     if out.nan and lim and ins and k in (OpKind.MATMUL, OpKind.CONV, OpKind.SUM, OpKind.MEAN):
         sizes = [s.absmax or 0.0 for s in ins]
-        reach = sizes[0] * sizes[1] if k in (OpKind.MATMUL, OpKind.CONV) and len(sizes) > 1 else sizes[0] * ins[0].numel
+        reach = (
+            sizes[0] * sizes[1]
+            if k in (OpKind.MATMUL, OpKind.CONV) and len(sizes) > 1
+            else sizes[0] * ins[0].numel
+        )
         if reach > lim.max:
-            evidence.insert(0, f"{out.dtype} holds at most {fmt(lim.max)}; largest |inputs| {', '.join(fmt(v) for v in sizes)}: "
-                               "partial results overflowed to +Inf and -Inf and cancelled (inf - inf)")
-            return Category.OVERFLOW, f"{k} overflowed {out.dtype} inside its accumulation (inf - inf made NaN)"
+            evidence.insert(
+                0,
+                f"{out.dtype} holds at most {fmt(lim.max)}; largest |inputs| {', '.join(fmt(v) for v in sizes)}: "
+                "partial results overflowed to +Inf and -Inf and cancelled (inf - inf)",
+            )
+            return (
+                Category.OVERFLOW,
+                f"{k} overflowed {out.dtype} inside its accumulation (inf - inf made NaN)",
+            )
     return Category.UNKNOWN, f"{ev.op} produced {made} from finite inputs"
 
 
 # -- state and data-level diagnoses ---------------------------------------------------------
 
+
 def nonfinite_input(
-    name: str | None, summary: TensorSummary, samples: list[int], *, framework: str = "torch",
-    step: int | None = None, phase: Phase = Phase.DATA, category: Category = Category.NONFINITE_INPUT,
-    location: Location | None = None, read_by: str | None = None, read_in: str | None = None,
+    name: str | None,
+    summary: TensorSummary,
+    samples: list[int],
+    *,
+    framework: str = "torch",
+    step: int | None = None,
+    phase: Phase = Phase.DATA,
+    category: Category = Category.NONFINITE_INPUT,
+    location: Location | None = None,
+    read_by: str | None = None,
+    read_in: str | None = None,
 ) -> Diagnosis:
     """The batch itself holds NaN/Inf (inputs, or targets with ``category=INVALID_TARGET``).
 
@@ -261,11 +398,16 @@ def nonfinite_input(
     values = f"{n} non-finite value{'s' if n != 1 else ''}{samples_phrase(samples)}"
     # name=None: a tracer saw a tensor that was already bad before any op of the step read it
     # (a dataset tensor, a constant), so it cannot say which argument of the batch it was.
-    text = (f"the batch's {what} {name!r} holds {values}" if name is not None
-            else f"an {what} tensor already held {values} before the first op read it")
+    text = (
+        f"the batch's {what} {name!r} holds {values}"
+        if name is not None
+        else f"an {what} tensor already held {values} before the first op read it"
+    )
     fixes = fixes_for(category, framework=fw)
-    evidence = [f"{name or what + ' tensor'}: {summary.describe()}",
-                f"bad samples: {samples_text(samples)}"]
+    evidence = [
+        f"{name or what + ' tensor'}: {summary.describe()}",
+        f"bad samples: {samples_text(samples)}",
+    ]
     rows = summary.shape[0] if summary.shape else 0
     if rows > 1 and len(samples) == rows:
         # Every sample bad: a broken transform (x / 0, log of 0, a zero std), not a few bad files.
@@ -276,30 +418,50 @@ def nonfinite_input(
     if read_by is not None:
         evidence.append(f"first op to read it: {read_by}" + (f" in {read_in}" if read_in else ""))
     return Diagnosis(
-        category=category, phase=phase, step=step, framework=fw, samples=samples, dtype=summary.dtype,
-        summary=text, evidence=evidence, fixes=fixes, location=location,
+        category=category,
+        phase=phase,
+        step=step,
+        framework=fw,
+        samples=samples,
+        dtype=summary.dtype,
+        summary=text,
+        evidence=evidence,
+        fixes=fixes,
+        location=location,
     )
 
 
 def nonfinite_parameters(
-    bad: dict[str, TensorSummary], *, framework: str = "torch", step: int | None = None,
-    phase: Phase = Phase.STATE, kind: str = "weight",
+    bad: dict[str, TensorSummary],
+    *,
+    framework: str = "torch",
+    step: int | None = None,
+    phase: Phase = Phase.STATE,
+    kind: str = "weight",
 ) -> Diagnosis:
     """Weights (or buffers) that were already non-finite before the step."""
     fw = _NAMES.get(framework, framework)
     names = list(bad)
     first = names[0]
     return Diagnosis(
-        category=Category.NONFINITE_PARAMETERS, phase=phase, step=step, framework=fw,
-        module=first.rsplit(".", 1)[0] if "." in first else None, dtype=bad[first].dtype,
-        summary=f"{len(names)} {kind}{'s' if len(names) != 1 else ''} already non-finite before the step: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}",
+        category=Category.NONFINITE_PARAMETERS,
+        phase=phase,
+        step=step,
+        framework=fw,
+        module=first.rsplit(".", 1)[0] if "." in first else None,
+        dtype=bad[first].dtype,
+        summary=f"{_plural(len(names), kind)} already non-finite before the step: {_names(names)}",
         evidence=[f"{n}: {s.describe()}" for n, s in list(bad.items())[:10]],
-        fixes=fixes_for(Category.NONFINITE_PARAMETERS, framework=fw), details={"tensors": names},
+        fixes=fixes_for(Category.NONFINITE_PARAMETERS, framework=fw),
+        details={"tensors": names},
     )
 
 
 def norm_statistics_problems(
-    mean: TensorSummary | None, var: TensorSummary | None, *, extreme: float = 1e6,
+    mean: TensorSummary | None,
+    var: TensorSummary | None,
+    *,
+    extreme: float = 1e6,
     names: tuple[str, str] = ("running_mean", "running_var"),
 ) -> list[str]:
     """What is wrong with one normalization layer's running statistics (empty: nothing).
@@ -328,8 +490,13 @@ def norm_statistics_problems(
 
 
 def corrupt_norm_statistics(
-    layers: dict[str, list[str]], *, framework: str = "torch", phase: Phase = Phase.STATE,
-    train_finite: bool | None = None, eval_finite: bool | None = None, step: int | None = None,
+    layers: dict[str, list[str]],
+    *,
+    framework: str = "torch",
+    phase: Phase = Phase.STATE,
+    train_finite: bool | None = None,
+    eval_finite: bool | None = None,
+    step: int | None = None,
     samples: list[int] | None = None,
 ) -> Diagnosis:
     """Normalization layers whose running statistics are bad (``layers``: name -> problems)."""
@@ -337,25 +504,48 @@ def corrupt_norm_statistics(
     names = list(layers)
     ev = [f"{n}: {p}" for n in names for p in layers[n]]
     if train_finite is not None and eval_finite is not None:
-        ev.insert(0, f"train-mode output finite: {train_finite}; eval-mode output finite: {eval_finite}")
+        ev.insert(
+            0, f"train-mode output finite: {train_finite}; eval-mode output finite: {eval_finite}"
+        )
     return Diagnosis(
-        category=Category.CORRUPT_NORM_STATISTICS, phase=phase, framework=fw, module=names[0], step=step,
-        op="batch_norm", op_kind=OpKind.BATCH_NORM, samples=samples or [],
-        summary=f"normalization statistics are corrupt in {len(names)} layer{'s' if len(names) != 1 else ''}: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}",
-        evidence=ev, fixes=fixes_for(Category.CORRUPT_NORM_STATISTICS, framework=fw), details={"layers": layers},
+        category=Category.CORRUPT_NORM_STATISTICS,
+        phase=phase,
+        framework=fw,
+        module=names[0],
+        step=step,
+        op="batch_norm",
+        op_kind=OpKind.BATCH_NORM,
+        samples=samples or [],
+        summary=f"normalization statistics are corrupt in {_plural(len(names), 'layer')}: {_names(names)}",
+        evidence=ev,
+        fixes=fixes_for(Category.CORRUPT_NORM_STATISTICS, framework=fw),
+        details={"layers": layers},
     )
 
 
 def optimizer_state(
-    bad: dict[str, TensorSummary], *, framework: str = "torch", eps: float | None = None,
-    param_dtype: str | None = None, step: int | None = None, lr: float | None = None,
+    bad: dict[str, TensorSummary],
+    *,
+    framework: str = "torch",
+    eps: float | None = None,
+    param_dtype: str | None = None,
+    step: int | None = None,
+    lr: float | None = None,
 ) -> Diagnosis:
     """The optimizer's own state (moments, step size) went non-finite."""
     fw = _NAMES.get(framework, framework)
     ev = [f"{n}: {s.describe()}" for n, s in list(bad.items())[:10]]
     lim = limits(param_dtype) if param_dtype else None
     if eps is not None and lim is not None:
-        ev.insert(0, f"eps={eps:g} in {param_dtype}: " + ("rounds to 0 (smallest subnormal is " + fmt(lim.subnormal) + ")" if eps < lim.subnormal / 2 else "representable"))
+        ev.insert(
+            0,
+            f"eps={eps:g} in {param_dtype}: "
+            + (
+                "rounds to 0 (smallest subnormal is " + fmt(lim.subnormal) + ")"
+                if eps < lim.subnormal / 2
+                else "representable"
+            ),
+        )
     if lr is not None:
         ev.append(f"learning rate {lr!r}")
     names = ", ".join(list(bad)[:3]) + (" …" if len(bad) > 3 else "")
@@ -364,14 +554,23 @@ def optimizer_state(
     else:
         summary = f"optimizer state went non-finite: {names}"
     return Diagnosis(
-        category=Category.OPTIMIZER_STATE, phase=Phase.OPTIMIZER, framework=fw, dtype=param_dtype, step=step,
+        category=Category.OPTIMIZER_STATE,
+        phase=Phase.OPTIMIZER,
+        framework=fw,
+        dtype=param_dtype,
+        step=step,
         summary=summary,
-        evidence=ev, fixes=fixes_for(Category.OPTIMIZER_STATE, framework=fw),
+        evidence=ev,
+        fixes=fixes_for(Category.OPTIMIZER_STATE, framework=fw),
     )
 
 
 def exploding_gradients(
-    norms: list[float], *, framework: str = "torch", step: int | None = None, lr: float | None = None,
+    norms: list[float],
+    *,
+    framework: str = "torch",
+    step: int | None = None,
+    lr: float | None = None,
     phase: Phase = Phase.BACKWARD,
 ) -> Diagnosis:
     """Gradient norms grew over steps until they overflowed."""
@@ -386,17 +585,29 @@ def exploding_gradients(
     if lr is not None:
         ev.append(f"learning rate {lr:g}")
     return Diagnosis(
-        category=Category.EXPLODING_GRADIENTS, phase=phase, framework=fw, step=step,
-        summary="gradients grew over several steps until they overflowed" + (f" (learning rate {lr:g})" if lr is not None else ""),
-        evidence=ev, fixes=fixes_for(Category.EXPLODING_GRADIENTS, framework=fw),
+        category=Category.EXPLODING_GRADIENTS,
+        phase=phase,
+        framework=fw,
+        step=step,
+        summary="gradients grew over several steps until they overflowed"
+        + (f" (learning rate {lr:g})" if lr is not None else ""),
+        evidence=ev,
+        fixes=fixes_for(Category.EXPLODING_GRADIENTS, framework=fw),
         details={"grad_norms": [float(n) for n in norms[-32:]]},
     )
 
 
 def loss_scale_collapse(
-    scales: list[float], skipped_steps: list[int], *, bad_parameters: list[str] | None = None,
-    nonfinite_loss_steps: int = 0, framework: str = "torch", step: int | None = None,
-    dtype: str = "float16", min_scale: float = 1.0, max_consecutive: int = 10,
+    scales: list[float],
+    skipped_steps: list[int],
+    *,
+    bad_parameters: list[str] | None = None,
+    nonfinite_loss_steps: int = 0,
+    framework: str = "torch",
+    step: int | None = None,
+    dtype: str = "float16",
+    min_scale: float = 1.0,
+    max_consecutive: int = 10,
 ) -> Diagnosis | None:
     """A dynamic loss scale that keeps halving: every step is skipped and training stalls.
 
@@ -423,28 +634,53 @@ def loss_scale_collapse(
         return None
     fw = _NAMES.get(framework, framework)
     bad = list(bad_parameters or [])
-    ev = ["loss scale history (oldest first): " + ", ".join(fmt(x) for x in scales[-12:]),
-          f"{len(skipped)} of {len(scales)} steps skipped; the last {run} in a row"]
+    ev = [
+        "loss scale history (oldest first): " + ", ".join(fmt(x) for x in scales[-12:]),
+        f"{len(skipped)} of {len(scales)} steps skipped; the last {run} in a row",
+    ]
     if nonfinite_loss_steps:
-        ev.append(f"the loss itself was non-finite in {nonfinite_loss_steps} skipped step{'s' if nonfinite_loss_steps != 1 else ''}: "
-                  "the forward pass overflows whatever the scale")
+        ev.append(
+            f"the loss itself was non-finite in {nonfinite_loss_steps} skipped "
+            f"step{'s' if nonfinite_loss_steps != 1 else ''}: "
+            "the forward pass overflows whatever the scale"
+        )
     if bad:
-        ev.append(f"{len(bad)} parameter{'s' if len(bad) != 1 else ''} with non-finite gradients: {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}")
-    why = f"scale {fmt(scales[-1])} < {fmt(min_scale)}" if scales[-1] < min_scale else f"{run} steps skipped in a row"
+        ev.append(
+            f"{len(bad)} parameter{'s' if len(bad) != 1 else ''} with non-finite gradients: "
+            f"{', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}"
+        )
+    why = (
+        f"scale {fmt(scales[-1])} < {fmt(min_scale)}"
+        if scales[-1] < min_scale
+        else f"{run} steps skipped in a row"
+    )
     return Diagnosis(
-        category=Category.OVERFLOW, phase=Phase.FORWARD if nonfinite_loss_steps else Phase.BACKWARD,
-        framework=fw, dtype=dtype, step=step if step is not None else len(scales) - 1,
+        category=Category.OVERFLOW,
+        phase=Phase.FORWARD if nonfinite_loss_steps else Phase.BACKWARD,
+        framework=fw,
+        dtype=dtype,
+        step=step if step is not None else len(scales) - 1,
         module=bad[0].rsplit(".", 1)[0] if bad and "." in bad[0] else None,
         summary=f"the loss scale collapsed ({why}): {dtype} overflows at every scale, so no update is applied",
-        evidence=ev, fixes=loss_scale_fixes(fw, forward_overflow=bool(nonfinite_loss_steps)),
-        details={"scales": [float(x) for x in scales[-64:]], "skipped_steps": sorted(skipped)[-64:],
-                 "bad_parameters": bad[:50]},
+        evidence=ev,
+        fixes=loss_scale_fixes(fw, forward_overflow=bool(nonfinite_loss_steps)),
+        details={
+            "scales": [float(x) for x in scales[-64:]],
+            "skipped_steps": sorted(skipped)[-64:],
+            "bad_parameters": bad[:50],
+        },
     )
 
 
 def not_reproduced(
-    what: str, *, framework: str = "torch", step: int | None = None, compiled: str | None = None,
-    phase: Phase | None = None, samples: list[int] | None = None, evidence: list[str] | None = None,
+    what: str,
+    *,
+    framework: str = "torch",
+    step: int | None = None,
+    compiled: str | None = None,
+    phase: Phase | None = None,
+    samples: list[int] | None = None,
+    evidence: list[str] | None = None,
 ) -> Diagnosis:
     """The step made ``what`` (the loss, a gradient, the output) non-finite, and the same step
     replayed from the same state and batch stayed finite.
@@ -460,35 +696,65 @@ def not_reproduced(
     ev = list(evidence or [])
     if compiled is not None:
         category = Category.COMPILED_NUMERICS
-        summary = (f"the compiled step ({compiled}) made the {what} non-finite; the same step run eagerly "
-                   "from the same state and batch stayed finite")
+        summary = (
+            f"the compiled step ({compiled}) made the {what} non-finite; the same step run eagerly "
+            "from the same state and batch stayed finite"
+        )
         ev.insert(0, f"compiled run: {what} non-finite; eager replay: finite")
     else:
         category = Category.TRANSIENT
-        summary = (f"the {what} was non-finite, but the same step replayed from the same state and batch "
-                   "stayed finite: the failure did not reproduce")
+        summary = (
+            f"the {what} was non-finite, but the same step replayed from the same state and batch "
+            "stayed finite: the failure did not reproduce"
+        )
         ev.insert(0, f"first run: {what} non-finite; replay: finite")
-    return Diagnosis(category, summary, phase=phase, framework=fw, step=step, samples=list(samples or []),
-                     evidence=ev, fixes=fixes_for(category, framework=fw))
+    return Diagnosis(
+        category,
+        summary,
+        phase=phase,
+        framework=fw,
+        step=step,
+        samples=list(samples or []),
+        evidence=ev,
+        fixes=fixes_for(category, framework=fw),
+    )
 
 
-def not_localized(what: str, error: BaseException | str, *, framework: str = "torch",
-                  step: int | None = None, evidence: list[str] | None = None) -> Diagnosis:
+def not_localized(
+    what: str,
+    error: BaseException | str,
+    *,
+    framework: str = "torch",
+    step: int | None = None,
+    evidence: list[str] | None = None,
+) -> Diagnosis:
     """A non-finite ``what`` that nanscope saw but could not trace to its producer, because
     its own replay or tracer failed (``error``): the failure is real, the cause unknown."""
     fw = _NAMES.get(framework, framework)
     why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     return Diagnosis(
-        Category.UNKNOWN, f"the {what} was non-finite; nanscope could not trace it to the op that produced it",
-        framework=fw, step=step, evidence=[*(evidence or []), f"nanscope's replay of the step failed ({why})"],
-        fixes=[("trace the failing batch by hand: `nanscope.torch.diagnose(model, batch, loss_fn)`" if fw == "torch"
-                else "trace the failing batch by hand: `nanscope.keras.diagnose(model, batch, loss)`"),
-               *fixes_for(Category.UNKNOWN, framework=fw)],
+        Category.UNKNOWN,
+        f"the {what} was non-finite; nanscope could not trace it to the op that produced it",
+        framework=fw,
+        step=step,
+        evidence=[*(evidence or []), f"nanscope's replay of the step failed ({why})"],
+        fixes=[
+            (
+                "trace the failing batch by hand: `nanscope.torch.diagnose(model, batch, loss_fn)`"
+                if fw == "torch"
+                else "trace the failing batch by hand: `nanscope.keras.diagnose(model, batch, loss)`"
+            ),
+            *fixes_for(Category.UNKNOWN, framework=fw),
+        ],
     )
 
 
 def written_by_update(
-    found: Diagnosis, *, step: int, grad_norms: list[float], lr: float | None = None,
+    found: Diagnosis,
+    *,
+    step: int,
+    grad_norms: list[float],
+    lr: float | None = None,
     optimizer: Diagnosis | None = None,
 ) -> Diagnosis:
     """Weights found non-finite at ``step`` that were finite at the step before, whose loss
@@ -510,7 +776,9 @@ def written_by_update(
         if names:
             d.summary = f"an update made weights non-finite: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
         if lr is not None:
-            d.evidence.append(f"learning rate {lr:g}; last gradient norms: {', '.join(fmt(n) for n in grad_norms[-4:])}")
+            d.evidence.append(
+                f"learning rate {lr:g}; last gradient norms: {', '.join(fmt(n) for n in grad_norms[-4:])}"
+            )
     elif optimizer is None:  # the norms grew: exploding gradients, with the weights as evidence
         d.evidence += found.evidence
     d.evidence.append(f"the update of step {step - 1} made them non-finite; step {step} found them")
@@ -518,7 +786,11 @@ def written_by_update(
 
 
 def update_overflowed(
-    bad_parameters: list[str], *, framework: str = "torch", step: int | None = None, lr: float | None = None,
+    bad_parameters: list[str],
+    *,
+    framework: str = "torch",
+    step: int | None = None,
+    lr: float | None = None,
     dtype: str | None = None,
 ) -> Diagnosis:
     """``optimizer.step()`` made weights non-finite from finite gradients and finite state:
@@ -527,17 +799,34 @@ def update_overflowed(
     names = ", ".join(bad_parameters[:3]) + (" …" if len(bad_parameters) > 3 else "")
     ev = [f"learning rate {lr!r}"] if lr is not None else []
     if bad_parameters:
-        ev.append(f"{len(bad_parameters)} weight{'s' if len(bad_parameters) != 1 else ''} non-finite after the "
-                  f"update: {names}")
+        ev.append(
+            f"{len(bad_parameters)} weight{'s' if len(bad_parameters) != 1 else ''} non-finite after the "
+            f"update: {names}"
+        )
     if lr is not None and not math.isfinite(lr):
-        return Diagnosis(Category.OPTIMIZER_STATE, f"the learning rate is {lr!r}, so the update wrote NaN/Inf weights",
-                         phase=Phase.OPTIMIZER, framework=fw, step=step, dtype=dtype, evidence=ev,
-                         fixes=fixes_for(Category.OPTIMIZER_STATE, framework=fw))
+        return Diagnosis(
+            Category.OPTIMIZER_STATE,
+            f"the learning rate is {lr!r}, so the update wrote NaN/Inf weights",
+            phase=Phase.OPTIMIZER,
+            framework=fw,
+            step=step,
+            dtype=dtype,
+            evidence=ev,
+            fixes=fixes_for(Category.OPTIMIZER_STATE, framework=fw),
+        )
     return Diagnosis(
-        Category.OVERFLOW, "the optimizer's update made the weights non-finite from finite gradients and state"
-        + (f": {names}" if names else ""), phase=Phase.OPTIMIZER, framework=fw, step=step, dtype=dtype,
-        module=bad_parameters[0].rsplit(".", 1)[0] if bad_parameters and "." in bad_parameters[0] else None,
-        evidence=ev, fixes=fixes_for(Category.EXPLODING_GRADIENTS, framework=fw),
+        Category.OVERFLOW,
+        "the optimizer's update made the weights non-finite from finite gradients and state"
+        + (f": {names}" if names else ""),
+        phase=Phase.OPTIMIZER,
+        framework=fw,
+        step=step,
+        dtype=dtype,
+        module=bad_parameters[0].rsplit(".", 1)[0]
+        if bad_parameters and "." in bad_parameters[0]
+        else None,
+        evidence=ev,
+        fixes=fixes_for(Category.EXPLODING_GRADIENTS, framework=fw),
     )
 
 
@@ -556,15 +845,23 @@ def growth_warning(grad_norms: list[float], *, step: int, framework: str = "torc
         return None
     rate = growth_rate(grad_norms)
     fix = fixes_for(Category.EXPLODING_GRADIENTS, framework=_NAMES.get(framework, framework))
-    return (f"nanscope: the gradient norm is growing fast at step {step} "
-            f"({', '.join(fmt(n) for n in grad_norms[-5:])}{f'; x{rate:.3g} per step' if rate else ''}); "
-            f"it will overflow if this goes on: {fix[0]}, or {fix[1]}")
+    return (
+        f"nanscope: the gradient norm is growing fast at step {step} "
+        f"({', '.join(fmt(n) for n in grad_norms[-5:])}{f'; x{rate:.3g} per step' if rate else ''}); "
+        f"it will overflow if this goes on: {fix[0]}, or {fix[1]}"
+    )
 
 
 def eval_only(
-    bad_layers: dict[str, list[str]], *, train_finite: bool, producer: Diagnosis | None = None,
-    framework: str = "torch", samples: list[int] | None = None, first_bad: str | None = None,
-    what: str = "output", compiled: str | None = None,
+    bad_layers: dict[str, list[str]],
+    *,
+    train_finite: bool,
+    producer: Diagnosis | None = None,
+    framework: str = "torch",
+    samples: list[int] | None = None,
+    first_bad: str | None = None,
+    what: str = "output",
+    compiled: str | None = None,
 ) -> Diagnosis:
     """Evaluation / inference made ``what`` non-finite: tell corrupt normalization statistics
     from a producer op. ``bad_layers`` are the normalization layers whose stored statistics are
@@ -577,26 +874,50 @@ def eval_only(
     not reproduce under the tracer.
 
     >>> d = eval_only({"bn": ["running_var: 1 NaN of 4"]}, train_finite=True)
-    >>> d.category, d.phase, d.evidence[0]
-    (<Category.CORRUPT_NORM_STATISTICS: 'corrupt_norm_statistics'>, <Phase.STATE: 'state'>, 'train-mode output finite: True; eval-mode output finite: False')
+    >>> d.category, d.phase
+    (<Category.CORRUPT_NORM_STATISTICS: 'corrupt_norm_statistics'>, <Phase.STATE: 'state'>)
+    >>> d.evidence[0]
+    'train-mode output finite: True; eval-mode output finite: False'
     """
     fw = _NAMES.get(framework, framework)
     if bad_layers and (train_finite or producer is None):
-        d = corrupt_norm_statistics(bad_layers, framework=fw, phase=Phase.STATE, train_finite=train_finite,
-                                    eval_finite=False, samples=samples)
+        d = corrupt_norm_statistics(
+            bad_layers,
+            framework=fw,
+            phase=Phase.STATE,
+            train_finite=train_finite,
+            eval_finite=False,
+            samples=samples,
+        )
         if first_bad:
             d.evidence.insert(1, f"first non-finite {what} in inference mode: {first_bad}")
         return d
     if producer is not None:
-        producer.evidence.append(f"training-mode {what} finite: {train_finite}; inference-mode {what} finite: False")
+        producer.evidence.append(
+            f"training-mode {what} finite: {train_finite}; inference-mode {what} finite: False"
+        )
         return producer
-    return not_reproduced(what, framework=fw, phase=Phase.FORWARD, samples=samples, compiled=compiled,
-                          evidence=[f"inference: {what} non-finite; the traced re-run of the same batch stayed finite "
-                                    "op by op"])
+    return not_reproduced(
+        what,
+        framework=fw,
+        phase=Phase.FORWARD,
+        samples=samples,
+        compiled=compiled,
+        evidence=[
+            f"inference: {what} non-finite; the traced re-run of the same batch stayed finite "
+            "op by op"
+        ],
+    )
 
 
-def in_program(d: Diagnosis, call: str, *, batch: int | None = None, mode: str | None = None,
-               after_steps: int | None = None) -> Diagnosis:
+def in_program(
+    d: Diagnosis,
+    call: str,
+    *,
+    batch: int | None = None,
+    mode: str | None = None,
+    after_steps: int | None = None,
+) -> Diagnosis:
     """Say where in the program it happened, the same way in every framework: which call
     (``model.predict``, ``evaluation``), which batch of it, in which mode, after how many
     training steps. The summary ends with it; it is the first piece of evidence.
@@ -606,8 +927,16 @@ def in_program(d: Diagnosis, call: str, *, batch: int | None = None, mode: str |
     >>> d.summary
     'log received 1 zero; in evaluation, batch 1 (eval mode, no_grad), after 2 training steps'
     """
-    where = (f"in {call}" + (f", batch {batch}" if batch is not None else "") + (f" ({mode})" if mode else "")
-             + (f", after {after_steps} training step{'s' if after_steps != 1 else ''}" if after_steps else ""))
+    where = (
+        f"in {call}"
+        + (f", batch {batch}" if batch is not None else "")
+        + (f" ({mode})" if mode else "")
+        + (
+            f", after {after_steps} training step{'s' if after_steps != 1 else ''}"
+            if after_steps
+            else ""
+        )
+    )
     d.summary = f"{d.summary}; {where}"
     d.evidence.insert(0, where)
     d.details["call"] = {"call": call, "batch": batch, "mode": mode}
@@ -617,12 +946,20 @@ def in_program(d: Diagnosis, call: str, *, batch: int | None = None, mode: str |
 
 
 # Categories that a growing gradient norm explains better than the op that finally overflowed.
-_EXPLOSION_SYMPTOMS = (Category.OP_DOMAIN, Category.OVERFLOW, Category.UNKNOWN, Category.SINGULAR_GRADIENT,
-                       Category.NONFINITE_PARAMETERS)
+_EXPLOSION_SYMPTOMS = (
+    Category.OP_DOMAIN,
+    Category.OVERFLOW,
+    Category.UNKNOWN,
+    Category.SINGULAR_GRADIENT,
+    Category.NONFINITE_PARAMETERS,
+)
 
 
 def with_history(
-    diagnosis: Diagnosis, grad_norms: list[float], *, lr: float | None = None,
+    diagnosis: Diagnosis,
+    grad_norms: list[float],
+    *,
+    lr: float | None = None,
 ) -> Diagnosis:
     """Tell ``exploding_gradients`` apart from a one-off failure, given the gradient-norm history.
 
@@ -637,17 +974,31 @@ def with_history(
     >>> with_history(d, [1.0, 1.1, 0.9, 1.0]).category
     <Category.OVERFLOW: 'overflow'>
     >>> e = with_history(d, [1.0, 4.0, 16.0, 70.0, 300.0], lr=10.0)
-    >>> e.category, e.op, e.evidence[-1]
-    (<Category.EXPLODING_GRADIENTS: 'exploding_gradients'>, 'aten::mm', 'where it overflowed: overflow in forward: mm overflowed float32')
+    >>> e.category, e.op
+    (<Category.EXPLODING_GRADIENTS: 'exploding_gradients'>, 'aten::mm')
+    >>> e.evidence[-1]
+    'where it overflowed: overflow in forward: mm overflowed float32'
     """
     from nanscope.core.trend import is_exploding
 
     if diagnosis.category not in _EXPLOSION_SYMPTOMS or not is_exploding(grad_norms):
         return diagnosis
-    d = exploding_gradients(list(grad_norms), framework=diagnosis.framework or "torch", step=diagnosis.step,
-                            lr=lr, phase=diagnosis.phase or Phase.BACKWARD)
-    d.op, d.op_kind, d.module, d.location = diagnosis.op, diagnosis.op_kind, diagnosis.module, diagnosis.location
+    d = exploding_gradients(
+        list(grad_norms),
+        framework=diagnosis.framework or "torch",
+        step=diagnosis.step,
+        lr=lr,
+        phase=diagnosis.phase or Phase.BACKWARD,
+    )
+    d.op, d.op_kind, d.module, d.location = (
+        diagnosis.op,
+        diagnosis.op_kind,
+        diagnosis.module,
+        diagnosis.location,
+    )
     d.dtype, d.samples, d.ranks = diagnosis.dtype, list(diagnosis.samples), diagnosis.ranks
-    d.evidence.append(f"where it overflowed: {diagnosis.category} in {diagnosis.phase}: {diagnosis.summary}")
+    d.evidence.append(
+        f"where it overflowed: {diagnosis.category} in {diagnosis.phase}: {diagnosis.summary}"
+    )
     d.details["symptom"] = str(diagnosis.category)
     return d

@@ -13,8 +13,22 @@ from types import FrameType
 
 from nanscope.core.diagnosis import Location
 
-FRAMEWORK_PACKAGES = ("torch", "torchvision", "tensorflow", "keras", "tf_keras", "numpy", "nanscope",
-                      "pytest", "_pytest", "pluggy", "lightning", "pytorch_lightning", "transformers", "optree")
+FRAMEWORK_PACKAGES = (
+    "torch",
+    "torchvision",
+    "tensorflow",
+    "keras",
+    "tf_keras",
+    "numpy",
+    "nanscope",
+    "pytest",
+    "_pytest",
+    "pluggy",
+    "lightning",
+    "pytorch_lightning",
+    "transformers",
+    "optree",
+)
 _STDLIB = os.path.normcase(sysconfig.get_paths()["stdlib"])
 
 
@@ -38,18 +52,24 @@ def is_user_file(filename: str, _dirs: tuple[str, ...] | None = None) -> bool:
     return not (path.startswith(_STDLIB) and "site-packages" not in path)
 
 
-def user_location(frame: FrameType | None = None, *, relative_to: str | None = None) -> Location | None:
+def user_location(
+    frame: FrameType | None = None, *, relative_to: str | None = None
+) -> Location | None:
     """The innermost frame of user code on the current stack (or above ``frame``)."""
     f = frame or sys._getframe(1)
     dirs = _package_dirs()
     while f is not None:
         if is_user_file(f.f_code.co_filename, dirs):
-            return Location(_display(f.f_code.co_filename, relative_to), f.f_lineno, f.f_code.co_name)
+            return Location(
+                _display(f.f_code.co_filename, relative_to), f.f_lineno, f.f_code.co_name
+            )
         f = f.f_back
     return None
 
 
-def location_from_stack(frames: list[tuple[str, int, str]], *, relative_to: str | None = None) -> Location | None:
+def location_from_stack(
+    frames: list[tuple[str, int, str]], *, relative_to: str | None = None
+) -> Location | None:
     """Same, from ``(filename, lineno, function)`` tuples innermost first (a saved stack)."""
     dirs = _package_dirs()
     for filename, lineno, fn in frames:

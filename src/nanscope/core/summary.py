@@ -61,7 +61,12 @@ class TensorSummary:
             parts.append(f"min {fmt(self.min)}, max {fmt(self.max)}")
         if self.zeros:
             parts.append(f"{self.zeros} zero{'s' if self.zeros != 1 else ''}")
-        if self.negatives and self.min is not None and self.min < 0 and not parts[-1].startswith("min"):
+        if (
+            self.negatives
+            and self.min is not None
+            and self.min < 0
+            and not parts[-1].startswith("min")
+        ):
             parts.append(f"{self.negatives} negative")
         shape = ", ".join(str(s) for s in self.shape)
         return f"{self.dtype}[{shape}]: " + (", ".join(parts) if parts else "empty")
@@ -101,10 +106,16 @@ def summarize(array: np.ndarray, dtype: object | None = None) -> TensorSummary:
             a = a.astype(np.int8)
         flat = a.reshape(-1)
         return TensorSummary(
-            tuple(a.shape), name, numel,
-            zeros=int(np.count_nonzero(flat == 0)), negatives=int(np.count_nonzero(flat < 0)),
-            min=float(flat.min()), max=float(flat.max()), absmax=float(np.abs(flat).max()),
-            mean=float(flat.mean()), std=float(flat.std()),
+            tuple(a.shape),
+            name,
+            numel,
+            zeros=int(np.count_nonzero(flat == 0)),
+            negatives=int(np.count_nonzero(flat < 0)),
+            min=float(flat.min()),
+            max=float(flat.max()),
+            absmax=float(np.abs(flat).max()),
+            mean=float(flat.mean()),
+            std=float(flat.std()),
         )
     flat = a.reshape(-1)
     if flat.dtype.kind == "c":
@@ -119,14 +130,23 @@ def summarize(array: np.ndarray, dtype: object | None = None) -> TensorSummary:
         absf = np.abs(f64)
         nz = absf[absf > 0]
         kw = dict(
-            min=float(f64.min()), max=float(f64.max()), absmax=float(absf.max()),
+            min=float(f64.min()),
+            max=float(f64.max()),
+            absmax=float(absf.max()),
             absmin_nonzero=float(nz.min()) if nz.size else None,
-            mean=float(f64.mean()), std=float(f64.std()),
+            mean=float(f64.mean()),
+            std=float(f64.std()),
         )
     return TensorSummary(
-        tuple(a.shape), name, numel, nan=int(np.count_nonzero(nan_mask)), posinf=posinf,
-        neginf=neginf, zeros=int(np.count_nonzero(finite == 0)),
-        negatives=int(np.count_nonzero(finite < 0)), **kw,
+        tuple(a.shape),
+        name,
+        numel,
+        nan=int(np.count_nonzero(nan_mask)),
+        posinf=posinf,
+        neginf=neginf,
+        zeros=int(np.count_nonzero(finite == 0)),
+        negatives=int(np.count_nonzero(finite < 0)),
+        **kw,
     )
 
 
@@ -163,13 +183,21 @@ def batch_rows(array: np.ndarray, batch_size: int | None) -> tuple[list[int], li
     a = np.asarray(array)
     if a.ndim == 0 or a.dtype.kind not in "fc":
         return [], []
-    if batch_size and a.shape[0] != batch_size and batch_size > 1 and a.ndim > 1 and a.shape[1] == batch_size \
-            and not (a.shape[0] > batch_size and a.shape[0] % batch_size == 0):
+    if (
+        batch_size
+        and a.shape[0] != batch_size
+        and batch_size > 1
+        and a.ndim > 1
+        and a.shape[1] == batch_size
+        and not (a.shape[0] > batch_size and a.shape[0] % batch_size == 0)
+    ):
         return bad_rows(a, axis=1), []
     return rows_to_samples(bad_rows(a), a.shape[0], batch_size)
 
 
-def rows_to_samples(rows: list[int], n0: int, batch_size: int | None) -> tuple[list[int], list[int]]:
+def rows_to_samples(
+    rows: list[int], n0: int, batch_size: int | None
+) -> tuple[list[int], list[int]]:
     """Rows of a tensor's dim 0 (of size ``n0``) as (samples of the batch, positions): see
     ``batch_rows``.
 

@@ -32,11 +32,15 @@ def unpack(batch: Any) -> tuple[Any, Any, Any]:
         return batch[0], batch[1], None
     if len(batch) == 3:
         return batch
-    raise BadInputError(f"a batch is x, (x,), (x, y) or (x, y, sample_weight); got a tuple of {len(batch)}")
+    raise BadInputError(
+        f"a batch is x, (x,), (x, y) or (x, y, sample_weight); got a tuple of {len(batch)}"
+    )
 
 
 def to_tensors(obj: Any) -> Any:
-    return tf.nest.map_structure(lambda a: a if a is None or tf.is_tensor(a) else tf.convert_to_tensor(a), obj)
+    return tf.nest.map_structure(
+        lambda a: a if a is None or tf.is_tensor(a) else tf.convert_to_tensor(a), obj
+    )
 
 
 def batch_size_of(x: Any) -> int | None:
@@ -47,22 +51,38 @@ def batch_size_of(x: Any) -> int | None:
     return None
 
 
-def iter_batches(data: Any, *, batch_size: int = 32, max_batches: int | None = None) -> Iterator[Any]:
+def iter_batches(
+    data: Any, *, batch_size: int = 32, max_batches: int | None = None
+) -> Iterator[Any]:
     """Batches of a ``tf.data.Dataset``, a ``keras.utils.PyDataset``, a list of batches, an
     array, or an ``(x, y)`` tuple of arrays (cut into ``batch_size`` rows)."""
     if isinstance(data, tf.data.Dataset | keras.utils.PyDataset) or (
         isinstance(data, list) and data and isinstance(data[0], tuple | list | dict)
     ):
-        it: Iterable = data if not isinstance(data, keras.utils.PyDataset) else (data[i] for i in range(len(data)))
-    elif isinstance(data, np.ndarray) or tf.is_tensor(data) or (isinstance(data, tuple) and data and hasattr(data[0], "shape")):
+        it: Iterable = (
+            data
+            if not isinstance(data, keras.utils.PyDataset)
+            else (data[i] for i in range(len(data)))
+        )
+    elif (
+        isinstance(data, np.ndarray)
+        or tf.is_tensor(data)
+        or (isinstance(data, tuple) and data and hasattr(data[0], "shape"))
+    ):
         arrays = data if isinstance(data, tuple) else (data,)
         n = int(arrays[0].shape[0])
-        it = (tuple(a[i:i + batch_size] for a in arrays) if len(arrays) > 1 else arrays[0][i:i + batch_size]
-              for i in range(0, n, batch_size))
+        it = (
+            tuple(a[i : i + batch_size] for a in arrays)
+            if len(arrays) > 1
+            else arrays[0][i : i + batch_size]
+            for i in range(0, n, batch_size)
+        )
     elif isinstance(data, Iterable):
         it = data
     else:
-        raise BadInputError(f"cannot read batches from a {type(data).__name__}: pass a tf.data.Dataset, an array or an (x, y) tuple")
+        raise BadInputError(
+            f"cannot read batches from a {type(data).__name__}: pass a tf.data.Dataset, an array or an (x, y) tuple"
+        )
     for i, batch in enumerate(it):
         if max_batches is not None and i >= max_batches:
             return
@@ -74,7 +94,9 @@ def owned_variables(model: keras.Model) -> list[tuple[str, Any, Any]]:
     innermost layer that owns it (``conv5_block3_2_bn.moving_variance``)."""
     out, seen = [], set()
     for layer in model._flatten_layers(include_self=True, recursive=True):
-        for v in list(getattr(layer, "_trainable_variables", [])) + list(getattr(layer, "_non_trainable_variables", [])):
+        for v in list(getattr(layer, "_trainable_variables", [])) + list(
+            getattr(layer, "_non_trainable_variables", [])
+        ):
             if id(v) in seen:
                 continue
             seen.add(id(v))
@@ -83,8 +105,11 @@ def owned_variables(model: keras.Model) -> list[tuple[str, Any, Any]]:
 
 
 def batch_norm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    return [la for la in model._flatten_layers(include_self=False, recursive=True)
-            if isinstance(la, keras.layers.BatchNormalization)]
+    return [
+        la
+        for la in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(la, keras.layers.BatchNormalization)
+    ]
 
 
 class VariableSnapshot:

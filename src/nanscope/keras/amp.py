@@ -54,8 +54,13 @@ def _flush_fraction(g: Any, dtype: str) -> float:
     return int((nonzero & (a.astype(np_dtype) == 0)).sum()) / n
 
 
-def headroom(model: keras.Model, batch: Any, loss_fn: Callable[[Any, Any], Any] | None = None,
-             *, dtype: str = "float16") -> HeadroomReport:
+def headroom(
+    model: keras.Model,
+    batch: Any,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+    *,
+    dtype: str = "float16",
+) -> HeadroomReport:
     """Measure every layer's largest activation (and gradient) against float16's limits.
 
     Args:
@@ -80,10 +85,12 @@ def headroom(model: keras.Model, batch: Any, loss_fn: Callable[[Any, Any], Any] 
     except (ValueError, AttributeError, TypeError) as err:
         from nanscope.core.errors import BadInputError
 
-        raise BadInputError(f"headroom needs a built functional or Sequential model ({err})") from None
+        raise BadInputError(
+            f"headroom needs a built functional or Sequential model ({err})"
+        ) from None
     with tf.GradientTape() as tape:
         outs = view(x, training=False)
-        acts, preds = outs[: len(layers)], outs[len(layers):]
+        acts, preds = outs[: len(layers)], outs[len(layers) :]
         loss = loss_fn(y, preds[0] if len(preds) == 1 else preds) if loss_fn is not None else None
     grads: list[Any] = []
     params: dict[str, float] = {}
@@ -91,15 +98,22 @@ def headroom(model: keras.Model, batch: Any, loss_fn: Callable[[Any, Any], Any] 
         variables = list(model.trainable_variables)
         all_grads = tape.gradient(loss, list(acts) + variables)
         grads = all_grads[: len(acts)]
-        for v, g in zip(variables, all_grads[len(acts):], strict=True):
+        for v, g in zip(variables, all_grads[len(acts) :], strict=True):
             if g is not None:
                 params[v.path] = _flush_fraction(g, name)
     rows = []
     for i, layer in enumerate(layers):
         g = grads[i] if grads else None
-        rows.append(LayerHeadroom(layer.name, type(layer).__name__, _absmax(acts[i]),
-                                  None if g is None else _absmax(g),
-                                  None if g is None else _flush_fraction(g, name), name))
+        rows.append(
+            LayerHeadroom(
+                layer.name,
+                type(layer).__name__,
+                _absmax(acts[i]),
+                None if g is None else _absmax(g),
+                None if g is None else _flush_fraction(g, name),
+                name,
+            )
+        )
     rows.sort(key=lambda r: (-r.risk, -(r.grad_underflow or 0.0)))
     return HeadroomReport(rows, name, params)
 
@@ -119,8 +133,15 @@ class LossScaleMonitor(keras.callbacks.Callback):
         ([], [], None)
     """
 
-    def __init__(self, optimizer: Any = None, *, batch: Any = None, max_consecutive: int = 10,
-                 min_scale: float = 1.0, stop_on_collapse: bool = False) -> None:
+    def __init__(
+        self,
+        optimizer: Any = None,
+        *,
+        batch: Any = None,
+        max_consecutive: int = 10,
+        min_scale: float = 1.0,
+        stop_on_collapse: bool = False,
+    ) -> None:
         super().__init__()
         self.optimizer = optimizer
         self.batch = batch
@@ -135,7 +156,9 @@ class LossScaleMonitor(keras.callbacks.Callback):
         self._before: float | None = None
 
     def _scale(self, *, initial: bool = False) -> float | None:
-        opt = self.optimizer if self.optimizer is not None else getattr(self.model, "optimizer", None)
+        opt = (
+            self.optimizer if self.optimizer is not None else getattr(self.model, "optimizer", None)
+        )
         var = getattr(opt, "dynamic_scale", None)
         if var is None and initial:  # built on the first apply: the scale it starts from
             scale = getattr(opt, "initial_scale", None)
@@ -168,18 +191,30 @@ class LossScaleMonitor(keras.callbacks.Callback):
                 self.nonfinite_loss_steps += 1
         if self.diagnosis is not None or not self.skipped:
             return
-        d = loss_scale_collapse(self.scales, self.skipped, framework="keras", step=self._step,
-                                nonfinite_loss_steps=self.nonfinite_loss_steps, min_scale=self.min_scale,
-                                max_consecutive=self.max_consecutive)
+        d = loss_scale_collapse(
+            self.scales,
+            self.skipped,
+            framework="keras",
+            step=self._step,
+            nonfinite_loss_steps=self.nonfinite_loss_steps,
+            min_scale=self.min_scale,
+            max_consecutive=self.max_consecutive,
+        )
         if d is None:
             return
         if self.batch is not None:
             bad, loss_finite = self._bad_variables(after)
             if bad or loss_finite is False:
-                d = loss_scale_collapse(self.scales, self.skipped, framework="keras", step=self._step,
-                                        bad_parameters=bad, min_scale=self.min_scale,
-                                        max_consecutive=self.max_consecutive,
-                                        nonfinite_loss_steps=max(self.nonfinite_loss_steps, int(loss_finite is False)))
+                d = loss_scale_collapse(
+                    self.scales,
+                    self.skipped,
+                    framework="keras",
+                    step=self._step,
+                    bad_parameters=bad,
+                    min_scale=self.min_scale,
+                    max_consecutive=self.max_consecutive,
+                    nonfinite_loss_steps=max(self.nonfinite_loss_steps, int(loss_finite is False)),
+                )
         self.diagnosis = d
         warnings.warn(f"nanscope: {d}", RuntimeWarning, stacklevel=2)
         if self.stop_on_collapse:
@@ -193,18 +228,26 @@ class LossScaleMonitor(keras.callbacks.Callback):
             scaled = tf.cast(loss, tf.float32) * scale
         variables = list(self.model.trainable_variables)
         grads = tape.gradient(scaled, variables)
-        bad = [v.path for v, g in zip(variables, grads, strict=True)
-               if g is not None and not bool(tf.reduce_all(tf.math.is_finite(tf.cast(g, tf.float32))))]
+        bad = [
+            v.path
+            for v, g in zip(variables, grads, strict=True)
+            if g is not None and not bool(tf.reduce_all(tf.math.is_finite(tf.cast(g, tf.float32))))
+        ]
         return bad, bool(tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32))))
 
     def summary(self) -> str:
         """The skipped steps and the scale history, one line."""
-        return (f"LossScaleOptimizer: {len(self.skipped)} of {self._step} steps skipped "
-                f"(steps {', '.join(map(str, self.skipped[-10:]))}); scale "
-                + (" → ".join(fmt(s) for s in self.scales[-8:]) if self.scales else "n/a"))
+        return (
+            f"LossScaleOptimizer: {len(self.skipped)} of {self._step} steps skipped "
+            f"(steps {', '.join(map(str, self.skipped[-10:]))}); scale "
+            + (" → ".join(fmt(s) for s in self.scales[-8:]) if self.scales else "n/a")
+        )
 
 
 def _internal(where: str, err: Exception) -> None:
-    warnings.warn(f"nanscope: internal error in LossScaleMonitor.{where} ({type(err).__name__}: {err}); "
-                  "training continues unobserved", RuntimeWarning, stacklevel=3)
-
+    warnings.warn(
+        f"nanscope: internal error in LossScaleMonitor.{where} ({type(err).__name__}: {err}); "
+        "training continues unobserved",
+        RuntimeWarning,
+        stacklevel=3,
+    )

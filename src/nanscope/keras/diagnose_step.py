@@ -92,11 +92,22 @@ def diagnose(
     loss_fn = _loss_function(model, loss)
     if ignore_index is None:
         ignore_index = _ignore_index(model, loss)
-    return trace_step(model, x, y, sample_weight, loss_fn, entry=entry, step=step, ignore_index=ignore_index,
-                      grad_norms=grad_norms, learning_rate=learning_rate)
+    return trace_step(
+        model,
+        x,
+        y,
+        sample_weight,
+        loss_fn,
+        entry=entry,
+        step=step,
+        ignore_index=ignore_index,
+        grad_norms=grad_norms,
+        learning_rate=learning_rate,
+    )
 
 
 # -- cheap checks ------------------------------------------------------------------------------
+
 
 def check_batch(x: Any, y: Any = None, *, step: int | None = None) -> Diagnosis | None:
     """``nonfinite_input`` when the inputs hold NaN/Inf, ``invalid_target`` for the targets."""
@@ -120,9 +131,18 @@ def check_weights(model: keras.Model, *, step: int | None = None) -> Diagnosis |
 
 # -- the traced step ---------------------------------------------------------------------------
 
+
 def trace_step(
-    model: keras.Model, x: Any, y: Any, sample_weight: Any, loss_fn: Callable, *, entry=None,
-    step: int | None = None, ignore_index: int | None = None, grad_norms: Sequence[float] | None = None,
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    loss_fn: Callable,
+    *,
+    entry=None,
+    step: int | None = None,
+    ignore_index: int | None = None,
+    grad_norms: Sequence[float] | None = None,
     learning_rate: float | None = None,
 ) -> Diagnosis | None:
     """Forward, loss and backward of one step under the tracer; no update, state restored."""
@@ -151,23 +171,44 @@ def trace_step(
         else:
             failed = [g for g in grads if g is not None and not all_finite(g)] or None
         norm = _global_norm(grads)  # float64: finite even where float32's sum of squares is not
-        history = [*(grad_norms or [])] + ([norm] if norm is not None and math.isfinite(norm) and norm > 0 else [])
+        history = [*(grad_norms or [])] + (
+            [norm] if norm is not None and math.isfinite(norm) and norm > 0 else []
+        )
         if failed is None:
-            if norm is not None and norm * norm > _FLOAT32_MAX:  # every gradient finite, the norm past float32
-                return rules.exploding_gradients(history, framework=_FW, step=step, lr=learning_rate)
+            if (
+                norm is not None and norm * norm > _FLOAT32_MAX
+            ):  # every gradient finite, the norm past float32
+                return rules.exploding_gradients(
+                    history, framework=_FW, step=step, lr=learning_rate
+                )
             return None
-        d = diagnosis_from_trace(tr, failed, batch_size=n, step=step, valid_targets=valid, ignore_index=ignore_index,
-                                 gradients_only=failed is not y_pred and failed is not value)
+        d = diagnosis_from_trace(
+            tr,
+            failed,
+            batch_size=n,
+            step=step,
+            valid_targets=valid,
+            ignore_index=ignore_index,
+            gradients_only=failed is not y_pred and failed is not value,
+        )
         if d is None:
-            return rules.unexplained("loss" if failed is value else "gradient", framework=_FW, step=step,
-                                     phase=Phase.LOSS if all_finite(y_pred) else Phase.FORWARD)
+            return rules.unexplained(
+                "loss" if failed is value else "gradient",
+                framework=_FW,
+                step=step,
+                phase=Phase.LOSS if all_finite(y_pred) else Phase.FORWARD,
+            )
         return rules.with_history(d, history, lr=learning_rate)
     finally:
         snapshot.restore()
 
 
 def diagnose_train_step(
-    model: keras.Model, batch: Any, *, step: int | None = None, grad_norms: Sequence[float] | None = None,
+    model: keras.Model,
+    batch: Any,
+    *,
+    step: int | None = None,
+    grad_norms: Sequence[float] | None = None,
     learning_rate: float | None = None,
 ) -> Diagnosis | None:
     """Like ``diagnose``, for a model whose ``train_step`` is the user's own: that
@@ -224,8 +265,13 @@ def diagnose_train_step(
     if failed is None:
         return None
     tr = recorder.replay(external=(x, y))
-    d = diagnosis_from_trace(tr, failed, batch_size=batch_size_of(x), step=step,
-                             gradients_only=failed is not loss and failed is not logged)
+    d = diagnosis_from_trace(
+        tr,
+        failed,
+        batch_size=batch_size_of(x),
+        step=step,
+        gradients_only=failed is not loss and failed is not logged,
+    )
     if d is None:
         return None
     return rules.with_history(d, [*(grad_norms or [])], lr=learning_rate)
@@ -248,8 +294,12 @@ def _loss_function(model: keras.Model, loss: Callable | str | None) -> Callable:
         if not overridden and getattr(model, "loss", None) is None and not model.losses:
             from nanscope.core.errors import BadInputError
 
-            raise BadInputError("the model is not compiled with a loss: pass loss=, e.g. diagnose(model, batch, 'mse')")
-        return lambda x, y, y_pred, sw: model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw, training=True)
+            raise BadInputError(
+                "the model is not compiled with a loss: pass loss=, e.g. diagnose(model, batch, 'mse')"
+            )
+        return lambda x, y, y_pred, sw: model.compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sw, training=True
+        )
     fn = keras.losses.get(loss) if isinstance(loss, str) else loss
     return lambda x, y, y_pred, sw: fn(y, y_pred) if sw is None else fn(y, y_pred, sw)
 

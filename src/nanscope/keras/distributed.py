@@ -21,7 +21,15 @@ from typing import Any
 
 import tensorflow as tf
 
-__all__ = ["strategy_of", "replicas", "agree_in_graph", "apply_if", "local_batches", "seen_replicas", "LOCAL_LOSS"]
+__all__ = [
+    "strategy_of",
+    "replicas",
+    "agree_in_graph",
+    "apply_if",
+    "local_batches",
+    "seen_replicas",
+    "LOCAL_LOSS",
+]
 
 LOCAL_LOSS = 2.0
 
@@ -47,20 +55,26 @@ def agree_in_graph(ok: tf.Tensor, loss_bad: tf.Tensor) -> tuple[tf.Tensor, tf.Te
     if ctx is None or ctx.num_replicas_in_sync <= 1:
         return ok, None
     mine = 1.0 - tf.cast(ok, tf.float32) + LOCAL_LOSS * tf.cast(loss_bad, tf.float32)
-    onehot = tf.one_hot(ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync, dtype=tf.float32) * mine
+    onehot = (
+        tf.one_hot(ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync, dtype=tf.float32) * mine
+    )
     seen = ctx.all_reduce(tf.distribute.ReduceOp.SUM, onehot)
     return tf.equal(tf.reduce_sum(seen), 0.0), seen
 
 
-def apply_if(ok: tf.Tensor, update: Callable[..., Any], grads: list, trainable_variables: Any) -> None:
+def apply_if(
+    ok: tf.Tensor, update: Callable[..., Any], grads: list, trainable_variables: Any
+) -> None:
     """``update(grads, trainable_variables)`` on every replica when ``ok`` (the same on all of
     them), else nothing anywhere."""
     ctx = tf.distribute.get_replica_context()
     no_merge = tf.__internal__.distribute.strategy_supports_no_merge_call()
     if ctx is None or ctx.num_replicas_in_sync <= 1 or no_merge:
+
         def run():
             update(grads, trainable_variables)
             return tf.constant(True)
+
         tf.cond(ok, run, lambda: tf.constant(False))
         return
 
@@ -84,13 +98,24 @@ def local_batches(batch: Any, model: Any = None) -> list[tuple[int, Any]]:
     parts = tf.nest.flatten(batch, expand_composites=False)
     if strategy is None or not any(isinstance(p, tf.distribute.DistributedValues) for p in parts):
         return [(0, batch)]
-    per = [list(strategy.experimental_local_results(p)) if isinstance(p, tf.distribute.DistributedValues) else None
-           for p in parts]
+    per = [
+        list(strategy.experimental_local_results(p))
+        if isinstance(p, tf.distribute.DistributedValues)
+        else None
+        for p in parts
+    ]
     n_local = max(len(p) for p in per if p is not None)
     resolver = getattr(strategy, "cluster_resolver", None)
     first = (getattr(resolver, "task_id", 0) or 0) * n_local if resolver is not None else 0
-    return [(first + i, tf.nest.pack_sequence_as(batch, [p[i] if p is not None else v for p, v in zip(per, parts, strict=True)]))
-            for i in range(n_local)]
+    return [
+        (
+            first + i,
+            tf.nest.pack_sequence_as(
+                batch, [p[i] if p is not None else v for p, v in zip(per, parts, strict=True)]
+            ),
+        )
+        for i in range(n_local)
+    ]
 
 
 def seen_replicas(flags: list[float]) -> list[int]:

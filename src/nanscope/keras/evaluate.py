@@ -64,14 +64,17 @@ def norm_statistics_audit(model: keras.Model, *, extreme: float = 1e6) -> dict[s
     for bn in batch_norm_layers(model):
         mean = summarize(to_numpy(bn.moving_mean.value), bn.moving_mean.dtype)
         var = summarize(to_numpy(bn.moving_variance.value), bn.moving_variance.dtype)
-        problems = rules.norm_statistics_problems(mean, var, extreme=extreme, names=KERAS_NORM_NAMES)
+        problems = rules.norm_statistics_problems(
+            mean, var, extreme=extreme, names=KERAS_NORM_NAMES
+        )
         if problems:
             out[bn.name] = problems
     return out
 
 
-def diagnose_eval(model: keras.Model, dataset: Any, *, max_batches: int | None = None,
-                  batch_size: int = 32) -> Diagnosis | None:
+def diagnose_eval(
+    model: keras.Model, dataset: Any, *, max_batches: int | None = None, batch_size: int = 32
+) -> Diagnosis | None:
     """Find why inference output is non-finite: the first bad batch, layer and op, and
     whether corrupt BatchNormalization moving statistics explain it.
 
@@ -129,14 +132,24 @@ def _explain(model: keras.Model, x: Any, entry) -> Diagnosis:
         order[first.layer] = -1
     layers = dict(sorted(bad_stats.items(), key=lambda kv: order.get(kv[0], len(order))))
     producer = None if layers and train_finite else diagnosis_from_trace(tr, out, batch_size=n)
-    return rules.eval_only(layers, train_finite=train_finite, producer=producer, framework="keras",
-                           samples=eval_samples, first_bad=f"{first.op} in layer {first.layer}" if first else None,
-                           compiled=_compiled(model))
+    return rules.eval_only(
+        layers,
+        train_finite=train_finite,
+        producer=producer,
+        framework="keras",
+        samples=eval_samples,
+        first_bad=f"{first.op} in layer {first.layer}" if first else None,
+        compiled=_compiled(model),
+    )
 
 
 def _compiled(model: keras.Model) -> str | None:
     """Names the compiled predict function when XLA compiled it (eager numerics may differ)."""
-    return "the XLA-compiled predict function" if getattr(model, "jit_compile", False) is True else None
+    return (
+        "the XLA-compiled predict function"
+        if getattr(model, "jit_compile", False) is True
+        else None
+    )
 
 
 def _samples(out: Any, n: int | None) -> list[int]:
@@ -148,8 +161,8 @@ def _samples(out: Any, n: int | None) -> list[int]:
     return sorted(rows)
 
 
-
 # -- nanscope run: explain a predict / evaluate call ---------------------------------------------
+
 
 def finite_values(obj: Any) -> bool:
     """True when every float in ``obj`` (arrays, tensors, Python floats, nested) is finite."""
@@ -189,16 +202,25 @@ class CallData:
     loss: bool = False  # evaluate / test_on_batch: the loss is watched too
 
     @classmethod
-    def of(cls, name: str, arguments: dict, *, validation: tuple[Any, Any] | None = None) -> CallData:
+    def of(
+        cls, name: str, arguments: dict, *, validation: tuple[Any, Any] | None = None
+    ) -> CallData:
         """From the bound arguments of ``keras.Model.<name>``."""
         x, y, sw = arguments.get("x"), arguments.get("y"), arguments.get("sample_weight")
         batch_size = arguments.get("batch_size")
         if name == "evaluate" and x is None and validation is not None:  # fit's validation pass
             data, batch_size = validation
             x, y, sw = unpack(data) if isinstance(data, tuple | list) else (data, None, None)
-        return cls(call=f"model.{name}", x=x, y=y, sample_weight=sw, batch_size=batch_size,
-                   steps=arguments.get("steps"), single=name.endswith("_on_batch"),
-                   loss=name in ("evaluate", "test_on_batch"))
+        return cls(
+            call=f"model.{name}",
+            x=x,
+            y=y,
+            sample_weight=sw,
+            batch_size=batch_size,
+            steps=arguments.get("steps"),
+            single=name.endswith("_on_batch"),
+            loss=name in ("evaluate", "test_on_batch"),
+        )
 
     def batches(self) -> Iterator[tuple[Any, Any, Any]] | None:
         """``(x, y, sample_weight)`` batch by batch, or None when the data cannot be re-read."""
@@ -209,7 +231,11 @@ class CallData:
             return (unpack(b) for b in x)
         if isinstance(x, keras.utils.PyDataset):
             return (unpack(x[i]) for i in range(len(x)))
-        if x is None or hasattr(x, "__next__") or not all(hasattr(a, "shape") for a in tf.nest.flatten(x)):
+        if (
+            x is None
+            or hasattr(x, "__next__")
+            or not all(hasattr(a, "shape") for a in tf.nest.flatten(x))
+        ):
             return None
         n = batch_size_of(x)
         if n is None:
@@ -217,7 +243,7 @@ class CallData:
         bs = int(self.batch_size or 32)
 
         def rows(part: Any, i: int) -> Any:
-            return None if part is None else tf.nest.map_structure(lambda a: a[i:i + bs], part)
+            return None if part is None else tf.nest.map_structure(lambda a: a[i : i + bs], part)
 
         return ((rows(x, i), rows(self.y, i), rows(self.sample_weight, i)) for i in range(0, n, bs))
 
@@ -284,7 +310,11 @@ def _explain_loss(model: keras.Model, x: Any, y: Any, sw: Any) -> Diagnosis:
         return d
     n = batch_size_of(x)
     ignore_index = _ignore_index(model, None)
-    valid = int(np.count_nonzero(to_numpy(y) != ignore_index)) if ignore_index is not None and tf.is_tensor(y) else None
+    valid = (
+        int(np.count_nonzero(to_numpy(y) != ignore_index))
+        if ignore_index is not None and tf.is_tensor(y)
+        else None
+    )
     snapshot = VariableSnapshot(state_variables(model))
     try:
         with Tracer() as tracer:
@@ -294,11 +324,18 @@ def _explain_loss(model: keras.Model, x: Any, y: Any, sw: Any) -> Diagnosis:
             value = model.compute_loss(x=x, y=y, y_pred=out, sample_weight=sw, training=False)
     finally:
         snapshot.restore()
-    d = diagnosis_from_trace(tracer.trace, value, batch_size=n, valid_targets=valid, ignore_index=ignore_index)
+    d = diagnosis_from_trace(
+        tracer.trace, value, batch_size=n, valid_targets=valid, ignore_index=ignore_index
+    )
     if d is not None:
         return d
-    return rules.not_reproduced("loss", framework="keras", phase=Phase.LOSS, compiled=_compiled(model),
-                                evidence=["the eager re-run of the batch in inference mode stayed finite op by op"])
+    return rules.not_reproduced(
+        "loss",
+        framework="keras",
+        phase=Phase.LOSS,
+        compiled=_compiled(model),
+        evidence=["the eager re-run of the batch in inference mode stayed finite op by op"],
+    )
 
 
 def _unexplained(model: keras.Model, data: CallData, *, reread: bool, seen: int) -> Diagnosis:
@@ -309,12 +346,21 @@ def _unexplained(model: keras.Model, data: CallData, *, reread: bool, seen: int)
         return rules.corrupt_norm_statistics(bad_stats, framework="keras", phase=Phase.STATE)
     if reread:
         return rules.not_reproduced(
-            "output", framework="keras", phase=Phase.FORWARD, compiled=_compiled(model),
-            evidence=[f"{data.call} returned non-finite values; the eager re-run of {seen} "
-                      f"batch{'es' if seen != 1 else ''} in inference mode stayed finite"])
-    return rules.not_localized("output", "its batches came from an iterator or generator, which cannot be read "
-                               "a second time", framework="keras",
-                               evidence=[f"{data.call} returned non-finite values"])
+            "output",
+            framework="keras",
+            phase=Phase.FORWARD,
+            compiled=_compiled(model),
+            evidence=[
+                f"{data.call} returned non-finite values; the eager re-run of {seen} "
+                f"batch{'es' if seen != 1 else ''} in inference mode stayed finite"
+            ],
+        )
+    return rules.not_localized(
+        "output",
+        "its batches came from an iterator or generator, which cannot be read a second time",
+        framework="keras",
+        evidence=[f"{data.call} returned non-finite values"],
+    )
 
 
 def _in_call(d: Diagnosis, data: CallData, index: int | None) -> Diagnosis:

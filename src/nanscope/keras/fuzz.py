@@ -71,7 +71,9 @@ def run_case(fn, case: Case) -> CaseResult:
             warnings.simplefilter("ignore")
             loss, grads = _run(fn, args, kwargs, leaves)
     except Exception as err:  # the loss rejects this input
-        return CaseResult(f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}")
+        return CaseResult(
+            f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+        )
     value_ok = _finite(loss)
     grads_ok = all(_finite(g) for g in grads)
     if value_ok and grads_ok:
@@ -91,7 +93,9 @@ def run_case(fn, case: Case) -> CaseResult:
         failed = loss if not _finite(loss) else [g for g in grads if not _finite(g)]
         diagnosis = diagnosis_from_trace(tracer.trace, failed, batch_size=n)
     except Exception as err:  # the tracer must never hide the finding
-        diagnosis = rules.not_localized("loss" if not value_ok else "gradient", err, framework="keras")
+        diagnosis = rules.not_localized(
+            "loss" if not value_ok else "gradient", err, framework="keras"
+        )
     if diagnosis is None:
         diagnosis = rules.unexplained("loss" if not value_ok else "gradient", framework="keras")
     return CaseResult(outcome, diagnosis)

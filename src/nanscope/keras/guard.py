@@ -117,8 +117,12 @@ class Guard(GuardState, keras.callbacks.Callback):
         try:
             if keras.backend.backend() != "tensorflow":
                 # The guard patches the TensorFlow train step; other backends train unguarded.
-                warnings.warn(f"nanscope.keras.Guard supports the TensorFlow backend only; this fit on the "
-                              f"{keras.backend.backend()} backend runs unguarded", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"nanscope.keras.Guard supports the TensorFlow backend only; this fit on the "
+                    f"{keras.backend.backend()} backend runs unguarded",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 return
             from nanscope.keras.diagnose_step import check_weights
 
@@ -155,9 +159,12 @@ class Guard(GuardState, keras.callbacks.Callback):
         """A LossScaleOptimizer skip is not a failure; a scale that keeps halving is (the
         gradients are non-finite whatever the scale): ``core.rules.loss_scale_collapse``."""
         history = self.ledger.loss_scale
-        history.add(scale * 0.5 if skipped else scale, skipped_step=len(history.scales) if skipped else None)
-        collapse = rules.loss_scale_collapse(history.scales, history.skipped, framework="keras",
-                                             step=len(history.scales) - 1)
+        history.add(
+            scale * 0.5 if skipped else scale, skipped_step=len(history.scales) if skipped else None
+        )
+        collapse = rules.loss_scale_collapse(
+            history.scales, history.skipped, framework="keras", step=len(history.scales) - 1
+        )
         if collapse is None:
             return
         history.clear()
@@ -166,7 +173,9 @@ class Guard(GuardState, keras.callbacks.Callback):
 
     # -- failure ----------------------------------------------------------------------------
     def _on_failure(self, step: int, collapse: Diagnosis | None = None) -> None:
-        if len(self.diagnoses) >= self.max_diagnoses or (self.policy is Policy.WARN and self.diagnoses):
+        if len(self.diagnoses) >= self.max_diagnoses or (
+            self.policy is Policy.WARN and self.diagnoses
+        ):
             if self.policy is not Policy.WARN:  # vetoed in-graph already: counted, not re-diagnosed
                 self.ledger.skipped += 1
             return
@@ -194,13 +203,27 @@ class Guard(GuardState, keras.callbacks.Callback):
         lr = _learning_rate(self.model.optimizer)
         own_step = self.loss is None and type(self.model).train_step is not keras.Model.train_step
         try:
-            for batch, replica in ((part, r) for b in self._batches for r, part in _kdist.local_batches(b, self.model)):
+            for batch, replica in (
+                (part, r) for b in self._batches for r, part in _kdist.local_batches(b, self.model)
+            ):
                 if own_step:  # the user's train_step, re-run as written (its own loss)
-                    d = diagnose_train_step(self.model, batch, step=step, grad_norms=list(self.history.grad_norm),
-                                            learning_rate=lr)
+                    d = diagnose_train_step(
+                        self.model,
+                        batch,
+                        step=step,
+                        grad_norms=list(self.history.grad_norm),
+                        learning_rate=lr,
+                    )
                 else:
-                    d = diagnose(self.model, batch, self.loss, step=step, ignore_index=self.ignore_index,
-                                 grad_norms=list(self.history.grad_norm), learning_rate=lr)
+                    d = diagnose(
+                        self.model,
+                        batch,
+                        self.loss,
+                        step=step,
+                        ignore_index=self.ignore_index,
+                        grad_norms=list(self.history.grad_norm),
+                        learning_rate=lr,
+                    )
                 if d is not None:
                     self.batch = batch
                     return self._name_replica(self._blame_an_earlier_update(d, lr), replica)
@@ -211,10 +234,21 @@ class Guard(GuardState, keras.callbacks.Callback):
             self._internal_error("diagnosing the failed step", err)
             return rules.not_localized("loss or gradient", err, framework="keras", step=step)
         # The compiled step saw it, the eager re-run of the same batch from the same state did not.
-        return self._name_replica(rules.not_reproduced(
-            "loss or gradient", framework="keras", step=step, phase=Phase.BACKWARD,
-            compiled="the XLA-compiled train step" if getattr(self.model, "jit_compile", False) else None,
-            evidence=["the eager re-run of the kept batch (`guard.batch`) stayed finite op by op"]), None)
+        return self._name_replica(
+            rules.not_reproduced(
+                "loss or gradient",
+                framework="keras",
+                step=step,
+                phase=Phase.BACKWARD,
+                compiled="the XLA-compiled train step"
+                if getattr(self.model, "jit_compile", False)
+                else None,
+                evidence=[
+                    "the eager re-run of the kept batch (`guard.batch`) stayed finite op by op"
+                ],
+            ),
+            None,
+        )
 
     def _name_replica(self, d: Diagnosis, replica: int | None) -> Diagnosis:
         """tf.distribute: ``ranks`` = the replica whose own batch reproduced it, else the ones
@@ -223,19 +257,34 @@ class Guard(GuardState, keras.callbacks.Callback):
             return d
         seen = _kdist.seen_replicas([float(f) for f in self._replica_flags.numpy()])
         d.ranks = [replica] if replica is not None else seen
-        how = "its own part of the batch reproduces it" if replica is not None else "its in-graph check saw it"
-        d.evidence.append(f"replica{'s' if len(d.ranks) > 1 else ''} {', '.join(map(str, d.ranks))} "
-                          f"saw it first: {how}; every replica kept the update out")
+        how = (
+            "its own part of the batch reproduces it"
+            if replica is not None
+            else "its in-graph check saw it"
+        )
+        d.evidence.append(
+            f"replica{'s' if len(d.ranks) > 1 else ''} {', '.join(map(str, d.ranks))} "
+            f"saw it first: {how}; every replica kept the update out"
+        )
         return d
 
     def _blame_an_earlier_update(self, d: Diagnosis, lr: float | None) -> Diagnosis:
         """Weights that were finite when fit began and are not now were written by an update
         whose gradients were finite (the guard vetoes the others): ``rules.written_by_update``."""
-        if d.category is not Category.NONFINITE_PARAMETERS or not self._weights_finite_at_start or d.step is None:
+        if (
+            d.category is not Category.NONFINITE_PARAMETERS
+            or not self._weights_finite_at_start
+            or d.step is None
+        ):
             return d
-        d.evidence.insert(0, "the weights were finite when training began; the previous update (finite "
-                             "gradients) made them non-finite")
-        return rules.written_by_update(d, step=d.step, grad_norms=list(self.history.grad_norm), lr=lr)
+        d.evidence.insert(
+            0,
+            "the weights were finite when training began; the previous update (finite "
+            "gradients) made them non-finite",
+        )
+        return rules.written_by_update(
+            d, step=d.step, grad_norms=list(self.history.grad_norm), lr=lr
+        )
 
     def _internal_error(self, where: str, err: BaseException) -> None:
         from nanscope.keras.runner import report_internal_error
@@ -280,14 +329,22 @@ class Guard(GuardState, keras.callbacks.Callback):
         lso = isinstance(opt, keras.optimizers.LossScaleOptimizer)
         veto = self.policy is not Policy.WARN
         # [loss and gradients finite, gradient norm, loss scale, loss-scale skip]
-        status = self._status = tf.Variable([1.0, 0.0, 0.0, 0.0], dtype=tf.float32, trainable=False,
-                                            name="nanscope_status",
-                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        status = self._status = tf.Variable(
+            [1.0, 0.0, 0.0, 0.0],
+            dtype=tf.float32,
+            trainable=False,
+            name="nanscope_status",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
         # tf.distribute: each replica's flags (1 = non-finite, +2 = its own loss), all-reduced in-graph
         n = _kdist.replicas(model)
-        with (_kdist.strategy_of(model).scope() if n > 1 else contextlib.nullcontext()):
-            flags = self._replica_flags = tf.Variable(tf.zeros([n]), trainable=False, name="nanscope_replicas",
-                                                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        with _kdist.strategy_of(model).scope() if n > 1 else contextlib.nullcontext():
+            flags = self._replica_flags = tf.Variable(
+                tf.zeros([n]),
+                trainable=False,
+                name="nanscope_replicas",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
         stash = self._stash
 
         orig_scale_loss = self._patch(opt, "scale_loss", None)
@@ -307,7 +364,9 @@ class Guard(GuardState, keras.callbacks.Callback):
                     opt.build(list(trainable_variables))
                 opt.built = True
             grads_ok, norm = _gradient_norm(grads)
-            if lso:  # report the unscaled norm; non-finite scaled gradients are the scale's business
+            if (
+                lso
+            ):  # report the unscaled norm; non-finite scaled gradients are the scale's business
                 scale = tf.cast(opt.dynamic_scale, tf.float32)
                 scale_skipped = tf.cast(tf.logical_not(grads_ok), tf.float32)
                 norm = norm / scale
@@ -317,7 +376,9 @@ class Guard(GuardState, keras.callbacks.Callback):
                 ok = grads_ok
             loss_bad = tf.constant(False)
             if stash.loss is not None:
-                loss_bad = tf.logical_not(tf.reduce_all(tf.math.is_finite(tf.cast(stash.loss, tf.float32))))
+                loss_bad = tf.logical_not(
+                    tf.reduce_all(tf.math.is_finite(tf.cast(stash.loss, tf.float32)))
+                )
                 ok = tf.logical_and(ok, tf.logical_not(loss_bad))
             ok, seen = _kdist.agree_in_graph(ok, loss_bad)  # all replicas decide together
             if seen is not None:
@@ -326,7 +387,9 @@ class Guard(GuardState, keras.callbacks.Callback):
             if not veto:
                 return orig_apply(grads, trainable_variables)
 
-            _kdist.apply_if(ok, orig_apply, grads, trainable_variables)  # tf.distribute: in cross-replica context
+            _kdist.apply_if(
+                ok, orig_apply, grads, trainable_variables
+            )  # tf.distribute: in cross-replica context
 
         object.__setattr__(opt, "apply", apply)
 
@@ -334,21 +397,28 @@ class Guard(GuardState, keras.callbacks.Callback):
 
         def train_step(data):
             stash.loss = None
-            state = state_variables(model)  # at trace time: a subclassed model has them from its 2nd trace
+            state = state_variables(
+                model
+            )  # at trace time: a subclassed model has them from its 2nd trace
             saved = [tf.identity(v.value) for v in state] if veto else []
             status.assign([1.0, 0.0, 0.0, 0.0])
             logs = orig_train_step(data)
             if stash.loss is None and isinstance(logs, dict) and logs.get("loss") is not None:
                 # A train_step override that never calls optimizer.scale_loss: watch its logged loss.
                 logged = tf.reduce_all(tf.math.is_finite(tf.cast(logs["loss"], tf.float32)))
-                status.assign(tf.tensor_scatter_nd_min(status, [[0]], [tf.cast(logged, tf.float32)]))
+                status.assign(
+                    tf.tensor_scatter_nd_min(status, [[0]], [tf.cast(logged, tf.float32)])
+                )
             if veto and saved:
+
                 def restore():
                     for v, s in zip(state, saved, strict=True):
                         v.assign(s)
                     return tf.constant(False)
 
-                if _kdist.replicas(model) > 1:  # no assign under tf.cond in a replica context (merge_call)
+                if (
+                    _kdist.replicas(model) > 1
+                ):  # no assign under tf.cond in a replica context (merge_call)
                     kept = status[0] > 0.5
                     for v, s in zip(state, saved, strict=True):
                         v.assign(tf.where(kept, v.value, s))

@@ -23,8 +23,17 @@ from nanscope.core.limits import limits
 from nanscope.losses import user_stacklevel
 
 __all__ = [
-    "binary_cross_entropy", "cross_entropy", "dice_loss", "double_where", "focal_loss",
-    "masked_softmax", "safe_div", "safe_log", "safe_norm", "safe_sqrt", "tversky_loss",
+    "binary_cross_entropy",
+    "cross_entropy",
+    "dice_loss",
+    "double_where",
+    "focal_loss",
+    "masked_softmax",
+    "safe_div",
+    "safe_log",
+    "safe_norm",
+    "safe_sqrt",
+    "tversky_loss",
 ]
 
 
@@ -37,8 +46,14 @@ def _tiny(x: Any) -> float:
     return lim.tiny if lim else 1.1754943508222875e-38
 
 
-def double_where(condition: Any, fn: Callable[[Any], Any], x: Any, *, safe_value: float = 1.0,
-                 otherwise: Any = 0.0) -> Any:
+def double_where(
+    condition: Any,
+    fn: Callable[[Any], Any],
+    x: Any,
+    *,
+    safe_value: float = 1.0,
+    otherwise: Any = 0.0,
+) -> Any:
     """``where(condition, fn(x), otherwise)`` without the NaN gradient of the discarded branch.
 
     Example:
@@ -78,7 +93,9 @@ def safe_div(numerator: Any, denominator: Any, *, otherwise: float = 0.0) -> Any
     den = ops.cast(ops.convert_to_tensor(denominator), num.dtype)
     num, den = num + ops.zeros_like(den), den + ops.zeros_like(num)
     nonzero = ops.not_equal(den, 0)
-    return ops.where(nonzero, num / ops.where(nonzero, den, ops.ones_like(den)), ops.cast(otherwise, num.dtype))
+    return ops.where(
+        nonzero, num / ops.where(nonzero, den, ops.ones_like(den)), ops.cast(otherwise, num.dtype)
+    )
 
 
 def masked_softmax(logits: Any, mask: Any, axis: int = -1) -> Any:
@@ -99,8 +116,15 @@ def _say_once_if(condition: Any, message: str) -> None:
         warnings.warn(f"nanscope: {message}", UserWarning, stacklevel=user_stacklevel())
 
 
-def cross_entropy(logits: Any, target: Any, *, ignore_index: int = -100, weight: Any = None,
-                  reduction: str = "mean", label_smoothing: float = 0.0) -> Any:
+def cross_entropy(
+    logits: Any,
+    target: Any,
+    *,
+    ignore_index: int = -100,
+    weight: Any = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Any:
     """Sparse cross-entropy from logits (classes last) that is 0 when every target is ignored.
 
     Example:
@@ -113,20 +137,26 @@ def cross_entropy(logits: Any, target: Any, *, ignore_index: int = -100, weight:
     valid = ops.not_equal(t, ignore_index)
     safe_t = ops.where(valid, t, ops.zeros_like(t))
     logp = ops.log_softmax(x, axis=-1)
-    nll = -ops.squeeze(ops.take_along_axis(logp, ops.expand_dims(ops.cast(safe_t, "int32"), -1), axis=-1), -1)
+    nll = -ops.squeeze(
+        ops.take_along_axis(logp, ops.expand_dims(ops.cast(safe_t, "int32"), -1), axis=-1), -1
+    )
     if label_smoothing:
         nll = (1.0 - label_smoothing) * nll - label_smoothing * ops.mean(logp, axis=-1)
     w = ops.cast(valid, "float32")
     if weight is not None:
-        w = w * ops.take(ops.cast(ops.convert_to_tensor(weight), "float32"), ops.cast(safe_t, "int32"))
+        w = w * ops.take(
+            ops.cast(ops.convert_to_tensor(weight), "float32"), ops.cast(safe_t, "int32")
+        )
     per = nll * w
     if reduction == "none":
         return per
     if reduction == "sum":
         return ops.sum(per)
-    _say_once_if(ops.logical_not(ops.any(valid)),
-                 "cross_entropy: every target equals ignore_index; returning 0 (and a zero gradient) "
-                 "instead of 0/0 = NaN. Check the labels with `nanscope data`.")
+    _say_once_if(
+        ops.logical_not(ops.any(valid)),
+        "cross_entropy: every target equals ignore_index; returning 0 (and a zero gradient) "
+        "instead of 0/0 = NaN. Check the labels with `nanscope data`.",
+    )
     return ops.sum(per) / ops.maximum(ops.sum(w), 1.0)
 
 
@@ -134,15 +164,23 @@ def _reduce(loss: Any, reduction: str) -> Any:
     return ops.mean(loss) if reduction == "mean" else ops.sum(loss) if reduction == "sum" else loss
 
 
-def binary_cross_entropy(probs: Any, target: Any, *, eps: float = 1e-7, reduction: str = "mean") -> Any:
+def binary_cross_entropy(
+    probs: Any, target: Any, *, eps: float = 1e-7, reduction: str = "mean"
+) -> Any:
     """Binary cross-entropy on probabilities, clamped to ``[eps, 1 - eps]`` (in float32)."""
     p = ops.clip(ops.cast(ops.convert_to_tensor(probs), "float32"), eps, 1.0 - eps)
     y = ops.cast(ops.convert_to_tensor(target), "float32")
     return _reduce(-(y * ops.log(p) + (1.0 - y) * ops.log(1.0 - p)), reduction)
 
 
-def focal_loss(logits: Any, target: Any, *, gamma: float = 2.0, alpha: float | None = 0.25,
-               reduction: str = "mean") -> Any:
+def focal_loss(
+    logits: Any,
+    target: Any,
+    *,
+    gamma: float = 2.0,
+    alpha: float | None = 0.25,
+    reduction: str = "mean",
+) -> Any:
     """Sigmoid focal loss from logits, finite for logits of ±1e4 and any gamma >= 0."""
     x = ops.cast(ops.convert_to_tensor(logits), "float32")
     y = ops.cast(ops.convert_to_tensor(target), "float32")
@@ -158,7 +196,11 @@ def _per_sample_sums(probs: Any, target: Any):
     p = ops.cast(ops.convert_to_tensor(probs), "float32")
     t = ops.cast(ops.convert_to_tensor(target), "float32")
     axes = tuple(range(1, len(p.shape))) or None
-    return (ops.sum(p * t, axis=axes), ops.sum(p * (1 - t), axis=axes), ops.sum((1 - p) * t, axis=axes))
+    return (
+        ops.sum(p * t, axis=axes),
+        ops.sum(p * (1 - t), axis=axes),
+        ops.sum((1 - p) * t, axis=axes),
+    )
 
 
 def dice_loss(probs: Any, target: Any, *, smooth: float = 0.0, reduction: str = "mean") -> Any:
@@ -169,8 +211,15 @@ def dice_loss(probs: Any, target: Any, *, smooth: float = 0.0, reduction: str = 
     return _reduce(1.0 - dice, reduction)
 
 
-def tversky_loss(probs: Any, target: Any, *, alpha: float = 0.5, beta: float = 0.5, smooth: float = 0.0,
-                 reduction: str = "mean") -> Any:
+def tversky_loss(
+    probs: Any,
+    target: Any,
+    *,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    smooth: float = 0.0,
+    reduction: str = "mean",
+) -> Any:
     """Tversky loss ``1 - TP / (TP + alpha FP + beta FN)``; 0 for an empty mask predicted empty."""
     tp, fp, fn = _per_sample_sums(probs, target)
     denom = tp + alpha * fp + beta * fn + smooth

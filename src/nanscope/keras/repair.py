@@ -43,14 +43,25 @@ class NormRepair:
     note: str = ""
 
     def __str__(self) -> str:
-        what = f"over {self.batches} batches" if self.method == "recomputed" else "to mean 0, variance 1"
-        return f"{self.method} moving statistics of {len(self.layers)} BatchNormalization layers {what}" + (
-            f"; {self.note}" if self.note else "")
+        what = (
+            f"over {self.batches} batches"
+            if self.method == "recomputed"
+            else "to mean 0, variance 1"
+        )
+        return (
+            f"{self.method} moving statistics of {len(self.layers)} BatchNormalization layers {what}"
+            + (f"; {self.note}" if self.note else "")
+        )
 
 
 def repair_norm_statistics(
-    model: keras.Model, dataset: Any = None, *, max_batches: int | None = 100, batch_size: int = 32,
-    reset: bool = False, only_bad: bool = False,
+    model: keras.Model,
+    dataset: Any = None,
+    *,
+    max_batches: int | None = 100,
+    batch_size: int = 32,
+    reset: bool = False,
+    only_bad: bool = False,
 ) -> NormRepair:
     """Recompute the moving mean and variance of every BatchNormalization layer from data.
 
@@ -87,15 +98,24 @@ def repair_norm_statistics(
         for bn in layers:
             bn.moving_mean.assign(np.zeros(bn.moving_mean.shape, "float32"))
             bn.moving_variance.assign(np.ones(bn.moving_variance.shape, "float32"))
-        note = ("statistics reset to mean 0, variance 1: what the model learned about activation scale is lost; "
-                "expect lower accuracy until recomputed from data (repair_norm_statistics(model, dataset))")
+        note = (
+            "statistics reset to mean 0, variance 1: what the model learned about activation scale is lost; "
+            "expect lower accuracy until recomputed from data (repair_norm_statistics(model, dataset))"
+        )
         warnings.warn(f"nanscope: {note}", UserWarning, stacklevel=2)
         return NormRepair([bn.name for bn in layers], 0, "reset", note)
     if dataset is None:
-        raise BadInputError("repair_norm_statistics needs data to recompute the statistics (or reset=True)")
+        raise BadInputError(
+            "repair_norm_statistics needs data to recompute the statistics (or reset=True)"
+        )
 
-    sums = {id(bn): [np.zeros(bn.moving_mean.shape, np.float64), np.zeros(bn.moving_variance.shape, np.float64)]
-            for bn in layers}
+    sums = {
+        id(bn): [
+            np.zeros(bn.moving_mean.shape, np.float64),
+            np.zeros(bn.moving_variance.shape, np.float64),
+        ]
+        for bn in layers
+    }
     saved = [(bn, bn.trainable, bn.momentum) for bn in layers]
     before = VariableSnapshot([v for bn in layers for v in (bn.moving_mean, bn.moving_variance)])
     originals = {}

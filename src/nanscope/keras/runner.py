@@ -44,6 +44,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanscope.core.guarding import internal_error_text  # one text everywhere (re-exported)
+
 __all__ = ["KerasRunner", "attach", "detach", "internal_error_text"]
 
 _NANSCOPE_DIR = os.path.normcase(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,36 +71,13 @@ def detach(session: Any) -> None:
 
 # -- nanscope's own errors ------------------------------------------------------------------------
 
-def _nanscope_frame(err: BaseException) -> str | None:
-    """``file:line`` of the innermost frame of nanscope's own code in ``err``'s traceback."""
-    where = None
-    for fs in traceback.extract_tb(err.__traceback__):
-        if os.path.normcase(os.path.abspath(fs.filename)).startswith(_NANSCOPE_DIR):
-            rel = os.path.relpath(fs.filename, os.path.dirname(_NANSCOPE_DIR))
-            where = f"{rel}:{fs.lineno}"
-    return where
-
-
-def internal_error_text(where: str, err: BaseException) -> str:
-    """The one warning line for a bug in nanscope: it names nanscope, not the user's script.
-
-    >>> internal_error_text("nanscope's Keras fit watcher", KeyError("k"))
-    "nanscope: internal error in nanscope's Keras fit watcher (KeyError); this is a bug in nanscope, not in your script; the run continues unwatched"
-    """
-    at = _nanscope_frame(err)
-    return (f"nanscope: internal error in {where} ({type(err).__name__}{', at ' + at if at else ''}); "
-            "this is a bug in nanscope, not in your script; the run continues unwatched")
-
 
 def report_internal_error(session: Any, where: str, err: BaseException) -> None:
-    """Warn once per message (through the session, when there is one)."""
-    msg = internal_error_text(where, err)
-    errors = getattr(session, "internal_errors", None)
-    if errors is not None:
-        if msg in errors:
-            return
-        errors.append(msg)
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    """Warn once per message: through the session when there is one (``nanscope run``)."""
+    if session is not None and hasattr(session, "internal_error"):
+        session.internal_error(where, err)
+    else:
+        warnings.warn(internal_error_text(where, err), RuntimeWarning, stacklevel=3)
 
 
 def _raised_by_nanscope(err: BaseException) -> bool:
@@ -117,6 +96,7 @@ def _raised_by_nanscope(err: BaseException) -> bool:
 
 
 # -- the runner -------------------------------------------------------------------------------
+
 
 @dataclass
 class _LastStep:
@@ -167,8 +147,11 @@ class KerasRunner:
         if backend == "torch":
             return  # its ops are PyTorch's: nanscope.torch.runner watches them
         if backend != "tensorflow":
-            print(f"nanscope: Keras on the {backend} backend is not supported yet; this script runs unwatched "
-                  "(set KERAS_BACKEND=tensorflow or KERAS_BACKEND=torch to have it watched)", file=sys.stderr)
+            print(
+                f"nanscope: Keras on the {backend} backend is not supported yet; this script runs unwatched "
+                "(set KERAS_BACKEND=tensorflow or KERAS_BACKEND=torch to have it watched)",
+                file=sys.stderr,
+            )
             return
         try:
             self._patch_fit()
@@ -234,8 +217,11 @@ class KerasRunner:
                     callbacks.append(guard)
                 bound.arguments["callbacks"] = callbacks
                 guarded_args, guarded_kwargs = bound.args[1:], bound.kwargs
-                runner.validation = (bound.arguments.get("validation_data"),
-                                     bound.arguments.get("validation_batch_size") or bound.arguments.get("batch_size"))
+                runner.validation = (
+                    bound.arguments.get("validation_data"),
+                    bound.arguments.get("validation_batch_size")
+                    or bound.arguments.get("batch_size"),
+                )
                 reiterable = not hasattr(bound.arguments.get("x"), "__next__")
             except Exception as err:
                 runner.internal_error("nanscope's Keras fit watcher", err)
@@ -248,14 +234,21 @@ class KerasRunner:
                 except Exception as err:
                     # Our own bug before the first step ran (a trace-time error in the guard's
                     # patches): run the same fit again, unwatched. Anything else is the script's.
-                    if guard is None or _steps_done(guard) > 0 or not reiterable or not _raised_by_nanscope(err):
+                    if (
+                        guard is None
+                        or _steps_done(guard) > 0
+                        or not reiterable
+                        or not _raised_by_nanscope(err)
+                    ):
                         raise
                     guard._uninstall()
                     runner.internal_error("nanscope's Keras fit watcher", err)
                     return original(model, *args, **kwargs)
                 finally:
                     runner.validation = None
-                    if guard is not None:  # fit may end in an error (a failed validation) without on_train_end
+                    if (
+                        guard is not None
+                    ):  # fit may end in an error (a failed validation) without on_train_end
                         guard._uninstall()
 
         self.patch(keras.Model, "fit", fit)
@@ -287,8 +280,16 @@ class KerasRunner:
         watch("evaluate", "loss")
         watch("test_on_batch", "loss")
 
-    def _after_inference(self, model: Any, name: str, check: str, signature: Any, args: tuple, kwargs: dict,
-                         result: Any) -> None:
+    def _after_inference(
+        self,
+        model: Any,
+        name: str,
+        check: str,
+        signature: Any,
+        args: tuple,
+        kwargs: dict,
+        result: Any,
+    ) -> None:
         """Raise the diagnosis when ``result`` (outputs, or the loss) is non-finite."""
         try:
             from nanscope.keras import evaluate
@@ -302,7 +303,9 @@ class KerasRunner:
             bound = signature.bind(model, *args, **kwargs).arguments
             data = evaluate.CallData.of(name, bound, validation=self.validation)
             with self._inside_api():  # the re-run's own model calls are not the script's
-                d = evaluate.explain_call(model, data, outputs=result if check == "outputs" else None)
+                d = evaluate.explain_call(
+                    model, data, outputs=result if check == "outputs" else None
+                )
         except Exception as err:
             self.internal_error(f"nanscope's Keras {name} watcher", err)
             return
@@ -317,7 +320,9 @@ class KerasRunner:
                 return
             call = f"model(x, training={training})"
             with self._inside_api():
-                d = evaluate.explain_call(model, evaluate.CallData(call=call, x=x, single=True), outputs=out)
+                d = evaluate.explain_call(
+                    model, evaluate.CallData(call=call, x=x, single=True), outputs=out
+                )
         except Exception as err:
             self.internal_error("nanscope's Keras model-call watcher", err)
             return
@@ -397,13 +402,19 @@ class KerasRunner:
 
         @functools.wraps(apply)
         def checked_apply(opt, grads, trainable_variables=None):
-            if runner.off or isinstance(opt, keras.optimizers.LossScaleOptimizer) or _in_guarded_fit():
+            if (
+                runner.off
+                or isinstance(opt, keras.optimizers.LossScaleOptimizer)
+                or _in_guarded_fit()
+            ):
                 return apply(opt, grads, trainable_variables)
             if not tf.executing_eagerly():  # traced inside the script's own tf.function
                 return _graph_apply(opt, grads, trainable_variables)
             recorder.stop()
             try:
-                last.step = int(opt.iterations.numpy())  # optimizer steps so far, compiled ones included
+                last.step = int(
+                    opt.iterations.numpy()
+                )  # optimizer steps so far, compiled ones included
             except Exception:
                 pass
             try:
@@ -433,10 +444,14 @@ class KerasRunner:
                 grads = list(grads)
                 if compiled["flag"] is None:
                     with tf.init_scope():
-                        compiled["flag"] = tf.Variable(False, trainable=False, name="nanscope_nonfinite_step")
+                        compiled["flag"] = tf.Variable(
+                            False, trainable=False, name="nanscope_nonfinite_step"
+                        )
                 if not opt.built:
                     with tf.init_scope():
-                        opt.build(list(trainable_variables) if trainable_variables is not None else [])
+                        opt.build(
+                            list(trainable_variables) if trainable_variables is not None else []
+                        )
                         opt.built = True
                 flag = compiled["flag"]
                 ok = _gradient_norm(grads)[0]
@@ -463,8 +478,13 @@ class KerasRunner:
         def call_function(function, *args, **kwargs):
             out = function_call(function, *args, **kwargs)
             flag = compiled["flag"]
-            if (flag is None or runner.off or compiled["replaying"] or not tf.executing_eagerly()
-                    or _in_guarded_fit()):
+            if (
+                flag is None
+                or runner.off
+                or compiled["replaying"]
+                or not tf.executing_eagerly()
+                or _in_guarded_fit()
+            ):
                 return out
             try:
                 failed = bool(flag.numpy())
@@ -485,13 +505,25 @@ class KerasRunner:
             name = getattr(function, "__name__", "tf.function")
             try:
                 function.python_function(*args, **kwargs)
-                d = rules.not_localized("gradient", "the eager re-run of the step did not reach the optimizer",
-                                        framework="keras", step=last.step,
-                                        evidence=[f"the compiled step {name} made the gradients non-finite",
-                                                  "its update was not applied"])
+                d = rules.not_localized(
+                    "gradient",
+                    "the eager re-run of the step did not reach the optimizer",
+                    framework="keras",
+                    step=last.step,
+                    evidence=[
+                        f"the compiled step {name} made the gradients non-finite",
+                        "its update was not applied",
+                    ],
+                )
             except _ReplayStayedFinite:
-                d = rules.not_reproduced("gradient", framework="keras", step=last.step, compiled=name,
-                                         phase=Phase.BACKWARD, evidence=["its update was not applied"])
+                d = rules.not_reproduced(
+                    "gradient",
+                    framework="keras",
+                    step=last.step,
+                    compiled=name,
+                    phase=Phase.BACKWARD,
+                    evidence=["its update was not applied"],
+                )
             finally:
                 tf.config.run_functions_eagerly(eager_before)
                 compiled["replaying"] = False
@@ -556,8 +588,14 @@ def _diagnose_custom_step(last: _LastStep, grads: list, variables: Any, runner: 
             return d
         if (target := _external_loss_input(last)) is not None:
             a = to_numpy(target)
-            return rules.nonfinite_input("y", summarize(a, target.dtype.name), bad_rows(a), framework="keras",
-                                         step=step, category=Category.INVALID_TARGET)
+            return rules.nonfinite_input(
+                "y",
+                summarize(a, target.dtype.name),
+                bad_rows(a),
+                framework="keras",
+                step=step,
+                category=Category.INVALID_TARGET,
+            )
         bad = [g for g in grads if g is not None and not all_finite(g)]
         if last.recorder.records:
             n = batch_size_of(last.x) if last.x is not None else None
@@ -568,16 +606,31 @@ def _diagnose_custom_step(last: _LastStep, grads: list, variables: Any, runner: 
                 return rules.with_history(d, last.norms)
         if is_exploding(last.norms):
             return rules.exploding_gradients(last.norms, framework="keras", step=step)
-        names = [getattr(v, "path", getattr(v, "name", "?")) for g, v in zip(grads, variables or [], strict=False)
-                 if g is not None and not all_finite(g)]
+        names = [
+            getattr(v, "path", getattr(v, "name", "?"))
+            for g, v in zip(grads, variables or [], strict=False)
+            if g is not None and not all_finite(g)
+        ]
         if last.target is not None and not all_finite(last.target):
-            what, ev = "loss", [f"loss: {summarize(to_numpy(last.target), last.target.dtype.name).describe()}"]
+            what, ev = (
+                "loss",
+                [f"loss: {summarize(to_numpy(last.target), last.target.dtype.name).describe()}"],
+            )
         else:
-            what, ev = "gradient", [f"non-finite gradients of {len(names)} variables: {', '.join(names[:5])}"]
+            what, ev = (
+                "gradient",
+                [f"non-finite gradients of {len(names)} variables: {', '.join(names[:5])}"],
+            )
             if bad:
                 ev.append(f"first: {summarize(to_numpy(bad[0]), bad[0].dtype.name).describe()}")
-        return rules.unexplained(what, framework="keras", step=step, why="in a custom training loop, no recorded op "
-                                 "made it non-finite (ops outside the GradientTape are not recorded)", evidence=ev)
+        return rules.unexplained(
+            what,
+            framework="keras",
+            step=step,
+            why="in a custom training loop, no recorded op "
+            "made it non-finite (ops outside the GradientTape are not recorded)",
+            evidence=ev,
+        )
     except Exception as err:
         runner.internal_error("nanscope's Keras custom-step diagnosis", err)
         return None
@@ -596,7 +649,12 @@ def _external_loss_input(last: _LastStep) -> Any:
     for _op, ins, _attrs, outs, _layer, _path, _location, phase in last.recorder.records:
         if phase is Phase.LOSS:
             for t in ins:
-                if id(t) not in produced and id(t) not in inputs and is_float(t) and not all_finite(t):
+                if (
+                    id(t) not in produced
+                    and id(t) not in inputs
+                    and is_float(t)
+                    and not all_finite(t)
+                ):
                     return t
         produced.update(id(t) for t in outs)
     return None

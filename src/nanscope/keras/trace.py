@@ -38,7 +38,15 @@ from nanscope.core.source import _display, is_user_file
 from nanscope.core.summary import batch_rows, summarize
 
 EXTERNAL = -1  # a non-finite value that came from outside any traced op (batch, constant)
-_SINGULAR = {OpKind.SQRT, OpKind.RSQRT, OpKind.POW, OpKind.LOG, OpKind.DIV, OpKind.ACOS, OpKind.ASIN}
+_SINGULAR = {
+    OpKind.SQRT,
+    OpKind.RSQRT,
+    OpKind.POW,
+    OpKind.LOG,
+    OpKind.DIV,
+    OpKind.ACOS,
+    OpKind.ASIN,
+}
 
 
 def to_numpy(t: Any) -> np.ndarray | None:
@@ -96,7 +104,9 @@ class Trace:
     """The producers found in one traced step, in execution order."""
 
     ops: list[OpRecord] = field(default_factory=list)
-    producers: list[OpRecord] = field(default_factory=list)  # ops that made the first NaN/Inf of a value
+    producers: list[OpRecord] = field(
+        default_factory=list
+    )  # ops that made the first NaN/Inf of a value
     origins: OriginTracker = field(default_factory=OriginTracker)
     keep: list[Any] = field(default_factory=list)  # keeps traced tensors alive (unique ids)
     by_tensor: dict[int, list[OpRecord]] = field(default_factory=dict)  # id(forward tensor) -> ops
@@ -169,7 +179,9 @@ class Tracer:
             self._busy = False
         return None
 
-    def _see(self, op_type: str, inputs: list, attrs: tuple, outputs: list, recorded: tuple | None = None) -> None:
+    def _see(
+        self, op_type: str, inputs: list, attrs: tuple, outputs: list, recorded: tuple | None = None
+    ) -> None:
         """Follow one op; ``recorded`` = (layer, path, location) when replaying a ``Recorder``."""
         tr = self.trace
         if isinstance(op_type, bytes):
@@ -195,9 +207,16 @@ class Tracer:
             return
         tr.keep.append(rec)
         ins = [_value(t) if is_float(t) else Value(id(t), True) for t in inputs]
-        op = OpSeen(rec.index, op_type, self.phase, ins, outs,
-                    # a variable read or a constant: stored state, not computed here
-                    source=not any(is_float(t) for t in inputs), record=rec)
+        op = OpSeen(
+            rec.index,
+            op_type,
+            self.phase,
+            ins,
+            outs,
+            # a variable read or a constant: stored state, not computed here
+            source=not any(is_float(t) for t in inputs),
+            record=rec,
+        )
         if tr.origins.see(op) is not None:  # a new producer
             if recorded is None:
                 rec.location = rec.location or self._location()
@@ -254,7 +273,18 @@ class Recorder:
             elif phase is Phase.FORWARD and self._seen_layer:
                 phase = Phase.LOSS
             location = self._location() if user else None
-            self.records.append((op_type, list(inputs or ()), attrs, list(outputs or ()), layer, path, location, phase))
+            self.records.append(
+                (
+                    op_type,
+                    list(inputs or ()),
+                    attrs,
+                    list(outputs or ()),
+                    layer,
+                    path,
+                    location,
+                    phase,
+                )
+            )
         except Exception:  # never break the step being recorded
             pass
         return None
@@ -272,7 +302,9 @@ class Recorder:
         return tracer.trace
 
 
-def _user_location(f: FrameType | None, cache: dict[str, bool], *, stop: FrameType | None = None) -> Location | None:
+def _user_location(
+    f: FrameType | None, cache: dict[str, bool], *, stop: FrameType | None = None
+) -> Location | None:
     """The innermost frame of user code from ``f`` outwards (up to ``stop``); ``cache``
     remembers which files are the user's."""
     while f is not None and f is not stop:
@@ -312,7 +344,11 @@ def _current_layer() -> tuple[str | None, str | None, bool]:
         stack = global_state.get_global_attribute("name_scope_stack") or []
     except Exception:
         return None, None, False
-    layers = [e.caller for e in stack if getattr(e, "caller", None) is not None and hasattr(e.caller, "weights")]
+    layers = [
+        e.caller
+        for e in stack
+        if getattr(e, "caller", None) is not None and hasattr(e.caller, "weights")
+    ]
     if not layers:
         return None, None, True
     user = not type(layers[-1]).__module__.startswith(("keras", "tf_keras", "tensorflow"))
@@ -321,12 +357,22 @@ def _current_layer() -> tuple[str | None, str | None, bool]:
 
 # -- evidence --------------------------------------------------------------------------------
 
+
 def producer_evidence(
-    tr: Trace, rec: OpRecord, *, batch_size: int | None, step: int | None = None,
-    valid_targets: int | None = None, ignore_index: int | None = None,
+    tr: Trace,
+    rec: OpRecord,
+    *,
+    batch_size: int | None,
+    step: int | None = None,
+    valid_targets: int | None = None,
+    ignore_index: int | None = None,
 ) -> ProducerEvidence:
     """Summaries of the producer's inputs and output, its samples, and (backward) its forward op."""
-    ins = [summarize(a, t.dtype.name) for t in rec.inputs if is_float(t) and (a := to_numpy(t)) is not None]
+    ins = [
+        summarize(a, t.dtype.name)
+        for t in rec.inputs
+        if is_float(t) and (a := to_numpy(t)) is not None
+    ]
     outs = [(t, to_numpy(t)) for t in rec.outputs if is_float(t)]
     bad = [(t, a) for t, a in outs if a is not None and not np.isfinite(a).all()]
     t_out, a_out = bad[0] if bad else outs[0]
@@ -339,50 +385,103 @@ def producer_evidence(
         fwd = forward_op_of(tr, rec)
         if fwd is not None:
             forward_op, layer, location = fwd.op, fwd.layer or layer, fwd.location or location
-            forward_inputs = [summarize(a, t.dtype.name) for t in fwd.inputs if is_float(t) and (a := to_numpy(t)) is not None]
-            extra.append(f"forward op {fwd.op}" + (f" in layer {fwd.layer}" if fwd.layer else "")
-                         + ": input " + "; ".join(s.describe() for s in forward_inputs))
+            forward_inputs = [
+                summarize(a, t.dtype.name)
+                for t in fwd.inputs
+                if is_float(t) and (a := to_numpy(t)) is not None
+            ]
+            extra.append(
+                f"forward op {fwd.op}"
+                + (f" in layer {fwd.layer}" if fwd.layer else "")
+                + ": input "
+                + "; ".join(s.describe() for s in forward_inputs)
+            )
             discarded = [t for t in fwd.outputs if is_float(t) and not all_finite(t)]
             if discarded:
-                extra.append(f"{fwd.op}'s own output was non-finite ({summarize(to_numpy(discarded[0])).describe()}) "
-                             "but never reached the loss: a where/select discarded it, and its gradient still "
-                             "flows (the where trap)")
+                extra.append(
+                    f"{fwd.op}'s own output was non-finite ({summarize(to_numpy(discarded[0])).describe()}) "
+                    "but never reached the loss: a where/select discarded it, and its gradient still "
+                    "flows (the where trap)"
+                )
             if not samples and batch_size:
                 for t in fwd.inputs:
                     a = to_numpy(t) if is_float(t) else None
                     if a is not None and a.ndim and a.shape[0] == batch_size:
-                        samples = [int(i) for i in np.flatnonzero((a == 0).reshape(batch_size, -1).any(axis=1))]
+                        samples = [
+                            int(i)
+                            for i in np.flatnonzero((a == 0).reshape(batch_size, -1).any(axis=1))
+                        ]
                         break
         elif rec.op.endswith("Grad"):
             forward_op = rec.op[: -len("Grad")]
     out_summary = summarize(a_out, t_out.dtype.name)
     if out_summary.dtype in ("float16", "bfloat16") and (out_summary.posinf or out_summary.neginf):
         wide = _rerun_in_float32(rec)
-        if wide is not None and np.isfinite(wide):  # finite in float32: float16's range was the problem
-            extra.append(f"max |activation| of {rec.op}" + (f" in {layer}" if layer else "")
-                         + f" computed in float32: {wide:.4g}, above the {out_summary.dtype} limit 65504"
-                         if out_summary.dtype == "float16" else f"max |activation| in float32: {wide:.4g}")
+        if wide is not None and np.isfinite(
+            wide
+        ):  # finite in float32: float16's range was the problem
+            extra.append(
+                f"max |activation| of {rec.op}"
+                + (f" in {layer}" if layer else "")
+                + f" computed in float32: {wide:.4g}, above the {out_summary.dtype} limit 65504"
+                if out_summary.dtype == "float16"
+                else f"max |activation| in float32: {wide:.4g}"
+            )
     details = {"layer_path": rec.layer_path} if rec.layer_path else {}
-    if OpKind.of(rec.op) is OpKind.LOG and rec.inputs and (maker := _maker(tr, rec.inputs[0], rec)) is not None:
+    if (
+        OpKind.of(rec.op) is OpKind.LOG
+        and rec.inputs
+        and (maker := _maker(tr, rec.inputs[0], rec)) is not None
+    ):
         details["input_op"] = str(OpKind.of(maker.op))
     return ProducerEvidence(
-        op=rec.op, phase=rec.phase, inputs=ins, output=out_summary, framework="keras",
-        op_kind=OpKind.of(forward_op) if rec.phase is Phase.BACKWARD and forward_op and OpKind.of(rec.op) is OpKind.OTHER else None,
-        module=layer, location=location, samples=samples, step=step, forward_op=forward_op,
-        forward_inputs=forward_inputs, valid_targets=valid_targets, ignore_index=ignore_index,
-        extra_evidence=extra, details=details,
+        op=rec.op,
+        phase=rec.phase,
+        inputs=ins,
+        output=out_summary,
+        framework="keras",
+        op_kind=OpKind.of(forward_op)
+        if rec.phase is Phase.BACKWARD and forward_op and OpKind.of(rec.op) is OpKind.OTHER
+        else None,
+        module=layer,
+        location=location,
+        samples=samples,
+        step=step,
+        forward_op=forward_op,
+        forward_inputs=forward_inputs,
+        valid_targets=valid_targets,
+        ignore_index=ignore_index,
+        extra_evidence=extra,
+        details=details,
     )
 
 
 # Ops that pick or move values without computing new ones: looked through to the op before.
-_SELECTS = {"GatherV2", "GatherNd", "Reshape", "Squeeze", "ExpandDims", "StridedSlice", "Identity",
-            "Transpose", "ConcatV2", "Pack", "Slice"}
+_SELECTS = {
+    "GatherV2",
+    "GatherNd",
+    "Reshape",
+    "Squeeze",
+    "ExpandDims",
+    "StridedSlice",
+    "Identity",
+    "Transpose",
+    "ConcatV2",
+    "Pack",
+    "Slice",
+}
 
 
 def _maker(tr: Trace, t: Any, reader: OpRecord, depth: int = 0) -> OpRecord | None:
     """The forward op that made ``t`` (read by ``reader``), looking through selections."""
-    rec = next((r for r in reversed(tr.by_tensor.get(id(t), []))
-                if r is not reader and any(o is t for o in r.outputs)), None)
+    rec = next(
+        (
+            r
+            for r in reversed(tr.by_tensor.get(id(t), []))
+            if r is not reader and any(o is t for o in r.outputs)
+        ),
+        None,
+    )
     if rec is not None and rec.op in _SELECTS and rec.inputs and depth < 8:
         return _maker(tr, rec.inputs[0], rec, depth + 1) or rec
     return rec
@@ -414,8 +513,14 @@ def _rerun_in_float32(rec: OpRecord) -> float | None:
 
 
 def diagnosis_from_trace(
-    tr: Trace, failed: Any, *, batch_size: int | None, step: int | None = None,
-    valid_targets: int | None = None, ignore_index: int | None = None, gradients_only: bool = False,
+    tr: Trace,
+    failed: Any,
+    *,
+    batch_size: int | None,
+    step: int | None = None,
+    valid_targets: int | None = None,
+    ignore_index: int | None = None,
+    gradients_only: bool = False,
 ) -> Diagnosis | None:
     """Classify the producer whose values reached ``failed`` (first producer as a fallback).
 
@@ -427,6 +532,12 @@ def diagnosis_from_trace(
         return None
     idx = tr.origin_of(failed) if failed is not None else None
     prod = tr.producers[idx] if idx is not None and idx >= 0 else tr.producers[0]
-    ev = producer_evidence(tr, prod, batch_size=batch_size, step=step,
-                           valid_targets=valid_targets, ignore_index=ignore_index)
+    ev = producer_evidence(
+        tr,
+        prod,
+        batch_size=batch_size,
+        step=step,
+        valid_targets=valid_targets,
+        ignore_index=ignore_index,
+    )
     return diagnose_failure(ev, reached="gradient" if gradients_only else "loss")

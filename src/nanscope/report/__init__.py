@@ -30,7 +30,16 @@ from typing import Any
 from nanscope.core.diagnosis import AuditReport, Diagnosis
 from nanscope.core.errors import BadInputError
 
-__all__ = ["render", "render_diagnosis", "render_audit", "load", "write_html", "write_report", "default_output", "Loaded"]
+__all__ = [
+    "render",
+    "render_diagnosis",
+    "render_audit",
+    "load",
+    "write_html",
+    "write_report",
+    "default_output",
+    "Loaded",
+]
 
 
 def render_diagnosis(d: Diagnosis, **kw: Any) -> str:
@@ -51,10 +60,12 @@ def render_clean(doc: dict) -> str:
     from nanscope.report.page import document, esc, pill
 
     fw = doc.get("framework")
-    body = (f'<header class="top clean"><div class="brand">nanscope</div><h1 id="summary">{pill("clean", "clean")}'
-            f"nothing non-finite happened</h1><div class=\"meta\" id=\"meta\">framework <b>{esc(fw or 'none')}</b></div>"
-            '<div class="explain" id="category"><strong>clean</strong>The run finished without a NaN or Inf in the '
-            "loss, the gradients, the parameters or the model's output.</div></header>")
+    body = (
+        f'<header class="top clean"><div class="brand">nanscope</div><h1 id="summary">{pill("clean", "clean")}'
+        f'nothing non-finite happened</h1><div class="meta" id="meta">framework <b>{esc(fw or "none")}</b></div>'
+        '<div class="explain" id="category"><strong>clean</strong>The run finished without a NaN or Inf in the '
+        "loss, the gradients, the parameters or the model's output.</div></header>"
+    )
     return document("nanscope: clean", body, data=doc)
 
 
@@ -100,7 +111,9 @@ def load(path: str | os.PathLike) -> Loaded:
     if not p.exists():
         raise BadInputError(f"{str(path)!r} does not exist")
     if p.is_dir() or (p.name == DIAGNOSIS_FILE and (p.parent / "state.pt").exists()):
-        info = read_bundle(p, verify=False)  # showing is not replaying: a hash check buys nothing here
+        info = read_bundle(
+            p, verify=False
+        )  # showing is not replaying: a hash check buys nothing here
         doc = info.diagnosis.to_dict()
         doc["bundle"] = info.manifest
         return Loaded(doc, p, info)
@@ -112,17 +125,28 @@ def load(path: str | os.PathLike) -> Loaded:
         raise BadInputError(f"{str(p)!r} is not valid JSON: {err}") from None
     except OSError as err:
         raise BadInputError(f"cannot read {str(p)!r}: {err.strerror or err}") from None
-    if not isinstance(doc, dict) or ("diagnosis" not in doc and "findings" not in doc and "category" not in doc):
-        raise BadInputError(f"{str(p)!r} is not a nanscope diagnosis or audit (no 'diagnosis' or 'findings' in it)")
+    if not isinstance(doc, dict) or (
+        "diagnosis" not in doc and "findings" not in doc and "category" not in doc
+    ):
+        raise BadInputError(
+            f"{str(p)!r} is not a nanscope diagnosis or audit (no 'diagnosis' or 'findings' in it)"
+        )
     if "category" in doc and "diagnosis" not in doc:  # the inner diagnosis object alone
-        doc = {"schema": 1, "status": "nonfinite", "framework": doc.get("framework"), "diagnosis": doc}
+        doc = {
+            "schema": 1,
+            "status": "nonfinite",
+            "framework": doc.get("framework"),
+            "diagnosis": doc,
+        }
     try:  # fail here, in one line, rather than half-way through rendering
         if doc.get("diagnosis"):
             Diagnosis.from_dict(doc)
         if "findings" in doc:
             AuditReport.from_dict(doc)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise BadInputError(f"{str(p)!r} is not a readable nanscope document: {type(err).__name__}: {err}") from None
+        raise BadInputError(
+            f"{str(p)!r} is not a readable nanscope document: {type(err).__name__}: {err}"
+        ) from None
     return Loaded(doc, p)
 
 

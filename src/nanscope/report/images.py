@@ -23,11 +23,31 @@ BAD_RGB = (255, 0, 255)  # non-finite pixel: magenta, a colour no natural image 
 OUT_OF_RANGE_RGB = (230, 0, 0)
 IGNORE_RGB = ((150, 150, 150), (200, 200, 200))  # two greys, hatched
 # A qualitative palette (tab20 order) for class labels; class k gets PALETTE[k % 20].
-PALETTE = np.array([
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
-    (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199),
-    (219, 219, 141), (158, 218, 229)], dtype=np.uint8)
+PALETTE = np.array(
+    [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+        (174, 199, 232),
+        (255, 187, 120),
+        (152, 223, 138),
+        (255, 152, 150),
+        (197, 176, 213),
+        (196, 156, 148),
+        (247, 182, 210),
+        (199, 199, 199),
+        (219, 219, 141),
+        (158, 218, 229),
+    ],
+    dtype=np.uint8,
+)
 PALETTE[0] = (20, 20, 20)  # class 0 is usually background: dark
 
 
@@ -42,10 +62,19 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + tag
+            + data
+            + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def data_uri(rgb: np.ndarray) -> str:
@@ -74,7 +103,12 @@ def as_hwc(a: np.ndarray) -> np.ndarray | None:
     if a.ndim == 2 and min(a.shape) >= 4:
         return a[:, :, None]
     if a.ndim == 3:
-        if a.shape[0] in (1, 3, 4) and a.shape[1] >= 4 and a.shape[2] >= 4 and a.shape[2] not in (1, 3, 4):
+        if (
+            a.shape[0] in (1, 3, 4)
+            and a.shape[1] >= 4
+            and a.shape[2] >= 4
+            and a.shape[2] not in (1, 3, 4)
+        ):
             return np.moveaxis(a, 0, -1)
         if a.shape[-1] in (1, 3, 4) and min(a.shape[:2]) >= 4:
             return a
@@ -134,8 +168,13 @@ def image_thumb(sample: np.ndarray, caption: str = "") -> Thumb | None:
     return Thumb(data_uri(img), img.shape[1], img.shape[0], words.strip(" ·"), n_bad, "image")
 
 
-def mask_thumb(sample: np.ndarray, *, ignore_index: int | None = None, num_classes: int | None = None,
-               caption: str = "") -> Thumb | None:
+def mask_thumb(
+    sample: np.ndarray,
+    *,
+    ignore_index: int | None = None,
+    num_classes: int | None = None,
+    caption: str = "",
+) -> Thumb | None:
     """A label mask in a class palette; ignored pixels hatched grey, out-of-range labels red."""
     m = np.asarray(sample)
     if m.ndim == 3 and m.shape[-1] == 1:
@@ -146,7 +185,9 @@ def mask_thumb(sample: np.ndarray, *, ignore_index: int | None = None, num_class
         return None
     finite = np.isfinite(m) if m.dtype.kind == "f" else np.ones(m.shape, bool)
     labels = np.where(finite, m, 0).astype(np.int64)
-    ignored = finite & (labels == ignore_index) if ignore_index is not None else np.zeros(m.shape, bool)
+    ignored = (
+        finite & (labels == ignore_index) if ignore_index is not None else np.zeros(m.shape, bool)
+    )
     out = ~finite | (labels < 0) & ~ignored
     if num_classes is not None:
         out |= (labels >= num_classes) & ~ignored
@@ -165,7 +206,9 @@ def mask_thumb(sample: np.ndarray, *, ignore_index: int | None = None, num_class
         words.append(f"{valid} of {n} valid" + (" (all ignore_index)" if ignored.all() else ""))
     if out.any():
         words.append(f"{int(out.sum())} out of range")
-    return Thumb(data_uri(rgb), rgb.shape[1], rgb.shape[0], " · ".join(words), int(out.sum()), "mask")
+    return Thumb(
+        data_uri(rgb), rgb.shape[1], rgb.shape[0], " · ".join(words), int(out.sum()), "mask"
+    )
 
 
 def channel_strip(values: np.ndarray, bad: np.ndarray) -> str:

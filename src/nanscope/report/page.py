@@ -114,8 +114,11 @@ def rich_text(text: str, *, copy: bool = True) -> str:
     """Escape ``text``, turning `backticked` spans into code with a copy button."""
     out, pos = [], 0
     for m in _CODE.finditer(text):
-        out.append(esc(text[pos:m.start()]))
-        out.append(f"<code>{esc(m.group(1))}</code>" + ('<button class="copy" type="button">copy</button>' if copy else ""))
+        out.append(esc(text[pos : m.start()]))
+        out.append(
+            f"<code>{esc(m.group(1))}</code>"
+            + ('<button class="copy" type="button">copy</button>' if copy else "")
+        )
         pos = m.end()
     out.append(esc(text[pos:]))
     return "".join(out)
@@ -132,17 +135,30 @@ def section(title: str, body: str, *, id: str) -> str:
 def plot(uri: str | None, caption: str, *, id: str) -> str:
     if not uri:
         return ""
-    return (f'<figure class="plot" id="{esc(id)}"><img src="{uri}" alt="{esc(caption)}">'
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
+    return (
+        f'<figure class="plot" id="{esc(id)}"><img src="{uri}" alt="{esc(caption)}">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
+    )
 
 
-def table(headers: Sequence[str] | None, rows: Iterable[Sequence[Any]], *, sortable: bool = False, id: str | None = None,
-          row_class: Sequence[str] | None = None, bad_cells: set[tuple[int, int]] | None = None) -> str:
+def table(
+    headers: Sequence[str] | None,
+    rows: Iterable[Sequence[Any]],
+    *,
+    sortable: bool = False,
+    id: str | None = None,
+    row_class: Sequence[str] | None = None,
+    bad_cells: set[tuple[int, int]] | None = None,
+) -> str:
     """A table; numbers are right-aligned and sort numerically (``data-v``)."""
     rows = [list(r) for r in rows]
     cls = ' class="sortable"' if sortable else ""
     ident = f' id="{esc(id)}"' if id else ""
-    head = "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead>" if headers else ""
+    head = (
+        "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead>"
+        if headers
+        else ""
+    )
     body = []
     for i, r in enumerate(rows):
         tr_cls = f' class="{esc(row_class[i])}"' if row_class and row_class[i] else ""
@@ -189,12 +205,11 @@ def document(title: str, body: str, *, data: dict | None = None) -> str:
         text = json.dumps(data, default=str).replace("</", "<\\/")
         embedded = f'<script type="application/json" id="nanscope-data">{text}</script>'
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        "<meta name=\"generator\" content=\"nanscope " + esc(__version__) + "\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<meta name="generator" content="nanscope ' + esc(__version__) + '">'
         f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body><main>\n{body}\n"
         f"<footer>written by nanscope {esc(__version__)}: the text output and the JSON are the contract; "
         "this page is for looking. Everything on it is inline: it works offline.</footer>\n"
         f"</main>{embedded}<script>{SCRIPT}</script></body></html>\n"
     )
-

@@ -18,8 +18,13 @@ import math
 from collections.abc import Sequence
 
 RED, ORANGE, BLUE, GREY, PURPLE = "#d62728", "#ff7f0e", "#1f77b4", "#7f7f7f", "#9467bd"
-_RC = {"svg.fonttype": "none", "svg.hashsalt": "nanscope", "font.size": 9, "axes.spines.top": False,
-       "axes.spines.right": False}
+_RC = {
+    "svg.fonttype": "none",
+    "svg.hashsalt": "nanscope",
+    "font.size": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
 
 
 def available() -> bool:
@@ -45,11 +50,17 @@ def to_uri(fig) -> str:
 
 
 def _finite(xs: Sequence[float | None]) -> list[float]:
-    return [float(x) for x in xs if x is not None and isinstance(x, (int, float)) and math.isfinite(x)]
+    return [
+        float(x) for x in xs if x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+    ]
 
 
-def history(grad_norms: Sequence[float] | None, losses: Sequence[float] | None = None, *,
-            failed_step: int | None = None) -> str | None:
+def history(
+    grad_norms: Sequence[float] | None,
+    losses: Sequence[float] | None = None,
+    *,
+    failed_step: int | None = None,
+) -> str | None:
     """Gradient norm (and loss) per step up to the failure, log scale: growth shows as a line."""
     if not available():
         return None
@@ -65,10 +76,21 @@ def history(grad_norms: Sequence[float] | None, losses: Sequence[float] | None =
             # Steps are counted back from the failure: the last value is the step before it.
             first = (failed_step - n) if failed_step is not None else 0
             xs = [first + i for i in range(n)]
-            pts = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None and math.isfinite(v) and v > 0]
+            pts = [
+                (x, v)
+                for x, v in zip(xs, values, strict=True)
+                if v is not None and math.isfinite(v) and v > 0
+            ]
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colors[name], label=name)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                ms=3,
+                color=colors[name],
+                label=name,
+            )
             bad = [x for x, v in zip(xs, values, strict=True) if v is None or not math.isfinite(v)]
             for x in bad:
                 ax.axvline(x, color=RED, alpha=0.3)
@@ -81,7 +103,9 @@ def history(grad_norms: Sequence[float] | None, losses: Sequence[float] | None =
         return to_uri(fig)
 
 
-def loss_scale(scales: Sequence[float], skipped: Sequence[int] = (), *, last_step: int | None = None) -> str | None:
+def loss_scale(
+    scales: Sequence[float], skipped: Sequence[int] = (), *, last_step: int | None = None
+) -> str | None:
     """The dynamic loss scale per step, skipped steps marked: a collapse is a staircase down.
 
     ``scales`` are the newest values, oldest first; the last one is the scale after ``last_step``.
@@ -95,11 +119,23 @@ def loss_scale(scales: Sequence[float], skipped: Sequence[int] = (), *, last_ste
         end = last_step if last_step is not None else max([len(vals) - 1, *skipped])
         first = max(0, end - len(vals) + 1)
         xs = list(range(first, first + len(vals)))
-        ax.step(xs, [v if v > 0 else float("nan") for v in vals], where="post", color=BLUE, label="loss scale")
+        ax.step(
+            xs,
+            [v if v > 0 else float("nan") for v in vals],
+            where="post",
+            color=BLUE,
+            label="loss scale",
+        )
         sk = [x for x in xs if x in set(skipped)]
         if sk:
-            ax.scatter(sk, [vals[x - first] if vals[x - first] > 0 else float("nan") for x in sk], color=RED,
-                       marker="x", zorder=3, label="update skipped")
+            ax.scatter(
+                sk,
+                [vals[x - first] if vals[x - first] > 0 else float("nan") for x in sk],
+                color=RED,
+                marker="x",
+                zorder=3,
+                label="update skipped",
+            )
         ax.axhline(1.0, color=GREY, ls=":", label="scale 1")
         ax.set_yscale("log", base=2)
         ax.set_xlabel("step")
@@ -108,7 +144,9 @@ def loss_scale(scales: Sequence[float], skipped: Sequence[int] = (), *, last_ste
         return to_uri(fig)
 
 
-def headroom(layers: Sequence[dict], *, dtype: str = "float16", limit: float | None = None, top: int = 24) -> str | None:
+def headroom(
+    layers: Sequence[dict], *, dtype: str = "float16", limit: float | None = None, top: int = 24
+) -> str | None:
     """Largest magnitude per layer against the dtype's max (log10): who overflows, who is close."""
     rows = [r for r in layers if _finite([r.get("act_absmax"), r.get("max_abs")])]
     if not available() or not rows:
@@ -118,25 +156,35 @@ def headroom(layers: Sequence[dict], *, dtype: str = "float16", limit: float | N
 
         lim = limits(dtype)
         limit = lim.max if lim else None
-    key = lambda r: max(_finite([r.get("act_absmax"), r.get("grad_absmax"), r.get("max_abs")]) or [0.0])  # noqa: E731
+
+    def key(r):
+        return max(_finite([r.get("act_absmax"), r.get("grad_absmax"), r.get("max_abs")]) or [0.0])
+
     rows = sorted(rows, key=key, reverse=True)[:top][::-1]
     with _rc():
         fig = _figure(6.4, 0.28 * len(rows) + 1.3)
         ax = fig.subplots()
         vals = [max(key(r), 1e-30) for r in rows]
-        colors = [RED if limit and v >= limit else ORANGE if limit and v >= limit / 16 else BLUE for v in vals]
+        colors = [
+            RED if limit and v >= limit else ORANGE if limit and v >= limit / 16 else BLUE
+            for v in vals
+        ]
         ax.barh(range(len(rows)), [math.log10(v) for v in vals], color=colors)
         if limit:
             ax.axvline(math.log10(limit), color=RED, ls="--", label=f"{dtype} max {limit:g}")
             ax.axvline(math.log10(limit / 16), color=ORANGE, ls=":", label="4 doublings left")
-        ax.set_yticks(list(range(len(rows))), [str(r.get("name") or "(model)") for r in rows], fontsize=7)
+        ax.set_yticks(
+            list(range(len(rows))), [str(r.get("name") or "(model)") for r in rows], fontsize=7
+        )
         ax.set_xlabel("log10 of the largest magnitude")
         ax.set_title(f"headroom against {dtype} per layer")
         ax.legend(loc="lower right", fontsize="small")
         return to_uri(fig)
 
 
-def class_histogram(hist: dict, *, unused: Sequence[int] = (), ignored: int | None = None) -> str | None:
+def class_histogram(
+    hist: dict, *, unused: Sequence[int] = (), ignored: int | None = None
+) -> str | None:
     """Pixels (or samples) per class; classes that never occur marked in red below the axis."""
     items = sorted(((int(k), int(v)) for k, v in hist.items()), key=lambda kv: kv[0])
     if not available() or not items:
@@ -145,7 +193,11 @@ def class_histogram(hist: dict, *, unused: Sequence[int] = (), ignored: int | No
         fig = _figure(6.4, 2.6)
         ax = fig.subplots()
         xs = [k for k, _ in items]
-        ax.bar(xs, [v for _, v in items], color=[RED if k in set(unused) or v == 0 else BLUE for k, v in items])
+        ax.bar(
+            xs,
+            [v for _, v in items],
+            color=[RED if k in set(unused) or v == 0 else BLUE for k, v in items],
+        )
         for k, v in items:
             if v == 0:
                 ax.annotate("0", (k, 0), ha="center", va="bottom", color=RED, fontsize=7)

@@ -38,9 +38,12 @@ class SampleView:
         figs = "".join(
             f'<figure><img class="thumb {t.kind}" src="{t.uri}" width="{t.width}" height="{t.height}" '
             f'alt="{esc(t.kind)} of sample {self.index}"><figcaption>{esc(t.caption)}</figcaption></figure>'
-            for t in self.thumbs)
-        return (f'<div class="sample" data-sample="{self.index}"><div class="title">{esc(self.title)}</div>'
-                f'<div class="pair">{figs}</div>{"".join(self.html_parts)}</div>')
+            for t in self.thumbs
+        )
+        return (
+            f'<div class="sample" data-sample="{self.index}"><div class="title">{esc(self.title)}</div>'
+            f'<div class="pair">{figs}</div>{"".join(self.html_parts)}</div>'
+        )
 
 
 def ignore_index_of(*texts: str) -> int | None:
@@ -69,9 +72,12 @@ def _row_html(name: str, row: np.ndarray) -> str:
     row = np.asarray(row).reshape(-1)
     if row.dtype.kind in "iub" and row.size > 1:
         shown = row[:256]
-        spans = "".join(f'<span title="position {i}">{int(v)}<sub>{i}</sub></span>' for i, v in enumerate(shown))
+        spans = "".join(
+            f'<span title="position {i}">{int(v)}<sub>{i}</sub></span>' for i, v in enumerate(shown)
+        )
         more = f" … {row.size} tokens in all" if row.size > shown.size else ""
-        return f'<div class="note">{esc(name)}: {row.size} tokens (value<sub>position</sub>){more}</div><div class="tokens">{spans}</div>'
+        note = f'<div class="note">{esc(name)}: {row.size} tokens (value<sub>position</sub>){more}</div>'
+        return note + f'<div class="tokens">{spans}</div>'
     if row.size == 1:
         v = row[0]
         bad = row.dtype.kind == "f" and not np.isfinite(v)
@@ -79,12 +85,19 @@ def _row_html(name: str, row: np.ndarray) -> str:
     shown = row[:64]
     bad = ~np.isfinite(shown) if shown.dtype.kind == "f" else np.zeros(shown.shape, bool)
     head = "".join(f"<th>{i}</th>" for i in range(shown.size))
-    cells = "".join(f'<td class="num{" bad" if b else ""}">{esc(_num(v))}</td>' for v, b in zip(shown, bad, strict=True))
+    cells = "".join(
+        f'<td class="num{" bad" if b else ""}">{esc(_num(v))}</td>'
+        for v, b in zip(shown, bad, strict=True)
+    )
     more = f" (first 64 of {row.size})" if row.size > 64 else ""
     n_bad = int((~np.isfinite(row)).sum()) if row.dtype.kind == "f" else 0
-    note = f"{esc(name)}: {row.size} columns{more}" + (f", {n_bad} non-finite (highlighted)" if n_bad else "")
-    return (f'<div class="note">{note}</div><div style="overflow-x:auto"><table class="row"><thead><tr>{head}'
-            f"</tr></thead><tbody><tr>{cells}</tr></tbody></table></div>")
+    note = f"{esc(name)}: {row.size} columns{more}" + (
+        f", {n_bad} non-finite (highlighted)" if n_bad else ""
+    )
+    return (
+        f'<div class="note">{note}</div><div style="overflow-x:auto"><table class="row"><thead><tr>{head}'
+        f"</tr></thead><tbody><tr>{cells}</tr></tbody></table></div>"
+    )
 
 
 def _num(v: object) -> str:
@@ -97,8 +110,13 @@ def _num(v: object) -> str:
     return str(v)
 
 
-def from_arrays(arrays: dict[str, np.ndarray], indices: list[int] | None = None, *,
-                ignore_index: int | None = None, num_classes: int | None = None) -> list[SampleView]:
+def from_arrays(
+    arrays: dict[str, np.ndarray],
+    indices: list[int] | None = None,
+    *,
+    ignore_index: int | None = None,
+    num_classes: int | None = None,
+) -> list[SampleView]:
     """Views of the rows of ``arrays`` (each with a leading sample axis, rows aligned).
 
     ``indices`` are the rows' indices in the batch (for the titles); row ``i`` of every array is
@@ -115,9 +133,16 @@ def from_arrays(arrays: dict[str, np.ndarray], indices: list[int] | None = None,
         for name, a in arrays.items():
             row = a[i]
             target = _is_target(name)
-            if target and row.ndim in (2, 3) and row.dtype.kind in "iub" and as_hwc(row) is not None and (
-                    row.ndim == 2 or 1 in (row.shape[0], row.shape[-1])):
-                t = mask_thumb(row, ignore_index=ignore_index, num_classes=num_classes, caption=name)
+            if (
+                target
+                and row.ndim in (2, 3)
+                and row.dtype.kind in "iub"
+                and as_hwc(row) is not None
+                and (row.ndim == 2 or 1 in (row.shape[0], row.shape[-1]))
+            ):
+                t = mask_thumb(
+                    row, ignore_index=ignore_index, num_classes=num_classes, caption=name
+                )
             elif row.ndim >= 2:
                 t = image_thumb(row, caption=name)
             else:
@@ -127,7 +152,9 @@ def from_arrays(arrays: dict[str, np.ndarray], indices: list[int] | None = None,
             elif row.ndim <= 1:
                 v.html_parts.append(_row_html(name, row))
             else:
-                v.html_parts.append(f'<div class="note">{esc(name)}: shape {tuple(row.shape)}, not shown</div>')
+                v.html_parts.append(
+                    f'<div class="note">{esc(name)}: shape {tuple(row.shape)}, not shown</div>'
+                )
         views.append(v)
     return views
 
@@ -144,10 +171,13 @@ def read_preview(folder: Path) -> tuple[dict[str, np.ndarray], list[int]] | None
         return None
     idx = arrays.pop("samples", None)
     indices = [int(i) for i in idx.reshape(-1)] if idx is not None else None
-    return arrays, indices or list(range(min((a.shape[0] for a in arrays.values() if a.ndim), default=0)))
+    return arrays, indices or list(
+        range(min((a.shape[0] for a in arrays.values() if a.ndim), default=0))
+    )
 
 
 # -- dataset folders (nanscope data) ------------------------------------------------------------
+
 
 def _partner(root: Path, rel: str, want_target: bool) -> Path | None:
     """The mask of an image file, or the image of a mask file: same stem, sibling folder."""
@@ -167,8 +197,13 @@ def _partner(root: Path, rel: str, want_target: bool) -> Path | None:
     return None
 
 
-def from_dataset(root: Path, findings: list[dict], *, ignore_index: int | None = None,
-                 num_classes: int | None = None) -> tuple[list[SampleView], str | None]:
+def from_dataset(
+    root: Path,
+    findings: list[dict],
+    *,
+    ignore_index: int | None = None,
+    num_classes: int | None = None,
+) -> tuple[list[SampleView], str | None]:
     """Views of the files the findings name, image and mask side by side.
 
     Returns the views and, when the files cannot be read here (Pillow missing, files moved), a
@@ -194,18 +229,26 @@ def from_dataset(root: Path, findings: list[dict], *, ignore_index: int | None =
         if not path.is_file():
             problems.append(rel)
             continue
-        image_path, mask_path = (_partner(base, rel, False), path) if target else (path, _partner(base, rel, True))
+        image_path, mask_path = (
+            (_partner(base, rel, False), path) if target else (path, _partner(base, rel, True))
+        )
         samples = f.get("samples") or [None]
-        v = SampleView(samples[0] if samples[0] is not None else -1,
-                       f"sample {samples[0]}: {rel}" if samples[0] is not None else rel)
+        v = SampleView(
+            samples[0] if samples[0] is not None else -1,
+            f"sample {samples[0]}: {rel}" if samples[0] is not None else rel,
+        )
         try:
             if image_path is not None:
                 t = image_thumb(read_sample(image_path), caption=image_path.name)
                 if t is not None:
                     v.thumbs.append(t)
             if mask_path is not None:
-                t = mask_thumb(read_sample(mask_path, as_mask=True), ignore_index=ignore_index,
-                               num_classes=num_classes, caption=mask_path.name)
+                t = mask_thumb(
+                    read_sample(mask_path, as_mask=True),
+                    ignore_index=ignore_index,
+                    num_classes=num_classes,
+                    caption=mask_path.name,
+                )
                 if t is not None:
                     v.thumbs.append(t)
         except Exception as err:  # MissingDependencyError (Pillow), a file changed since the audit
@@ -221,13 +264,19 @@ def from_dataset(root: Path, findings: list[dict], *, ignore_index: int | None =
                 except ValueError:
                     pass
     views.sort(key=lambda v: v.index)
-    why = ("could not show " + ", ".join(problems[:5]) + (" …" if len(problems) > 5 else "")) if problems else None
+    why = (
+        ("could not show " + ", ".join(problems[:5]) + (" …" if len(problems) > 5 else ""))
+        if problems
+        else None
+    )
     return views, why
 
 
-LEGEND = ('<div class="note legend">marks:<span style="background:rgb(255,0,255)"></span>non-finite pixel'
-          '<span style="background:repeating-linear-gradient(45deg,#969696 0 2px,#c8c8c8 2px 4px)"></span>ignore_index'
-          '<span style="background:rgb(230,0,0)"></span>label out of range</div>')
+LEGEND = (
+    '<div class="note legend">marks:<span style="background:rgb(255,0,255)"></span>non-finite pixel'
+    '<span style="background:repeating-linear-gradient(45deg,#969696 0 2px,#c8c8c8 2px 4px)"></span>ignore_index'
+    '<span style="background:rgb(230,0,0)"></span>label out of range</div>'
+)
 
 
 def render(views: list[SampleView], note: str | None = None) -> str:

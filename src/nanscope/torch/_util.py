@@ -149,8 +149,11 @@ def quiet_replay() -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
-            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(keepends=True)
-                    if not _C10_WARNING.match(ln)]
+            kept = [
+                ln
+                for ln in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                if not _C10_WARNING.match(ln)
+            ]
             tmp.close()
             if kept:
                 sys.stderr.write("".join(kept))

@@ -40,13 +40,26 @@ from nanscope.torch._util import samples_of, summary_of
 from nanscope.torch.checks import param_names
 from nanscope.torch.diagnose import call_model
 
-__all__ = ["HeadroomReport", "LayerHeadroom", "ScalerWatch", "headroom", "locate_overflow", "watch_scaler"]
+__all__ = [
+    "HeadroomReport",
+    "LayerHeadroom",
+    "ScalerWatch",
+    "headroom",
+    "locate_overflow",
+    "watch_scaler",
+]
 
 _OP_OF_MODULE = {
-    torch.nn.Linear: "aten::linear", torch.nn.Conv1d: "aten::conv1d", torch.nn.Conv2d: "aten::conv2d",
-    torch.nn.Conv3d: "aten::conv3d", torch.nn.LayerNorm: "aten::layer_norm", torch.nn.Softmax: "aten::softmax",
-    torch.nn.BatchNorm1d: "aten::batch_norm", torch.nn.BatchNorm2d: "aten::batch_norm",
-    torch.nn.GroupNorm: "aten::group_norm", torch.nn.Embedding: "aten::embedding",
+    torch.nn.Linear: "aten::linear",
+    torch.nn.Conv1d: "aten::conv1d",
+    torch.nn.Conv2d: "aten::conv2d",
+    torch.nn.Conv3d: "aten::conv3d",
+    torch.nn.LayerNorm: "aten::layer_norm",
+    torch.nn.Softmax: "aten::softmax",
+    torch.nn.BatchNorm1d: "aten::batch_norm",
+    torch.nn.BatchNorm2d: "aten::batch_norm",
+    torch.nn.GroupNorm: "aten::group_norm",
+    torch.nn.Embedding: "aten::embedding",
 }
 
 
@@ -57,7 +70,11 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
         obj = list(obj.values())
     if isinstance(obj, list | tuple):
         return [t for o in obj for t in _tensors(o)]
-    return [t for t in (getattr(obj, k, None) for k in ("logits", "last_hidden_state")) if isinstance(t, torch.Tensor)]
+    return [
+        t
+        for t in (getattr(obj, k, None) for k in ("logits", "last_hidden_state"))
+        if isinstance(t, torch.Tensor)
+    ]
 
 
 def _float_tensors(obj: Any) -> list[torch.Tensor]:
@@ -86,6 +103,7 @@ class _KeepBuffers:
 
 # -- headroom -------------------------------------------------------------------------------
 
+
 def _flush_fraction(t: torch.Tensor, dtype: torch.dtype) -> float:
     g = t.detach().float()
     nonzero = g != 0
@@ -96,8 +114,13 @@ def _flush_fraction(t: torch.Tensor, dtype: torch.dtype) -> float:
     return int(flushed.sum()) / n
 
 
-def headroom(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-             *, dtype: torch.dtype | str = torch.float16) -> HeadroomReport:
+def headroom(
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    *,
+    dtype: torch.dtype | str = torch.float16,
+) -> HeadroomReport:
     """Measure every layer's largest activation (and gradient) against a reduced dtype's limits.
 
     Run it in float32 on a real batch before switching to float16: layers whose magnitudes
@@ -137,13 +160,18 @@ def headroom(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], t
             grads: dict[str, list[torch.Tensor | None]] = {}
             param_underflow: dict[str, float] = {}
             if loss is not None and loss.requires_grad:
-                outs = [(n, i, t) for n, (_, ts) in seen.items() for i, t in enumerate(ts) if t.requires_grad]
+                outs = [
+                    (n, i, t)
+                    for n, (_, ts) in seen.items()
+                    for i, t in enumerate(ts)
+                    if t.requires_grad
+                ]
                 params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
                 wrt = [t for _, _, t in outs] + [p for _, p in params]
                 gs = torch.autograd.grad(loss, wrt, allow_unused=True)
                 for (n, _, _), g in zip(outs, gs[: len(outs)], strict=True):
                     grads.setdefault(n, []).append(g)
-                for (n, _), g in zip(params, gs[len(outs):], strict=True):
+                for (n, _), g in zip(params, gs[len(outs) :], strict=True):
                     if g is not None:
                         param_underflow[n] = _flush_fraction(g, tdtype)
     finally:
@@ -165,8 +193,15 @@ def headroom(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], t
 
 # -- overflow localization ------------------------------------------------------------------
 
-def locate_overflow(model: torch.nn.Module, inputs: Any, *, dtype: torch.dtype | str | None = None,
-                    device_type: str | None = None, step: int | None = None) -> Diagnosis | None:
+
+def locate_overflow(
+    model: torch.nn.Module,
+    inputs: Any,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device_type: str | None = None,
+    step: int | None = None,
+) -> Diagnosis | None:
     """Find the first module whose reduced-precision output overflowed, and prove it in float32.
 
     Runs one forward pass of ``model`` on ``inputs`` (under ``torch.autocast(device_type,
@@ -223,17 +258,35 @@ def locate_overflow(model: torch.nn.Module, inputs: Any, *, dtype: torch.dtype |
     extra = []
     if f32_finite:
         lim = limits(out_t.dtype)
-        extra.append(f"the same module recomputed in float32 is finite: max |output| {fmt(f32_max)}"
-                     + (f" > {fmt(lim.max)} ({dtype_name(out_t.dtype)} max)" if lim and f32_max and f32_max > lim.max else ""))
+        extra.append(
+            f"the same module recomputed in float32 is finite: max |output| {fmt(f32_max)}"
+            + (
+                f" > {fmt(lim.max)} ({dtype_name(out_t.dtype)} max)"
+                if lim and f32_max and f32_max > lim.max
+                else ""
+            )
+        )
     else:
-        extra.append("the same module recomputed in float32 is non-finite too: not a precision problem")
+        extra.append(
+            "the same module recomputed in float32 is non-finite too: not a precision problem"
+        )
     ev = ProducerEvidence(
-        op=op, phase=Phase.FORWARD, op_kind=OpKind.of(op), module=name or None, step=step,
+        op=op,
+        phase=Phase.FORWARD,
+        op_kind=OpKind.of(op),
+        module=name or None,
+        step=step,
         inputs=[summary_of(t) for t in in_ts],
         output=summary_of(out_t),
-        samples=samples_of(out_t), location=location, extra_evidence=extra, framework="torch",
-        details={"float32_recompute_finite": f32_finite, "float32_absmax": f32_max,
-                 "module_type": type(module).__name__},
+        samples=samples_of(out_t),
+        location=location,
+        extra_evidence=extra,
+        framework="torch",
+        details={
+            "float32_recompute_finite": f32_finite,
+            "float32_absmax": f32_max,
+            "module_type": type(module).__name__,
+        },
     )
     return classify_producer(ev)
 
@@ -259,6 +312,7 @@ def _rerun_float32(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[t
 
 # -- loss-scale forensics -------------------------------------------------------------------
 
+
 @dataclass
 class SkippedStep:
     """One optimizer step GradScaler skipped: the scale then, and whose gradients were bad."""
@@ -282,8 +336,15 @@ class ScalerWatch:
     once the scale collapses, ``diagnosis`` (also raised as a warning, once).
     """
 
-    def __init__(self, scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
-                 model: torch.nn.Module | None = None, *, max_consecutive: int = 10, min_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        scaler: torch.amp.GradScaler,
+        optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module | None = None,
+        *,
+        max_consecutive: int = 10,
+        min_scale: float = 1.0,
+    ) -> None:
         self.scaler = scaler
         self.optimizer = optimizer
         self.max_consecutive = max_consecutive
@@ -303,15 +364,24 @@ class ScalerWatch:
     def scale(self, outputs: Any) -> Any:
         try:
             ts = _float_tensors(outputs)
-            self._last_loss_finite = all(bool(torch.isfinite(t.detach()).all()) for t in ts) if ts else None
+            self._last_loss_finite = (
+                all(bool(torch.isfinite(t.detach()).all()) for t in ts) if ts else None
+            )
         except Exception as err:  # never break training
             _internal("scale", err)
         return self.scaler.scale(outputs)
 
     def _grads(self, optimizer) -> list[tuple[int, torch.Tensor]]:
-        return [(id(p), p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return [
+            (id(p), p.grad)
+            for g in optimizer.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]
 
-    def step(self, optimizer: torch.optim.Optimizer | None = None, *args: Any, **kwargs: Any) -> bool:
+    def step(
+        self, optimizer: torch.optim.Optimizer | None = None, *args: Any, **kwargs: Any
+    ) -> bool:
         """``scaler.step(optimizer)``; returns whether the update was applied (False: skipped)."""
         opt = optimizer or self.optimizer
         if not self.scaler.is_enabled():
@@ -323,7 +393,11 @@ class ScalerWatch:
         try:
             finite = self._step_was_taken(opt)
             if not finite:
-                bad = [self._names.get(i, "?") for i, g in self._grads(opt) if not bool(torch.isfinite(g).all())]
+                bad = [
+                    self._names.get(i, "?")
+                    for i, g in self._grads(opt)
+                    if not bool(torch.isfinite(g).all())
+                ]
                 self._pending = SkippedStep(self.steps, scale, bad, self._last_loss_finite)
         except Exception as err:
             _internal("step", err)
@@ -361,11 +435,18 @@ class ScalerWatch:
             self.skipped.append(self._pending)
         if self.diagnosis is not None or not self.skipped:
             return
-        bad = sorted({n for s in self.skipped[-self.max_consecutive:] for n in s.parameters})
+        bad = sorted({n for s in self.skipped[-self.max_consecutive :] for n in s.parameters})
         d = loss_scale_collapse(
-            self.scales, [s.step for s in self.skipped], bad_parameters=bad,
-            nonfinite_loss_steps=sum(1 for s in self.skipped[-self.max_consecutive:] if s.loss_finite is False),
-            framework="torch", step=self.steps, min_scale=self.min_scale, max_consecutive=self.max_consecutive,
+            self.scales,
+            [s.step for s in self.skipped],
+            bad_parameters=bad,
+            nonfinite_loss_steps=sum(
+                1 for s in self.skipped[-self.max_consecutive :] if s.loss_finite is False
+            ),
+            framework="torch",
+            step=self.steps,
+            min_scale=self.min_scale,
+            max_consecutive=self.max_consecutive,
         )
         if d is not None:
             d.evidence.extend(str(s) for s in self.skipped[-3:])
@@ -375,12 +456,17 @@ class ScalerWatch:
     def summary(self) -> str:
         """The skipped steps and the scale history, one line each."""
         head = f"GradScaler: {len(self.skipped)} of {self.steps} steps skipped; scale " + (
-            " → ".join(fmt(s) for s in self.scales[-8:]) if self.scales else "n/a")
+            " → ".join(fmt(s) for s in self.scales[-8:]) if self.scales else "n/a"
+        )
         return "\n".join([head] + [f"  {s}" for s in self.skipped[-20:]])
 
 
-def watch_scaler(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
-                 model: torch.nn.Module | None = None, **kwargs: Any) -> ScalerWatch:
+def watch_scaler(
+    scaler: torch.amp.GradScaler,
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | None = None,
+    **kwargs: Any,
+) -> ScalerWatch:
     """Wrap a GradScaler: ``step()`` returns whether the update happened; skips are explained.
 
     Args:
@@ -402,7 +488,9 @@ def watch_scaler(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
 
 
 def _internal(where: str, err: Exception) -> None:
-    warnings.warn(f"nanscope: internal error in watch_scaler.{where} ({type(err).__name__}: {err}); "
-                  "training continues unobserved", RuntimeWarning, stacklevel=3)
-
-
+    warnings.warn(
+        f"nanscope: internal error in watch_scaler.{where} ({type(err).__name__}: {err}); "
+        "training continues unobserved",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -38,11 +38,18 @@ def load_torch_object(path: str | Path, *, trust_pickle: bool = False) -> Any:
         if not trust_pickle and "weights only load failed" in str(err).lower():
             raise BadInputError(
                 f"{str(p)!r} needs full unpickling (it stores Python objects, not only tensors), which can run "
-                "arbitrary code; nanscope refused to load it. Re-run with --trust-pickle only if you trust its source"
-                , path=str(p)) from None
-        raise BadInputError(f"{str(p)!r} is not a readable PyTorch file (truncated or corrupt): {_short(err)}", path=str(p)) from None
+                "arbitrary code; nanscope refused to load it. Re-run with --trust-pickle only if you trust its source",
+                path=str(p),
+            ) from None
+        raise BadInputError(
+            f"{str(p)!r} is not a readable PyTorch file (truncated or corrupt): {_short(err)}",
+            path=str(p),
+        ) from None
     except Exception as err:
-        raise BadInputError(f"{str(p)!r} is not a readable PyTorch file (truncated or corrupt): {_short(err)}", path=str(p)) from None
+        raise BadInputError(
+            f"{str(p)!r} is not a readable PyTorch file (truncated or corrupt): {_short(err)}",
+            path=str(p),
+        ) from None
 
 
 def _short(err: BaseException) -> str:
@@ -50,7 +57,11 @@ def _short(err: BaseException) -> str:
 
 
 def is_state_dict(obj: object) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
 
 
 def split_checkpoint(obj: Any) -> tuple[str | None, dict[str, torch.Tensor], dict | None]:
@@ -60,16 +71,31 @@ def split_checkpoint(obj: Any) -> tuple[str | None, dict[str, torch.Tensor], dic
     if is_state_dict(obj):
         return None, obj, None
     if not isinstance(obj, dict):
-        raise BadInputError(f"the checkpoint holds a {type(obj).__name__}, not a state dict or a dict of them")
-    model_key = next((k for k in MODEL_KEYS if k in obj and (is_state_dict(obj[k]) or isinstance(obj[k], torch.nn.Module))), None)
+        raise BadInputError(
+            f"the checkpoint holds a {type(obj).__name__}, not a state dict or a dict of them"
+        )
+    model_key = next(
+        (
+            k
+            for k in MODEL_KEYS
+            if k in obj and (is_state_dict(obj[k]) or isinstance(obj[k], torch.nn.Module))
+        ),
+        None,
+    )
     if model_key is None:
         model_key = next((k for k, v in obj.items() if is_state_dict(v)), None)
     sd = {}
     if model_key is not None:
         v = obj[model_key]
         sd = v.state_dict() if isinstance(v, torch.nn.Module) else v
-    opt_key = next((k for k in OPTIMIZER_KEYS if isinstance(obj.get(k), dict) and "state" in obj[k]), None)
-    if opt_key is None and isinstance(obj.get("optimizer_states"), list) and obj["optimizer_states"]:
+    opt_key = next(
+        (k for k in OPTIMIZER_KEYS if isinstance(obj.get(k), dict) and "state" in obj[k]), None
+    )
+    if (
+        opt_key is None
+        and isinstance(obj.get("optimizer_states"), list)
+        and obj["optimizer_states"]
+    ):
         first = obj["optimizer_states"][0]  # PyTorch Lightning: one state dict per optimizer
         return model_key, sd, first if isinstance(first, dict) and "state" in first else None
     return model_key, sd, obj[opt_key] if opt_key else None

@@ -47,6 +47,7 @@ SAMPLES_FILE = "samples.npz"  # the offending rows as numpy, for `nanscope repor
 
 # -- RNG --------------------------------------------------------------------------------------
 
+
 def rng_state() -> dict[str, Any]:
     """The CPU (and, if CUDA is already initialized, every CUDA device's) RNG state."""
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
@@ -63,6 +64,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # -- writing ----------------------------------------------------------------------------------
 
+
 def _safe(obj: Any, path: str, dropped: list[str]) -> Any:
     """A copy of ``obj`` that ``torch.load(weights_only=True)`` accepts."""
     if isinstance(obj, torch.Tensor):
@@ -70,7 +72,11 @@ def _safe(obj: Any, path: str, dropped: list[str]) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, dict):
-        return {k: _safe(v, f"{path}[{k!r}]", dropped) for k, v in obj.items() if isinstance(k, (str, int))}
+        return {
+            k: _safe(v, f"{path}[{k!r}]", dropped)
+            for k, v in obj.items()
+            if isinstance(k, (str, int))
+        }
     if isinstance(obj, (list, tuple)):
         items = [_safe(v, f"{path}[{i}]", dropped) for i, v in enumerate(obj)]
         return tuple(items) if isinstance(obj, tuple) else items
@@ -79,13 +85,21 @@ def _safe(obj: Any, path: str, dropped: list[str]) -> Any:
 
 
 def _describe(batch: Any) -> list[str]:
-    return [f"{name}: {dtype_name(t.dtype)}[{', '.join(map(str, t.shape))}]"
-            for name, t in named_tensors(batch, "batch")]
+    return [
+        f"{name}: {dtype_name(t.dtype)}[{', '.join(map(str, t.shape))}]"
+        for name, t in named_tensors(batch, "batch")
+    ]
 
 
 def write_bundle(
-    diagnosis: Diagnosis, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, batch: Any,
-    rng: dict[str, Any], reports: str | os.PathLike = "nanscope-reports", name: str | None = None,
+    diagnosis: Diagnosis,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    batch: Any,
+    rng: dict[str, Any],
+    reports: str | os.PathLike = "nanscope-reports",
+    name: str | None = None,
 ) -> Path:
     """Write a repro bundle for ``diagnosis`` and return its folder; sets ``diagnosis.bundle``.
 
@@ -119,7 +133,9 @@ def write_bundle(
     state = {
         "format": BUNDLE_FORMAT,
         "model": {k: v.detach() for k, v in model.state_dict().items()},
-        "optimizer": _safe(optimizer.state_dict(), "optimizer", dropped) if optimizer is not None else None,
+        "optimizer": _safe(optimizer.state_dict(), "optimizer", dropped)
+        if optimizer is not None
+        else None,
         "batch": _safe(batch, "batch", dropped),
         "rng": rng,
         "step": diagnosis.step,
@@ -139,15 +155,20 @@ def write_bundle(
             "model_tensors": len(state["model"]),
             "model_parameters": int(sum(p.numel() for p in model.parameters())),
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
-            "optimizer_state_tensors": sum(isinstance(v, torch.Tensor) for s in (optimizer.state.values() if optimizer else [])
-                                           for v in s.values()),
+            "optimizer_state_tensors": sum(
+                isinstance(v, torch.Tensor)
+                for s in (optimizer.state.values() if optimizer else [])
+                for v in s.values()
+            ),
             "batch": _describe(batch),
             "left_out": dropped,
             "rng": sorted(rng),
         }
         if _write_samples(tmp / SAMPLES_FILE, batch, diagnosis.samples):
             doc["bundle"]["samples_file"] = SAMPLES_FILE
-        (tmp / DIAGNOSIS_FILE).write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / DIAGNOSIS_FILE).write_text(
+            json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8"
+        )
         os.replace(tmp, final)
     except BaseException:
         diagnosis.bundle = None
@@ -156,7 +177,9 @@ def write_bundle(
     return final
 
 
-def _write_samples(path: Path, batch: Any, samples: list[int], limit: int = 8, max_values: int = 1 << 20) -> bool:
+def _write_samples(
+    path: Path, batch: Any, samples: list[int], limit: int = 8, max_values: int = 1 << 20
+) -> bool:
     """A small framework-free preview: the offending rows of each batch tensor (best effort)."""
     try:
         import numpy as np
@@ -179,6 +202,7 @@ def _write_samples(path: Path, batch: Any, samples: list[int], limit: int = 8, m
 
 # -- reading ----------------------------------------------------------------------------------
 
+
 def load_state(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
     """The bundle's tensors (``model``, ``optimizer``, ``batch``, ``rng``, ``step``), loaded
     with ``torch.load(weights_only=True)`` after checking size and hash."""
@@ -186,8 +210,10 @@ def load_state(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[st
     try:
         return torch.load(info.state_path, map_location=map_location, weights_only=True)
     except Exception as err:  # a foreign or damaged pickle: refuse, never execute it
-        raise BadInputError(f"cannot load repro bundle {str(info.folder)!r}: {type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+        raise BadInputError(
+            f"cannot load repro bundle {str(info.folder)!r}: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}"
+        ) from None
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -202,7 +228,9 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 
 def replay(
-    bundle: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+    bundle: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
     step_fn: Callable[[Any], Any],
 ) -> Diagnosis | None:
     """Reproduce a bundled failure offline and diagnose it again.
@@ -242,7 +270,9 @@ def replay(
         if optimizer is not None and state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
-        raise BadInputError(f"the bundle does not fit this model/optimizer: {str(err).splitlines()[0]}") from None
+        raise BadInputError(
+            f"the bundle does not fit this model/optimizer: {str(err).splitlines()[0]}"
+        ) from None
     batch = _to(state["batch"], device)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)

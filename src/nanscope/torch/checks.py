@@ -76,15 +76,21 @@ def check_model_state(model: torch.nn.Module, *, step: int | None = None) -> Dia
             continue
         # Healthy statistics pass with two reductions; summaries only for suspicious ones.
         v = var.detach()
-        if all_finite(mean) and all_finite(var) and bool((v >= 0).all()) and \
-                float(torch.maximum(mean.detach().abs().max(), v.abs().max())) <= 1e6:
+        if (
+            all_finite(mean)
+            and all_finite(var)
+            and bool((v >= 0).all())
+            and float(torch.maximum(mean.detach().abs().max(), v.abs().max())) <= 1e6
+        ):
             continue
         problems = rules.norm_statistics_problems(summary_of(mean), summary_of(var))
         if problems:
             layers[name] = problems
     if layers:
         return rules.corrupt_norm_statistics(layers, framework="torch", step=step)
-    bad_buffers = {n: summary_of(b) for n, b in model.named_buffers() if is_float(b) and not all_finite(b)}
+    bad_buffers = {
+        n: summary_of(b) for n, b in model.named_buffers() if is_float(b) and not all_finite(b)
+    }
     if bad_buffers:
         return rules.nonfinite_parameters(bad_buffers, framework="torch", step=step, kind="buffer")
     return None
@@ -100,8 +106,12 @@ def param_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None)
     return out
 
 
-def check_optimizer_state(optimizer: torch.optim.Optimizer, *, step: int | None = None,
-                          model: torch.nn.Module | None = None) -> Diagnosis | None:
+def check_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    *,
+    step: int | None = None,
+    model: torch.nn.Module | None = None,
+) -> Diagnosis | None:
     """The optimizer's own state went non-finite (``optimizer_state``).
 
     Looks at every state tensor (Adam's ``exp_avg``, ``exp_avg_sq``, momentum buffers), every
@@ -133,7 +143,12 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, *, step: int | None 
                 lr = g_lr
             g_eps = group.get("eps")
             lim = limits(p.dtype)
-            if isinstance(g_eps, float) and lim is not None and g_eps < lim.subnormal / 2 and not all_finite(p):
+            if (
+                isinstance(g_eps, float)
+                and lim is not None
+                and g_eps < lim.subnormal / 2
+                and not all_finite(p)
+            ):
                 # The update divided by (sqrt(v) + eps) where eps rounded to 0 in this dtype.
                 bad[names[id(p)]] = summary_of(p)
                 eps, dtype = g_eps, dtype_name(p.dtype)
@@ -142,7 +157,9 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, *, step: int | None 
     if not bad and lr is None:
         return None
     if eps is None:
-        eps = next((g.get("eps") for g in optimizer.param_groups if isinstance(g.get("eps"), float)), None)
+        eps = next(
+            (g.get("eps") for g in optimizer.param_groups if isinstance(g.get("eps"), float)), None
+        )
     d = rules.optimizer_state(bad, framework="torch", eps=eps, param_dtype=dtype, step=step, lr=lr)
     if lr is not None and not bad:
         d.summary = f"the learning rate is {lr!r}"

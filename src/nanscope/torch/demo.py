@@ -33,8 +33,11 @@ EMPTY_FRAME = 5  # the validation frame whose mask is entirely IGNORE
 
 def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
     pad = dilation * (k // 2)
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, pad, dilation=dilation, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, pad, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    )
 
 
 class ASPP(nn.Module):
@@ -42,12 +45,18 @@ class ASPP(nn.Module):
 
     def __init__(self, cin: int, cout: int, rates: tuple[int, ...] = (1, 2, 3)) -> None:
         super().__init__()
-        self.branches = nn.ModuleList([_conv_bn(cin, cout, 1)] + [_conv_bn(cin, cout, 3, dilation=r) for r in rates])
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False), nn.ReLU())
+        self.branches = nn.ModuleList(
+            [_conv_bn(cin, cout, 1)] + [_conv_bn(cin, cout, 3, dilation=r) for r in rates]
+        )
+        self.pool = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False), nn.ReLU()
+        )
         self.project = _conv_bn(cout * (len(rates) + 2), cout, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        pooled = F.interpolate(
+            self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False
+        )
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
 
 
@@ -56,8 +65,9 @@ class TinyDeepLab(nn.Module):
 
     def __init__(self, classes: int = CLASSES) -> None:
         super().__init__()
-        self.backbone = nn.Sequential(_conv_bn(3, 16, stride=2), _conv_bn(16, 32, stride=2),
-                                      _conv_bn(32, 32, dilation=2))
+        self.backbone = nn.Sequential(
+            _conv_bn(3, 16, stride=2), _conv_bn(16, 32, stride=2), _conv_bn(32, 32, dilation=2)
+        )
         self.aspp = ASPP(32, 16)
         self.classifier = nn.Conv2d(16, classes, 1)
 
@@ -95,13 +105,19 @@ class DemoResult:
     train_losses: list[float]
     val_losses: list[float]
     seconds: float
-    val_batches: list = field(default_factory=list)  # (image, mask) batches, for the HTML report's thumbnails
+    val_batches: list = field(
+        default_factory=list
+    )  # (image, mask) batches, for the HTML report's thumbnails
 
     @property
     def as_expected(self) -> bool:
         d = self.diagnosis
-        return (d is not None and d.category is Category.INVALID_TARGET
-                and d.details.get("bad_batches") == [EMPTY_FRAME] and d.samples == [0])
+        return (
+            d is not None
+            and d.category is Category.INVALID_TARGET
+            and d.details.get("bad_batches") == [EMPTY_FRAME]
+            and d.samples == [0]
+        )
 
 
 def run_demo(*, steps: int = 6, say: Callable[[str], None] = print) -> DemoResult:
@@ -117,11 +133,18 @@ def run_demo(*, steps: int = 6, say: Callable[[str], None] = print) -> DemoResul
     g = torch.Generator().manual_seed(0)
     model = TinyDeepLab()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    train = [torch.utils.data.default_collate([make_frame(g) for _ in range(4)]) for _ in range(steps)]
-    val = [torch.utils.data.default_collate([make_frame(g, labelled=i != EMPTY_FRAME)]) for i in range(8)]
+    train = [
+        torch.utils.data.default_collate([make_frame(g) for _ in range(4)]) for _ in range(steps)
+    ]
+    val = [
+        torch.utils.data.default_collate([make_frame(g, labelled=i != EMPTY_FRAME)])
+        for i in range(8)
+    ]
 
-    say(f"nanscope demo: training a DeepLabv3-style model (dilated backbone, ASPP, BatchNorm) on "
-        f"{steps} batches of generated {SIZE}x{SIZE} images")
+    say(
+        f"nanscope demo: training a DeepLabv3-style model (dilated backbone, ASPP, BatchNorm) on "
+        f"{steps} batches of generated {SIZE}x{SIZE} images"
+    )
     train_losses = []
     model.train()
     for i, (x, y) in enumerate(train):

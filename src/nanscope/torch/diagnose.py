@@ -65,8 +65,14 @@ def preserved(model: torch.nn.Module):
         torch.set_grad_enabled(grad_mode)
 
 
-def diagnose(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor], *,
-             optimizer: torch.optim.Optimizer | None = None, step: int | None = None) -> Diagnosis | None:
+def diagnose(
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    step: int | None = None,
+) -> Diagnosis | None:
     """Run one instrumented training step on ``batch`` and explain its first non-finite value.
 
     ``batch`` is ``(inputs, targets)`` (or a dict, or inputs alone); the step is

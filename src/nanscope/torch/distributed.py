@@ -37,8 +37,19 @@ from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category
 from nanscope.core.errors import RankLeftError
 
-__all__ = ["active", "rank", "unwrap", "no_sync", "local", "local_state", "flags", "any_rank", "agree",
-           "timeout", "RankLeftError"]
+__all__ = [
+    "active",
+    "rank",
+    "unwrap",
+    "no_sync",
+    "local",
+    "local_state",
+    "flags",
+    "any_rank",
+    "agree",
+    "timeout",
+    "RankLeftError",
+]
 
 
 def active() -> bool:
@@ -147,7 +158,9 @@ def local_state(module: torch.nn.Module, *, step: int | None = None) -> Diagnosi
     d = rules.nonfinite_parameters(bad, framework="torch", step=step, kind=kind)
     shards = [n for n, p in module.named_parameters() if n in bad and local(p) is not p]
     if shards:
-        d.evidence.append(f"rank {rank()}'s shard of {', '.join(shards)} (the other ranks hold the rest)")
+        d.evidence.append(
+            f"rank {rank()}'s shard of {', '.join(shards)} (the other ranks hold the rest)"
+        )
     return d
 
 
@@ -191,12 +204,16 @@ def _left(step: int | None, waited: float, err: BaseException) -> RankLeftError:
     why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     if missing:
         who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}"
-        msg = (f"nanscope: {who} did not reach the guard's check{at} within {waited:.0f} s (rank {me} waited): "
-               f"it left (its step raised, or its process died) or hangs in its own step; every rank must call "
-               f"guard.step on every step. Stopped waiting instead of hanging ({why})")
+        msg = (
+            f"nanscope: {who} did not reach the guard's check{at} within {waited:.0f} s (rank {me} waited): "
+            f"it left (its step raised, or its process died) or hangs in its own step; every rank must call "
+            f"guard.step on every step. Stopped waiting instead of hanging ({why})"
+        )
     else:
-        msg = (f"nanscope: the guard's collective{at} failed on rank {me} after {waited:.0f} s, and the process "
-               f"group's store is gone (rank 0 left?): another rank left. Stopped waiting instead of hanging ({why})")
+        msg = (
+            f"nanscope: the guard's collective{at} failed on rank {me} after {waited:.0f} s, and the process "
+            f"group's store is gone (rank 0 left?): another rank left. Stopped waiting instead of hanging ({why})"
+        )
     return RankLeftError(msg, ranks=missing or [], step=step, waited_s=waited)
 
 
@@ -216,8 +233,9 @@ LOCAL_LOSS = 2  # flag bit: this rank's own loss was non-finite (before the grad
 INTERNAL = 4  # flag bit: nanscope failed on this rank; every rank then steps aside together
 
 
-def flags(*, bad: torch.Tensor, local_first: torch.Tensor, internal: bool = False,
-          step: int | None = None) -> torch.Tensor:
+def flags(
+    *, bad: torch.Tensor, local_first: torch.Tensor, internal: bool = False, step: int | None = None
+) -> torch.Tensor:
     """All ranks' flags (``world_size`` floats), after one all_reduce; no host sync here.
 
     Every rank calls this on every guarded step, even after nanscope failed on it (``internal``),
@@ -247,8 +265,10 @@ def ranks_seen(ranks_bad: list[float] | None) -> list[int]:
 
 
 def seen_text(ranks: list[int]) -> str:
-    return (f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} saw it first: "
-            "its local loss or gradients were non-finite in the step")
+    return (
+        f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} saw it first: "
+        "its local loss or gradients were non-finite in the step"
+    )
 
 
 def common(local: Diagnosis, ranks: list[int], *, step: int | None = None) -> Diagnosis:
@@ -260,8 +280,13 @@ def common(local: Diagnosis, ranks: list[int], *, step: int | None = None) -> Di
     return Diagnosis.from_dict(chosen) if chosen is not None else local
 
 
-def agree(local: Diagnosis | None, ranks_bad: list[float] | None, *, step: int | None = None,
-          why: str | None = None) -> Diagnosis | None:
+def agree(
+    local: Diagnosis | None,
+    ranks_bad: list[float] | None,
+    *,
+    step: int | None = None,
+    why: str | None = None,
+) -> Diagnosis | None:
     """Gather every rank's local diagnosis; all ranks return the same one, with ``ranks`` set
     to the ranks that saw the non-finite value first."""
     # all_gather_object has no timeout: a bounded all_reduce first, so that a rank that left
@@ -277,8 +302,16 @@ def agree(local: Diagnosis | None, ranks_bad: list[float] | None, *, step: int |
         return None
     chosen = found[first[0]] if first and first[0] in found else found[min(found)]
     chosen.ranks = list(first)
-    why = why if why is not None and named else (
-        "its own data or computation produced it (replayed without the gradient all-reduce)" if named
-        else "its local loss was non-finite before the gradient all-reduce")
-    chosen.evidence.append(f"rank{'s' if len(first) > 1 else ''} {', '.join(map(str, first))} saw it first: {why}")
+    why = (
+        why
+        if why is not None and named
+        else (
+            "its own data or computation produced it (replayed without the gradient all-reduce)"
+            if named
+            else "its local loss was non-finite before the gradient all-reduce"
+        )
+    )
+    chosen.evidence.append(
+        f"rank{'s' if len(first) > 1 else ''} {', '.join(map(str, first))} saw it first: {why}"
+    )
     return chosen

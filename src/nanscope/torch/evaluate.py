@@ -41,8 +41,13 @@ def _bad_samples(obj: Any) -> list[int]:
     return sorted({row for _, t in named_tensors(obj, "") for row in samples_of(t)})
 
 
-def diagnose_eval(model: torch.nn.Module, loader: Iterable[Any], loss_fn: Callable[[Any, Any], Any], *,
-                  max_batches: int | None = None) -> Diagnosis | None:
+def diagnose_eval(
+    model: torch.nn.Module,
+    loader: Iterable[Any],
+    loss_fn: Callable[[Any, Any], Any],
+    *,
+    max_batches: int | None = None,
+) -> Diagnosis | None:
     """Find the validation batches whose output or loss is non-finite, and say why.
 
     ``loader`` yields ``(inputs, targets)`` (or dicts, see ``diagnose``); ``loss_fn(output,
@@ -82,8 +87,11 @@ def diagnose_eval(model: torch.nn.Module, loader: Iterable[Any], loss_fn: Callab
         d = _explain(model, batch, loss_fn)
     d.details["bad_batches"] = bad
     d.details["batch"] = index
-    d.evidence.append(f"{len(bad)} bad batch{'es' if len(bad) != 1 else ''} in the loader: "
-                      + ", ".join(map(str, bad[:20])) + (" …" if len(bad) > 20 else ""))
+    d.evidence.append(
+        f"{len(bad)} bad batch{'es' if len(bad) != 1 else ''} in the loader: "
+        + ", ".join(map(str, bad[:20]))
+        + (" …" if len(bad) > 20 else "")
+    )
     return d
 
 
@@ -95,8 +103,11 @@ def _explain(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], A
     eval_out = call_model(model, inputs)
     if _finite(eval_out):  # the output is fine: the loss made it non-finite
         return _trace(model, inputs, targets, loss_fn) or rules.not_reproduced(
-            "loss", framework="torch", phase=Phase.LOSS,
-            evidence=["evaluation: loss non-finite; the traced re-run of the same batch: finite"])
+            "loss",
+            framework="torch",
+            phase=Phase.LOSS,
+            evidence=["evaluation: loss non-finite; the traced re-run of the same batch: finite"],
+        )
     model.train()  # batch statistics instead of the stored ones (buffers restored by the caller)
     train_finite = _finite(call_model(model, inputs))
     model.eval()
@@ -105,9 +116,16 @@ def _explain(model: torch.nn.Module, batch: Any, loss_fn: Callable[[Any, Any], A
         return state  # non-finite weights: they explain any output
     layers = state.details["layers"] if state is not None else {}
     producer = None if layers and train_finite else _trace(model, inputs, targets, loss_fn)
-    return rules.eval_only(layers, train_finite=train_finite, producer=producer, framework="torch",
-                           samples=_bad_samples(eval_out))
+    return rules.eval_only(
+        layers,
+        train_finite=train_finite,
+        producer=producer,
+        framework="torch",
+        samples=_bad_samples(eval_out),
+    )
 
 
-def _trace(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], Any]) -> Diagnosis | None:
+def _trace(
+    model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], Any]
+) -> Diagnosis | None:
     return trace_step(lambda: loss_fn(call_model(model, inputs), targets), model=model)

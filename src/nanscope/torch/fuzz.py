@@ -67,7 +67,9 @@ def run_case(fn, case: Case) -> CaseResult:
             warnings.simplefilter("ignore")
             loss = _step(fn, args, kwargs)()
     except Exception as err:  # the loss rejects this input (e.g. a label out of range)
-        return CaseResult(f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}")
+        return CaseResult(
+            f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+        )
     value_ok = bool(torch.isfinite(loss.detach()).all())
     grads_ok = all(t.grad is None or bool(torch.isfinite(t.grad).all()) for t in leaves)
     if value_ok and grads_ok:
@@ -81,7 +83,9 @@ def run_case(fn, case: Case) -> CaseResult:
             warnings.simplefilter("ignore")
             diagnosis = trace_step(_step(fn, args, kwargs))
     except Exception as err:  # the tracer must never hide the finding
-        diagnosis = rules.not_localized("loss" if not value_ok else "gradient", err, framework="torch")
+        diagnosis = rules.not_localized(
+            "loss" if not value_ok else "gradient", err, framework="torch"
+        )
     if diagnosis is None:
         diagnosis = rules.unexplained("loss" if not value_ok else "gradient", framework="torch")
     return CaseResult(outcome, diagnosis)

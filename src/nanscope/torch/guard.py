@@ -60,7 +60,6 @@ from nanscope.torch.diagnose import split_batch
 __all__ = ["Guard"]
 
 
-
 def _replay(step_fn: Callable[[], Any], model: torch.nn.Module, step: int) -> Diagnosis | None:
     """The per-op replay (a module-level function so tests can inject a failure into it)."""
     from nanscope.torch.trace import trace_step
@@ -178,8 +177,13 @@ class Guard(GuardState):
         self._step_fn: Any = None  # the step function of the step being checked
         self._bundles = 0
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
-        self._norm_buffers = [(m, n) for m in self.module.modules() if is_norm_layer(m)
-                              for n, b in m.named_buffers(recurse=False) if b is not None]
+        self._norm_buffers = [
+            (m, n)
+            for m in self.module.modules()
+            if is_norm_layer(m)
+            for n, b in m.named_buffers(recurse=False)
+            if b is not None
+        ]
         self._snapshot: list[torch.Tensor] | None = None
         self._reduced = False  # this step's flag all_reduce has run (DDP)
         # -- library integrations (nanscope.lightning, nanscope.hf, nanscope.sinks) --
@@ -247,7 +251,9 @@ class Guard(GuardState):
                     raise
 
     def _apply(self) -> None:
-        if self._host_optimizer is not None:  # accelerate / Fabric: their step runs scaler.step + update
+        if (
+            self._host_optimizer is not None
+        ):  # accelerate / Fabric: their step runs scaler.step + update
             self._host_optimizer.step()
             return
         if self._scaling():
@@ -262,12 +268,27 @@ class Guard(GuardState):
         self._apply()  # GradScaler.step skips the update itself when it found Inf/NaN
         scales = self.ledger.loss_scale
         scales.add(self.scaler.get_scale(), skipped_step=index)  # a sync, on overflow steps only
-        bad = [n for n, p in self.module.named_parameters()
-               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        dtype = next((dtype_name(p.dtype) for p in self._params if p.dtype in (torch.float16, torch.bfloat16)),
-                     "float16")
-        return rules.loss_scale_collapse(scales.scales, scales.skipped, bad_parameters=bad, framework="torch",
-                                         step=index, dtype=dtype)
+        bad = [
+            n
+            for n, p in self.module.named_parameters()
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+        dtype = next(
+            (
+                dtype_name(p.dtype)
+                for p in self._params
+                if p.dtype in (torch.float16, torch.bfloat16)
+            ),
+            "float16",
+        )
+        return rules.loss_scale_collapse(
+            scales.scales,
+            scales.skipped,
+            bad_parameters=bad,
+            framework="torch",
+            step=index,
+            dtype=dtype,
+        )
 
     def _plain(self, step_fn: Callable[[Any], Any], batch: Any) -> Any:
         if self.zero_grad:
@@ -282,9 +303,16 @@ class Guard(GuardState):
             self.optimizer.zero_grad(set_to_none=True)
         buffers = [getattr(m, n) for m, n in self._norm_buffers]
         snap = self._snapshot
-        if snap is None or len(snap) != len(buffers) or any(
-                s.shape != b.shape or s.dtype != b.dtype or s.device != b.device  # model.to(...) since
-                for s, b in zip(snap, buffers, strict=True)):
+        if (
+            snap is None
+            or len(snap) != len(buffers)
+            or any(
+                s.shape != b.shape
+                or s.dtype != b.dtype
+                or s.device != b.device  # model.to(...) since
+                for s, b in zip(snap, buffers, strict=True)
+            )
+        ):
             self._snapshot = [b.detach().clone() for b in buffers]
         elif buffers:
             with torch.no_grad():
@@ -300,7 +328,9 @@ class Guard(GuardState):
                 torch._foreach_copy_(buffers, self._snapshot)
         return after
 
-    def _check(self, loss: Any, index: int, local_error: BaseException | None = None) -> dict[str, Any] | None:
+    def _check(
+        self, loss: Any, index: int, local_error: BaseException | None = None
+    ) -> dict[str, Any] | None:
         """The fused check. None when finite; else what it saw (for the evidence).
 
         Under DDP every rank reaches the flag all_reduce, even when nanscope failed locally: the
@@ -312,7 +342,9 @@ class Guard(GuardState):
                 raise local_error
             return self._check_local(loss, index, ddp)
         except Exception as err:
-            if not ddp or self._reduced or isinstance(err, _dist.RankLeftError):  # after the all_reduce every rank knows already
+            if (
+                not ddp or self._reduced or isinstance(err, _dist.RankLeftError)
+            ):  # after the all_reduce every rank knows already
                 raise
             device = next((p.device for p in self._params), torch.device("cpu"))
             no = torch.zeros((), dtype=torch.bool, device=device)
@@ -320,16 +352,22 @@ class Guard(GuardState):
             raise err from None
 
     def _check_local(self, loss: Any, index: int, ddp: bool) -> dict[str, Any] | None:
-        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]  # add_param_group-proof
+        self._params = [
+            p for g in self.optimizer.param_groups for p in g["params"]
+        ]  # add_param_group-proof
         grads = [p.grad for p in self._params if p.grad is not None and p.grad.is_floating_point()]
-        buffers = [b for b in (getattr(m, n) for m, n in self._norm_buffers) if b.is_floating_point()]
+        buffers = [
+            b for b in (getattr(m, n) for m, n in self._norm_buffers) if b.is_floating_point()
+        ]
         weights = index % self.check_weights_every == 0
         tensors: list[torch.Tensor] = []
         if isinstance(loss, dict):  # train_step may return {"loss": ..., ...} or (loss, outputs)
             loss = loss.get("loss")
         elif isinstance(loss, (tuple, list)) and loss:
             loss = loss[0]
-        loss_t = loss.detach() if isinstance(loss, torch.Tensor) and loss.is_floating_point() else None
+        loss_t = (
+            loss.detach() if isinstance(loss, torch.Tensor) and loss.is_floating_point() else None
+        )
         if loss_t is not None:
             tensors.append(loss_t)
         tensors += grads
@@ -357,30 +395,43 @@ class Guard(GuardState):
         ranks_bad: list[float] | None = None
         if ddp:
             total = stacked.sum()
-            flags = _dist.flags(bad=~torch.isfinite(total),
-                                local_first=~torch.isfinite(stacked[-1]) if loss_t is not None else torch.zeros_like(total, dtype=torch.bool),
-                                step=index)
+            flags = _dist.flags(
+                bad=~torch.isfinite(total),
+                local_first=~torch.isfinite(stacked[-1])
+                if loss_t is not None
+                else torch.zeros_like(total, dtype=torch.bool),
+                step=index,
+            )
             self._reduced = True
             values = torch.cat([stacked, flags]).tolist()  # the one synchronization of the step
-            ranks_bad = values[len(norms):]
-            values = values[:len(norms)]
+            ranks_bad = values[len(norms) :]
+            values = values[: len(norms)]
             failed = [r for r, f in enumerate(ranks_bad) if int(f) & _dist.INTERNAL]
             if failed:
-                raise RuntimeError(f"the guard failed on rank{'s' if len(failed) > 1 else ''} "
-                                   f"{', '.join(map(str, failed))}, so every rank steps aside")
+                raise RuntimeError(
+                    f"the guard failed on rank{'s' if len(failed) > 1 else ''} "
+                    f"{', '.join(map(str, failed))}, so every rank steps aside"
+                )
         else:
             values = stacked.tolist()  # the one synchronization of the step
-        if not all(map(math.isfinite, values[:len(tensors)])) or (ranks_bad is not None and any(ranks_bad)):
+        if not all(map(math.isfinite, values[: len(tensors)])) or (
+            ranks_bad is not None and any(ranks_bad)
+        ):
             # An Inf norm need not be an Inf value: a float32 sum of squares overflows once a
             # norm passes ~1.8e19. Settle each Inf norm exactly (failure path only).
-            values[:len(tensors)] = settled_norms(values[:len(tensors)], tensors)
-            if ranks_bad is not None:  # every rank is here (they all saw the same flags): agree again
+            values[: len(tensors)] = settled_norms(values[: len(tensors)], tensors)
+            if (
+                ranks_bad is not None
+            ):  # every rank is here (they all saw the same flags): agree again
                 local = not all(map(math.isfinite, values))
                 loss_bad = loss_t is not None and not math.isfinite(values[-1])
-                ranks_bad = _dist.flags(bad=torch.tensor(local, device=device),
-                                        local_first=torch.tensor(loss_bad, device=device), step=index).tolist()
+                ranks_bad = _dist.flags(
+                    bad=torch.tensor(local, device=device),
+                    local_first=torch.tensor(loss_bad, device=device),
+                    step=index,
+                ).tolist()
         g0 = 1 if loss_t is not None else 0
-        grad_norms = values[g0:g0 + len(grads)]
+        grad_norms = values[g0 : g0 + len(grads)]
         gnorm_f = math.sqrt(sum(v * v for v in grad_norms)) if grads else 0.0
         loss_f = values[-1] if loss_t is not None else 0.0
         bad = not all(map(math.isfinite, values)) or (ranks_bad is not None and any(ranks_bad))
@@ -388,12 +439,23 @@ class Guard(GuardState):
             self.history.add(loss_f if loss_t is not None else None, gnorm_f if grads else None)
             self._warn_growth(index)
             return None
-        seen = {"loss": loss_f if loss_t is not None else None, "grad_norm": gnorm_f if grads else None,
-                "ranks_bad": ranks_bad, "weights_checked": weights}
-        if self._scaling() and loss_t is not None and math.isfinite(loss_f) and not (ranks_bad and any(int(f) & _dist.LOCAL_LOSS for f in ranks_bad)):
+        seen = {
+            "loss": loss_f if loss_t is not None else None,
+            "grad_norm": gnorm_f if grads else None,
+            "ranks_bad": ranks_bad,
+            "weights_checked": weights,
+        }
+        if (
+            self._scaling()
+            and loss_t is not None
+            and math.isfinite(loss_f)
+            and not (ranks_bad and any(int(f) & _dist.LOCAL_LOSS for f in ranks_bad))
+        ):
             # Finite loss, non-finite gradients: scaled gradients overflowed, which GradScaler
             # handles (unless the weights or buffers themselves are bad: checked below).
-            other = buffers + ([p for p in self._params if p.is_floating_point()] if weights else [])
+            other = buffers + (
+                [p for p in self._params if p.is_floating_point()] if weights else []
+            )
             if all(bool(torch.isfinite(t).all()) for t in other):
                 seen["scaler_overflow"] = True
         return seen
@@ -408,8 +470,14 @@ class Guard(GuardState):
             self.ledger.warn_once("growth", warning)
 
     # -- the failure path -------------------------------------------------------------------
-    def _fail(self, step_fn: Callable[[Any], Any], batch: Any, index: int, rng_before: dict[str, Any],
-              seen: dict[str, Any]) -> None:
+    def _fail(
+        self,
+        step_fn: Callable[[Any], Any],
+        batch: Any,
+        index: int,
+        rng_before: dict[str, Any],
+        seen: dict[str, Any],
+    ) -> None:
         rng_after = _bundle.rng_state()
         after = self._restore_buffers()  # pre-step BatchNorm statistics from here on
         unrecoverable = False
@@ -423,25 +491,49 @@ class Guard(GuardState):
         finally:
             self._restore_buffers()
             _bundle.set_rng_state(rng_after)
-        if self.reports is not None and self._bundles < self.max_bundles and (d.ranks is None or _dist.rank() == d.ranks[0]):
+        if (
+            self.reports is not None
+            and self._bundles < self.max_bundles
+            and (d.ranks is None or _dist.rank() == d.ranks[0])
+        ):
             try:
-                _bundle.write_bundle(d, model=self.module, optimizer=self.optimizer, batch=batch, rng=rng_before,
-                                     reports=self.reports)
+                _bundle.write_bundle(
+                    d,
+                    model=self.module,
+                    optimizer=self.optimizer,
+                    batch=batch,
+                    rng=rng_before,
+                    reports=self.reports,
+                )
                 self._bundles += 1
             except Exception as err:  # a full disk must not stop training
-                self.ledger.warn_once("bundle", f"nanscope: could not write the repro bundle: {type(err).__name__}: {err}")
+                self.ledger.warn_once(
+                    "bundle",
+                    f"nanscope: could not write the repro bundle: {type(err).__name__}: {err}",
+                )
         self.ledger.record(d)
         self._act(d, after, unrecoverable)
 
-    def _diagnose(self, step_fn: Callable[[Any], Any], batch: Any, index: int, rng_before: dict[str, Any],
-                  seen: dict[str, Any]) -> tuple[Diagnosis, bool]:
+    def _diagnose(
+        self,
+        step_fn: Callable[[Any], Any],
+        batch: Any,
+        index: int,
+        rng_before: dict[str, Any],
+        seen: dict[str, Any],
+    ) -> tuple[Diagnosis, bool]:
         lr = next((float(g["lr"]) for g in self.optimizer.param_groups if "lr" in g), None)
         norms = list(self.history.grad_norm)
         # 1. Was the stored state already bad before this step? (Buffers are pre-step now.)
         if _dist.active():  # each rank checks its own shards; all ranks agree on replaying or not
             state = _dist.local_state(self.module, step=index)
             if _dist.any_rank(state is not None, step=index):
-                agreed = _dist.agree(state, seen.get("ranks_bad"), step=index, why="its own shard of the state is non-finite")
+                agreed = _dist.agree(
+                    state,
+                    seen.get("ranks_bad"),
+                    step=index,
+                    why="its own shard of the state is non-finite",
+                )
                 if agreed is not None:
                     agreed.step = index
                     return agreed, True
@@ -455,8 +547,14 @@ class Guard(GuardState):
                 # These weights take part in the loss, and the previous step's loss and gradients
                 # were finite, so they were finite then: the previous update wrote them.
                 state = rules.written_by_update(
-                    state, step=index, grad_norms=norms, lr=lr,
-                    optimizer=check_optimizer_state(self.optimizer, step=index - 1, model=self.module))
+                    state,
+                    step=index,
+                    grad_norms=norms,
+                    lr=lr,
+                    optimizer=check_optimizer_state(
+                        self.optimizer, step=index - 1, model=self.module
+                    ),
+                )
             return state, True
         # 2. The batch itself, then 3. the replay (every rank replays under DDP, so that
         # collectives inside the model's forward stay matched).
@@ -467,25 +565,38 @@ class Guard(GuardState):
             if not ddp:
                 raise
             data = None  # under DDP: say so, but reach the collectives below
-            self.ledger.warn_once("check_batch", f"nanscope: checking the batch failed on rank {_dist.rank()} "
-                                           f"({type(err).__name__}: {err})")
+            self.ledger.warn_once(
+                "check_batch",
+                f"nanscope: checking the batch failed on rank {_dist.rank()} "
+                f"({type(err).__name__}: {err})",
+            )
         traced: Diagnosis | None = None
         if data is None or ddp:
             # Under "warn" the step's own gradients are applied afterwards: keep them (the replay
             # makes its own, and under DDP those are local, not all-reduced).
-            kept = {p: p.grad.detach().clone() for p in self._params if p.grad is not None} \
-                if self.policy is Policy.WARN else None
+            kept = (
+                {p: p.grad.detach().clone() for p in self._params if p.grad is not None}
+                if self.policy is Policy.WARN
+                else None
+            )
             self.optimizer.zero_grad(set_to_none=True)
             _bundle.set_rng_state(rng_before)
             replayed: list[Any] = []
             try:
                 with _dist.no_sync(self.model):
-                    traced = _replay(lambda: replayed.append(step_fn(batch)) or replayed[-1], _dist.traced_root(self.module), index)
+                    traced = _replay(
+                        lambda: replayed.append(step_fn(batch)) or replayed[-1],
+                        _dist.traced_root(self.module),
+                        index,
+                    )
             except Exception as err:
                 if not ddp:
                     raise
-                self.ledger.warn_once("replay", f"nanscope: the replay failed on rank {_dist.rank()} "
-                                          f"({type(err).__name__}: {err}); the other ranks' findings are used")
+                self.ledger.warn_once(
+                    "replay",
+                    f"nanscope: the replay failed on rank {_dist.rank()} "
+                    f"({type(err).__name__}: {err}); the other ranks' findings are used",
+                )
             finally:
                 if kept is not None:
                     for p in self._params:
@@ -500,15 +611,25 @@ class Guard(GuardState):
             if _dist.active():  # every rank stayed finite in the replay: name where the step failed
                 local.ranks = _dist.ranks_seen(seen.get("ranks_bad"))
                 loss_r = replayed[-1] if replayed else None
-                loss_r = loss_r.get("loss") if isinstance(loss_r, dict) else loss_r[0] if isinstance(loss_r, (tuple, list)) and loss_r else loss_r
+                loss_r = (
+                    loss_r.get("loss")
+                    if isinstance(loss_r, dict)
+                    else loss_r[0]
+                    if isinstance(loss_r, (tuple, list)) and loss_r
+                    else loss_r
+                )
                 if isinstance(loss_r, torch.Tensor) and loss_r.numel() == 1:
-                    local.evidence.append(f"replay on rank {_dist.rank()}: loss {fmt(float(_dist.local(loss_r.detach())))}, finite")
+                    local.evidence.append(
+                        f"replay on rank {_dist.rank()}: loss {fmt(float(_dist.local(loss_r.detach())))}, finite"
+                    )
                 local.evidence.append(_dist.seen_text(local.ranks))
                 local = _dist.common(local, local.ranks, step=index)
         local.step = index
         return local, local.phase in STATE_PHASES
 
-    def _not_found(self, index: int, seen: dict[str, Any], error: BaseException | None = None) -> Diagnosis:
+    def _not_found(
+        self, index: int, seen: dict[str, Any], error: BaseException | None = None
+    ) -> Diagnosis:
         """The step was non-finite, and the replay either failed (``error``) or stayed finite."""
         loss, gnorm = seen.get("loss"), seen.get("grad_norm")
         what = "loss" if loss is not None and not math.isfinite(loss) else "gradient"
@@ -516,12 +637,24 @@ class Guard(GuardState):
         if error is not None:
             d = rules.not_localized(what, error, framework="torch", step=index, evidence=evidence)
         else:
-            d = rules.not_reproduced(what, framework="torch", step=index, evidence=evidence,
-                                     phase=Phase.LOSS if what == "loss" else Phase.BACKWARD,
-                                     compiled=_compiled(self.model, self._step_fn))
+            d = rules.not_reproduced(
+                what,
+                framework="torch",
+                step=index,
+                evidence=evidence,
+                phase=Phase.LOSS if what == "loss" else Phase.BACKWARD,
+                compiled=_compiled(self.model, self._step_fn),
+            )
         return rules.with_history(d, list(self.history.grad_norm))
 
-    def _act(self, d: Diagnosis, after: list[torch.Tensor], unrecoverable: bool, *, scaler_done: bool = False) -> None:
+    def _act(
+        self,
+        d: Diagnosis,
+        after: list[torch.Tensor],
+        unrecoverable: bool,
+        *,
+        scaler_done: bool = False,
+    ) -> None:
         self._applied_last = False
         if self._scaling() and not scaler_done and self.policy is not Policy.WARN:
             self.scaler.update()  # close the scaler's step (unscale_ ran); it lowers the scale, as on any Inf
@@ -532,7 +665,9 @@ class Guard(GuardState):
             raise NonFiniteError(d)
         if policy is Policy.WARN:
             buffers = [getattr(m, n) for m, n in self._norm_buffers]
-            if buffers and len(after) == len(buffers):  # the step's own BatchNorm update goes through too
+            if buffers and len(after) == len(
+                buffers
+            ):  # the step's own BatchNorm update goes through too
                 with torch.no_grad():
                     torch._foreach_copy_(buffers, after)
             self.ledger.say(d, self.ledger.outcome_text(policy))
@@ -555,15 +690,25 @@ class Guard(GuardState):
         if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
             self._host_optimizer, self.optimizer = optimizer, inner
             if self.scaler is None:
-                strategy = getattr(optimizer, "_strategy", None)  # Fabric: the precision plugin's scaler
+                strategy = getattr(
+                    optimizer, "_strategy", None
+                )  # Fabric: the precision plugin's scaler
                 self.scaler = getattr(optimizer, "scaler", None) or getattr(
-                    getattr(strategy, "precision", None), "scaler", None)
+                    getattr(strategy, "precision", None), "scaler", None
+                )
         forward = getattr(model, "_forward_module", None)  # Fabric's _FabricModule
-        if isinstance(forward, torch.nn.Module) and isinstance(getattr(model, "_original_module", None), torch.nn.Module):
+        if isinstance(forward, torch.nn.Module) and isinstance(
+            getattr(model, "_original_module", None), torch.nn.Module
+        ):
             self.model = forward
             self.module = _dist.unwrap(forward)
-            self._norm_buffers = [(m, n) for m in self.module.modules() if is_norm_layer(m)
-                                  for n, b in m.named_buffers(recurse=False) if b is not None]
+            self._norm_buffers = [
+                (m, n)
+                for m in self.module.modules()
+                if is_norm_layer(m)
+                for n, b in m.named_buffers(recurse=False)
+                if b is not None
+            ]
 
     @property
     def step_was_skipped(self) -> bool:
@@ -581,11 +726,21 @@ class Guard(GuardState):
         try:
             from nanscope import sinks as _sinks
 
-            _sinks.send(self.sinks, d, action=str(action), nonfinite_steps=sum(self.counts.values()),
-                        skipped_steps=self.skipped, step=d.step, rank=_dist.rank())
+            _sinks.send(
+                self.sinks,
+                d,
+                action=str(action),
+                nonfinite_steps=sum(self.counts.values()),
+                skipped_steps=self.skipped,
+                step=d.step,
+                rank=_dist.rank(),
+            )
         except Exception as err:  # a tracker that fails must not stop training
-            self.ledger.warn_once("sinks", f"nanscope: could not send the diagnosis to the trackers: "
-                                     f"{type(err).__name__}: {err}")
+            self.ledger.warn_once(
+                "sinks",
+                f"nanscope: could not send the diagnosis to the trackers: "
+                f"{type(err).__name__}: {err}",
+            )
 
     def _internal(self, where: str, err: BaseException) -> None:
         self.ledger.internal(where, err)

@@ -52,7 +52,9 @@ class HostScaler:
     def get_scale(self) -> float:
         return self._scaler.get_scale()
 
-    def unscale_(self, optimizer: Any) -> None:  # Lightning unscales before on_before_optimizer_step
+    def unscale_(
+        self, optimizer: Any
+    ) -> None:  # Lightning unscales before on_before_optimizer_step
         pass
 
     def step(self, optimizer: Any) -> None:
@@ -113,19 +115,34 @@ class LoopGuard(Guard):
             return None
         return index, verdict
 
-    def explain(self, step_fn: Callable[[Any], Any], batch: Any, index: int, rng_before: dict[str, Any] | None,
-                seen: dict[str, Any]) -> None:
+    def explain(
+        self,
+        step_fn: Callable[[Any], Any],
+        batch: Any,
+        index: int,
+        rng_before: dict[str, Any] | None,
+        seen: dict[str, Any],
+    ) -> None:
         """Restore the buffers, replay and localize, write the bundle, act (raises under "raise")."""
         from nanscope.torch.bundle import rng_state
 
-        self._fail(step_fn, batch, index, rng_before if rng_before is not None else rng_state(), seen)
+        self._fail(
+            step_fn, batch, index, rng_before if rng_before is not None else rng_state(), seen
+        )
 
     # -- what survives a checkpoint --------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"steps": self.steps, "skipped": self.skipped, "counts": dict(self.counts),
-                "should_stop": self.should_stop, "in_a_row": self.ledger.in_a_row,
-                "loss": list(self.history.loss), "grad_norm": list(self.history.grad_norm),
-                "diagnoses": [d.to_dict() for d in self.diagnoses], "bundles": self._bundles}
+        return {
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "counts": dict(self.counts),
+            "should_stop": self.should_stop,
+            "in_a_row": self.ledger.in_a_row,
+            "loss": list(self.history.loss),
+            "grad_norm": list(self.history.grad_norm),
+            "diagnoses": [d.to_dict() for d in self.diagnoses],
+            "bundles": self._bundles,
+        }
 
     def load(self, state: Mapping[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
@@ -143,5 +160,3 @@ class LoopGuard(Guard):
 
 def diagnosis_from(doc: Mapping[str, Any]) -> Diagnosis:
     return Diagnosis.from_dict(dict(doc.get("diagnosis") or doc))
-
-

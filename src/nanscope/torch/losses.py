@@ -27,8 +27,17 @@ from nanscope.core.limits import limits
 from nanscope.losses import user_stacklevel
 
 __all__ = [
-    "binary_cross_entropy", "cross_entropy", "dice_loss", "double_where", "focal_loss",
-    "masked_softmax", "safe_div", "safe_log", "safe_norm", "safe_sqrt", "tversky_loss",
+    "binary_cross_entropy",
+    "cross_entropy",
+    "dice_loss",
+    "double_where",
+    "focal_loss",
+    "masked_softmax",
+    "safe_div",
+    "safe_log",
+    "safe_norm",
+    "safe_sqrt",
+    "tversky_loss",
 ]
 
 
@@ -37,8 +46,14 @@ def _tiny(x: torch.Tensor) -> float:
     return lim.tiny if lim else 1.1754943508222875e-38
 
 
-def double_where(condition: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                 *, safe_value: float = 1.0, otherwise: float | torch.Tensor = 0.0) -> torch.Tensor:
+def double_where(
+    condition: torch.Tensor,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    safe_value: float = 1.0,
+    otherwise: float | torch.Tensor = 0.0,
+) -> torch.Tensor:
     """``where(condition, fn(x), otherwise)`` without the NaN gradient of the discarded branch.
 
     ``torch.where(c, fn(x), 0)`` still differentiates ``fn`` at the discarded elements, and
@@ -77,7 +92,9 @@ def safe_sqrt(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     return double_where(x > (_tiny(x) if eps is None else eps), torch.sqrt, x)
 
 
-def safe_norm(x: torch.Tensor, dim: int | tuple[int, ...] | None = None, keepdim: bool = False) -> torch.Tensor:
+def safe_norm(
+    x: torch.Tensor, dim: int | tuple[int, ...] | None = None, keepdim: bool = False
+) -> torch.Tensor:
     """Euclidean norm with a finite (zero) gradient at the zero vector.
 
     The squares are summed in float32 so float16 inputs do not overflow on the way; the result
@@ -93,7 +110,9 @@ def safe_norm(x: torch.Tensor, dim: int | tuple[int, ...] | None = None, keepdim
     return safe_sqrt(total).to(x.dtype)
 
 
-def safe_div(numerator: torch.Tensor, denominator: torch.Tensor | float, *, otherwise: float = 0.0) -> torch.Tensor:
+def safe_div(
+    numerator: torch.Tensor, denominator: torch.Tensor | float, *, otherwise: float = 0.0
+) -> torch.Tensor:
     """``numerator / denominator``, and ``otherwise`` (default 0) where the denominator is 0.
 
     Example:
@@ -127,10 +146,15 @@ def _say_once(message: str) -> None:
     warnings.warn(f"nanscope: {message}", UserWarning, stacklevel=user_stacklevel())
 
 
-
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
-                  weight: torch.Tensor | None = None, reduction: str = "mean",
-                  label_smoothing: float = 0.0) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """``F.cross_entropy`` that is 0 (gradient 0) when every target equals ``ignore_index``.
 
     The stock mean divides by the number of valid targets, 0/0 = NaN when there are none.
@@ -142,9 +166,14 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: i
         0.0
     """
     x = logits.float()
-    total = F.cross_entropy(x, target, weight=None if weight is None else weight.float(),
-                            ignore_index=ignore_index, reduction="sum" if reduction == "mean" else reduction,
-                            label_smoothing=label_smoothing)
+    total = F.cross_entropy(
+        x,
+        target,
+        weight=None if weight is None else weight.float(),
+        ignore_index=ignore_index,
+        reduction="sum" if reduction == "mean" else reduction,
+        label_smoothing=label_smoothing,
+    )
     if reduction != "mean":
         return total
     valid = target != ignore_index
@@ -153,13 +182,16 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: i
     else:
         denom = valid.sum().to(x.dtype)
     if not bool(valid.any()):
-        _say_once("cross_entropy: every target equals ignore_index; returning 0 (and a zero gradient) "
-                  "instead of 0/0 = NaN. Check the labels with `nanscope data`.")
+        _say_once(
+            "cross_entropy: every target equals ignore_index; returning 0 (and a zero gradient) "
+            "instead of 0/0 = NaN. Check the labels with `nanscope data`."
+        )
     return total / denom.clamp_min(1.0)
 
 
-def binary_cross_entropy(probs: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-7,
-                         reduction: str = "mean") -> torch.Tensor:
+def binary_cross_entropy(
+    probs: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-7, reduction: str = "mean"
+) -> torch.Tensor:
     """Binary cross-entropy on probabilities, clamped to ``[eps, 1 - eps]`` (in float32).
 
     Prefer ``F.binary_cross_entropy_with_logits`` when you have logits.
@@ -172,8 +204,14 @@ def binary_cross_entropy(probs: torch.Tensor, target: torch.Tensor, *, eps: floa
     return F.binary_cross_entropy(p, target.float(), reduction=reduction)
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0,
-               alpha: float | None = 0.25, reduction: str = "mean") -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    gamma: float = 2.0,
+    alpha: float | None = 0.25,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Sigmoid focal loss (Lin et al.) from logits, finite for logits of ±1e4 and any gamma >= 0.
 
     The modulating factor ``(1 - p_t) ** gamma`` is computed as ``exp(gamma * logsigmoid(-z))``
@@ -203,8 +241,9 @@ def _per_sample_sums(probs: torch.Tensor, target: torch.Tensor):
     return s(p * t), s(p * (1 - t)), s((1 - p) * t)
 
 
-def dice_loss(probs: torch.Tensor, target: torch.Tensor, *, smooth: float = 0.0,
-              reduction: str = "mean") -> torch.Tensor:
+def dice_loss(
+    probs: torch.Tensor, target: torch.Tensor, *, smooth: float = 0.0, reduction: str = "mean"
+) -> torch.Tensor:
     """``1 - 2|P∩T| / (|P| + |T|)`` per sample; an empty prediction of an empty mask scores 0.
 
     The stock formula is 0/0 = NaN for an empty mask predicted empty. Sums run over every
@@ -220,8 +259,15 @@ def dice_loss(probs: torch.Tensor, target: torch.Tensor, *, smooth: float = 0.0,
     return _reduce(1.0 - dice, reduction)
 
 
-def tversky_loss(probs: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.5, beta: float = 0.5,
-                 smooth: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+def tversky_loss(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    smooth: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Tversky loss ``1 - TP / (TP + alpha FP + beta FN)``; 0 for an empty mask predicted empty.
 
     Example:

@@ -48,13 +48,29 @@ class NormRepairReport:
         return [n for n, d in self.layers.items() if d["changed"]]
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "batches": self.batches, "skipped_batches": self.skipped_batches,
-                "outputs_finite": self.outputs_finite, "changed": self.changed, "layers": self.layers}
+        return {
+            "method": self.method,
+            "batches": self.batches,
+            "skipped_batches": self.skipped_batches,
+            "outputs_finite": self.outputs_finite,
+            "changed": self.changed,
+            "layers": self.layers,
+        }
 
     def __str__(self) -> str:
-        head = (f"{self.method} BatchNorm statistics of {len(self.layers)} layers"
-                + (f" over {self.batches} batches" if self.method == "recalibrated" else " to mean 0, variance 1")
-                + (f" ({self.skipped_batches} non-finite batches skipped)" if self.skipped_batches else ""))
+        head = (
+            f"{self.method} BatchNorm statistics of {len(self.layers)} layers"
+            + (
+                f" over {self.batches} batches"
+                if self.method == "recalibrated"
+                else " to mean 0, variance 1"
+            )
+            + (
+                f" ({self.skipped_batches} non-finite batches skipped)"
+                if self.skipped_batches
+                else ""
+            )
+        )
         lines = [head]
         for name in self.changed[:20]:
             b, a = self.layers[name]["before"], self.layers[name]["after"]
@@ -62,7 +78,10 @@ class NormRepairReport:
         if len(self.changed) > 20:
             lines.append(f"  … {len(self.changed) - 20} more layers changed")
         if self.outputs_finite is not None:
-            lines.append("  eval-mode outputs on the data: " + ("finite" if self.outputs_finite else "STILL NON-FINITE"))
+            lines.append(
+                "  eval-mode outputs on the data: "
+                + ("finite" if self.outputs_finite else "STILL NON-FINITE")
+            )
         return "\n".join(lines)
 
 
@@ -75,15 +94,22 @@ def _describe(s: dict) -> str:
 def _var_summary(bn: nn.Module) -> dict[str, Any]:
     v = bn.running_var.detach().float().cpu().numpy()
     f = v[np.isfinite(v)]
-    return {"min": float(f.min()) if f.size else None, "max": float(f.max()) if f.size else None,
-            "nonfinite": int(v.size - f.size), "negative": int((f < 0).sum()),
-            "mean_of_running_mean": float(np.nanmean(bn.running_mean.detach().float().cpu().numpy()))}
+    return {
+        "min": float(f.min()) if f.size else None,
+        "max": float(f.max()) if f.size else None,
+        "nonfinite": int(v.size - f.size),
+        "negative": int((f < 0).sum()),
+        "mean_of_running_mean": float(np.nanmean(bn.running_mean.detach().float().cpu().numpy())),
+    }
 
 
 def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
     """BatchNorm layers (1d/2d/3d, SyncBatchNorm) that keep running statistics."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, _NORM) and m.track_running_stats
-            and m.running_var is not None}
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, _NORM) and m.track_running_stats and m.running_var is not None
+    }
 
 
 def _inputs_of(batch: Any) -> Any:
@@ -103,8 +129,14 @@ def _to(x: Any, device: torch.device) -> Any:
     return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
-def repair_norm_statistics(model: nn.Module, loader: Iterable, *, max_batches: int | None = None,
-                           verify: bool = True, verify_batches: int = 4) -> NormRepairReport:
+def repair_norm_statistics(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    max_batches: int | None = None,
+    verify: bool = True,
+    verify_batches: int = 4,
+) -> NormRepairReport:
     """Recompute every BatchNorm layer's running mean and variance from ``loader``.
 
     Args:
@@ -131,8 +163,14 @@ def repair_norm_statistics(model: nn.Module, loader: Iterable, *, max_batches: i
     if not layers:
         return report
     before = {n: _var_summary(m) for n, m in layers.items()}
-    saved = {n: (m.running_mean.clone(), m.running_var.clone(),
-                 None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for n, m in layers.items()}
+    saved = {
+        n: (
+            m.running_mean.clone(),
+            m.running_var.clone(),
+            None if m.num_batches_tracked is None else m.num_batches_tracked.clone(),
+        )
+        for n, m in layers.items()
+    }
     training = {m: m.training for m in model.modules()}
     momentum = {n: m.momentum for n, m in layers.items()}
     try:
@@ -164,8 +202,14 @@ def repair_norm_statistics(model: nn.Module, loader: Iterable, *, max_batches: i
                 m.running_var.copy_(rv)
                 if nb is not None:
                     m.num_batches_tracked.copy_(nb)
-            raise BadInputError("no usable batch to recompute BatchNorm statistics from "
-                                + ("(every batch held NaN/Inf)" if report.skipped_batches else "(the data is empty)"))
+            raise BadInputError(
+                "no usable batch to recompute BatchNorm statistics from "
+                + (
+                    "(every batch held NaN/Inf)"
+                    if report.skipped_batches
+                    else "(the data is empty)"
+                )
+            )
     finally:
         for n, m in layers.items():
             m.momentum = momentum[n]
@@ -182,8 +226,18 @@ def repair_norm_statistics(model: nn.Module, loader: Iterable, *, max_batches: i
     for n, m in layers.items():
         after = _var_summary(m)
         b = before[n]
-        moved = b["nonfinite"] or b["negative"] or b["min"] is None or not np.allclose(
-            saved[n][1].float().cpu().numpy(), m.running_var.float().cpu().numpy(), rtol=1e-3, atol=1e-6, equal_nan=False)
+        moved = (
+            b["nonfinite"]
+            or b["negative"]
+            or b["min"] is None
+            or not np.allclose(
+                saved[n][1].float().cpu().numpy(),
+                m.running_var.float().cpu().numpy(),
+                rtol=1e-3,
+                atol=1e-6,
+                equal_nan=False,
+            )
+        )
         report.layers[n] = {"before": b, "after": after, "changed": bool(moved)}
     return report
 

@@ -68,9 +68,19 @@ _FLUSH_EVERY = 50_000  # records kept at most between two boundaries that drop t
 _WRITES: dict[Any, list[tuple[int, str]]] = {}  # op -> arguments it writes to
 _MUTABLE: dict[Any, bool] = {}  # op -> whether it writes to an argument
 # Ops that make a tensor from Python values: an infinity they hold was written by the script.
-_CONSTANTS = {getattr(torch.ops.aten, name) for name in (
-    "lift_fresh", "lift_fresh_copy", "full", "scalar_tensor", "fill_", "full_like", "new_full",
-) if hasattr(torch.ops.aten, name)}
+_CONSTANTS = {
+    getattr(torch.ops.aten, name)
+    for name in (
+        "lift_fresh",
+        "lift_fresh_copy",
+        "full",
+        "scalar_tensor",
+        "fill_",
+        "full_like",
+        "new_full",
+    )
+    if hasattr(torch.ops.aten, name)
+}
 
 
 def _per_device(scalars: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -176,9 +186,11 @@ class Runner:
     # -- install / remove --------------------------------------------------------------------
     def install(self) -> None:
         self.tracker.install()
-        self._handles = [register_optimizer_step_pre_hook(self._pre_step),
-                         register_optimizer_step_post_hook(self._post_step),
-                         register_module_forward_pre_hook(self._note_compiled)]
+        self._handles = [
+            register_optimizer_step_pre_hook(self._pre_step),
+            register_optimizer_step_post_hook(self._post_step),
+            register_module_forward_pre_hook(self._note_compiled),
+        ]
         # torch warns that global module hooks fire once more under torch.compile: those hooks
         # are nanscope's, not the script's, so the script's output must not carry the warning.
         warnings.filterwarnings("ignore", message=_GLOBAL_HOOKS_WARNING, category=UserWarning)
@@ -191,9 +203,11 @@ class Runner:
         if self._said_compiled or not hasattr(module, "_orig_mod"):
             return
         self._said_compiled = True
-        print("nanscope run: torch.compile'd modules run eagerly while nanscope watches them op by op, "
-              "so this run has eager speed and eager numerics; nanscope.torch.Guard keeps them compiled",
-              file=sys.stderr)
+        print(
+            "nanscope run: torch.compile'd modules run eagerly while nanscope watches them op by op, "
+            "so this run has eager speed and eager numerics; nanscope.torch.Guard keeps them compiled",
+            file=sys.stderr,
+        )
 
     def remove(self) -> None:
         self.done = True
@@ -203,7 +217,9 @@ class Runner:
         self._handles = []
         if self._filter is not None and self._filter in warnings.filters:
             warnings.filters.remove(self._filter)
-            mutated = getattr(warnings, "_filters_mutated", None)  # what filterwarnings itself calls
+            mutated = getattr(
+                warnings, "_filters_mutated", None
+            )  # what filterwarnings itself calls
             if mutated is not None:
                 mutated()
         self._filter = None
@@ -253,8 +269,11 @@ class Runner:
         for a in seq:
             if type(a) is torch.Tensor or type(a) is torch.nn.Parameter:  # the common case, inlined
                 hit = produced.get(id(a))
-                out.append(_Ref(hit[1], None) if hit is not None and hit[0]() is a and hit[2] is a.dtype
-                           and hit[3] == a.shape else _Ref(None, a))
+                out.append(
+                    _Ref(hit[1], None)
+                    if hit is not None and hit[0]() is a and hit[2] is a.dtype and hit[3] == a.shape
+                    else _Ref(None, a)
+                )
                 continue
             if isinstance(a, torch.Tensor):
                 out.append(self._ref(a))
@@ -273,8 +292,11 @@ class Runner:
         """Copies of the not-yet-recorded tensors this in-place op is about to write."""
         positions = _WRITES.get(func)
         if positions is None:
-            positions = _WRITES[func] = [(i, a.name) for i, a in enumerate(func._schema.arguments)
-                                         if a.alias_info is not None and a.alias_info.is_write]
+            positions = _WRITES[func] = [
+                (i, a.name)
+                for i, a in enumerate(func._schema.arguments)
+                if a.alias_info is not None and a.alias_info.is_write
+            ]
         snaps = {}
         for i, name in positions:
             t = args[i] if i < len(args) else kwargs.get(name)
@@ -311,7 +333,9 @@ class Runner:
                 self.produced[id(t)] = (weakref.ref(t), ("w", i, where), t.dtype, t.shape)
                 self.originals[id(copy)] = t
         phase = tr.phase(node is not None)
-        ev = Event(i, func, tuple(rargs), rkwargs, [], phase, tr.current(), tr.root, user_frame(), node)
+        ev = Event(
+            i, func, tuple(rargs), rkwargs, [], phase, tr.current(), tr.root, user_frame(), node
+        )
         self.records.append(ev)
         floats = []
         produced = self.produced
@@ -321,7 +345,9 @@ class Runner:
                 floats.append(o)
         if node is None and floats:
             self._last_forward = (ev, floats)
-        if len(self.records) >= _FLUSH_EVERY:  # a very long stretch with no boundary: bound the memory
+        if (
+            len(self.records) >= _FLUSH_EVERY
+        ):  # a very long stretch with no boundary: bound the memory
             self._clear()
 
     def replay(self) -> tuple[Analyzer, Any]:
@@ -346,17 +372,42 @@ class Runner:
                     kwargs = {k: real(v) for k, v in ev.kwargs.items()}
                     ins_fin = inputs_finite(ev.func, args, kwargs)
                     out = ev.func(*args, **kwargs)
-                    outs = [out] if isinstance(out, torch.Tensor) else [
-                        o for o in (out if isinstance(out, (tuple, list)) else []) if isinstance(o, torch.Tensor)]
+                    outs = (
+                        [out]
+                        if isinstance(out, torch.Tensor)
+                        else [
+                            o
+                            for o in (out if isinstance(out, (tuple, list)) else [])
+                            if isinstance(o, torch.Tensor)
+                        ]
+                    )
                     for k, o in enumerate(outs):
                         values[(ev.index, k)] = o
                     for where, ref in list(enumerate(ev.args)) + list(ev.kwargs.items()):
-                        if isinstance(ref, _Ref) and ref.key is None and id(ref.tensor) in self.originals:
+                        if (
+                            isinstance(ref, _Ref)
+                            and ref.key is None
+                            and id(ref.tensor) in self.originals
+                        ):
                             values[("w", ev.index, where)] = ref.tensor
                     floats = [o for o in outs if o.is_floating_point()]
                     if floats:
-                        analyzer.observe(Event(ev.index, ev.func, args, kwargs, floats, ev.phase, ev.module,
-                                               ev.root, ev.frame, ev.node, ins_fin, ev.grad_fns))
+                        analyzer.observe(
+                            Event(
+                                ev.index,
+                                ev.func,
+                                args,
+                                kwargs,
+                                floats,
+                                ev.phase,
+                                ev.module,
+                                ev.root,
+                                ev.frame,
+                                ev.node,
+                                ins_fin,
+                                ev.grad_fns,
+                            )
+                        )
         finally:
             torch.set_rng_state(rng)
         analyzer.originals = dict(self.originals)
@@ -378,8 +429,13 @@ class Runner:
     # -- boundaries -------------------------------------------------------------------------
     def at_scalar(self, t: torch.Tensor) -> None:
         # The script syncs here anyway (it wants the number): one more look at one element.
-        if (self.records and t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())
-                and not self._is_constant(t)):
+        if (
+            self.records
+            and t.is_floating_point()
+            and not t.is_meta
+            and not bool(torch.isfinite(t).all())
+            and not self._is_constant(t)
+        ):
             self._fail([("loss", t)])
 
     def _is_constant(self, t: torch.Tensor) -> bool:
@@ -443,11 +499,17 @@ class Runner:
             norms = torch._foreach_norm(dense) if dense else []
             # The losses backward started from ride in the same sum (one sync): a loss can be
             # Inf while every gradient is finite (a masked-out term, a ReLU at 0).
-            total = _sum_per_device([n.double() ** 2 for n in norms] + [t.detach().double().sum() * 0 for t in losses])
+            total = _sum_per_device(
+                [n.double() ** 2 for n in norms] + [t.detach().double().sum() * 0 for t in losses]
+            )
             total = math.sqrt(total) if total >= 0 else total
             loss_ok = all(all_finite(t) for t in losses) if not math.isfinite(total) else True
-            if not math.isfinite(total) and loss_ok:  # a float32 sum of squares overflows past ~1.8e19
-                total = math.sqrt(sum(v * v for v in settled_norms([float(n) for n in norms], dense)))
+            if (
+                not math.isfinite(total) and loss_ok
+            ):  # a float32 sum of squares overflows past ~1.8e19
+                total = math.sqrt(
+                    sum(v * v for v in settled_norms([float(n) for n in norms], dense))
+                )
         if math.isfinite(total):
             self.grad_norms.append(total)
             del self.grad_norms[:-64]
@@ -477,8 +539,13 @@ class Runner:
         if d is None:
             names = param_names(optimizer, root)
             bad = [names.get(id(p), "parameter") for p in params if not all_finite(p)]
-            d = rules.update_overflowed(bad, framework="torch", step=self.step, lr=self._lr,
-                                        dtype=dtype_name(params[0].dtype))
+            d = rules.update_overflowed(
+                bad,
+                framework="torch",
+                step=self.step,
+                lr=self._lr,
+                dtype=dtype_name(params[0].dtype),
+            )
         self._raise(d)
 
     # -- failure ----------------------------------------------------------------------------
@@ -495,7 +562,9 @@ class Runner:
             d = first_failure(analyzer, [(what, replayed(t)) for what, t in things])
         except Exception as err:  # the failure is real even if our replay of it is not
             self.session.internal_error("replaying the failing step", err)
-            d = rules.not_localized(things[0][0] if things else "value", err, framework="torch", step=self.step)
+            d = rules.not_localized(
+                things[0][0] if things else "value", err, framework="torch", step=self.step
+            )
         if d is None:
             if all(what != "gradient" for what, _ in things):
                 # Only intentional infinities (a -inf mask) reached the output: not a failure.
@@ -511,11 +580,24 @@ class Runner:
             d.step = self.step
         d = rules.with_history(d, list(self.grad_norms), lr=self._lr)
         tr = self.tracker
-        if tr.calls and not (tr.root_training and tr.root_grad):  # not a training step: say which pass
-            mode = ", ".join(m for m in ("eval mode" if not tr.root_training else "",
-                                         "no_grad" if not tr.root_grad else "") if m)
-            d = rules.in_program(d, "evaluation" if self.step else "inference", batch=tr.calls - 1, mode=mode,
-                                 after_steps=self.step or None)
+        if tr.calls and not (
+            tr.root_training and tr.root_grad
+        ):  # not a training step: say which pass
+            mode = ", ".join(
+                m
+                for m in (
+                    "eval mode" if not tr.root_training else "",
+                    "no_grad" if not tr.root_grad else "",
+                )
+                if m
+            )
+            d = rules.in_program(
+                d,
+                "evaluation" if self.step else "inference",
+                batch=tr.calls - 1,
+                mode=mode,
+                after_steps=self.step or None,
+            )
         raise self.session.fail(d)
 
 

@@ -67,8 +67,23 @@ __all__ = ["trace_step"]
 _SOURCES = {"set_", "lift_fresh", "lift_fresh_copy", "from_file", "_copy_from"}
 # Ops that pick or move values without computing new ones: a producer's input is "made by"
 # the op before them (log(softmax(x)[idx]) is still a log of a softmax).
-_SELECTS = {"clone", "contiguous", "to", "_to_copy", "index", "gather", "index_select", "take_along_dim",
-            "masked_select", "squeeze", "unsqueeze", "flatten", "reshape", "cat", "stack"}
+_SELECTS = {
+    "clone",
+    "contiguous",
+    "to",
+    "_to_copy",
+    "index",
+    "gather",
+    "index_select",
+    "take_along_dim",
+    "masked_select",
+    "squeeze",
+    "unsqueeze",
+    "flatten",
+    "reshape",
+    "cat",
+    "stack",
+}
 # Arithmetic ops whose Python-number operands are quoted as evidence (x / 0.0).
 _ARITH = (OpKind.DIV, OpKind.MUL, OpKind.ADD, OpKind.SUB, OpKind.POW)
 
@@ -102,7 +117,8 @@ def user_frame() -> tuple[str, int, str] | None:
         ok = _USER_FILE.get(name)
         if ok is None:
             ok = _USER_FILE[name] = is_user_file(name) and not os.path.normcase(
-                os.path.abspath(name)).startswith(_SCRIPTS_DIR)
+                os.path.abspath(name)
+            ).startswith(_SCRIPTS_DIR)
         if ok:
             return (name, f.f_lineno, code.co_name)
         f = f.f_back
@@ -157,7 +173,9 @@ class ModuleTracker:
             self.root_done = False
             first = next((t for _, t in named_tensors(args, "a")), None)
             self.batch_size = int(first.shape[0]) if first is not None and first.dim() else None
-            if not is_loss_module(module):  # a loss module called on its own is not a pass of the model
+            if not is_loss_module(
+                module
+            ):  # a loss module called on its own is not a pass of the model
                 self.calls += 1
                 self.root_training, self.root_grad = module.training, torch.is_grad_enabled()
         self.stack.append(module)
@@ -167,7 +185,7 @@ class ModuleTracker:
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
         elif module in self.stack:  # an exception skipped some pops
-            del self.stack[self.stack.index(module):]
+            del self.stack[self.stack.index(module) :]
         if module is self.root and module not in self.stack:
             self.root_done = True
             self.root_outputs = [t for _, t in named_tensors(output, "output") if is_float(t)]
@@ -305,7 +323,9 @@ class Analyzer:
         if self._node_map is None:
             self._node_map = {}
             for ev in self.forward_events:
-                for fn in (ev.grad_fns if ev.grad_fns is not None else [grad_fn_of(o) for o in ev.outputs]):
+                for fn in (
+                    ev.grad_fns if ev.grad_fns is not None else [grad_fn_of(o) for o in ev.outputs]
+                ):
                     if fn is not None and id(fn) not in self._node_map:
                         self._node_map[id(fn)] = ev
         return self._node_map.get(id(node))
@@ -319,15 +339,21 @@ class Analyzer:
                     self.leaves.setdefault(id(t), t)
         fin = [all_finite(o) for o in ev.outputs]
         if all(fin):
-            self.origins.see(OpSeen(ev.index, ev.name, ev.phase, [], [Value(id(o), True) for o in ev.outputs]))
+            self.origins.see(
+                OpSeen(ev.index, ev.name, ev.phase, [], [Value(id(o), True) for o in ev.outputs])
+            )
             return
         ins = ev.tensor_inputs()
         in_fin = ev.inputs_finite if ev.inputs_finite is not None else [all_finite(t) for t in ins]
         op = OpSeen(
-            ev.index, ev.name, ev.phase,
+            ev.index,
+            ev.name,
+            ev.phase,
             inputs=[self.value(t, ok) for t, ok in zip(ins, in_fin, strict=False)],
             outputs=[self.value(o, ok) for o, ok in zip(ev.outputs, fin, strict=False)],
-            scalar_inf=_scalar_inf(ev.args, ev.kwargs), source=_short(ev.func) in _SOURCES, record=ev,
+            scalar_inf=_scalar_inf(ev.args, ev.kwargs),
+            source=_short(ev.func) in _SOURCES,
+            record=ev,
         )
         origin = self.origins.see(op)
         if origin is not None:
@@ -335,8 +361,9 @@ class Analyzer:
             origin.evidence = self._evidence(ev, bad, ins, in_fin)
 
     # evidence at the producer, taken while its tensors are as the op saw them
-    def _evidence(self, ev: Event, out: torch.Tensor, ins: list[torch.Tensor],
-                  in_fin: list[bool]) -> rules.ProducerEvidence:
+    def _evidence(
+        self, ev: Event, out: torch.Tensor, ins: list[torch.Tensor], in_fin: list[bool]
+    ) -> rules.ProducerEvidence:
         name = ev.name
         kind = OpKind.of(name)
         summaries = [summary_of(t) for t in ins if is_float(t)]
@@ -350,12 +377,21 @@ class Analyzer:
         module = self.tracker.path(ev.module, ev.root)
         samples, positions = batch_rows(out, self.tracker.batch_size)
         evidence = rules.ProducerEvidence(
-            op=name, phase=ev.phase, inputs=summaries, output=summary_of(out), framework="torch",
-            op_kind=kind, module=module, location=_location(ev.frame), samples=samples,
+            op=name,
+            phase=ev.phase,
+            inputs=summaries,
+            output=summary_of(out),
+            framework="torch",
+            op_kind=kind,
+            module=module,
+            location=_location(ev.frame),
+            samples=samples,
             step=self.step,
         )
         if positions:
-            evidence.extra_evidence.append(f"positions within each sample (tokens, heads): {samples_text(positions)}")
+            evidence.extra_evidence.append(
+                f"positions within each sample (tokens, heads): {samples_text(positions)}"
+            )
             evidence.details["positions"] = positions
         if kind in (OpKind.STD, OpKind.VAR) and ins:
             evidence.details["reduced_size"] = ins[0].numel() // max(out.numel(), 1)
@@ -370,12 +406,18 @@ class Analyzer:
                 dim = dim[0] if dim else -1
             masked = (x.detach() == -math.inf).all(dim=dim)
             if masked.any():
-                rows = masked.reshape(masked.shape[0], -1).any(1) if masked.dim() > 0 else masked.reshape(1)
+                rows = (
+                    masked.reshape(masked.shape[0], -1).any(1)
+                    if masked.dim() > 0
+                    else masked.reshape(1)
+                )
                 evidence.all_masked_rows = [int(i) for i in torch.nonzero(rows).flatten()]
-                evidence.samples = rows_to_samples(evidence.all_masked_rows, int(rows.shape[0]),
-                                                   self.tracker.batch_size)[0]
+                evidence.samples = rows_to_samples(
+                    evidence.all_masked_rows, int(rows.shape[0]), self.tracker.batch_size
+                )[0]
                 evidence.extra_evidence.append(
-                    f"{int(masked.sum())} of {masked.numel()} softmax rows are entirely -Inf")
+                    f"{int(masked.sum())} of {masked.numel()} softmax rows are entirely -Inf"
+                )
         if ev.phase is Phase.BACKWARD:
             self._backward_context(evidence, ev)
         return evidence
@@ -407,7 +449,9 @@ class Analyzer:
         # Quote the forward op's inputs as "the inputs" (that is what the user wrote); the
         # backward op's own operands go to the evidence under their real name.
         evidence.extra_evidence.append(
-            f"{evidence.op} ({ev.name}) operands: " + "; ".join(s.describe() for s in evidence.inputs))
+            f"{evidence.op} ({ev.name}) operands: "
+            + "; ".join(s.describe() for s in evidence.inputs)
+        )
         evidence.inputs = list(evidence.forward_inputs)
         evidence.module = self.tracker.path(fwd.module, fwd.root)
         evidence.location = _location(fwd.frame) or evidence.location
@@ -431,8 +475,10 @@ class Analyzer:
             evidence = self._evidence(ev, out, [], [])
         bwd = origin.first_backward.record if origin.first_backward is not None else None
         return rules.diagnose_failure(
-            evidence, reached=failure.reached,
-            backward_op=bwd.node.name() if bwd is not None and bwd.node is not None else None)
+            evidence,
+            reached=failure.reached,
+            backward_op=bwd.node.name() if bwd is not None and bwd.node is not None else None,
+        )
 
     def _external(self, origin: Origin) -> Diagnosis:
         from nanscope.torch.checks import check_model_state
@@ -453,10 +499,19 @@ class Analyzer:
                 if d is not None:
                     return d
         if isinstance(t, torch.nn.Parameter):
-            return rules.nonfinite_parameters({"parameter": summary_of(t)}, framework="torch", step=self.step)
+            return rules.nonfinite_parameters(
+                {"parameter": summary_of(t)}, framework="torch", step=self.step
+            )
         return rules.nonfinite_input(
-            None, summary_of(t), samples_of(t), framework="torch", step=self.step,
-            location=_location(ev.frame), read_by=ev.name, read_in=self.tracker.path(ev.module, ev.root))
+            None,
+            summary_of(t),
+            samples_of(t),
+            framework="torch",
+            step=self.step,
+            location=_location(ev.frame),
+            read_by=ev.name,
+            read_in=self.tracker.path(ev.module, ev.root),
+        )
 
 
 def _zero_rows(t: torch.Tensor) -> list[int]:
@@ -494,14 +549,27 @@ class TraceMode(TorchDispatchMode):
             return out
         tr = self.analyzer.tracker
         node = torch._C._current_autograd_node()
-        ev = Event(self.count, func, args, kwargs, outs, tr.phase(node is not None), tr.current(), tr.root,
-                   user_frame(), node, ins_fin)
+        ev = Event(
+            self.count,
+            func,
+            args,
+            kwargs,
+            outs,
+            tr.phase(node is not None),
+            tr.current(),
+            tr.root,
+            user_frame(),
+            node,
+            ins_fin,
+        )
         self.count += 1
         self.analyzer.observe(ev)
         return out
 
 
-def _matters(analyzer: Analyzer, result: Any, model: torch.nn.Module | None) -> list[tuple[str, torch.Tensor]]:
+def _matters(
+    analyzer: Analyzer, result: Any, model: torch.nn.Module | None
+) -> list[tuple[str, torch.Tensor]]:
     things: list[tuple[str, torch.Tensor]] = []
     things += [("loss", t) for _, t in named_tensors(result, "result") if is_float(t)]
     things += [("output", t) for t in analyzer.tracker.root_outputs]
@@ -516,12 +584,15 @@ def first_failure(analyzer: Analyzer, things: list[tuple[str, torch.Tensor]]) ->
     failure = analyzer.origins.first_failure(values)
     if failure is None:
         return None
-    tensor = next((t for (_, v), (_, t) in zip(values, things, strict=True) if v.key == failure.key), None)
+    tensor = next(
+        (t for (_, v), (_, t) in zip(values, things, strict=True) if v.key == failure.key), None
+    )
     return analyzer.diagnose(failure, tensor)
 
 
-def trace_step(fn: Callable[[], Any], *, model: torch.nn.Module | None = None,
-               step: int | None = None) -> Diagnosis | None:
+def trace_step(
+    fn: Callable[[], Any], *, model: torch.nn.Module | None = None, step: int | None = None
+) -> Diagnosis | None:
     """Run ``fn()`` (forward + loss + backward of one step, no optimizer step) under full
     instrumentation and diagnose the first producer of a non-finite value that reached the
     loss (what ``fn`` returns), the model's output or a gradient. ``None`` if all stayed finite.

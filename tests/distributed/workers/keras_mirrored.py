@@ -37,7 +37,9 @@ class FlipOnce(keras.layers.Layer):
     def build(self, shape):
         # Not a layer weight: the guard would restore it with the rest of the state on the veto,
         # and the fault would fire again.
-        COUNTER[:] = [tf.Variable(0.0, trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)]
+        COUNTER[:] = [
+            tf.Variable(0.0, trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        ]
 
     def call(self, x, training=False):
         if not training:
@@ -48,16 +50,22 @@ class FlipOnce(keras.layers.Layer):
         if ctx is not None:
             COUNTER[0].assign_add(1.0)
         bits = tf.bitcast(x, tf.int32)
-        flipped = tf.bitcast(tf.bitwise.bitwise_xor(bits, tf.constant(1 << 30, tf.int32)), tf.float32)
+        flipped = tf.bitcast(
+            tf.bitwise.bitwise_xor(bits, tf.constant(1 << 30, tf.int32)), tf.float32
+        )
         big = tf.reshape(tf.logical_and(tf.abs(x) >= 1.0, tf.abs(x) < 2.0), [-1])
-        first = tf.one_hot(tf.argmax(tf.cast(big, tf.int32)), tf.size(big), on_value=True, off_value=False)
+        first = tf.one_hot(
+            tf.argmax(tf.cast(big, tf.int32)), tf.size(big), on_value=True, off_value=False
+        )
         mask = tf.reshape(tf.logical_and(first, big), tf.shape(x))
         return tf.where(tf.logical_and(fire, mask), flipped, x)
 
 
 def replica_weights(model):
-    return [[np.asarray(r).tobytes() for r in strategy.experimental_local_results(v)] for v in model.weights
-            ]
+    return [
+        [np.asarray(r).tobytes() for r in strategy.experimental_local_results(v)]
+        for v in model.weights
+    ]
 
 
 def run(scenario):
@@ -68,8 +76,10 @@ def run(scenario):
             layers.append(FlipOnce())
         layers += [keras.layers.Activation("tanh"), keras.layers.Dense(3)]
         model = keras.Sequential(layers)
-        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4 * BATCH, 6)).astype("float32") * (3.0 if scenario == "flip" else 1.0)
     y = rng.integers(0, 3, 4 * BATCH)
@@ -85,10 +95,13 @@ def run(scenario):
     guard = Guard(policy="skip")
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[guard, Snap()], verbose=0)
     d = guard.last
-    return {"skipped": guard.skipped, "diagnosis": d.fields_dict() if d else None,
-            "applied": [snaps[i] != snaps[i - 1] for i in range(1, len(snaps))],
-            "replicas_equal": all(len(set(v)) == 1 for s in snaps for v in s),
-            "finite": all(bool(np.isfinite(np.asarray(v)).all()) for v in model.weights)}
+    return {
+        "skipped": guard.skipped,
+        "diagnosis": d.fields_dict() if d else None,
+        "applied": [snaps[i] != snaps[i - 1] for i in range(1, len(snaps))],
+        "replicas_equal": all(len(set(v)) == 1 for s in snaps for v in s),
+        "finite": all(bool(np.isfinite(np.asarray(v)).all()) for v in model.weights),
+    }
 
 
 result = {"replicas": strategy.num_replicas_in_sync, "input": run("input"), "flip": run("flip")}

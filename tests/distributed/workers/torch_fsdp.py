@@ -97,9 +97,17 @@ def guarded(net, data, *, policy="skip", hook=None):
         if guard.should_stop:
             break
     d = guard.last
-    return {"applied": applied, "bit_identical": same, "skipped": guard.skipped, "should_stop": guard.should_stop,
-            "disabled": guard.disabled, "diagnosis": d.fields_dict() if d else None,
-            "finite": all(bool(torch.isfinite(p.detach().full_tensor()).all()) for p in net.parameters())}
+    return {
+        "applied": applied,
+        "bit_identical": same,
+        "skipped": guard.skipped,
+        "should_stop": guard.should_stop,
+        "disabled": guard.disabled,
+        "diagnosis": d.fields_dict() if d else None,
+        "finite": all(
+            bool(torch.isfinite(p.detach().full_tensor()).all()) for p in net.parameters()
+        ),
+    }
 
 
 result = {}
@@ -142,8 +150,12 @@ def flip_once(module, args, output):
     # The test's fault injector: one exponent bit of one activation, once (a cosmic ray).
     if rank == 1 and len(flipped) == 0 and calls[0] == 2:
         with torch.no_grad():
-            i = int((output.abs() >= 1).flatten().nonzero()[0]) if bool((output.abs() >= 1).any()) else 0
-            bits = output.view(-1)[i:i + 1].view(torch.int32)
+            i = (
+                int((output.abs() >= 1).flatten().nonzero()[0])
+                if bool((output.abs() >= 1).any())
+                else 0
+            )
+            bits = output.view(-1)[i : i + 1].view(torch.int32)
             bits ^= 1 << 30
             flipped.append(float(output.view(-1)[i]))
     return output
@@ -173,7 +185,9 @@ tp = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
 mesh = init_device_mesh("cpu", (world,))
 parallelize_module(tp, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
 g = torch.Generator().manual_seed(7)
-same_data = [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(4)]
+same_data = [
+    (torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(4)
+]
 
 
 def poison_tp(i):

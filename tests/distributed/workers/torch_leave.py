@@ -51,10 +51,17 @@ try:
         guard.step(train_step, (torch.randn(3, 4), torch.tensor([0, 1, 0])))
         result["steps_done"] += 1
 except RankLeftError as err:
-    result["error"] = {"type": "RankLeftError", "message": str(err), "ranks": err.ranks, "step": err.step}
+    result["error"] = {
+        "type": "RankLeftError",
+        "message": str(err),
+        "ranks": err.ranks,
+        "step": err.step,
+    }
 except ValueError as err:
     result["error"] = {"type": "ValueError", "message": str(err)}
 (out / f"rank{rank}.json").write_text(json.dumps(result))
 if result["error"] and result["error"]["type"] == "ValueError":
     time.sleep(12)  # lingers without taking part in any collective again
-os._exit(0)  # the process group is broken: no barrier, no destroy (each would wait for the lost rank)
+os._exit(
+    0
+)  # the process group is broken: no barrier, no destroy (each would wait for the lost rank)

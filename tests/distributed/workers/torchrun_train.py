@@ -43,9 +43,15 @@ if mode == "guard":
     for batch in data:
         guard.step(train_step, batch)
     d = guard.last
-    (out / f"rank{rank}.json").write_text(json.dumps({
-        "skipped": guard.skipped, "diagnosis": d.fields_dict() if d else None,
-        "local_rank": os.environ.get("LOCAL_RANK")}))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "skipped": guard.skipped,
+                "diagnosis": d.fields_dict() if d else None,
+                "local_rank": os.environ.get("LOCAL_RANK"),
+            }
+        )
+    )
 else:
     for batch in data:
         opt.zero_grad()

@@ -1,6 +1,7 @@
 """An activity penalty added with add_loss takes log of ReLU activations (zeros: -inf), and
 a later custom layer takes sqrt of a value that goes negative for some samples: the penalty's
 log came first, and only the loss sees it."""
+
 import keras
 import numpy as np
 import tensorflow as tf

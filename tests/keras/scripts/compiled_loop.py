@@ -1,4 +1,5 @@
 """A custom loop whose step is a tf.function; the distance layer takes sqrt at 0 on step 3."""
+
 import sys
 
 import keras
@@ -15,7 +16,10 @@ class Distance(keras.layers.Layer):
 keras.utils.set_random_seed(0)
 left, right = keras.Input((5,)), keras.Input((5,))
 embed = keras.layers.Dense(4, name="embed")
-model = keras.Model([left, right], keras.layers.Dense(1, name="score")(Distance(name="distance")([embed(left), embed(right)])))
+model = keras.Model(
+    [left, right],
+    keras.layers.Dense(1, name="score")(Distance(name="distance")([embed(left), embed(right)])),
+)
 optimizer = keras.optimizers.Adam(1e-3)
 
 

@@ -1,11 +1,18 @@
 """A custom tf.GradientTape loop with a Keras loss on probabilities whose softmax saturated."""
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 keras.utils.set_random_seed(0)
-model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="hidden"),
-                          keras.layers.Dense(3, name="classifier"), keras.layers.Softmax(name="probs")])
+model = keras.Sequential(
+    [
+        keras.Input((6,)),
+        keras.layers.Dense(8, activation="relu", name="hidden"),
+        keras.layers.Dense(3, name="classifier"),
+        keras.layers.Softmax(name="probs"),
+    ]
+)
 optimizer = keras.optimizers.SGD(0.1)
 x = np.random.rand(4, 6).astype("float32")
 y = np.eye(3, dtype="float32")[[0, 1, 2, 0]]

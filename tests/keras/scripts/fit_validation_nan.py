@@ -1,5 +1,6 @@
 """fit with validation_data whose labels hold an Inf in sample 3: training is fine, the
 validation loss is Inf."""
+
 import keras
 import numpy as np
 

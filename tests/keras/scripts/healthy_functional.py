@@ -1,5 +1,6 @@
 """Healthy: a functional model with BatchNormalization and Dropout; fit (with validation),
 evaluate, predict. argv[1]: where to np.save the final weights."""
+
 import sys
 
 import keras
@@ -12,7 +13,11 @@ h = keras.layers.BatchNormalization()(h)
 h = keras.layers.Dropout(0.2)(h)
 outputs = keras.layers.Dense(3, activation="softmax")(h)
 model = keras.Model(inputs, outputs)
-model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+model.compile(
+    optimizer=keras.optimizers.Adam(1e-2),
+    loss="sparse_categorical_crossentropy",
+    metrics=["accuracy"],
+)
 x = np.random.rand(96, 6).astype("float32")
 y = (x.sum(axis=1) > 3).astype("int64") + (x[:, 0] > 0.5)
 history = model.fit(x, y, validation_split=0.25, epochs=3, batch_size=16, verbose=0)

@@ -1,5 +1,6 @@
 """Healthy: a Sequential CNN on a tf.data pipeline; fit, evaluate, predict_on_batch,
 test_on_batch. argv[1]: where to np.save the final weights."""
+
 import sys
 
 import keras
@@ -10,13 +11,15 @@ keras.utils.set_random_seed(0)
 x = np.random.rand(64, 8, 8, 1).astype("float32")
 y = (x.mean(axis=(1, 2, 3)) > 0.5).astype("float32")
 train = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
-model = keras.Sequential([
-    keras.Input((8, 8, 1)),
-    keras.layers.Conv2D(4, 3, activation="relu"),
-    keras.layers.BatchNormalization(),
-    keras.layers.Flatten(),
-    keras.layers.Dense(1, activation="sigmoid"),
-])
+model = keras.Sequential(
+    [
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.BatchNormalization(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(1, activation="sigmoid"),
+    ]
+)
 model.compile(optimizer="rmsprop", loss="binary_crossentropy", jit_compile=False)
 model.fit(train, epochs=2, verbose=0)
 print("evaluate", f"{model.evaluate(train, verbose=0):.8f}")

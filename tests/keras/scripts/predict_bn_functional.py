@@ -1,5 +1,6 @@
 """Notebook style: a functional CNN trains, then a BatchNormalization's moving variance is
 overwritten by a bad checkpoint merge (negative values): ``model.predict`` is NaN."""
+
 import keras
 import numpy as np
 

@@ -1,5 +1,6 @@
 """Keras functional model whose custom layer standardizes features by the batch's sample
 standard deviation (ddof=1). 9 samples with batch_size=4 leave a last batch of one: N - 1 = 0."""
+
 import keras
 import numpy as np
 import tensorflow as tf

@@ -1,5 +1,6 @@
 """A subclassed model served batch by batch with ``predict_on_batch``; one request carries a
 NaN feature (sample 2 of the second batch)."""
+
 import keras
 import numpy as np
 

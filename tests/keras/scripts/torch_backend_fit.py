@@ -1,12 +1,15 @@
 """Keras 3 on the torch backend (run with KERAS_BACKEND=torch): a Sequential fit; --nan puts a
 NaN in sample 5."""
+
 import sys
 
 import keras
 import numpy as np
 
 keras.utils.set_random_seed(0)
-model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+model = keras.Sequential(
+    [keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)]
+)
 model.compile("adam", "mse")
 x = np.random.rand(32, 4).astype("float32")
 y = np.random.rand(32, 1).astype("float32")

@@ -1,5 +1,6 @@
 """A subclassed model with its own train_step (no compiled loss, no optimizer.scale_loss):
 a hand-written cross-entropy takes log of a softmax that saturates on step 2."""
+
 import keras
 import numpy as np
 import tensorflow as tf

@@ -1,5 +1,6 @@
 """A model trained entirely in float16 with Adam(eps=1e-8): eps rounds to 0 in float16 and
 exp_avg_sq underflows to 0 for small gradients, so the update divides by zero."""
+
 import types
 
 import torch
@@ -22,7 +23,9 @@ def build():
         loss.backward()
         return loss
 
-    return types.SimpleNamespace(model=model, optimizer=optimizer, batches=batches, train_step=train_step)
+    return types.SimpleNamespace(
+        model=model, optimizer=optimizer, batches=batches, train_step=train_step
+    )
 
 
 def main():

@@ -1,6 +1,7 @@
 """A tiny self-attention encoder over padded sequences; one sequence of the second batch has
 length 0, so every key of its rows is masked with -inf and softmax returns NaN (0 / 0).
 Partially padded sequences are fine: each of their rows keeps at least one key."""
+
 import types
 
 import torch
@@ -14,7 +15,7 @@ class Attention(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.scale = dim ** -0.5
+        self.scale = dim**-0.5
 
     def forward(self, x, pad):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -46,7 +47,9 @@ def build(empty_sequence=True):
         if empty_sequence and b == BAD_BATCH:
             lengths[BAD_SAMPLE] = 0
         pad = torch.arange(6)[None, :] >= lengths[:, None]
-        batches.append(((torch.randn(4, 6, 8, generator=g), pad), torch.randint(0, 3, (4,), generator=g)))
+        batches.append(
+            ((torch.randn(4, 6, 8, generator=g), pad), torch.randint(0, 3, (4,), generator=g))
+        )
 
     def train_step(batch):
         (x, pad), y = batch
@@ -54,7 +57,9 @@ def build(empty_sequence=True):
         loss.backward()
         return loss
 
-    return types.SimpleNamespace(model=model, optimizer=optimizer, batches=batches, train_step=train_step)
+    return types.SimpleNamespace(
+        model=model, optimizer=optimizer, batches=batches, train_step=train_step
+    )
 
 
 def main():

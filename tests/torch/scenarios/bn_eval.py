@@ -1,6 +1,7 @@
 """Segmentation resumed from a checkpoint whose BatchNorm running_var holds a NaN (saved
 after a bad step). Training mode normalizes with batch statistics, so the training loss is
 fine; eval mode uses the running statistics, so the validation loss is NaN."""
+
 import io
 
 import seg_ignore

@@ -1,5 +1,6 @@
 """Fine-tuning resumes from a checkpoint that was saved after a bad update: one weight of
 fc1 is NaN, so the very first step is NaN."""
+
 import io
 import types
 
@@ -33,7 +34,9 @@ def build():
     model.load_state_dict(torch.load(saved_checkpoint(), weights_only=True))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(4, 10, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+    batches = [
+        (torch.randn(4, 10, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)
+    ]
 
     def train_step(batch):
         x, y = batch
@@ -41,7 +44,9 @@ def build():
         loss.backward()
         return loss
 
-    return types.SimpleNamespace(model=model, optimizer=optimizer, batches=batches, train_step=train_step)
+    return types.SimpleNamespace(
+        model=model, optimizer=optimizer, batches=batches, train_step=train_step
+    )
 
 
 def main():

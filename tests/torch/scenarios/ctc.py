@@ -1,5 +1,6 @@
 """A tiny speech-style model trained with CTC; one utterance's transcript is longer than its
 audio (more labels than frames), so no alignment exists and CTC returns +Inf."""
+
 import types
 
 import torch
@@ -41,7 +42,9 @@ def build():
         loss.backward()
         return loss
 
-    return types.SimpleNamespace(model=model, optimizer=optimizer, batches=batches, train_step=train_step)
+    return types.SimpleNamespace(
+        model=model, optimizer=optimizer, batches=batches, train_step=train_step
+    )
 
 
 def main():

@@ -1,4 +1,5 @@
 """A custom layer normalizes each row by its L1 sum; an all-zero sample gives 0 / 0."""
+
 import types
 
 import torch
@@ -28,7 +29,9 @@ def build():
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.rand(4, 12, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+    batches = [
+        (torch.rand(4, 12, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)
+    ]
     batches[BAD_BATCH][0][BAD_SAMPLE] = 0.0  # an empty feature vector
 
     def train_step(batch):
@@ -37,7 +40,9 @@ def build():
         loss.backward()
         return loss
 
-    return types.SimpleNamespace(model=model, optimizer=optimizer, batches=batches, train_step=train_step)
+    return types.SimpleNamespace(
+        model=model, optimizer=optimizer, batches=batches, train_step=train_step
+    )
 
 
 def main():

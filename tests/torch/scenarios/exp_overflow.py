@@ -1,5 +1,6 @@
 """A hand-written softmax, exp(x) / sum(exp(x)), without subtracting the max: logits above
 ~88 overflow float32's exp to Inf, and Inf / Inf = NaN."""
+
 import types
 
 import torch
@@ -29,7 +30,9 @@ def build():
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(4, 8, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(3)]
+    batches = [
+        (torch.randn(4, 8, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(3)
+    ]
     batches[BAD_BATCH][0][BAD_SAMPLE] *= 500.0
 
     def train_step(batch):
@@ -39,7 +42,9 @@ def build():
         loss.backward()
         return loss
 
-    return types.SimpleNamespace(model=model, optimizer=optimizer, batches=batches, train_step=train_step)
+    return types.SimpleNamespace(
+        model=model, optimizer=optimizer, batches=batches, train_step=train_step
+    )
 
 
 def main():

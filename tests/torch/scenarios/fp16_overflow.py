@@ -1,5 +1,6 @@
 """The encoder layer runs in float16 (to save memory); an unnormalized sample pushes the
 layer's output past float16's largest value, 65504, so it becomes Inf."""
+
 import types
 
 import torch
@@ -26,7 +27,9 @@ def build():
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(4, 16, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(3)]
+    batches = [
+        (torch.randn(4, 16, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(3)
+    ]
     batches[BAD_BATCH][0][BAD_SAMPLE] *= 1e4  # raw sensor counts instead of normalized values
 
     def train_step(batch):
@@ -35,7 +38,9 @@ def build():
         loss.backward()
         return loss
 
-    return types.SimpleNamespace(model=model, optimizer=optimizer, batches=batches, train_step=train_step)
+    return types.SimpleNamespace(
+        model=model, optimizer=optimizer, batches=batches, train_step=train_step
+    )
 
 
 def main():

@@ -3,7 +3,11 @@
 import torch
 
 torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)).half().eval()
+model = (
+    torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    .half()
+    .eval()
+)
 with torch.no_grad():
     model[2].weight.mul_(20000)
 x = (torch.randn(3, 8) * 30).half()

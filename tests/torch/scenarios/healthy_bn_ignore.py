@@ -1,5 +1,6 @@
 """Healthy: segmentation with BatchNorm and some ignored (255) pixels in every mask, trained
 and validated. Nothing is non-finite; nanscope must stay silent."""
+
 import seg_ignore
 
 

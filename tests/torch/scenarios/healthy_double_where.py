@@ -1,5 +1,6 @@
 """Healthy: the square-root activation written with the safe double where: the discarded
 branch never sees a negative input, so the gradient stays finite."""
+
 import types
 
 import torch
@@ -30,7 +31,9 @@ def build():
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+    batches = [
+        (torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)
+    ]
 
     def train_step(batch):
         x, y = batch
@@ -38,7 +41,9 @@ def build():
         loss.backward()
         return loss
 
-    return types.SimpleNamespace(model=model, optimizer=optimizer, batches=batches, train_step=train_step)
+    return types.SimpleNamespace(
+        model=model, optimizer=optimizer, batches=batches, train_step=train_step
+    )
 
 
 def main():

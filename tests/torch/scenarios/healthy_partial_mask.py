@@ -1,5 +1,6 @@
 """Healthy: the same attention encoder with padding masks written as -inf, but every
 sequence keeps at least one token. Nothing is non-finite; nanscope must stay silent."""
+
 import attention_mask
 
 

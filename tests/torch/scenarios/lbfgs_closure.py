@@ -1,6 +1,7 @@
 """A curve fit with LBFGS, written the way its docs show: forward, loss and backward all run
 inside optimizer.step(closure). The hand-written negative log-likelihood takes log of a
 predicted rate that reaches 0 for one sample (a ReLU rate model)."""
+
 import torch
 
 torch.manual_seed(0)

@@ -1,5 +1,6 @@
 """An MLP classifier whose hand-written loss takes log(softmax(x)): on confident logits the
 softmax underflows to exactly 0 and log(0) = -inf (0 * -inf = NaN in the loss)."""
+
 import types
 
 import torch
@@ -19,7 +20,9 @@ def build():
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 5))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(6, 10, generator=g), torch.randint(0, 5, (6,), generator=g)) for _ in range(3)]
+    batches = [
+        (torch.randn(6, 10, generator=g), torch.randint(0, 5, (6,), generator=g)) for _ in range(3)
+    ]
     batches[BAD_BATCH][0][BAD_SAMPLE] *= 2000.0  # an unnormalized sample: very confident logits
 
     def train_step(batch):
@@ -28,7 +31,9 @@ def build():
         loss.backward()
         return loss
 
-    return types.SimpleNamespace(model=model, optimizer=optimizer, batches=batches, train_step=train_step)
+    return types.SimpleNamespace(
+        model=model, optimizer=optimizer, batches=batches, train_step=train_step
+    )
 
 
 def main():

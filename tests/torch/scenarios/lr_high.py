@@ -1,5 +1,6 @@
 """Linear regression with a learning rate far too high: every step overshoots further,
 the weights and gradients grow geometrically until they overflow."""
+
 import types
 
 import torch
@@ -25,7 +26,9 @@ def build():
         loss.backward()
         return loss
 
-    return types.SimpleNamespace(model=model, optimizer=optimizer, batches=batches, train_step=train_step)
+    return types.SimpleNamespace(
+        model=model, optimizer=optimizer, batches=batches, train_step=train_step
+    )
 
 
 def main():

@@ -1,6 +1,7 @@
 """A small text classifier with nn.MultiheadAttention (batch_first), written as a class with a
 training loop; one sequence in the second batch is all padding, so its attention row masks
 every key: softmax over -inf only. The heads are folded into the batch inside attention."""
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,6 +37,9 @@ class Trainer:
 
 
 g = torch.Generator().manual_seed(1)
-batches = [(torch.randint(1, 50, (4, 7), generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(3)]
+batches = [
+    (torch.randint(1, 50, (4, 7), generator=g), torch.randint(0, 2, (4,), generator=g))
+    for _ in range(3)
+]
 batches[1][0][1] = 0  # sequence 1 of batch 1: nothing but padding
 Trainer().fit(batches)

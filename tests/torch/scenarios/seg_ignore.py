@@ -1,6 +1,7 @@
 """Semantic segmentation (dilated convs + BatchNorm) with ignore_index=255. Training is
 fine; in validation (batch size 1) one image's mask is entirely 255 (an unlabeled frame),
 so the mean cross-entropy averages over 0 pixels: 0 / 0 = NaN."""
+
 import types
 
 import torch
@@ -15,7 +16,9 @@ class SegNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.context = nn.Sequential(nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.BatchNorm2d(8), nn.ReLU())
+        self.context = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.BatchNorm2d(8), nn.ReLU()
+        )
         self.classifier = nn.Conv2d(8, CLASSES, 1)
 
     def forward(self, x):
@@ -49,8 +52,14 @@ def build(empty_mask=True):
         with torch.no_grad():
             return F.cross_entropy(model(x), y, ignore_index=IGNORE)
 
-    return types.SimpleNamespace(model=model, optimizer=optimizer, batches=batches, train_step=train_step,
-                                 eval_step=eval_step, val_batches=val_batches)
+    return types.SimpleNamespace(
+        model=model,
+        optimizer=optimizer,
+        batches=batches,
+        train_step=train_step,
+        eval_step=eval_step,
+        val_batches=val_batches,
+    )
 
 
 def run(s):

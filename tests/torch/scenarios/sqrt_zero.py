@@ -1,5 +1,6 @@
 """A siamese encoder trained on pair distances sqrt(sum((a - b)^2)): a pair of identical
 inputs gives distance exactly 0, whose gradient is infinite (forward finite, backward NaN)."""
+
 import types
 
 import torch
@@ -41,7 +42,9 @@ def build():
         loss.backward()
         return loss
 
-    return types.SimpleNamespace(model=model, optimizer=optimizer, batches=batches, train_step=train_step)
+    return types.SimpleNamespace(
+        model=model, optimizer=optimizer, batches=batches, train_step=train_step
+    )
 
 
 def main():

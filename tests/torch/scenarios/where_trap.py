@@ -1,5 +1,6 @@
 """A "safe" square-root activation written with torch.where: the forward pass is finite,
 but sqrt of the negative inputs (in the discarded branch) poisons the gradient."""
+
 import types
 
 import torch
@@ -28,7 +29,9 @@ def build():
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+    batches = [
+        (torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)
+    ]
 
     def train_step(batch):
         x, y = batch
@@ -36,7 +39,9 @@ def build():
         loss.backward()
         return loss
 
-    return types.SimpleNamespace(model=model, optimizer=optimizer, batches=batches, train_step=train_step)
+    return types.SimpleNamespace(
+        model=model, optimizer=optimizer, batches=batches, train_step=train_step
+    )
 
 
 def main():
