@@ -40,19 +40,43 @@ class OriginKind(StrEnum):
     LEGIT = "legit"
 
 
-@dataclass(slots=True)
 class Value:
-    """One floating tensor as an op saw it."""
+    """One floating tensor as an op saw it: an identity key and whether it is finite.
 
-    key: Hashable
-    finite: bool
-    nan: bool = False
-    posinf: bool = False
+    For a non-finite one, whether it holds NaN and +Inf: given, or read through ``probe`` (a
+    callable returning ``(nan, posinf)``) the first time the tracker asks, which it does only
+    for values whose origin it has to decide.
+    """
+
+    __slots__ = ("key", "finite", "_nan", "_posinf", "_probe")
+
+    def __init__(self, key: Hashable, finite: bool, nan: bool = False, posinf: bool = False,
+                 probe: Any = None) -> None:
+        self.key, self.finite = key, finite
+        self._nan, self._posinf, self._probe = nan, posinf, probe
+
+    def _read(self) -> None:
+        if self._probe is not None:
+            self._nan, self._posinf = self._probe()
+            self._probe = None
+
+    @property
+    def nan(self) -> bool:
+        self._read()
+        return self._nan
+
+    @property
+    def posinf(self) -> bool:
+        self._read()
+        return self._posinf
 
     @property
     def only_neginf(self) -> bool:
         """Non-finite through ``-inf`` alone: what a mask holds on purpose."""
         return not self.finite and not self.nan and not self.posinf
+
+    def __repr__(self) -> str:
+        return f"Value({self.key!r}, finite={self.finite})"
 
 
 @dataclass(slots=True)

@@ -81,7 +81,7 @@ def _value(t: Any) -> Value:
     a = to_numpy(t)
     if a is None or np.isfinite(a).all():
         return Value(id(t), True)
-    return Value(id(t), False, nan=bool(np.isnan(a).any()), posinf=bool((a == np.inf).any()))
+    return Value(id(t), False, probe=lambda: (bool(np.isnan(a).any()), bool((a == np.inf).any())))
 
 
 @dataclass

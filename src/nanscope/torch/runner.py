@@ -40,7 +40,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
@@ -550,6 +550,12 @@ class Runner:
 
     # -- failure ----------------------------------------------------------------------------
     def _fail(self, things: list[tuple[str, torch.Tensor]]) -> None:
+        # nanscope's own analysis needs no watching: off the mode stack, every check op is a
+        # plain call (the replay is several thousand of them).
+        with _disable_current_modes():
+            self._explain(things)
+
+    def _explain(self, things: list[tuple[str, torch.Tensor]]) -> None:
         root = self.tracker.root
         if root is not None and not all(all_finite(p) for p in root.parameters()):
             # Weights only change in optimizer.step, which is checked after every update:

@@ -301,7 +301,7 @@ class Analyzer:
         if finite:
             return Value(id(t), True)
         self._alive[id(t)] = t
-        return Value(id(t), False, nan=_has_nan(t), posinf=_has_posinf(t))
+        return Value(id(t), False, probe=lambda: (_has_nan(t), _has_posinf(t)))
 
     def origin_of(self, t: torch.Tensor) -> Origin | None:
         return self.origins.origin_of(id(t))
