@@ -81,7 +81,9 @@ print(json.dumps({"imports": t1 - t0, "read": t2 - t1, "check and render": t3 - 
 def _phases(kind: str, path: Path, rounds: int) -> dict[str, float]:
     got: dict[str, list[float]] = {}
     for _ in range(rounds):
-        p = subprocess.run([sys.executable, "-c", PHASES, kind, str(path)], capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, "-c", PHASES, kind, str(path)], capture_output=True, text=True
+        )
         for k, v in json.loads(p.stdout).items():
             got.setdefault(k, []).append(v)
     return {k: statistics.median(v) for k, v in got.items()}
@@ -125,9 +127,15 @@ def _build(folder: Path) -> tuple[Path, Path, int]:
 
 
 def _profile(kind: str, path: Path, top: int) -> str:
-    p = subprocess.run([sys.executable, "-c", PROFILE.format(old=OLD_READER), kind, str(path)], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", PROFILE.format(old=OLD_READER), kind, str(path)],
+        capture_output=True,
+        text=True,
+    )
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    head = [ln for ln in lines if ln.startswith(("Recorded", "Duration", "Program")) or "Duration" in ln]
+    head = [
+        ln for ln in lines if ln.startswith(("Recorded", "Duration", "Program")) or "Duration" in ln
+    ]
     body = [ln for ln in lines if ln[:1].isdigit() or ln.lstrip()[:1].isdigit()][:top]
     return "\n".join(head + body) if body else p.stderr[-2000:]
 
@@ -136,7 +144,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--top", type=int, default=14)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "checkpoint_inspect.md"))
+    ap.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "checkpoint_inspect.md")
+    )
     ap.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     args = ap.parse_args()
 
@@ -145,8 +155,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pt, st, numel = _build(Path(tmp))
         modes = {
-            "inspect .pt (nanscope's reader, no torch)": ([py, "-m", "nanscope", "inspect", str(pt)], pt),
-            "inspect .pt via torch.load(weights_only=True) (previous reader)": ([py, "-c", OLD_READER, str(pt)], pt),
+            "inspect .pt (nanscope's reader, no torch)": (
+                [py, "-m", "nanscope", "inspect", str(pt)],
+                pt,
+            ),
+            "inspect .pt via torch.load(weights_only=True) (previous reader)": (
+                [py, "-c", OLD_READER, str(pt)],
+                pt,
+            ),
             "inspect .safetensors": ([py, "-m", "nanscope", "inspect", str(st)], st),
             "python -c 'import numpy' (floor)": ([py, "-c", "import numpy"], pt),
         }
@@ -164,29 +180,45 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         sizes = {"pt": pt.stat().st_size, "st": st.stat().st_size}
         _warm(pt)
-        phases = {"previous reader (import torch, torch.load(weights_only=True))": _phases("torch", pt, args.rounds),
-                  "nanscope's reader (import numpy, restricted unpickler + mapped storages)": _phases("nanscope", pt, args.rounds)}
+        phases = {
+            "previous reader (import torch, torch.load(weights_only=True))": _phases(
+                "torch", pt, args.rounds
+            ),
+            "nanscope's reader (import numpy, restricted unpickler + mapped storages)": _phases(
+                "nanscope", pt, args.rounds
+            ),
+        }
         profiles = {}
         try:
             import pyinstrument  # noqa: F401 - a profiler for this report only, not a dependency
 
-            for kind, label in (("torch", "previous reader: import torch + torch.load(weights_only=True) + analysis"),
-                                ("nanscope", "`nanscope inspect r101.pt` (nanscope's reader)")):
+            for kind, label in (
+                (
+                    "torch",
+                    "previous reader: import torch + torch.load(weights_only=True) + analysis",
+                ),
+                ("nanscope", "`nanscope inspect r101.pt` (nanscope's reader)"),
+            ):
                 _warm(pt)
                 profiles[label] = _profile(kind, pt, args.top)
         except ImportError:
-            profiles["(pyinstrument not installed)"] = "pip install pyinstrument to add the profiles"
+            profiles["(pyinstrument not installed)"] = (
+                "pip install pyinstrument to add the profiles"
+            )
     load_after = os.getloadavg()
 
     rows = []
     for name in modes:
         for state in ("cold-ish", "warm"):
             ts = times[(name, state)]
-            rows.append(f"| {name} | {state} | {statistics.median(ts):.3f} | {min(ts):.3f} | {max(ts):.3f} |")
+            rows.append(
+                f"| {name} | {state} | {statistics.median(ts):.3f} | {min(ts):.3f} | {max(ts):.3f} |"
+            )
     lines = [
         "# checkpoint_inspect: the whole `nanscope inspect` command on a ResNet-101",
         "",
-        f"Machine: 2-core CPU VM ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU), shared with "
+        f"Machine: 2-core CPU VM ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, no GPU), shared with "
         f"other work; date {args.date}; Python {platform.python_version()}; load average (1, 5, 15 min) "
         f"{', '.join(f'{x:.2f}' for x in load_before)} before, {', '.join(f'{x:.2f}' for x in load_after)} after.",
         "",
@@ -207,15 +239,23 @@ def main() -> None:
         "",
         "| reader | " + " | ".join(f"{k} s" for k in next(iter(phases.values()))) + " | total s |",
         "| --- |" + " ---: |" * (len(next(iter(phases.values()))) + 1),
-        *[f"| {name} | " + " | ".join(f"{v:.3f}" for v in ph.values()) + f" | {sum(ph.values()):.3f} |" for name, ph in phases.items()],
+        *[
+            f"| {name} | "
+            + " | ".join(f"{v:.3f}" for v in ph.values())
+            + f" | {sum(ph.values()):.3f} |"
+            for name, ph in phases.items()
+        ],
         "",
         "pyinstrument, flat (own time per function), warm file:",
         "",
     ]
     for label, text in profiles.items():
         lines += [f"{label}:", "", "```", text, "```", ""]
-    lines += ["Reproduce: `.venv/bin/python bench/checkpoint_inspect.py` (needs torch and torchvision to build the "
-              "checkpoint; pyinstrument for the profiles)", ""]
+    lines += [
+        "Reproduce: `.venv/bin/python bench/checkpoint_inspect.py` (needs torch and torchvision to build the "
+        "checkpoint; pyinstrument for the profiles)",
+        "",
+    ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))

@@ -39,7 +39,9 @@ def seg(tmp_path):
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"images/{i:04d}.png")
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            root / f"images/{i:04d}.png"
+        )
         Image.fromarray(_healthy_mask()).save(root / f"masks/{i:04d}.png")
     Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(root / "images/0001.png")  # constant
     Image.fromarray(np.full((16, 16), 255, np.uint8)).save(root / "masks/0002.png")  # all ignored
@@ -59,12 +61,19 @@ def _by(findings, category, severity="error"):
 
 def test_segmentation_folder_names_every_planted_problem(seg, tmp_path, capsys):
     out = tmp_path / "report.json"
-    assert main(["data", str(seg), "--num-classes", "21", "--ignore-index", "255", "--json", str(out)]) == 1
+    assert (
+        main(["data", str(seg), "--num-classes", "21", "--ignore-index", "255", "--json", str(out)])
+        == 1
+    )
     doc = json.loads(out.read_text())
     assert doc["schema"] == 1 and doc["status"] == "problems"
     f = doc["findings"]
     (nan,) = _by(f, "nonfinite_input")
-    assert nan["where"]["file"] == "images/0005.tif" and nan["samples"] == [5] and nan["phase"] == "data"
+    assert (
+        nan["where"]["file"] == "images/0005.tif"
+        and nan["samples"] == [5]
+        and nan["phase"] == "data"
+    )
     targets = _by(f, "invalid_target")
     (oor,) = [t for t in targets if "outside [0, 21)" in t["summary"]]
     assert oor["where"]["file"] == "masks/0003.png" and oor["samples"] == [3]
@@ -77,7 +86,10 @@ def test_segmentation_folder_names_every_planted_problem(seg, tmp_path, capsys):
     stats = doc["stats"]
     assert stats["samples"] == 6 and stats["inputs"]["image"]["nan"] == 1
     assert len(stats["inputs"]["image"]["channel_mean"]) == 3
-    assert stats["targets"]["mask"]["unused_classes"] == [] and stats["targets"]["mask"]["ignored"] == 256
+    assert (
+        stats["targets"]["mask"]["unused_classes"] == []
+        and stats["targets"]["mask"]["ignored"] == 256
+    )
     text = capsys.readouterr().out
     assert text.index("[error]") < text.index("[warning]") < text.index("statistics")
 
@@ -87,7 +99,9 @@ def test_healthy_data_is_clean_and_silent(tmp_path, capsys):
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     for i in range(3):
-        Image.fromarray(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"images/{i}.jpg")
+        Image.fromarray(RNG.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            root / f"images/{i}.jpg"
+        )
         Image.fromarray(_healthy_mask(5)).save(root / f"masks/{i}.png")
     assert main(["data", str(root), "--num-classes", "5", "--json", str(tmp_path / "r.json")]) == 0
     doc = json.loads((tmp_path / "r.json").read_text())
@@ -137,11 +151,20 @@ def test_python_api_arrays_and_class_folders(tmp_path):
     x[2] = 0.5  # constant row
     y = np.array([0, 1, 0, 1, 0])
     r = audit({"x": x, "y": y}, num_classes=3)
-    assert [(f.category.value, f.severity) for f in r.findings] == [("op_domain", "warning"), ("invalid_target", "warning")]
-    assert r.findings[0].samples == [2] and r.findings[1].where_found["classes"] == [2] and r.exit_code == 0
+    assert [(f.category.value, f.severity) for f in r.findings] == [
+        ("op_domain", "warning"),
+        ("invalid_target", "warning"),
+    ]
+    assert (
+        r.findings[0].samples == [2]
+        and r.findings[1].where_found["classes"] == [2]
+        and r.exit_code == 0
+    )
     for cls in ("cat", "dog"):
         (tmp_path / "cls" / cls).mkdir(parents=True)
-        Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "cls" / cls / "a.png")
+        Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+            tmp_path / "cls" / cls / "a.png"
+        )
     r = audit(tmp_path / "cls", num_classes=3)
     assert r.stats["targets"]["label"]["histogram"] == {"0": 1, "1": 1, "2": 0}
 
@@ -202,13 +225,40 @@ def test_truncated_image_in_folder_names_the_file(seg, capsys):
 
 def test_subprocess_writes_json_and_imports_no_framework(seg, tmp_path):
     out = tmp_path / "r.json"
-    code = ("import sys; from nanscope.cli.main import main; rc = main(sys.argv[1:]); "
-            "assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules; sys.exit(rc)")
-    p = subprocess.run([sys.executable, "-c", code, "data", str(seg), "--num-classes", "21", "--ignore-index", "255",
-                        "--json", str(out), "--workers", "2"], capture_output=True, text=True)
+    code = (
+        "import sys; from nanscope.cli.main import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules; sys.exit(rc)"
+    )
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "data",
+            str(seg),
+            "--num-classes",
+            "21",
+            "--ignore-index",
+            "255",
+            "--json",
+            str(out),
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 1 and p.stderr == "", p.stderr
-    assert {f["category"] for f in json.loads(out.read_text())["findings"]} == {"nonfinite_input", "invalid_target", "op_domain"}
-    p = subprocess.run([sys.executable, "-m", "nanscope", "data", str(seg), "--workers", "0"], capture_output=True, text=True)
+    assert {f["category"] for f in json.loads(out.read_text())["findings"]} == {
+        "nonfinite_input",
+        "invalid_target",
+        "op_domain",
+    }
+    p = subprocess.run(
+        [sys.executable, "-m", "nanscope", "data", str(seg), "--workers", "0"],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and p.stderr.count("\n") == 1
 
 
@@ -220,14 +270,23 @@ def test_progress_bar_only_when_asked(seg, capsys):
 
 
 @settings(max_examples=25, deadline=None)
-@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 30), st.integers(1, 6)),
-                  elements=st.one_of(st.floats(-10, 10, width=32), st.sampled_from([np.nan, np.inf, -np.inf]))),
-       st.integers(1, 5))
+@given(
+    hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 30), st.integers(1, 6)),
+        elements=st.one_of(
+            st.floats(-10, 10, width=32), st.sampled_from([np.nan, np.inf, -np.inf])
+        ),
+    ),
+    st.integers(1, 5),
+)
 def test_nonfinite_samples_match_a_reference(x, rows_per_chunk):
     import nanscope.data.readers as readers
 
     old = readers.CHUNK_BYTES
-    readers.CHUNK_BYTES = rows_per_chunk * x.shape[1] * 4  # several chunks: indices must stay global
+    readers.CHUNK_BYTES = (
+        rows_per_chunk * x.shape[1] * 4
+    )  # several chunks: indices must stay global
     try:
         r = audit(x, progress=False)
     finally:
@@ -239,8 +298,12 @@ def test_nonfinite_samples_match_a_reference(x, rows_per_chunk):
 
 
 @settings(max_examples=25, deadline=None)
-@given(hnp.arrays(np.int64, st.tuples(st.integers(1, 20), st.integers(1, 5)), elements=st.integers(-2, 6)),
-       st.integers(1, 6))
+@given(
+    hnp.arrays(
+        np.int64, st.tuples(st.integers(1, 20), st.integers(1, 5)), elements=st.integers(-2, 6)
+    ),
+    st.integers(1, 6),
+)
 def test_label_checks_match_a_reference(y, num_classes):
     ignore = -1
     x = np.zeros((y.shape[0], 2), np.float32) + np.arange(2, dtype=np.float32)
@@ -252,9 +315,13 @@ def test_label_checks_match_a_reference(y, num_classes):
     assert got == ([want_rows] if want_rows else [])
     good = y[valid & ~bad]
     hist = np.bincount(good, minlength=num_classes)
-    assert r.stats["targets"]["y"]["histogram"] == {str(c): int(hist[c]) for c in range(num_classes)}
+    assert r.stats["targets"]["y"]["histogram"] == {
+        str(c): int(hist[c]) for c in range(num_classes)
+    }
     all_ignored = [int(i) for i in np.flatnonzero(~valid.any(axis=1))] if y.shape[1] > 1 else []
-    assert [f.samples for f in r.findings if "0/0" in f.summary] == ([all_ignored] if all_ignored else [])
+    assert [f.samples for f in r.findings if "0/0" in f.summary] == (
+        [all_ignored] if all_ignored else []
+    )
 
 
 GOLDEN = Path(__file__).parent / "golden" / "data_seg.txt"
@@ -275,12 +342,16 @@ def test_npy_samples_in_an_image_folder(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(3)
     for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+            folder / f"{i:04d}.png"
+        )
     x = rng.random((8, 8, 3)).astype(np.float32)
     x[1, 1, 1] = np.inf
     np.save(folder / "0003.npy", x)
     (f,) = audit(folder).findings
-    assert f.category == "nonfinite_input" and f.where_found["file"] == "0003.npy" and f.samples == [3]
+    assert (
+        f.category == "nonfinite_input" and f.where_found["file"] == "0003.npy" and f.samples == [3]
+    )
     assert "1 +Inf" in f.evidence[0]
 
 
@@ -319,7 +390,9 @@ def big_seg(tmp_path):
     (root / "images/0066.png").unlink()
     Image.fromarray(f).save(root / "images/0066.tif")
     (root / "images/0050.png").unlink()
-    Image.fromarray(rng.integers(0, 256, (12, 10, 4), dtype=np.uint8), "RGBA").save(root / "images/0050.png")
+    Image.fromarray(rng.integers(0, 256, (12, 10, 4), dtype=np.uint8), "RGBA").save(
+        root / "images/0050.png"
+    )
     return root
 
 
@@ -332,7 +405,10 @@ def test_worker_processes_give_the_one_worker_report(big_seg):
     _close(one, two)
     f = one["findings"]
     assert [(x["category"], x["samples"]) for x in f] == [
-        ("nonfinite_input", [66]), ("op_domain", [3]), ("invalid_target", [40])]
+        ("nonfinite_input", [66]),
+        ("op_domain", [3]),
+        ("invalid_target", [40]),
+    ]
     assert f[0]["where"]["file"] == "images/0066.tif" and f[1]["where"]["file"] == "images/0003.png"
     s = one["stats"]["inputs"]["image"]
     assert s["nan"] == 1 and s["count"] == 70 * 12 * 10 * 3 - 12 * 10 * 3 + 12 * 10 + 12 * 10 * 1
@@ -349,15 +425,21 @@ def test_worker_processes_stop_at_the_first_bad_file(big_seg, capsys):
         assert "0045.png" in err and "0060.png" not in err and err.count("\n") == 1, err
 
 
-def _crash_from_32(files, start, template):  # a worker whose decoder crashes the process (a native bug)
+def _crash_from_32(
+    files, start, template
+):  # a worker whose decoder crashes the process (a native bug)
     if start >= 32:
         os._exit(3)
     return _real_audit_part(files, start, template)
 
 
 def test_a_crashed_worker_process_is_one_line_exit_2(monkeypatch, big_seg, capsys):
-    audit_module = sys.modules["nanscope.data.audit"]  # the module (nanscope.data.audit is the function)
-    monkeypatch.setattr(audit_module, "_audit_part", _crash_from_32)  # forked workers inherit the patch
+    audit_module = sys.modules[
+        "nanscope.data.audit"
+    ]  # the module (nanscope.data.audit is the function)
+    monkeypatch.setattr(
+        audit_module, "_audit_part", _crash_from_32
+    )  # forked workers inherit the patch
     assert main(["data", str(big_seg), "--workers", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "died" in err and "--workers 1" in err, err
@@ -384,7 +466,9 @@ def test_histogram_statistics_match_numpy(tmp_path):
     s = audit(tmp_path).stats["inputs"]["image"]
     want = imgs.astype(np.float64)
     assert s["count"] == want.size and s["min"] == want.min() and s["max"] == want.max()
-    assert s["mean"] == pytest.approx(want.mean(), rel=1e-12) and s["std"] == pytest.approx(want.std(), rel=1e-12)
+    assert s["mean"] == pytest.approx(want.mean(), rel=1e-12) and s["std"] == pytest.approx(
+        want.std(), rel=1e-12
+    )
     assert s["channel_mean"] == pytest.approx(want.mean(axis=(0, 1, 2)).tolist(), rel=1e-12)
     assert s["channel_std"] == pytest.approx(want.std(axis=(0, 1, 2)).tolist(), rel=1e-12)
 
@@ -392,7 +476,9 @@ def test_histogram_statistics_match_numpy(tmp_path):
 @pytest.mark.parametrize("layout", ["first", "last"])
 def test_npy_images_per_channel_per_sample_in_one_pass(tmp_path, layout):
     rng = np.random.default_rng(6)
-    x = (rng.standard_normal((300, 3, 16, 16)) * [[[2.0]], [[5.0]], [[9.0]]] + 100).astype(np.float32)
+    x = (rng.standard_normal((300, 3, 16, 16)) * [[[2.0]], [[5.0]], [[9.0]]] + 100).astype(
+        np.float32
+    )
     x[17] = 0.25  # constant sample
     x[250, 1, 3, 3] = np.nan
     x[251, 2, 0, :4] = -np.inf
@@ -409,8 +495,11 @@ def test_npy_images_per_channel_per_sample_in_one_pass(tmp_path, layout):
         readers.CHUNK_BYTES = old
     (nan,) = [f for f in r.findings if f.category == "nonfinite_input"]
     assert nan.samples == [250, 251]
-    assert nan.evidence == ["x: 1 NaN, 4 -Inf of 230400 values", "sample 250: 1 non-finite of 768",
-                            "sample 251: 4 non-finite of 768"]
+    assert nan.evidence == [
+        "x: 1 NaN, 4 -Inf of 230400 values",
+        "sample 250: 1 non-finite of 768",
+        "sample 251: 4 non-finite of 768",
+    ]
     (const,) = [f for f in r.findings if f.category == "op_domain"]
     assert const.samples == [17]
     s = r.stats["inputs"]["x"]
@@ -418,7 +507,12 @@ def test_npy_images_per_channel_per_sample_in_one_pass(tmp_path, layout):
     finite = np.where(np.isfinite(x), x, np.nan).astype(np.float64)
     assert s["channel_mean"] == pytest.approx(np.nanmean(finite, axis=ax).tolist(), rel=1e-6)
     assert s["channel_std"] == pytest.approx(np.nanstd(finite, axis=ax).tolist(), rel=1e-5)
-    assert (s["nan"], s["neginf"], s["min"], s["max"]) == (1, 4, float(np.nanmin(finite)), float(np.nanmax(finite)))
+    assert (s["nan"], s["neginf"], s["min"], s["max"]) == (
+        1,
+        4,
+        float(np.nanmin(finite)),
+        float(np.nanmax(finite)),
+    )
 
 
 def test_worker_processes_when_the_first_file_has_no_mask(big_seg):
@@ -447,9 +541,19 @@ def test_hits_merged_in_order_equal_hits_added_one_by_one():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(hnp.arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9)),
-                           elements=st.sampled_from([0, 1, 2, 3, 5, 20, 21, 200, 255])), min_size=1, max_size=6),
-       st.sampled_from([None, 3, 21]), st.sampled_from([None, 255, 0]))
+@given(
+    st.lists(
+        hnp.arrays(
+            np.uint8,
+            st.tuples(st.integers(1, 9), st.integers(1, 9)),
+            elements=st.sampled_from([0, 1, 2, 3, 5, 20, 21, 200, 255]),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from([None, 3, 21]),
+    st.sampled_from([None, 255, 0]),
+)
 def test_mask_value_counts_give_the_pixel_checks(masks, num_classes, ignore_index):
     """A mask checked from its Pillow histogram (in the worker) says what its pixels say."""
     from nanscope.data.audit import _TargetAudit
@@ -460,7 +564,11 @@ def test_mask_value_counts_give_the_pixel_checks(masks, num_classes, ignore_inde
     for i, m in enumerate(masks):
         by_counts.update(label_counts(Image.fromarray(m, "L")), i, [f"m{i}.png"])
         by_pixels.update(m[None], i, [f"m{i}.png"])
-    _close(by_counts.to_dict(), by_pixels.to_dict(), rel=1e-6)  # the pixel path sums 8-bit values in float32
+    _close(
+        by_counts.to_dict(), by_pixels.to_dict(), rel=1e-6
+    )  # the pixel path sums 8-bit values in float32
     for f in ("nonfinite", "out_of_range", "all_ignored", "bad_soft"):
         assert getattr(by_counts, f) == getattr(by_pixels, f), f
-    assert by_counts.bad_values == by_pixels.bad_values and by_counts.above_cap == by_pixels.above_cap
+    assert (
+        by_counts.bad_values == by_pixels.bad_values and by_counts.above_cap == by_pixels.above_cap
+    )

@@ -17,10 +17,15 @@ from nanscope.cli.main import main
 
 
 def _weights(poison=False):
-    t = {"conv.weight": np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32),
-         "bn.weight": np.ones(4, np.float32), "bn.bias": np.zeros(4, np.float32),
-         "bn.running_mean": np.zeros(4, np.float32), "bn.running_var": np.full(4, 0.5, np.float32),
-         "bn.num_batches_tracked": np.array(7, np.int64), "fc.weight": np.full((2, 4), 0.1, np.float32)}
+    t = {
+        "conv.weight": np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "bn.weight": np.ones(4, np.float32),
+        "bn.bias": np.zeros(4, np.float32),
+        "bn.running_mean": np.zeros(4, np.float32),
+        "bn.running_var": np.full(4, 0.5, np.float32),
+        "bn.num_batches_tracked": np.array(7, np.int64),
+        "fc.weight": np.full((2, 4), 0.1, np.float32),
+    }
     if poison:
         t["bn.running_var"][1] = np.nan
         t["fc.weight"][1, 2] = -np.inf
@@ -47,7 +52,9 @@ def test_clean_safetensors_and_bfloat16(tmp_path, capsys):
     # bfloat16 tensor with an Inf, written by hand (numpy has no bfloat16)
     bf = (np.array([1.0, np.inf, 2.0], np.float32).view(np.uint32) >> 16).astype(np.uint16)
     header = json.dumps({"w": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]}}).encode()
-    (tmp_path / "bf.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bf.tobytes())
+    (tmp_path / "bf.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + bf.tobytes()
+    )
     ck = read_checkpoint(tmp_path / "bf.safetensors")
     assert ck.dtypes["w"] == "bfloat16" and np.isinf(ck.tensors["w"][1])
     (f,) = inspect(tmp_path / "bf.safetensors").findings
@@ -69,9 +76,18 @@ def _keras_zip(path, var):
         o.attrs["name"] = "adam"
         o["0"] = np.array(5.0, np.float32)
         o["1"] = np.array(1e-3, np.float32)
-    config = {"class_name": "Functional", "config": {"layers": [
-        {"class_name": "BatchNormalization", "config": {"name": "bn", "center": True, "scale": True}},
-        {"class_name": "Dense", "config": {"name": "head"}}]}}
+    config = {
+        "class_name": "Functional",
+        "config": {
+            "layers": [
+                {
+                    "class_name": "BatchNormalization",
+                    "config": {"name": "bn", "center": True, "scale": True},
+                },
+                {"class_name": "Dense", "config": {"name": "head"}},
+            ]
+        },
+    }
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("config.json", json.dumps(config))
         z.writestr("metadata.json", "{}")
@@ -84,10 +100,15 @@ def test_keras_layout_without_keras(tmp_path):
     assert r.findings == [] and r.stats["norm_layers"] == 1 and "head" in r.stats["layers"]
     _keras_zip(tmp_path / "bad.keras", np.array([1.0, -2.0, np.nan]))
     (f,) = inspect(tmp_path / "bad.keras").findings
-    assert f.category == "corrupt_norm_statistics" and f.where_found["tensor"] == "bn.moving_variance"
+    assert (
+        f.category == "corrupt_norm_statistics" and f.where_found["tensor"] == "bn.moving_variance"
+    )
     assert f.framework == "keras" and "keras.repair_norm_statistics" in f.fixes[0]
     # Keras's own names, never torch's running_var:
-    assert f.evidence == ["bn: moving_variance: 1 NaN of 3", "bn: moving_variance: 1 negative (min -2)"]
+    assert f.evidence == [
+        "bn: moving_variance: 1 NaN of 3",
+        "bn: moving_variance: 1 negative (min -2)",
+    ]
 
 
 def test_legacy_h5_layout(tmp_path):
@@ -96,7 +117,9 @@ def test_legacy_h5_layout(tmp_path):
         h["model_weights/bn1/bn1/moving_variance:0"] = np.array([1.0, np.inf], np.float32)
         h["model_weights/bn1/bn1/moving_mean:0"] = np.zeros(2, np.float32)
     (f,) = inspect(tmp_path / "old.h5").findings
-    assert f.where_found["tensor"] == "bn1.moving_variance" and f.evidence == ["bn1: moving_variance: 1 +Inf of 2"]
+    assert f.where_found["tensor"] == "bn1.moving_variance" and f.evidence == [
+        "bn1: moving_variance: 1 +Inf of 2"
+    ]
 
 
 def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
@@ -104,7 +127,9 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "x.txt").write_text("hi")
     (tmp_path / "zip.keras").write_bytes(b"PK\x03\x04 not really")
     for name in ("missing.pt", "empty.safetensors", "x.txt", "zip.keras"):
-        assert main(["inspect", str(tmp_path / name), "--json", str(tmp_path / "r.json")]) == 2, name
+        assert main(["inspect", str(tmp_path / name), "--json", str(tmp_path / "r.json")]) == 2, (
+            name
+        )
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "internal error" not in err, err
     assert not (tmp_path / "r.json").exists()
@@ -132,14 +157,24 @@ def test_fuzzed_checkpoints_never_crash(tmp_path, capsys, kind):
             victim.write_bytes(mutated)
             code = main(["inspect", str(victim)])
             err = capsys.readouterr().err
-            assert code in (0, 1, 2) and "internal error" not in err and "Traceback" not in err, (src, trial, err)
+            assert code in (0, 1, 2) and "internal error" not in err and "Traceback" not in err, (
+                src,
+                trial,
+                err,
+            )
 
 
 def test_subprocess_safetensors_imports_no_framework(tmp_path):
     write_safetensors(tmp_path / "m.safetensors", _weights(poison=True))
-    code = ("import sys; from nanscope.cli.main import main; rc = main(sys.argv[1:]); "
-            "assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules; sys.exit(rc)")
-    p = subprocess.run([sys.executable, "-c", code, "inspect", str(tmp_path / "m.safetensors")], capture_output=True, text=True)
+    code = (
+        "import sys; from nanscope.cli.main import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules; sys.exit(rc)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, "inspect", str(tmp_path / "m.safetensors")],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 1 and p.stderr == "" and "corrupt_norm_statistics" in p.stdout
 
 

@@ -70,9 +70,16 @@ class _Pickler(pickle._Pickler):
         return None
 
 
-_TYPES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float64): "DoubleStorage", np.dtype(np.float16): "HalfStorage",
-          np.dtype(np.int64): "LongStorage", np.dtype(np.int32): "IntStorage", np.dtype(np.uint8): "ByteStorage",
-          np.dtype(np.bool_): "BoolStorage", np.dtype(np.int8): "CharStorage"}
+_TYPES = {
+    np.dtype(np.float32): "FloatStorage",
+    np.dtype(np.float64): "DoubleStorage",
+    np.dtype(np.float16): "HalfStorage",
+    np.dtype(np.int64): "LongStorage",
+    np.dtype(np.int32): "IntStorage",
+    np.dtype(np.uint8): "ByteStorage",
+    np.dtype(np.bool_): "BoolStorage",
+    np.dtype(np.int8): "CharStorage",
+}
 
 
 class Writer:
@@ -83,11 +90,15 @@ class Writer:
 
     def storage(self, flat, type_name=None):
         flat = np.ascontiguousarray(flat).reshape(-1)
-        s = Storage(str(len(self.storages)), type_name or _TYPES[flat.dtype], flat.tobytes(), flat.size)
+        s = Storage(
+            str(len(self.storages)), type_name or _TYPES[flat.dtype], flat.tobytes(), flat.size
+        )
         self.storages.append(s)
         return s
 
-    def tensor(self, a, *, storage=None, offset=0, size=None, stride=None, parameter=False, bfloat16=False):
+    def tensor(
+        self, a, *, storage=None, offset=0, size=None, stride=None, parameter=False, bfloat16=False
+    ):
         a = np.asarray(a)
         if storage is None:
             if bfloat16:
@@ -97,9 +108,26 @@ class Writer:
                 storage = self.storage(a)
         size = tuple(a.shape) if size is None else size
         if stride is None:
-            stride = tuple(int(np.prod(size[i + 1:], dtype=np.int64)) for i in range(len(size)))
-        t = Call(G("torch._utils", "_rebuild_tensor_v2"), storage, offset, size, stride, False, Call(G("collections", "OrderedDict")))
-        return Call(G("torch._utils", "_rebuild_parameter"), t, True, Call(G("collections", "OrderedDict"))) if parameter else t
+            stride = tuple(int(np.prod(size[i + 1 :], dtype=np.int64)) for i in range(len(size)))
+        t = Call(
+            G("torch._utils", "_rebuild_tensor_v2"),
+            storage,
+            offset,
+            size,
+            stride,
+            False,
+            Call(G("collections", "OrderedDict")),
+        )
+        return (
+            Call(
+                G("torch._utils", "_rebuild_parameter"),
+                t,
+                True,
+                Call(G("collections", "OrderedDict")),
+            )
+            if parameter
+            else t
+        )
 
     def save(self, path, obj, *, legacy=False, archive="archive"):
         buf = io.BytesIO()
@@ -129,10 +157,17 @@ def _model(poison=False):
     var = np.full(4, 0.5, np.float32)
     if poison:
         var[2] = np.nan
-    sd = OrderedDict([("conv.weight", w.tensor(conv)), ("bn.weight", w.tensor(np.ones(4, np.float32))),
-                      ("bn.bias", w.tensor(np.zeros(4, np.float32))), ("bn.running_mean", w.tensor(np.zeros(4, np.float32))),
-                      ("bn.running_var", w.tensor(var)), ("bn.num_batches_tracked", w.tensor(np.array(3, np.int64))),
-                      ("fc.weight", w.tensor(np.full((2, 4), 0.1, np.float32)))])
+    sd = OrderedDict(
+        [
+            ("conv.weight", w.tensor(conv)),
+            ("bn.weight", w.tensor(np.ones(4, np.float32))),
+            ("bn.bias", w.tensor(np.zeros(4, np.float32))),
+            ("bn.running_mean", w.tensor(np.zeros(4, np.float32))),
+            ("bn.running_var", w.tensor(var)),
+            ("bn.num_batches_tracked", w.tensor(np.array(3, np.int64))),
+            ("fc.weight", w.tensor(np.full((2, 4), 0.1, np.float32))),
+        ]
+    )
     arrays = {"conv.weight": conv, "bn.running_var": var}
     return w, sd, arrays
 
@@ -155,7 +190,9 @@ def test_views_shared_storages_bfloat16_and_parameters(tmp_path):
     s = w.storage(base)
     obj = {
         "slice": w.tensor(None, storage=s, offset=2, size=(3,), stride=(2,)),  # t[2:8:2]
-        "transposed": w.tensor(None, storage=s, offset=0, size=(6, 4), stride=(1, 6)),  # .t() of (4, 6)
+        "transposed": w.tensor(
+            None, storage=s, offset=0, size=(6, 4), stride=(1, 6)
+        ),  # .t() of (4, 6)
         "broadcast": w.tensor(None, storage=s, offset=5, size=(3, 2), stride=(0, 1)),  # expand
         "empty": w.tensor(None, storage=s, offset=0, size=(0, 5), stride=(5, 1)),
         "scalar": w.tensor(None, storage=s, offset=23, size=(), stride=()),
@@ -166,7 +203,10 @@ def test_views_shared_storages_bfloat16_and_parameters(tmp_path):
     got = read_pt(tmp_path / "v.pt")
     assert got["slice"].array.tolist() == [2.0, 4.0, 6.0]
     assert np.array_equal(got["transposed"].array, base.reshape(4, 6).T)
-    assert got["broadcast"].array.tolist() == [[5.0, 6.0]] * 3 and got["empty"].array.shape == (0, 5)
+    assert got["broadcast"].array.tolist() == [[5.0, 6.0]] * 3 and got["empty"].array.shape == (
+        0,
+        5,
+    )
     assert got["scalar"].array.shape == () and float(got["scalar"]) == 23.0
     assert got["bf16"].dtype == "bfloat16" and got["bf16"].array.dtype == np.float32
     assert got["bf16"].array.tolist() == [1.5, -np.inf, 3.0]
@@ -178,19 +218,46 @@ def test_views_shared_storages_bfloat16_and_parameters(tmp_path):
 
 def test_training_checkpoint_optimizer_names_and_hyperparameters(tmp_path):
     w, sd, _ = _model()
-    params = [k for k in sd if k.rsplit(".", 1)[-1] not in ("running_mean", "running_var", "num_batches_tracked")]
+    params = [
+        k
+        for k in sd
+        if k.rsplit(".", 1)[-1] not in ("running_mean", "running_var", "num_batches_tracked")
+    ]
     sq = np.ones((4, 3, 3, 3), np.float32)
     sq[0, 0, 0, 0] = np.nan
-    state = {0: {"step": w.tensor(np.array(2.0, np.float32)), "exp_avg": w.tensor(np.zeros((4, 3, 3, 3), np.float32)),
-                 "exp_avg_sq": w.tensor(sq)}}
-    opt = {"state": state, "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "params": list(range(len(params)))}]}
-    w.save(tmp_path / "ck.pt", {"model": sd, "optimizer": opt, "epoch": 4, "ema": OrderedDict([("w", w.tensor(np.ones(2, np.float32)))])})
+    state = {
+        0: {
+            "step": w.tensor(np.array(2.0, np.float32)),
+            "exp_avg": w.tensor(np.zeros((4, 3, 3, 3), np.float32)),
+            "exp_avg_sq": w.tensor(sq),
+        }
+    }
+    opt = {
+        "state": state,
+        "param_groups": [
+            {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "params": list(range(len(params)))}
+        ],
+    }
+    w.save(
+        tmp_path / "ck.pt",
+        {
+            "model": sd,
+            "optimizer": opt,
+            "epoch": 4,
+            "ema": OrderedDict([("w", w.tensor(np.ones(2, np.float32)))]),
+        },
+    )
     ck = read_torch_file(tmp_path / "ck.pt")
     assert ck.hyper == {"lr": 1e-3, "eps": 1e-8}
-    assert set(ck.optimizer) == {f"optimizer[conv.weight].{k}" for k in ("step", "exp_avg", "exp_avg_sq")}
+    assert set(ck.optimizer) == {
+        f"optimizer[conv.weight].{k}" for k in ("step", "exp_avg", "exp_avg_sq")
+    }
     assert "ema.w" in ck.tensors
     (f,) = inspect(tmp_path / "ck.pt").findings
-    assert f.category == "optimizer_state" and f.where_found["tensor"] == "optimizer[conv.weight].exp_avg_sq"
+    assert (
+        f.category == "optimizer_state"
+        and f.where_found["tensor"] == "optimizer[conv.weight].exp_avg_sq"
+    )
 
 
 def test_legacy_stream_format(tmp_path):
@@ -202,10 +269,23 @@ def test_legacy_stream_format(tmp_path):
     assert main(["inspect", str(tmp_path / "old.pt")]) == 1
 
 
-EVIL = [("os", "system"), ("posix", "system"), ("builtins", "eval"), ("builtins", "exec"), ("__builtin__", "eval"),
-        ("builtins", "getattr"), ("builtins", "open"), ("subprocess", "Popen"), ("torchvision.models.resnet", "ResNet"),
-        ("torch.nn.modules.conv", "Conv2d"), ("numpy.core.multiarray", "_reconstruct"), ("torch", "load"),
-        ("torch._utils", "_rebuild_tensor_v3"), ("shutil", "rmtree"), ("pickle", "loads")]
+EVIL = [
+    ("os", "system"),
+    ("posix", "system"),
+    ("builtins", "eval"),
+    ("builtins", "exec"),
+    ("__builtin__", "eval"),
+    ("builtins", "getattr"),
+    ("builtins", "open"),
+    ("subprocess", "Popen"),
+    ("torchvision.models.resnet", "ResNet"),
+    ("torch.nn.modules.conv", "Conv2d"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("torch", "load"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+    ("shutil", "rmtree"),
+    ("pickle", "loads"),
+]
 
 
 @pytest.mark.parametrize(("module", "name"), EVIL)
@@ -218,14 +298,18 @@ def test_other_globals_are_refused_and_never_called(tmp_path, capsys, module, na
         w.save(path, sd, legacy=legacy)
         assert main(["inspect", str(path), "--json", str(tmp_path / "r.json")]) == 2
         err = capsys.readouterr().err
-        shown = {"__builtin__": "builtins"}.get(module, module)  # Python 2 names as Python 3 reads them
+        shown = {"__builtin__": "builtins"}.get(
+            module, module
+        )  # Python 2 names as Python 3 reads them
         assert err.count("\n") == 1 and f"{shown}.{name}" in err and "--trust-pickle" in err, err
         assert "Traceback" not in err and not marker.exists() and not (tmp_path / "r.json").exists()
 
 
 def test_plain_pickles_and_protocol_0_are_refused_without_running(tmp_path, capsys):
     marker = tmp_path / "pwned"
-    payload = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."  # protocol 0, the classic exploit
+    payload = (
+        b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    )  # protocol 0, the classic exploit
     (tmp_path / "p0.pt").write_bytes(payload)
     (tmp_path / "p2.pt").write_bytes(pickle.dumps({"a": [1, 2]}, protocol=2))
     (tmp_path / "zip.pt").write_bytes(b"PK\x03\x04 not a zip")
@@ -238,20 +322,26 @@ def test_plain_pickles_and_protocol_0_are_refused_without_running(tmp_path, caps
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(("offset", "size", "stride"), [
-    (0, (25,), (1,)),  # one element past the storage of 24
-    (20, (5,), (1,)),
-    (0, (2, 13), (13, 1)),
-    (0, (3,), (-1,)),  # negative stride
-    (-1, (2,), (1,)),
-    (0, (4, 4), (1,)),  # ranks differ
-    (0, (2**40, 2**40), (1, 1)),  # absurd sizes
-    (0, (2**40,), (0,)),  # a zero-stride view of 2**40 elements over 24: a denial of service
-])
+@pytest.mark.parametrize(
+    ("offset", "size", "stride"),
+    [
+        (0, (25,), (1,)),  # one element past the storage of 24
+        (20, (5,), (1,)),
+        (0, (2, 13), (13, 1)),
+        (0, (3,), (-1,)),  # negative stride
+        (-1, (2,), (1,)),
+        (0, (4, 4), (1,)),  # ranks differ
+        (0, (2**40, 2**40), (1, 1)),  # absurd sizes
+        (0, (2**40,), (0,)),  # a zero-stride view of 2**40 elements over 24: a denial of service
+    ],
+)
 def test_tensors_outside_their_storage_are_refused(tmp_path, capsys, offset, size, stride):
     w = Writer()
     s = w.storage(np.arange(24, dtype=np.float32))
-    w.save(tmp_path / "oob.pt", {"w": w.tensor(None, storage=s, offset=offset, size=size, stride=stride)})
+    w.save(
+        tmp_path / "oob.pt",
+        {"w": w.tensor(None, storage=s, offset=offset, size=size, stride=stride)},
+    )
     with pytest.raises(BadInputError):
         read_torch_file(tmp_path / "oob.pt")
     assert main(["inspect", str(tmp_path / "oob.pt")]) == 2
@@ -288,7 +378,10 @@ def test_fuzzed_files_never_crash(tmp_path, capsys, kind, legacy):
         (tmp_path / "f.pt").write_bytes(mutated)
         code = main(["inspect", str(tmp_path / "f.pt")])
         err = capsys.readouterr().err
-        assert code in (0, 1, 2) and "internal error" not in err and "Traceback" not in err, (trial, err)
+        assert code in (0, 1, 2) and "internal error" not in err and "Traceback" not in err, (
+            trial,
+            err,
+        )
         if code == 2:
             assert err.count("\n") == 1, err
 
@@ -318,8 +411,14 @@ def test_arbitrary_pickle_bytes_are_refused_or_read_never_crash(tmp_path_factory
 def test_subprocess_inspect_imports_no_torch(tmp_path):
     w, sd, _ = _model(poison=True)
     w.save(tmp_path / "m.pt", sd)
-    code = ("import sys; from nanscope.cli.main import main; rc = main(sys.argv[1:]); "
-            "assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules; sys.exit(rc)")
-    p = subprocess.run([sys.executable, "-c", code, "inspect", str(tmp_path / "m.pt")], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONWARNINGS": "error"})
+    code = (
+        "import sys; from nanscope.cli.main import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules; sys.exit(rc)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, "inspect", str(tmp_path / "m.pt")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
     assert p.returncode == 1 and p.stderr == "" and "corrupt_norm_statistics" in p.stdout

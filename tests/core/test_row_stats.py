@@ -15,11 +15,18 @@ from nanscope.data.samples import batch_stats, image_stats
 
 
 def _same(got: ArrayStats, want: ArrayStats, scale: float) -> None:
-    assert (got.count, got.nan, got.posinf, got.neginf) == (want.count, want.nan, want.posinf, want.neginf)
+    assert (got.count, got.nan, got.posinf, got.neginf) == (
+        want.count,
+        want.nan,
+        want.posinf,
+        want.neginf,
+    )
     assert got.min == want.min and got.max == want.max
     if want.count:
         assert math.isclose(got.mean, want.mean, rel_tol=1e-5, abs_tol=1e-6 * scale)
-        assert math.isclose(got.m2, want.m2, rel_tol=1e-4, abs_tol=1e-5 * scale * scale * want.count)
+        assert math.isclose(
+            got.m2, want.m2, rel_tol=1e-4, abs_tol=1e-5 * scale * scale * want.count
+        )
 
 
 _VALUES = {
@@ -36,8 +43,12 @@ def test_every_row_matches_the_reference(data):
     shape = data.draw(hnp.array_shapes(min_dims=2, max_dims=4, min_side=0, max_side=12))
     a = data.draw(hnp.arrays(dtype, shape, elements=_VALUES.get(dtype)))
     if data.draw(st.booleans()) and a.ndim >= 3:
-        a = np.moveaxis(a, -1, 1)  # a strided view (channels last seen channels first): copied per group
-    block = data.draw(st.sampled_from([1, 5, 64, 1 << 18]))  # tiny blocks: many groups, long-row path
+        a = np.moveaxis(
+            a, -1, 1
+        )  # a strided view (channels last seen channels first): copied per group
+    block = data.draw(
+        st.sampled_from([1, 5, 64, 1 << 18])
+    )  # tiny blocks: many groups, long-row path
     r = row_stats(a, workers=data.draw(st.sampled_from([1, 2])), block=block)
     assert r.shape == a.shape[:-1]
     for idx in np.ndindex(*a.shape[:-1]):
@@ -59,14 +70,19 @@ def test_large_batch_two_threads_equal_one_and_bad_rows_are_exact():
     x[402, 0, :3] = [3.4e38, -3.4e38, 3.4e38]
     one, two = row_stats(x, workers=1), row_stats(x, workers=2)
     for f in ("count", "nan", "posinf", "neginf", "min", "max", "mean", "m2"):
-        assert np.array_equal(getattr(one, f), getattr(two, f)), f  # deterministic, whatever the timing
+        assert np.array_equal(getattr(one, f), getattr(two, f)), (
+            f
+        )  # deterministic, whatever the timing
     for idx in [(5, 1), (400, 2), (401, 0), (402, 0), (0, 0), (599, 2)]:
         want = reference_stats(x[idx])
         _same(one.item(*idx), want, max(abs(want.min or 0.0), abs(want.max or 0.0), 1.0))
     assert one.nan[5, 1] == 1 and one.posinf[400, 2] == 1024 and one.count[400, 2] == 0
     back = pickle.loads(pickle.dumps(one))  # how worker processes send them
     for f in ("count", "nan", "posinf", "neginf", "min", "max", "mean", "m2"):
-        assert np.array_equal(getattr(back, f), getattr(one, f)) and getattr(back, f).dtype == getattr(one, f).dtype, f
+        assert (
+            np.array_equal(getattr(back, f), getattr(one, f))
+            and getattr(back, f).dtype == getattr(one, f).dtype
+        ), f
 
 
 def test_constant_rows_have_zero_spread_and_equal_extremes():
@@ -86,7 +102,11 @@ def test_channels_last_batch_and_8bit_images_from_their_histogram():
     for c in range(3):
         want = reference_stats(hwc[..., c])
         _same(s.rows.combine(0).item(c), want, 255.0)
-    for mode, arr in [("RGB", hwc[0]), ("L", hwc[0, ..., 0]), ("RGBA", rng.integers(0, 256, (6, 5, 4), dtype=np.uint8))]:
+    for mode, arr in [
+        ("RGB", hwc[0]),
+        ("L", hwc[0, ..., 0]),
+        ("RGBA", rng.integers(0, 256, (6, 5, 4), dtype=np.uint8)),
+    ]:
         im = Image.fromarray(arr, mode)
         h = image_stats(im)
         a = batch_stats(np.asarray(im)[None], 2 if arr.ndim == 3 else None)
@@ -94,4 +114,6 @@ def test_channels_last_batch_and_8bit_images_from_their_histogram():
         for idx in np.ndindex(*h.rows.shape):
             _same(h.rows.item(*idx), a.rows.item(*idx), 255.0)
     assert image_stats(Image.new("F", (8, 8))) is None  # floats may hold NaN: the array path
-    assert image_stats(Image.new("RGB", (8, 3))) is None  # 3 rows read as channels first: the array path
+    assert (
+        image_stats(Image.new("RGB", (8, 3))) is None
+    )  # 3 rows read as channels first: the array path

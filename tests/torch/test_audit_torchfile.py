@@ -71,7 +71,10 @@ def test_nested_training_checkpoint_with_poison_matches_torch_load(tmp_path):
     osd = opt.state_dict()
     osd["state"][0]["exp_avg_sq"][0, 0, 0, 0] = float("nan")
     ema = {k: v.clone() for k, v in list(model.state_dict().items())[:5]}
-    torch.save({"model": sd, "optimizer": osd, "epoch": 3, "ema": ema, "note": "text", "best": 0.5}, tmp_path / "ck.pt")
+    torch.save(
+        {"model": sd, "optimizer": osd, "epoch": 3, "ema": ema, "note": "text", "best": 0.5},
+        tmp_path / "ck.pt",
+    )
     ck = _same_checkpoint(tmp_path / "ck.pt")
     assert ck.hyper["lr"] == 1e-3 and "optimizer[conv1.weight].exp_avg_sq" in ck.optimizer
     cats = {f.category.value for f in inspect(tmp_path / "ck.pt").findings}
@@ -80,8 +83,11 @@ def test_nested_training_checkpoint_with_poison_matches_torch_load(tmp_path):
 
 def test_legacy_non_zip_file_matches_torch_load(tmp_path):
     model, opt = _trained("resnet18")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "old.pt",
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict()},
+        tmp_path / "old.pt",
+        _use_new_zipfile_serialization=False,
+    )
     with open(tmp_path / "old.pt", "rb") as fh:
         assert fh.read(2) != b"PK"
     _same_checkpoint(tmp_path / "old.pt")
@@ -91,13 +97,23 @@ def test_legacy_non_zip_file_matches_torch_load(tmp_path):
 def test_every_dtype_views_and_shared_storages(tmp_path, legacy):
     base = torch.arange(24, dtype=torch.float32)
     obj = {
-        "f32": torch.randn(3, 4), "f64": torch.randn(5, dtype=torch.float64), "f16": torch.randn(6).half(),
+        "f32": torch.randn(3, 4),
+        "f64": torch.randn(5, dtype=torch.float64),
+        "f16": torch.randn(6).half(),
         "bf16": torch.tensor([1.5, float("inf"), -2.0, float("nan")], dtype=torch.bfloat16),
-        "i64": torch.arange(4), "i32": torch.arange(4, dtype=torch.int32), "i16": torch.arange(3, dtype=torch.int16),
-        "i8": torch.arange(-2, 2, dtype=torch.int8), "u8": torch.arange(5, dtype=torch.uint8),
+        "i64": torch.arange(4),
+        "i32": torch.arange(4, dtype=torch.int32),
+        "i16": torch.arange(3, dtype=torch.int16),
+        "i8": torch.arange(-2, 2, dtype=torch.int8),
+        "u8": torch.arange(5, dtype=torch.uint8),
         "bool": torch.tensor([True, False, True]),
-        "slice": base[2:20:3], "t": base.view(4, 6).t(), "shared": base.view(2, 12), "scalar": torch.tensor(7.0),
-        "empty": torch.zeros(0, 3), "param": torch.nn.Parameter(torch.ones(2)), "expanded": torch.ones(3, 1).expand(3, 4),
+        "slice": base[2:20:3],
+        "t": base.view(4, 6).t(),
+        "shared": base.view(2, 12),
+        "scalar": torch.tensor(7.0),
+        "empty": torch.zeros(0, 3),
+        "param": torch.nn.Parameter(torch.ones(2)),
+        "expanded": torch.ones(3, 1).expand(3, 4),
     }
     path = tmp_path / "d.pt"
     torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
@@ -118,20 +134,39 @@ def test_lightning_checkpoint_and_cli_imports_no_torch(tmp_path):
     opt.step()
     osd = opt.state_dict()
     osd["state"][0]["exp_avg_sq"][0, 0] = float("nan")
-    torch.save({"state_dict": {"model." + k: v for k, v in m.state_dict().items()}, "optimizer_states": [osd],
-                "epoch": 2, "global_step": 10}, tmp_path / "last.ckpt")
+    torch.save(
+        {
+            "state_dict": {"model." + k: v for k, v in m.state_dict().items()},
+            "optimizer_states": [osd],
+            "epoch": 2,
+            "global_step": 10,
+        },
+        tmp_path / "last.ckpt",
+    )
     _same_checkpoint(tmp_path / "last.ckpt")
-    code = ("import sys; from nanscope.cli.main import main; rc = main(sys.argv[1:]); "
-            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
-    p = subprocess.run([sys.executable, "-c", code, "inspect", str(tmp_path / "last.ckpt")], capture_output=True, text=True)
-    assert p.returncode == 1 and p.stderr == "" and "optimizer[model.0.weight].exp_avg_sq" in p.stdout
+    code = (
+        "import sys; from nanscope.cli.main import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, "inspect", str(tmp_path / "last.ckpt")],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        p.returncode == 1 and p.stderr == "" and "optimizer[model.0.weight].exp_avg_sq" in p.stdout
+    )
 
 
-@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # deprecated in torch, still loadable
+@pytest.mark.filterwarnings(
+    "ignore:torch.quantize_per_tensor:UserWarning"
+)  # deprecated in torch, still loadable
 def test_quantized_tensor_falls_back_to_torch_weights_only(tmp_path):
     q = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)
     torch.save({"w": torch.ones(2), "q": q}, tmp_path / "q.pt")
     ref = torch.load(tmp_path / "q.pt", weights_only=True)
     assert ref["q"].is_quantized
-    r = inspect(tmp_path / "q.pt")  # nanscope's reader cannot build it: torch's weights_only loader does
+    r = inspect(
+        tmp_path / "q.pt"
+    )  # nanscope's reader cannot build it: torch's weights_only loader does
     assert r.exit_code in (0, 1) and r.stats["format"] == "torch"

@@ -7,9 +7,9 @@ Design constraints:
       storages into numpy without importing torch. A file that needs full unpickling is
       refused unless the caller passes ``trust_pickle=True`` (then ``nanscope.torch.audit``
       loads it with torch); torch is also used, with ``weights_only=True``, for the tensor
-      kinds the reader does not build (quantized, sparse, nested). safetensors files are parsed here from their JSON header
-      (no framework, bfloat16 included). Keras files are read with h5py (weights) and json
-      (config): no Keras import, no deserialized code.
+      kinds the reader does not build (quantized, sparse, nested). safetensors files are
+      parsed here from their JSON header (no framework, bfloat16 included). Keras files are
+      read with h5py (weights) and json (config): no Keras import, no deserialized code.
     - Every unreadable file (missing, empty, truncated, bit-flipped, wrong format) raises
       ``BadInputError`` with one line naming the file.
     - Names are the framework's: ``layer4.2.bn3.running_var`` (torch), ``bn.moving_variance``
@@ -43,7 +43,9 @@ class Checkpoint:
     tensors: dict[str, np.ndarray] = field(default_factory=dict)  # parameters and buffers
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)  # optimizer state by name
     dtypes: dict[str, str] = field(default_factory=dict)  # stored dtype (bfloat16 kept by name)
-    norm_layers: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # layer -> (mean, var)
+    norm_layers: dict[str, tuple[str | None, str | None]] = field(
+        default_factory=dict
+    )  # layer -> (mean, var)
     hyper: dict[str, float] = field(default_factory=dict)  # optimizer lr / eps when stored
     notes: list[str] = field(default_factory=list)
 
@@ -78,10 +80,14 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoi
     elif suffix in TORCH_SUFFIXES or head[:2] == b"PK" or head[:1] == b"\x80":
         ck = _read_torch(p, trust_pickle)
     else:
-        raise BadInputError(f"{str(p)!r}: unknown checkpoint format {suffix or '(no suffix)'!r}; "
-                            "expected .pt/.pth, .safetensors, .keras or .h5")
+        raise BadInputError(
+            f"{str(p)!r}: unknown checkpoint format {suffix or '(no suffix)'!r}; "
+            "expected .pt/.pth, .safetensors, .keras or .h5"
+        )
     if not ck.tensors and not ck.optimizer:
-        raise BadInputError(f"{str(p)!r} holds no model weights nanscope recognizes ({ck.format} file)", path=str(p))
+        raise BadInputError(
+            f"{str(p)!r} holds no model weights nanscope recognizes ({ck.format} file)", path=str(p)
+        )
     ck.norm_layers = ck.norm_layers or find_norm_layers(ck.tensors)
     return ck
 
@@ -101,8 +107,11 @@ def _read_torch(p: Path, trust_pickle: bool) -> Checkpoint:
         from nanscope.torch.audit import read_torch_checkpoint
     except MissingDependencyError:
         if why is not None:
-            raise BadInputError(f"{str(p)!r} holds tensors nanscope reads only through torch ({why}): "
-                                "pip install torch", path=str(p)) from None
+            raise BadInputError(
+                f"{str(p)!r} holds tensors nanscope reads only through torch ({why}): "
+                "pip install torch",
+                path=str(p),
+            ) from None
         raise MissingDependencyError("torch (needed for --trust-pickle)", "torch") from None
     return read_torch_checkpoint(p, trust_pickle=trust_pickle)
 
@@ -126,14 +135,28 @@ def find_norm_layers(tensors: dict[str, np.ndarray]) -> dict[str, tuple[str | No
 
 def _bad(p: Path, what: str, err: BaseException | str) -> BadInputError:
     reason = err if isinstance(err, str) else " ".join(str(err).split())[:160] or type(err).__name__
-    return BadInputError(f"{str(p)!r} is not a readable {what} (truncated or corrupt): {reason}", path=str(p))
+    return BadInputError(
+        f"{str(p)!r} is not a readable {what} (truncated or corrupt): {reason}", path=str(p)
+    )
 
 
 # -- safetensors --------------------------------------------------------------------------------
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16", "I64": np.int64,
-              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16,
-              "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_}
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": "bfloat16",
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "U16": np.uint16,
+    "U32": np.uint32,
+    "U64": np.uint64,
+    "BOOL": np.bool_,
+}
 _ST_NAMES = {np.dtype(v).str: k for k, v in _ST_DTYPES.items() if v != "bfloat16"}
 
 
@@ -146,7 +169,11 @@ def _read_safetensors(p: Path, size: int) -> Checkpoint:
             header = json.loads(fh.read(n).decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        data = np.memmap(p, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+        data = (
+            np.memmap(p, dtype=np.uint8, mode="r", offset=8 + n)
+            if size > 8 + n
+            else np.zeros(0, np.uint8)
+        )
         if isinstance(data, np.memmap):
             from nanscope.audit.torchfile import advise_read_ahead
 
@@ -155,7 +182,11 @@ def _read_safetensors(p: Path, size: int) -> Checkpoint:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            dt, shape, (begin, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
+            dt, shape, (begin, end) = (
+                info["dtype"],
+                [int(s) for s in info["shape"]],
+                info["data_offsets"],
+            )
             if dt not in _ST_DTYPES:
                 ck.notes.append(f"{name}: dtype {dt} not audited")
                 continue
@@ -186,7 +217,11 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray]) -> None:
     blobs = []
     for name, a in tensors.items():
         a = np.ascontiguousarray(a)
-        header[name] = {"dtype": _ST_NAMES[a.dtype.str], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {
+            "dtype": _ST_NAMES[a.dtype.str],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         blobs.append(a.tobytes())
         offset += a.nbytes
     text = json.dumps(header).encode()
@@ -199,6 +234,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray]) -> None:
 
 
 # -- Keras --------------------------------------------------------------------------------------
+
 
 def _h5py():
     try:
@@ -232,9 +268,19 @@ def _layer_classes(config: object) -> dict[str, dict]:
     def walk(node: object) -> None:
         if isinstance(node, dict):
             cfg = node.get("config")
-            if isinstance(node.get("class_name"), str) and isinstance(cfg, dict) and isinstance(cfg.get("name"), str):
-                found.setdefault(cfg["name"], {"class_name": node["class_name"], "center": cfg.get("center", True),
-                                               "scale": cfg.get("scale", True)})
+            if (
+                isinstance(node.get("class_name"), str)
+                and isinstance(cfg, dict)
+                and isinstance(cfg.get("name"), str)
+            ):
+                found.setdefault(
+                    cfg["name"],
+                    {
+                        "class_name": node["class_name"],
+                        "center": cfg.get("center", True),
+                        "scale": cfg.get("scale", True),
+                    },
+                )
             for v in node.values():
                 walk(v)
         elif isinstance(node, list):
@@ -268,16 +314,27 @@ def _walk_keras_h5(p: Path, source: object, ck: Checkpoint, classes: dict[str, d
     try:
         with h5py.File(source, "r") as f:
             groups: list[tuple[str, object]] = []
-            f.visititems(lambda name, obj: groups.append((name, obj)) if isinstance(obj, h5py.Group) and name.split("/")[-1] == "vars" else None)
+            f.visititems(
+                lambda name, obj: (
+                    groups.append((name, obj))
+                    if isinstance(obj, h5py.Group) and name.split("/")[-1] == "vars"
+                    else None
+                )
+            )
             for gpath, g in groups:
-                keys = sorted((k for k in g.keys() if isinstance(g[k], h5py.Dataset)), key=lambda k: int(k) if k.isdigit() else 10**9)
+                keys = sorted(
+                    (k for k in g.keys() if isinstance(g[k], h5py.Dataset)),
+                    key=lambda k: int(k) if k.isdigit() else 10**9,
+                )
                 if not keys:
                     continue
                 is_opt = gpath.split("/")[0] == "optimizer"
                 layer = str(g.attrs.get("name", gpath.rsplit("/vars", 1)[0]))
                 info = classes.get(layer, {})
                 parent = gpath.split("/")[-2] if "/" in gpath else ""
-                cls = info.get("class_name") or ("BatchNormalization" if parent.startswith("batch_normalization") else "")
+                cls = info.get("class_name") or (
+                    "BatchNormalization" if parent.startswith("batch_normalization") else ""
+                )
                 names = _keras_var_names(cls, len(keys), info)
                 for k, leaf in zip(keys, names, strict=True):
                     arr = np.asarray(g[k][()])
@@ -296,7 +353,9 @@ def _walk_keras_h5(p: Path, source: object, ck: Checkpoint, classes: dict[str, d
 
 def _keras_var_names(cls: str, n: int, info: dict) -> list[str]:
     if cls == "BatchNormalization" and n >= 2:
-        head = (["gamma"] if info.get("scale", True) else []) + (["beta"] if info.get("center", True) else [])
+        head = (["gamma"] if info.get("scale", True) else []) + (
+            ["beta"] if info.get("center", True) else []
+        )
         head = head[: n - 2] + [f"vars.{i}" for i in range(len(head), n - 2)]
         return head + ["moving_mean", "moving_variance"]
     if (cls.startswith("Conv") or cls == "Dense") and n in (1, 2):
@@ -308,11 +367,16 @@ def _walk_legacy_h5(p: Path, ck: Checkpoint) -> None:
     """Keras 2 / tf.keras HDF5: ``model_weights/<layer>/<layer>/kernel:0``, ``optimizer_weights/...``."""
     h5py = _h5py()
     with h5py.File(p, "r") as f:
+
         def visit(name: str, obj: object) -> None:
             if not isinstance(obj, h5py.Dataset) or obj.dtype.kind not in "fiub":
                 return
             is_opt = name.startswith("optimizer_weights/")
-            parts = name.split("/")[1:] if name.split("/")[0] in ("model_weights", "optimizer_weights") else name.split("/")
+            parts = (
+                name.split("/")[1:]
+                if name.split("/")[0] in ("model_weights", "optimizer_weights")
+                else name.split("/")
+            )
             if len(parts) >= 2 and parts[0] == parts[1]:
                 parts = parts[1:]
             full = ("optimizer." if is_opt else "") + ".".join(x.split(":")[0] for x in parts)

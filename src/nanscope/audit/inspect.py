@@ -64,7 +64,9 @@ def _is_float(a: np.ndarray) -> bool:
 def analyze(ck: Checkpoint) -> AuditReport:
     """The findings and the per-layer table for a checkpoint already read."""
     fw = ck.framework
-    stats_of: dict[str, ArrayStats] = {n: array_stats(a) for n, a in ck.tensors.items() if a.dtype.kind in "fiub"}
+    stats_of: dict[str, ArrayStats] = {
+        n: array_stats(a) for n, a in ck.tensors.items() if a.dtype.kind in "fiub"
+    }
     findings: list[Finding] = []
 
     # BatchNorm statistics: NaN/Inf, negative variance, extreme values (absolute and per layer).
@@ -77,59 +79,112 @@ def analyze(ck: Checkpoint) -> AuditReport:
         norm_tensors.update(n for n in (mean_name, var_name) if n)
         # The statistics' own names (torch running_var, keras moving_variance) label the problems.
         labels = (_leaf(mean_name) or "running_mean", _leaf(var_name) or "running_var")
-        problems = norm_statistics_problems(_summary(mean, ck, mean_name), _summary(var, ck, var_name), names=labels)
+        problems = norm_statistics_problems(
+            _summary(mean, ck, mean_name), _summary(var, ck, var_name), names=labels
+        )
         if var is not None and _is_float(var) and var.size > 1:
             problems += _relative_extremes(var, labels[1])
         if problems:
             bad_layers[layer] = problems
-            bad_tensors += [n for n, label in ((var_name, labels[1]), (mean_name, labels[0]))
-                            if n and any(p.startswith(label + ":") for p in problems)]
+            bad_tensors += [
+                n
+                for n, label in ((var_name, labels[1]), (mean_name, labels[0]))
+                if n and any(p.startswith(label + ":") for p in problems)
+            ]
     if bad_layers:
         d = corrupt_norm_statistics(bad_layers, framework=fw)
         d.fixes = [f.replace("CKPT", str(ck.path.name)) for f in d.fixes]
-        findings.append(Finding.of(d, {"tensor": bad_tensors[0], "tensors": bad_tensors, "layers": list(bad_layers)}))
+        findings.append(
+            Finding.of(
+                d, {"tensor": bad_tensors[0], "tensors": bad_tensors, "layers": list(bad_layers)}
+            )
+        )
 
     # Non-finite parameters and other buffers.
-    bad = {n: _summary(ck.tensors[n], ck, n) for n, s in stats_of.items() if s.nonfinite and n not in norm_tensors}
+    bad = {
+        n: _summary(ck.tensors[n], ck, n)
+        for n, s in stats_of.items()
+        if s.nonfinite and n not in norm_tensors
+    }
     if bad:
         d = nonfinite_parameters(bad, framework=fw, phase=Phase.STATE, kind="tensor")
         findings.append(Finding.of(d, {"tensor": next(iter(bad)), "tensors": list(bad)}))
 
     # Weights that a cast to float16 would turn into Inf.
-    over = {n: s for n, s in stats_of.items() if s.count and _absmax(s) > HALF_MAX and ck.dtypes.get(n) != "float16"
-            and n not in norm_tensors and _is_float(ck.tensors[n])}
+    over = {
+        n: s
+        for n, s in stats_of.items()
+        if s.count
+        and _absmax(s) > HALF_MAX
+        and ck.dtypes.get(n) != "float16"
+        and n not in norm_tensors
+        and _is_float(ck.tensors[n])
+    }
     if over:
         names = list(over)
-        findings.append(Finding(
-            category=Category.OVERFLOW, phase=Phase.STATE, framework=fw, dtype="float16",
-            summary=f"{len(names)} tensor{'s' if len(names) != 1 else ''} exceed float16's range (65504): casting the model to half makes them Inf: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}",
-            evidence=[f"{n}: max |x| {fmt(_absmax(over[n]))}" for n in names[:10]],
-            fixes=audit_fixes("half_overflow", fw), where_found={"tensor": names[0], "tensors": names}, severity="warning"))
+        findings.append(
+            Finding(
+                category=Category.OVERFLOW,
+                phase=Phase.STATE,
+                framework=fw,
+                dtype="float16",
+                summary=f"{len(names)} tensor{'s' if len(names) != 1 else ''} exceed float16's "
+                f"range (65504): casting the model to half makes them Inf: "
+                f"{', '.join(names[:3])}{' …' if len(names) > 3 else ''}",
+                evidence=[f"{n}: max |x| {fmt(_absmax(over[n]))}" for n in names[:10]],
+                fixes=audit_fixes("half_overflow", fw),
+                where_found={"tensor": names[0], "tensors": names},
+                severity="warning",
+            )
+        )
 
     # Optimizer state: non-finite moments or learning rate; moments beyond float16.
     opt_stats = {n: array_stats(a) for n, a in ck.optimizer.items() if a.dtype.kind in "fiu"}
     bad_opt = {n: _summary(ck.optimizer[n], ck, n) for n, s in opt_stats.items() if s.nonfinite}
     lr = ck.hyper.get("lr")
     if bad_opt or (lr is not None and not math.isfinite(lr)):
-        d = optimizer_state(bad_opt or {"lr": summarize(np.array([lr]))}, framework=fw, eps=ck.hyper.get("eps"), lr=lr)
+        d = optimizer_state(
+            bad_opt or {"lr": summarize(np.array([lr]))},
+            framework=fw,
+            eps=ck.hyper.get("eps"),
+            lr=lr,
+        )
         d.phase = Phase.STATE
         names = list(bad_opt) or ["lr"]
         findings.append(Finding.of(d, {"tensor": names[0], "tensors": names}))
-    big_opt = [n for n, s in opt_stats.items() if s.count and _absmax(s) > HALF_MAX and n not in bad_opt]
+    big_opt = [
+        n for n, s in opt_stats.items() if s.count and _absmax(s) > HALF_MAX and n not in bad_opt
+    ]
     if big_opt:
-        findings.append(Finding(
-            category=Category.OPTIMIZER_STATE, phase=Phase.STATE, framework=fw, dtype="float16",
-            summary=f"{len(big_opt)} optimizer state tensor{'s' if len(big_opt) != 1 else ''} exceed float16's range: optimizer state kept in half would be Inf: {', '.join(big_opt[:3])}",
-            evidence=[f"{n}: max |x| {fmt(_absmax(opt_stats[n]))}" for n in big_opt[:10]],
-            fixes=audit_fixes("optimizer_half_overflow", fw), where_found={"tensor": big_opt[0], "tensors": big_opt},
-            severity="warning"))
+        findings.append(
+            Finding(
+                category=Category.OPTIMIZER_STATE,
+                phase=Phase.STATE,
+                framework=fw,
+                dtype="float16",
+                summary=f"{len(big_opt)} optimizer state tensor{'s' if len(big_opt) != 1 else ''} "
+                f"exceed float16's range: optimizer state kept in half would be Inf: "
+                f"{', '.join(big_opt[:3])}",
+                evidence=[f"{n}: max |x| {fmt(_absmax(opt_stats[n]))}" for n in big_opt[:10]],
+                fixes=audit_fixes("optimizer_half_overflow", fw),
+                where_found={"tensor": big_opt[0], "tensors": big_opt},
+                severity="warning",
+            )
+        )
 
-    stats = {"format": ck.format, "file": str(ck.path), "tensors": len(ck.tensors),
-             "parameters": int(sum(a.size for a in ck.tensors.values())),
-             "optimizer_tensors": len(ck.optimizer), "norm_layers": len(ck.norm_layers),
-             "layers": _layer_table(ck, stats_of)}
+    stats = {
+        "format": ck.format,
+        "file": str(ck.path),
+        "tensors": len(ck.tensors),
+        "parameters": int(sum(a.size for a in ck.tensors.values())),
+        "optimizer_tensors": len(ck.optimizer),
+        "norm_layers": len(ck.norm_layers),
+        "layers": _layer_table(ck, stats_of),
+    }
     if ck.hyper:
-        stats["optimizer"] = {k: v if math.isfinite(v) else str(v) for k, v in ck.hyper.items()}  # JSON has no NaN
+        stats["optimizer"] = {
+            k: v if math.isfinite(v) else str(v) for k, v in ck.hyper.items()
+        }  # JSON has no NaN
     if ck.notes:
         stats["notes"] = list(ck.notes)
     return AuditReport(findings, stats, framework=fw, title=f"inspect {ck.path.name}")
@@ -158,9 +213,14 @@ def _relative_extremes(var: np.ndarray, label: str) -> list[str]:
     if med <= 0:
         return []
     far = v[np.abs(v) > RELATIVE_EXTREME * max(med, 1e-2)]
-    if far.size == 0 or float(np.abs(far).max()) > 1e6:  # none, or already named by the absolute rule
+    if (
+        far.size == 0 or float(np.abs(far).max()) > 1e6
+    ):  # none, or already named by the absolute rule
         return []
-    return [f"{label}: {far.size} channel{'s' if far.size != 1 else ''} extreme relative to the layer (max {fmt(float(np.abs(far).max()))}, layer median {fmt(med)})"]
+    return [
+        f"{label}: {far.size} channel{'s' if far.size != 1 else ''} extreme relative to the layer "
+        f"(max {fmt(float(np.abs(far).max()))}, layer median {fmt(med)})"
+    ]
 
 
 def _layer_table(ck: Checkpoint, stats_of: dict[str, ArrayStats]) -> dict[str, dict]:
@@ -168,7 +228,9 @@ def _layer_table(ck: Checkpoint, stats_of: dict[str, ArrayStats]) -> dict[str, d
     table: dict[str, dict] = {}
     for name, s in stats_of.items():
         layer = name.rsplit(".", 1)[0] if "." in name else name
-        row = table.setdefault(layer, {"numel": 0, "max_abs": 0.0, "nonfinite": 0, "dtype": ck.dtypes.get(name)})
+        row = table.setdefault(
+            layer, {"numel": 0, "max_abs": 0.0, "nonfinite": 0, "dtype": ck.dtypes.get(name)}
+        )
         row["numel"] += s.size
         row["max_abs"] = max(row["max_abs"], _absmax(s))
         row["nonfinite"] += s.nonfinite

@@ -44,29 +44,90 @@ _MAX_EXPANDED = 1 << 24  # elements a broadcast (zero-stride) view may show beyo
 
 # storage type name -> (numpy dtype, dtype name); bfloat16 is read as uint16 and widened
 _STORAGES: dict[str, tuple[str, str]] = {
-    "FloatStorage": ("<f4", "float32"), "DoubleStorage": ("<f8", "float64"), "HalfStorage": ("<f2", "float16"),
-    "BFloat16Storage": ("<u2", "bfloat16"), "LongStorage": ("<i8", "int64"), "IntStorage": ("<i4", "int32"),
-    "ShortStorage": ("<i2", "int16"), "CharStorage": ("i1", "int8"), "ByteStorage": ("u1", "uint8"),
-    "BoolStorage": ("?", "bool"), "ComplexFloatStorage": ("<c8", "complex64"),
+    "FloatStorage": ("<f4", "float32"),
+    "DoubleStorage": ("<f8", "float64"),
+    "HalfStorage": ("<f2", "float16"),
+    "BFloat16Storage": ("<u2", "bfloat16"),
+    "LongStorage": ("<i8", "int64"),
+    "IntStorage": ("<i4", "int32"),
+    "ShortStorage": ("<i2", "int16"),
+    "CharStorage": ("i1", "int8"),
+    "ByteStorage": ("u1", "uint8"),
+    "BoolStorage": ("?", "bool"),
+    "ComplexFloatStorage": ("<c8", "complex64"),
     "ComplexDoubleStorage": ("<c16", "complex128"),
 }
 # Storage types whose elements numpy cannot hold (float8, bits, quantized): kept by name, not audited.
-_OPAQUE_STORAGES = {"Float8_e4m3fnStorage": 1, "Float8_e5m2Storage": 1, "Float8_e4m3fnuzStorage": 1,
-                    "Float8_e5m2fnuzStorage": 1, "QUInt8Storage": 1, "QInt8Storage": 1, "QInt32Storage": 4,
-                    "QUInt4x2Storage": 1, "QUInt2x4Storage": 1, "UInt16Storage": 2, "UInt32Storage": 4,
-                    "UInt64Storage": 8, "ComplexHalfStorage": 4, "BitsStorage": 1}
-_NUMPY_OF = {"UInt16Storage": ("<u2", "uint16"), "UInt32Storage": ("<u4", "uint32"), "UInt64Storage": ("<u8", "uint64")}
-_TORCH_DTYPES = {"float32", "float", "float64", "double", "float16", "half", "bfloat16", "int64", "long", "int32",
-                 "int", "int16", "short", "int8", "uint8", "bool", "complex64", "complex128", "cfloat", "cdouble",
-                 "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64", "qint8", "quint8", "qint32"}
+_OPAQUE_STORAGES = {
+    "Float8_e4m3fnStorage": 1,
+    "Float8_e5m2Storage": 1,
+    "Float8_e4m3fnuzStorage": 1,
+    "Float8_e5m2fnuzStorage": 1,
+    "QUInt8Storage": 1,
+    "QInt8Storage": 1,
+    "QInt32Storage": 4,
+    "QUInt4x2Storage": 1,
+    "QUInt2x4Storage": 1,
+    "UInt16Storage": 2,
+    "UInt32Storage": 4,
+    "UInt64Storage": 8,
+    "ComplexHalfStorage": 4,
+    "BitsStorage": 1,
+}
+_NUMPY_OF = {
+    "UInt16Storage": ("<u2", "uint16"),
+    "UInt32Storage": ("<u4", "uint32"),
+    "UInt64Storage": ("<u8", "uint64"),
+}
+_TORCH_DTYPES = {
+    "float32",
+    "float",
+    "float64",
+    "double",
+    "float16",
+    "half",
+    "bfloat16",
+    "int64",
+    "long",
+    "int32",
+    "int",
+    "int16",
+    "short",
+    "int8",
+    "uint8",
+    "bool",
+    "complex64",
+    "complex128",
+    "cfloat",
+    "cdouble",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "uint16",
+    "uint32",
+    "uint64",
+    "qint8",
+    "quint8",
+    "qint32",
+}
 # Accepted by torch.load(weights_only=True) but not built here: the caller may fall back to torch.
-_TORCH_ONLY = {("torch._utils", "_rebuild_qtensor"), ("torch._utils", "_rebuild_sparse_tensor"),
-               ("torch._utils", "_rebuild_nested_tensor"), ("torch._utils", "_rebuild_sparse_csr_tensor"),
-               ("torch._utils", "_rebuild_wrapper_subclass"), ("torch._utils", "_rebuild_meta_tensor_no_storage"),
-               ("torch._utils", "_rebuild_device_tensor_from_numpy"), ("torch.serialization", "_get_layout"),
-               ("torch", "per_tensor_affine"), ("torch", "per_channel_affine"), ("torch", "sparse_coo"),
-               ("torch", "sparse_csr"), ("torch", "strided"), ("torch._tensor", "_rebuild_from_type"),
-               ("torch.nn.parameter", "UninitializedParameter"), ("torch", "Generator")}
+_TORCH_ONLY = {
+    ("torch._utils", "_rebuild_qtensor"),
+    ("torch._utils", "_rebuild_sparse_tensor"),
+    ("torch._utils", "_rebuild_nested_tensor"),
+    ("torch._utils", "_rebuild_sparse_csr_tensor"),
+    ("torch._utils", "_rebuild_wrapper_subclass"),
+    ("torch._utils", "_rebuild_meta_tensor_no_storage"),
+    ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "per_tensor_affine"),
+    ("torch", "per_channel_affine"),
+    ("torch", "sparse_coo"),
+    ("torch", "sparse_csr"),
+    ("torch", "strided"),
+    ("torch._tensor", "_rebuild_from_type"),
+    ("torch.nn.parameter", "UninitializedParameter"),
+    ("torch", "Generator"),
+}
 
 
 class NeedsTorch(Exception):  # noqa: N818 - a signal to the caller, not an error shown to users
@@ -112,8 +173,9 @@ class _TorchMarker(str):
     """A torch dtype, device or layout name, kept as text (``torch.float16``)."""
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None) -> PtTensor:
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+) -> PtTensor:
     return _tensor(storage, storage_offset, size, stride)
 
 
@@ -132,7 +194,10 @@ def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state) ->
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
-    if func not in (_rebuild_tensor_v2, _rebuild_parameter) or new_type not in (_TENSOR, _PARAMETER):
+    if func not in (_rebuild_tensor_v2, _rebuild_parameter) or new_type not in (
+        _TENSOR,
+        _PARAMETER,
+    ):
         raise NeedsTorch("a tensor subclass")
     return func(*args)
 
@@ -166,8 +231,11 @@ _GLOBALS: dict[tuple[str, str], object] = {
     ("torch", "Size"): _size,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("_codecs", "encode"): _codecs_encode,
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "complex"): complex,
-    ("builtins", "bytearray"): bytearray, ("builtins", "slice"): slice,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("builtins", "bytearray"): bytearray,
+    ("builtins", "slice"): slice,
 }
 _PY2 = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
@@ -184,7 +252,11 @@ class _Unpickler(pickle.Unpickler):
         found = _GLOBALS.get((module, name))
         if found is not None:
             return found
-        if module == "torch" and name.endswith("Storage") and (name in _STORAGES or name in _OPAQUE_STORAGES):
+        if (
+            module == "torch"
+            and name.endswith("Storage")
+            and (name in _STORAGES or name in _OPAQUE_STORAGES)
+        ):
             return _StorageType(name)
         if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"):
             return _StorageType("ByteStorage")
@@ -195,10 +267,16 @@ class _Unpickler(pickle.Unpickler):
         raise BadInputError(
             f"{str(self._path)!r} needs full unpickling (it names {module}.{name}, not only tensors), which can run "
             "arbitrary code; nanscope refused to load it. Re-run with --trust-pickle only if you trust its source",
-            path=str(self._path))
+            path=str(self._path),
+        )
 
     def persistent_load(self, pid: object) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) >= 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+        ):
             raise ValueError(f"unexpected persistent id {str(pid)[:60]}")
         return self._storages(pid)
 
@@ -211,23 +289,37 @@ def _tensor(storage, offset, size, stride) -> PtTensor:
     offset = int(offset)
     if storage.pending:  # a legacy file: the storage's bytes come after the pickle
         return _LazyTensor(storage, offset, size, stride)  # type: ignore[return-value]
-    if len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride) or offset < 0:
+    if (
+        len(size) != len(stride)
+        or any(s < 0 for s in size)
+        or any(s < 0 for s in stride)
+        or offset < 0
+    ):
         raise ValueError(f"tensor of size {size} and stride {stride} is malformed")
     numel = math.prod(size)
-    if numel and offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) >= storage.numel:
-        raise ValueError(f"tensor of size {size}, stride {stride}, offset {offset} lies outside its storage of {storage.numel}")
+    if (
+        numel
+        and offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) >= storage.numel
+    ):
+        raise ValueError(
+            f"tensor of size {size}, stride {stride}, offset {offset} lies outside its storage of {storage.numel}"
+        )
     if numel > max(storage.numel, _MAX_EXPANDED):  # zero strides: a view far larger than its bytes
-        raise ValueError(f"tensor of size {size} expands a storage of {storage.numel} elements {numel // max(1, storage.numel)}-fold")
+        raise ValueError(
+            f"tensor of size {size} expands a storage of {storage.numel} elements {numel // max(1, storage.numel)}-fold"
+        )
     if storage.data is None:
         return PtTensor(None, storage.dtype, size)
     base = storage.data
     if not numel:
         arr = np.zeros(size, base.dtype)
     elif stride == _contiguous(size):  # the usual case: a plain view, cheaper than as_strided
-        arr = base[offset: offset + numel].reshape(size)
+        arr = base[offset : offset + numel].reshape(size)
     else:
         item = base.dtype.itemsize
-        arr = np.lib.stride_tricks.as_strided(base[offset:], shape=size, strides=[s * item for s in stride], writeable=False)
+        arr = np.lib.stride_tricks.as_strided(
+            base[offset:], shape=size, strides=[s * item for s in stride], writeable=False
+        )
     if storage.dtype == "bfloat16":
         arr = (arr.astype(np.uint32) << 16).view(np.float32)
     elif not arr.dtype.isnative:
@@ -297,10 +389,12 @@ def read_pt(path: str | Path) -> object:
         >>> p = os.path.join(tempfile.mkdtemp(), "evil.pt")
         >>> with open(p, "wb") as fh:
         ...     _ = fh.write(pickle.dumps(print))  # a pickle naming builtins.print
-        >>> read_pt(p)
-        Traceback (most recent call last):
-        ...
-        nanscope.core.errors.BadInputError: '...evil.pt' needs full unpickling (it names builtins.print, not only tensors), which can run arbitrary code; nanscope refused to load it. Re-run with --trust-pickle only if you trust its source
+        >>> from nanscope.core.errors import BadInputError
+        >>> try:
+        ...     read_pt(p)
+        ... except BadInputError as err:
+        ...     "it names builtins.print" in str(err), "--trust-pickle" in str(err)
+        (True, True)
     """
     p = Path(path)
     try:
@@ -310,14 +404,21 @@ def read_pt(path: str | Path) -> object:
             return _read_zip(p)
         if head[:1] == b"\x80":
             return _read_legacy(p)
-        if head[:1] in (b"(", b"}", b"]", b"c"):  # protocol 0/1 pickle: refused or read the same way
+        if head[:1] in (
+            b"(",
+            b"}",
+            b"]",
+            b"c",
+        ):  # protocol 0/1 pickle: refused or read the same way
             return _read_legacy(p)
         raise ValueError("neither a zip archive nor a pickle")
     except (BadInputError, NeedsTorch):
         raise
     except Exception as err:
-        raise BadInputError(f"{str(p)!r} is not a readable PyTorch file (truncated or corrupt): {_short(err)}",
-                            path=str(p)) from None
+        raise BadInputError(
+            f"{str(p)!r} is not a readable PyTorch file (truncated or corrupt): {_short(err)}",
+            path=str(p),
+        ) from None
 
 
 def _short(err: BaseException) -> str:
@@ -347,17 +448,21 @@ def _read_zip(p: Path) -> object:
             if info is None:
                 raise ValueError(f"storage {key!r} is missing from the archive")
             if info.compress_type == zipfile.ZIP_STORED:
-                local = mapped[info.header_offset: info.header_offset + 30].tobytes()
+                local = mapped[info.header_offset : info.header_offset + 30].tobytes()
                 if len(local) < 30 or local[:4] != b"PK\x03\x04":
                     raise ValueError(f"storage {key!r}: bad zip entry header")
                 n_name, n_extra = struct.unpack("<HH", local[26:30])
                 begin = info.header_offset + 30 + n_name + n_extra
                 if begin + info.file_size > size:
                     raise ValueError(f"storage {key!r} runs past the end of the file")
-                raw = mapped[begin: begin + info.file_size]
+                raw = mapped[begin : begin + info.file_size]
             else:  # not written by torch, but a valid zip: decompress this one member
                 raw = np.frombuffer(z.read(info), np.uint8)
-            if stype.name not in _STORAGES and stype.name not in _NUMPY_OF and raw.size < numel * _itemsize(stype.name):
+            if (
+                stype.name not in _STORAGES
+                and stype.name not in _NUMPY_OF
+                and raw.size < numel * _itemsize(stype.name)
+            ):
                 raise ValueError(f"storage {key!r} is shorter than its {numel} elements")
             cache[key] = s = _storage(raw, stype.name, numel, big)
             return s
@@ -374,7 +479,9 @@ def _read_legacy(p: Path) -> object:
     def storages(pid: tuple) -> _Storage:
         _, stype, key, _location, numel = pid[:5]
         key = str(key)
-        if len(pid) > 5 and pid[5] is not None:  # (view_key, offset, size): torch < 1.0 storage views
+        if (
+            len(pid) > 5 and pid[5] is not None
+        ):  # (view_key, offset, size): torch < 1.0 storage views
             raise ValueError("storage views of the pre-1.0 format are not supported")
         if key not in made:
             made[key] = (_Storage(None, "", int(numel), pending=True), stype.name)
@@ -403,12 +510,12 @@ def _read_legacy(p: Path) -> object:
         s, type_name = made[key]
         if pos + 8 > size:
             raise ValueError("file ends before its storages")
-        count = int.from_bytes(bytes(mapped[pos: pos + 8]), "little")
+        count = int.from_bytes(bytes(mapped[pos : pos + 8]), "little")
         pos += 8
         nbytes = count * _itemsize(type_name)
         if count != s.numel or pos + nbytes > size:
             raise ValueError(f"storage {key!r} is truncated or its size does not match")
-        fresh = _storage(mapped[pos: pos + nbytes], type_name, count, False)
+        fresh = _storage(mapped[pos : pos + nbytes], type_name, count, False)
         s.data, s.dtype, s.pending = fresh.data, fresh.dtype, False
         pos += nbytes
     unread = [k for k, (s, _) in made.items() if s.pending]
@@ -432,7 +539,6 @@ def _resolve(obj: object) -> object:
     return obj
 
 
-
 # -- the checkpoint's layout: the same reading as nanscope.torch.audit, on PtTensor ----------------
 
 MODEL_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "model_state")
@@ -441,7 +547,9 @@ _BUFFER_LEAVES = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _is_state_dict(obj: object) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, PtTensor) for v in obj.values())
+    return (
+        isinstance(obj, dict) and bool(obj) and all(isinstance(v, PtTensor) for v in obj.values())
+    )
 
 
 def _split(obj: object, path: Path) -> tuple[object, dict, dict | None]:
@@ -449,13 +557,21 @@ def _split(obj: object, path: Path) -> tuple[object, dict, dict | None]:
     if _is_state_dict(obj):
         return None, obj, None  # type: ignore[return-value]
     if not isinstance(obj, dict):
-        raise BadInputError(f"the checkpoint holds a {type(obj).__name__}, not a state dict or a dict of them")
+        raise BadInputError(
+            f"the checkpoint holds a {type(obj).__name__}, not a state dict or a dict of them"
+        )
     model_key = next((k for k in MODEL_KEYS if k in obj and _is_state_dict(obj[k])), None)
     if model_key is None:
         model_key = next((k for k, v in obj.items() if _is_state_dict(v)), None)
     sd = obj[model_key] if model_key is not None else {}
-    opt_key = next((k for k in OPTIMIZER_KEYS if isinstance(obj.get(k), dict) and "state" in obj[k]), None)
-    if opt_key is None and isinstance(obj.get("optimizer_states"), list) and obj["optimizer_states"]:
+    opt_key = next(
+        (k for k in OPTIMIZER_KEYS if isinstance(obj.get(k), dict) and "state" in obj[k]), None
+    )
+    if (
+        opt_key is None
+        and isinstance(obj.get("optimizer_states"), list)
+        and obj["optimizer_states"]
+    ):
         first = obj["optimizer_states"][0]  # PyTorch Lightning: one state dict per optimizer
         return model_key, sd, first if isinstance(first, dict) and "state" in first else None
     return model_key, sd, obj[opt_key] if opt_key else None

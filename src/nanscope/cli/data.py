@@ -15,14 +15,45 @@ HELP = "audit a dataset: NaN/Inf inputs, bad labels and masks, constant images, 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", metavar="PATH", help="image folder (with images/ + masks/ or one folder per class), .npy, .npz, .h5")
-    p.add_argument("--json", metavar="FILE", help="write the findings and statistics as JSON (the contract's schema)")
-    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report (findings, histogram, sample thumbnails)")
-    p.add_argument("--num-classes", type=int, metavar="N", help="labels must lie in [0, N); enables the unused-class check")
-    p.add_argument("--ignore-index", type=int, metavar="I", help="the label the loss ignores (e.g. 255 or -100)")
-    p.add_argument("--masks", metavar="DIR", help="mask folder matching the image folder PATH (same file names)")
-    p.add_argument("--workers", type=int, default=2, metavar="N",
-                   help="processes decoding image folders, threads reducing arrays (default: %(default)s)")
+    p.add_argument(
+        "path",
+        metavar="PATH",
+        help="image folder (with images/ + masks/ or one folder per class), .npy, .npz, .h5",
+    )
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        help="write the findings and statistics as JSON (the contract's schema)",
+    )
+    p.add_argument(
+        "--html",
+        metavar="FILE",
+        help="also write a self-contained HTML report (findings, histogram, sample thumbnails)",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        metavar="N",
+        help="labels must lie in [0, N); enables the unused-class check",
+    )
+    p.add_argument(
+        "--ignore-index",
+        type=int,
+        metavar="I",
+        help="the label the loss ignores (e.g. 255 or -100)",
+    )
+    p.add_argument(
+        "--masks",
+        metavar="DIR",
+        help="mask folder matching the image folder PATH (same file names)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="processes decoding image folders, threads reducing arrays (default: %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true", help="never draw the progress bar")
 
 
@@ -40,8 +71,14 @@ def main(args: argparse.Namespace) -> int:
     if args.html:
         check_writable(args.html, what="HTML report")
         refuse_same_file(args.path, args.html)
-    report = audit(args.path, num_classes=args.num_classes, ignore_index=args.ignore_index, masks=args.masks,
-                   workers=args.workers, progress=False if args.no_progress else None)
+    report = audit(
+        args.path,
+        num_classes=args.num_classes,
+        ignore_index=args.ignore_index,
+        masks=args.masks,
+        workers=args.workers,
+        progress=False if args.no_progress else None,
+    )
     echo(report)
     if args.json:
         write_json(args.json, report.to_dict())

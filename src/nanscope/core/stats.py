@@ -85,22 +85,54 @@ class ArrayStats:
     def merge(self, other: ArrayStats) -> ArrayStats:
         """Combine two disjoint parts (Chan, Golub and LeVeque's pairwise update)."""
         if not other.count:
-            return ArrayStats(self.count, self.nan + other.nan, self.posinf + other.posinf,
-                              self.neginf + other.neginf, self.min, self.max, self.mean, self.m2)
+            return ArrayStats(
+                self.count,
+                self.nan + other.nan,
+                self.posinf + other.posinf,
+                self.neginf + other.neginf,
+                self.min,
+                self.max,
+                self.mean,
+                self.m2,
+            )
         if not self.count:
-            return ArrayStats(other.count, self.nan + other.nan, self.posinf + other.posinf,
-                              self.neginf + other.neginf, other.min, other.max, other.mean, other.m2)
+            return ArrayStats(
+                other.count,
+                self.nan + other.nan,
+                self.posinf + other.posinf,
+                self.neginf + other.neginf,
+                other.min,
+                other.max,
+                other.mean,
+                other.m2,
+            )
         n = self.count + other.count
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.count / n)
         m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
-        return ArrayStats(n, self.nan + other.nan, self.posinf + other.posinf, self.neginf + other.neginf,
-                          min(self.min, other.min), max(self.max, other.max), mean, m2)
+        return ArrayStats(
+            n,
+            self.nan + other.nan,
+            self.posinf + other.posinf,
+            self.neginf + other.neginf,
+            min(self.min, other.min),
+            max(self.max, other.max),
+            mean,
+            m2,
+        )
 
     def to_dict(self) -> dict:
         """Plain numbers for the JSON report."""
-        return {"count": self.size, "nan": self.nan, "posinf": self.posinf, "neginf": self.neginf,
-                "min": self.min, "max": self.max, "mean": self.mean, "std": self.std}
+        return {
+            "count": self.size,
+            "nan": self.nan,
+            "posinf": self.posinf,
+            "neginf": self.neginf,
+            "min": self.min,
+            "max": self.max,
+            "mean": self.mean,
+            "std": self.std,
+        }
 
 
 class RunningStats:
@@ -218,14 +250,24 @@ class RowStats:
             mean = np.where(n > 0, (w * self.mean).sum(axis=axis) / np.maximum(n, 1), 0.0)
             dev = self.mean - np.expand_dims(mean, axis)
             m2 = self.m2.sum(axis=axis) + (w * dev * dev).sum(axis=axis)
-        return RowStats(n, self.nan.sum(axis=axis), self.posinf.sum(axis=axis), self.neginf.sum(axis=axis),
-                        self.min.min(axis=axis), self.max.max(axis=axis), mean, m2)
+        return RowStats(
+            n,
+            self.nan.sum(axis=axis),
+            self.posinf.sum(axis=axis),
+            self.neginf.sum(axis=axis),
+            self.min.min(axis=axis),
+            self.max.max(axis=axis),
+            mean,
+            m2,
+        )
 
     def items(self) -> list[ArrayStats]:
         """Every row as :class:`ArrayStats`, in C order (cheaper than numpy calls for a few rows)."""
         cols = [getattr(self, f).reshape(-1).tolist() for f in _ROW_FIELDS]
-        return [ArrayStats(n, a, b, c, lo, hi, mean, m2) if n else ArrayStats(0, a, b, c)
-                for n, a, b, c, lo, hi, mean, m2 in zip(*cols, strict=True)]
+        return [
+            ArrayStats(n, a, b, c, lo, hi, mean, m2) if n else ArrayStats(0, a, b, c)
+            for n, a, b, c, lo, hi, mean, m2 in zip(*cols, strict=True)
+        ]
 
     def item(self, *index: int) -> ArrayStats:
         """One row as :class:`ArrayStats`."""
@@ -233,8 +275,14 @@ class RowStats:
         counts = (int(self.nan[index]), int(self.posinf[index]), int(self.neginf[index]))
         if not count:
             return ArrayStats(0, *counts)
-        return ArrayStats(count, *counts, float(self.min[index]), float(self.max[index]), float(self.mean[index]),
-                          float(self.m2[index]))
+        return ArrayStats(
+            count,
+            *counts,
+            float(self.min[index]),
+            float(self.max[index]),
+            float(self.mean[index]),
+            float(self.m2[index]),
+        )
 
 
 _ROW_FIELDS = ("count", "nan", "posinf", "neginf", "min", "max", "mean", "m2")
@@ -256,7 +304,9 @@ def _numeric(array: object) -> np.ndarray:
     return a
 
 
-def row_stats(array: object, *, workers: int = 2, block: int = ROW_BLOCK, pool: Executor | None = None) -> RowStats:
+def row_stats(
+    array: object, *, workers: int = 2, block: int = ROW_BLOCK, pool: Executor | None = None
+) -> RowStats:
     """:func:`array_stats` of every row (the last axis) of an array, in one fused pass.
 
     One read of memory gives the statistics of each row: per sample and per channel at once,
@@ -288,7 +338,9 @@ def row_stats(array: object, *, workers: int = 2, block: int = ROW_BLOCK, pool: 
     out = _empty_rows(n_rows)
     if n_rows and length:
         if length > block:  # rows longer than a block: the whole-array kernel, row by row
-            _long_rows(a.reshape(n_rows, length) if a.flags.c_contiguous else a, out, workers, block)
+            _long_rows(
+                a.reshape(n_rows, length) if a.flags.c_contiguous else a, out, workers, block
+            )
         else:
             _short_rows(a, out, workers, block, pool)
     return RowStats(*(v.reshape(rows_shape) for v in out))
@@ -296,7 +348,16 @@ def row_stats(array: object, *, workers: int = 2, block: int = ROW_BLOCK, pool: 
 
 def _empty_rows(n: int) -> list[np.ndarray]:
     z = np.zeros(n, np.int64)
-    return [z, z.copy(), z.copy(), z.copy(), np.full(n, np.inf), np.full(n, -np.inf), np.zeros(n), np.zeros(n)]
+    return [
+        z,
+        z.copy(),
+        z.copy(),
+        z.copy(),
+        np.full(n, np.inf),
+        np.full(n, -np.inf),
+        np.zeros(n),
+        np.zeros(n),
+    ]
 
 
 def _put(out: list[np.ndarray], i: int, s: ArrayStats) -> None:
@@ -312,7 +373,9 @@ def _long_rows(a: np.ndarray, out: list[np.ndarray], workers: int, block: int) -
         _put(out, i, array_stats(row, workers=workers, block=block))
 
 
-def _short_rows(a: np.ndarray, out: list[np.ndarray], workers: int, block: int, pool: Executor | None) -> None:
+def _short_rows(
+    a: np.ndarray, out: list[np.ndarray], workers: int, block: int, pool: Executor | None
+) -> None:
     length = a.shape[-1]
     per_lead = math.prod(a.shape[1:-1])  # rows per index of the first axis
     work = _work_dtype(a.dtype)
@@ -536,5 +599,13 @@ def reference_stats(array: object) -> ArrayStats:
     nan, pos, neg = int(np.isnan(a).sum()), int(np.isposinf(a).sum()), int(np.isneginf(a).sum())
     if not f.size:
         return ArrayStats(0, nan, pos, neg)
-    return ArrayStats(int(f.size), nan, pos, neg, float(f.min()), float(f.max()), float(f.mean()),
-                      float(f.var() * f.size))
+    return ArrayStats(
+        int(f.size),
+        nan,
+        pos,
+        neg,
+        float(f.min()),
+        float(f.max()),
+        float(f.mean()),
+        float(f.var() * f.size),
+    )

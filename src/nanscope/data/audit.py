@@ -80,7 +80,12 @@ def audit(
     bar = _Progress(src.total, src.unit, enabled=bool(progress))
     try:
         fs = src.files
-        if fs is not None and workers > 1 and len(fs.files) > 2 * readers.PROCESS_TASK and readers.can_fork():
+        if (
+            fs is not None
+            and workers > 1
+            and len(fs.files) > 2 * readers.PROCESS_TASK
+            and readers.can_fork()
+        ):
             _audit_in_processes(fs, state, workers, bar)
         elif workers > 1 and fs is None:
             # one pool for the whole stream: threads started once, not twice per chunk
@@ -101,14 +106,33 @@ def audit(
     fw = src.framework
     findings = []
     for a in inputs.values():
-        findings += input_findings(a.name, a.stats, a.dtype or "float32", nonfinite=a.nonfinite, constant=a.constant, framework=fw)
+        findings += input_findings(
+            a.name,
+            a.stats,
+            a.dtype or "float32",
+            nonfinite=a.nonfinite,
+            constant=a.constant,
+            framework=fw,
+        )
     for t in targets.values():
-        findings += target_findings(t.name, nonfinite=t.nonfinite, out_of_range=t.out_of_range, all_ignored=t.all_ignored,
-                                    bad_soft=t.bad_soft, histogram=t.histogram(), num_classes=num_classes,
-                                    ignore_index=ignore_index, bad_values=t.bad_values, framework=fw)
-    stats = {"source": src.kind, "samples": seen,
-             "inputs": {a.name: a.to_dict() for a in inputs.values()},
-             "targets": {t.name: t.to_dict() for t in targets.values()}}
+        findings += target_findings(
+            t.name,
+            nonfinite=t.nonfinite,
+            out_of_range=t.out_of_range,
+            all_ignored=t.all_ignored,
+            bad_soft=t.bad_soft,
+            histogram=t.histogram(),
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+            bad_values=t.bad_values,
+            framework=fw,
+        )
+    stats = {
+        "source": src.kind,
+        "samples": seen,
+        "inputs": {a.name: a.to_dict() for a in inputs.values()},
+        "targets": {t.name: t.to_dict() for t in targets.values()},
+    }
     return AuditReport(findings, stats, framework=fw, title=title)
 
 
@@ -130,10 +154,13 @@ class _Audits:
 
     def add(self, batch: readers.Batch, workers: int) -> None:
         for k, x in batch.inputs.items():
-            self.inputs.setdefault(k, _InputAudit(k)).update(x, batch.start, batch.names, workers, self.pool)
+            self.inputs.setdefault(k, _InputAudit(k)).update(
+                x, batch.start, batch.names, workers, self.pool
+            )
         for k, y in batch.targets.items():
             self.targets.setdefault(k, _TargetAudit(k, self.num_classes, self.ignore_index)).update(
-                y, batch.start, batch.target_names or batch.names)
+                y, batch.start, batch.target_names or batch.names
+            )
         self.seen = max(self.seen, batch.start + len(batch))
 
     def blank(self) -> _Audits:
@@ -146,7 +173,9 @@ class _Audits:
     def merge(self, later: _Audits) -> bool:
         """Add the audit of later samples; False (and nothing changed) if the two decided
         differently about a name the template did not know (the caller re-audits that part)."""
-        pairs = [(self.inputs, k, a) for k, a in later.inputs.items()] + [(self.targets, k, t) for k, t in later.targets.items()]
+        pairs = [(self.inputs, k, a) for k, a in later.inputs.items()] + [
+            (self.targets, k, t) for k, t in later.targets.items()
+        ]
         if any(k in mine and not mine[k].same_decisions(theirs) for mine, k, theirs in pairs):
             return False
         for mine, k, theirs in pairs:
@@ -158,7 +187,9 @@ class _Audits:
         return True
 
 
-def _audit_part(files: readers.FolderFiles, start: int, template: _Audits) -> _Audits | tuple[str, str | None]:
+def _audit_part(
+    files: readers.FolderFiles, start: int, template: _Audits
+) -> _Audits | tuple[str, str | None]:
     """In a worker process: decode and audit a range of files (one at a time: memory is one image)."""
     for i in range(len(files.files)):
         try:
@@ -170,7 +201,9 @@ def _audit_part(files: readers.FolderFiles, start: int, template: _Audits) -> _A
     return template
 
 
-def _audit_in_processes(fs: readers.FolderFiles, state: _Audits, workers: int, bar: _Progress) -> None:
+def _audit_in_processes(
+    fs: readers.FolderFiles, state: _Audits, workers: int, bar: _Progress
+) -> None:
     """Ranges of files audited in forked worker processes, merged here in file order.
 
     What comes back from a range is its audit (statistics, capped sample lists, histograms),
@@ -195,13 +228,19 @@ def _audit_in_processes(fs: readers.FolderFiles, state: _Audits, workers: int, b
             try:
                 while nxt < n and len(pending) < 2 * workers:
                     hi = min(n, nxt + task)
-                    pending.append((nxt, hi, pool.submit(_audit_part, fs.part(nxt, hi), nxt, template)))
+                    pending.append(
+                        (nxt, hi, pool.submit(_audit_part, fs.part(nxt, hi), nxt, template))
+                    )
                     nxt = hi
                 lo, hi, future = pending.popleft()
                 got = future.result()
-            except BrokenProcessPool:  # a decoder crashed its process (a native bug, a hostile file)
-                raise BadInputError(f"a worker process died while decoding the files from {readers.rel_name(fs, done)!r} on; "
-                                    "re-run with --workers 1 to name the file") from None
+            except (
+                BrokenProcessPool
+            ):  # a decoder crashed its process (a native bug, a hostile file)
+                raise BadInputError(
+                    f"a worker process died while decoding the files from {readers.rel_name(fs, done)!r} on; "
+                    "re-run with --workers 1 to name the file"
+                ) from None
             if isinstance(got, tuple):
                 raise BadInputError(got[0], path=got[1])
             if not state.merge(got):  # decided differently about a name the first file lacked
@@ -221,7 +260,13 @@ class _Progress:
     """``nanscope data: 120/5000 files`` on stderr, redrawn at most 5 times a second."""
 
     def __init__(self, total: int | None, unit: str, *, enabled: bool) -> None:
-        self.total, self.unit, self.enabled, self.last, self.drawn = total, unit, enabled, 0.0, False
+        self.total, self.unit, self.enabled, self.last, self.drawn = (
+            total,
+            unit,
+            enabled,
+            0.0,
+            False,
+        )
 
     def update(self, done: int) -> None:
         now = time.monotonic()
@@ -252,8 +297,14 @@ class _InputAudit:
         self.channels: list[ArrayStats] | None = None
         self.nonfinite, self.constant = Hits(), Hits()
 
-    def update(self, x: np.ndarray | SampleStats, start: int, names: list[str] | None, workers: int,
-               pool: ThreadPoolExecutor | None = None) -> None:
+    def update(
+        self,
+        x: np.ndarray | SampleStats,
+        start: int,
+        names: list[str] | None,
+        workers: int,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> None:
         summary = x if isinstance(x, SampleStats) else None
         if summary is None:
             x = np.asarray(x)
@@ -271,7 +322,11 @@ class _InputAudit:
         if not n or not per_sample:
             return
         ax = self.channel_axis
-        by_channel = ax is not None and len(sample_shape) == len(self.sample_shape or ()) and sample_shape[ax] == (self.sample_shape or ())[ax]
+        by_channel = (
+            ax is not None
+            and len(sample_shape) == len(self.sample_shape or ())
+            and sample_shape[ax] == (self.sample_shape or ())[ax]
+        )
         check_constant = per_sample >= 16 or x.ndim >= 3
         if summary is None and not (by_channel or check_constant):
             # few values per sample (tabular rows): the whole-batch kernel, rows only when needed
@@ -290,11 +345,17 @@ class _InputAudit:
                 self._merge_channels(per)
             self.stats = self.stats.merge(part)
             if part.nonfinite:
-                self.nonfinite.add(start, names[0] if names else None,
-                                   f"{_label(start, 0, names)}: {part.nonfinite} non-finite of {per_sample}")
+                self.nonfinite.add(
+                    start,
+                    names[0] if names else None,
+                    f"{_label(start, 0, names)}: {part.nonfinite} non-finite of {per_sample}",
+                )
             if check_constant and part.count and not part.nonfinite and part.min == part.max:
-                self.constant.add(start, names[0] if names else None,
-                                  f"{_label(start, 0, names)}: every value is {fmt(part.min)}")
+                self.constant.add(
+                    start,
+                    names[0] if names else None,
+                    f"{_label(start, 0, names)}: every value is {fmt(part.min)}",
+                )
             return
         if split:
             per = rows.combine(0).items()
@@ -309,27 +370,44 @@ class _InputAudit:
         if part.nonfinite:
             bad = sample.nonfinite
             for i in np.flatnonzero(bad).tolist():
-                self.nonfinite.add(start + i, names[i] if names else None,
-                                   f"{_label(start, i, names)}: {bad[i]} non-finite of {per_sample}")
+                self.nonfinite.add(
+                    start + i,
+                    names[i] if names else None,
+                    f"{_label(start, i, names)}: {bad[i]} non-finite of {per_sample}",
+                )
         if check_constant:
             # min == max over the finite values of a sample with no NaN/Inf: every value is the same
             same = (sample.nonfinite == 0) & (sample.count > 0) & (sample.min == sample.max)
             for i in np.flatnonzero(same).tolist():
-                self.constant.add(start + i, names[i] if names else None,
-                                  f"{_label(start, i, names)}: every value is {fmt(float(sample.min[i]))}")
+                self.constant.add(
+                    start + i,
+                    names[i] if names else None,
+                    f"{_label(start, i, names)}: every value is {fmt(float(sample.min[i]))}",
+                )
 
     def blank(self) -> _InputAudit:
         out = _InputAudit(self.name)
-        out.dtype, out.sample_shape, out.channel_axis = self.dtype, self.sample_shape, self.channel_axis
+        out.dtype, out.sample_shape, out.channel_axis = (
+            self.dtype,
+            self.sample_shape,
+            self.channel_axis,
+        )
         return out
 
     def same_decisions(self, other: _InputAudit) -> bool:
         return other.dtype is None or (self.dtype, self.sample_shape, self.channel_axis) == (
-            other.dtype, other.sample_shape, other.channel_axis)
+            other.dtype,
+            other.sample_shape,
+            other.channel_axis,
+        )
 
     def merge(self, later: _InputAudit) -> None:
         if self.dtype is None:
-            self.dtype, self.sample_shape, self.channel_axis = later.dtype, later.sample_shape, later.channel_axis
+            self.dtype, self.sample_shape, self.channel_axis = (
+                later.dtype,
+                later.sample_shape,
+                later.channel_axis,
+            )
         self.shapes_vary |= later.shapes_vary
         self.stats = self.stats.merge(later.stats)
         if later.channels is not None:
@@ -338,20 +416,32 @@ class _InputAudit:
         self.constant.merge(later.constant)
 
     def _merge_channels(self, per: list[ArrayStats]) -> None:
-        self.channels = per if self.channels is None else [a.merge(b) for a, b in zip(self.channels, per, strict=True)]
+        self.channels = (
+            per
+            if self.channels is None
+            else [a.merge(b) for a, b in zip(self.channels, per, strict=True)]
+        )
 
-    def _update_flat(self, x: np.ndarray, start: int, names: list[str] | None, workers: int) -> None:
+    def _update_flat(
+        self, x: np.ndarray, start: int, names: list[str] | None, workers: int
+    ) -> None:
         part = array_stats(x, workers=workers)
         self.stats = self.stats.merge(part)
         if part.nonfinite:
             flat = x.reshape(x.shape[0], -1)
             bad = np.count_nonzero(~np.isfinite(flat), axis=1)
             for i in np.flatnonzero(bad):
-                self.nonfinite.add(start + i, names[i] if names else None,
-                                   f"{_label(start, i, names)}: {bad[i]} non-finite of {flat.shape[1]}")
+                self.nonfinite.add(
+                    start + i,
+                    names[i] if names else None,
+                    f"{_label(start, i, names)}: {bad[i]} non-finite of {flat.shape[1]}",
+                )
 
     def to_dict(self) -> dict:
-        d: dict = {"dtype": self.dtype, "sample_shape": list(self.sample_shape or ()) if not self.shapes_vary else "varies"}
+        d: dict = {
+            "dtype": self.dtype,
+            "sample_shape": list(self.sample_shape or ()) if not self.shapes_vary else "varies",
+        }
         d.update(self.stats.to_dict())
         d["nonfinite_samples"] = self.nonfinite.count
         d["constant_samples"] = self.constant.count
@@ -359,8 +449,12 @@ class _InputAudit:
             d["channel_mean"] = [c.mean for c in self.channels]
             d["channel_std"] = [c.std for c in self.channels]
             if self.dtype == "uint8":  # the numbers transforms.Normalize wants after ToTensor()
-                d["channel_mean_01"] = [round(c.mean / 255, 4) if c.mean is not None else None for c in self.channels]
-                d["channel_std_01"] = [round(c.std / 255, 4) if c.std is not None else None for c in self.channels]
+                d["channel_mean_01"] = [
+                    round(c.mean / 255, 4) if c.mean is not None else None for c in self.channels
+                ]
+                d["channel_std_01"] = [
+                    round(c.std / 255, 4) if c.std is not None else None for c in self.channels
+                ]
         return d
 
 
@@ -374,7 +468,12 @@ class _TargetAudit:
         self.above_cap = 0
         self.valid = self.ignored = 0
         self.bad_values: dict[int, int] = {}
-        self.nonfinite, self.out_of_range, self.all_ignored, self.bad_soft = Hits(), Hits(), Hits(), Hits()
+        self.nonfinite, self.out_of_range, self.all_ignored, self.bad_soft = (
+            Hits(),
+            Hits(),
+            Hits(),
+            Hits(),
+        )
 
     def blank(self) -> _TargetAudit:
         out = _TargetAudit(self.name, self.num_classes, self.ignore_index)
@@ -389,23 +488,35 @@ class _TargetAudit:
             self.kind, self.dtype = later.kind, later.dtype
         self.stats = self.stats.merge(later.stats)
         if later.hist.size > self.hist.size:
-            self.hist = np.concatenate([self.hist, np.zeros(later.hist.size - self.hist.size, np.int64)])
+            self.hist = np.concatenate(
+                [self.hist, np.zeros(later.hist.size - self.hist.size, np.int64)]
+            )
         self.hist[: later.hist.size] += later.hist
         self.above_cap += later.above_cap
         self.valid += later.valid
         self.ignored += later.ignored
         for v, c in later.bad_values.items():
             self.bad_values[v] = self.bad_values.get(v, 0) + c
-        for mine, theirs in ((self.nonfinite, later.nonfinite), (self.out_of_range, later.out_of_range),
-                             (self.all_ignored, later.all_ignored), (self.bad_soft, later.bad_soft)):
+        for mine, theirs in (
+            (self.nonfinite, later.nonfinite),
+            (self.out_of_range, later.out_of_range),
+            (self.all_ignored, later.all_ignored),
+            (self.bad_soft, later.bad_soft),
+        ):
             mine.merge(theirs)
 
     def _decide(self, y: np.ndarray) -> str:
         if y.dtype.kind in "iub":
             return "classes"
         f = y[np.isfinite(y)]
-        if y.ndim == 2 and y.shape[1] > 1 and f.size and f.min() >= 0 and f.max() <= 1 and (
-                self.num_classes is None or y.shape[1] == self.num_classes):
+        if (
+            y.ndim == 2
+            and y.shape[1] > 1
+            and f.size
+            and f.min() >= 0
+            and f.max() <= 1
+            and (self.num_classes is None or y.shape[1] == self.num_classes)
+        ):
             return "soft"
         if not f.size or np.all(f == np.round(f)):
             return "classes"
@@ -431,8 +542,11 @@ class _TargetAudit:
         finite = np.isfinite(flat) if flat.dtype.kind == "f" else None
         if part.nonfinite:
             for i in np.flatnonzero(~finite.all(axis=1)):
-                self.nonfinite.add(start + i, names[i] if names else None,
-                                   f"{_label(start, i, names)}: {int((~finite[i]).sum())} non-finite labels")
+                self.nonfinite.add(
+                    start + i,
+                    names[i] if names else None,
+                    f"{_label(start, i, names)}: {int((~finite[i]).sum())} non-finite labels",
+                )
         if self.kind == "soft":
             self._soft(flat, start, names)
         elif self.kind == "classes":
@@ -448,19 +562,33 @@ class _TargetAudit:
         n_pix = math.prod(lc.sample_shape)
         values = np.flatnonzero(lc.counts)
         counts = lc.counts[values]
-        valid = values != self.ignore_index if self.ignore_index is not None else np.ones(values.size, bool)
-        bad = valid & (values >= self.num_classes) if self.num_classes is not None else np.zeros(values.size, bool)
+        valid = (
+            values != self.ignore_index
+            if self.ignore_index is not None
+            else np.ones(values.size, bool)
+        )
+        bad = (
+            valid & (values >= self.num_classes)
+            if self.num_classes is not None
+            else np.zeros(values.size, bool)
+        )
         name = names[0] if names else None
         if bad.any():
             for v, c in zip(values[bad].tolist(), counts[bad].tolist(), strict=True):
                 self.bad_values[v] = self.bad_values.get(v, 0) + c
-            self.out_of_range.add(start, name, f"{_label(start, 0, names)}: label {', '.join(map(str, values[bad][:5].tolist()))} "
-                                               f"at {int(counts[bad].sum())} of {n_pix} positions")
+            self.out_of_range.add(
+                start,
+                name,
+                f"{_label(start, 0, names)}: label {', '.join(map(str, values[bad][:5].tolist()))} "
+                f"at {int(counts[bad].sum())} of {n_pix} positions",
+            )
         nvalid = int(counts[valid].sum())
         self.valid += nvalid
         self.ignored += n_pix - nvalid
         if self.ignore_index is not None and n_pix > 1 and nvalid == 0:
-            self.all_ignored.add(start, name, f"{_label(start, 0, names)}: 0 of {n_pix} values valid")
+            self.all_ignored.add(
+                start, name, f"{_label(start, 0, names)}: 0 of {n_pix} values valid"
+            )
         good = valid & ~bad
         self._add_counts(values[good], counts[good])
 
@@ -484,13 +612,19 @@ class _TargetAudit:
         tol = 1e-3 if flat.dtype.itemsize >= 4 else 1e-2
         bad = np.isfinite(sums) & ((np.abs(sums - 1.0) > tol) | neg)
         for i in np.flatnonzero(bad):
-            self.bad_soft.add(start + i, names[i] if names else None, f"{_label(start, i, names)}: row sums to {fmt(float(sums[i]))}")
+            self.bad_soft.add(
+                start + i,
+                names[i] if names else None,
+                f"{_label(start, i, names)}: row sums to {fmt(float(sums[i]))}",
+            )
         ok = np.isfinite(sums)
         if ok.any():
             self._count(np.argmax(np.where(np.isfinite(flat[ok]), flat[ok], -np.inf), axis=1))
             self.valid += int(ok.sum())
 
-    def _classes(self, flat: np.ndarray, finite: np.ndarray | None, start: int, names: list[str] | None) -> None:
+    def _classes(
+        self, flat: np.ndarray, finite: np.ndarray | None, start: int, names: list[str] | None
+    ) -> None:
         labels = flat if finite is None else np.where(finite, flat, 0)
         labels = labels.astype(np.int64, copy=False)
         valid = np.ones(labels.shape, bool) if finite is None else finite.copy()
@@ -505,16 +639,22 @@ class _TargetAudit:
                 self.bad_values[v] = self.bad_values.get(v, 0) + c
             for i in np.flatnonzero(bad.any(axis=1)):
                 row_vals = np.unique(labels[i][bad[i]])
-                self.out_of_range.add(start + i, names[i] if names else None,
-                                      f"{_label(start, i, names)}: label {', '.join(map(str, row_vals[:5].tolist()))} "
-                                      f"at {int(bad[i].sum())} of {labels.shape[1]} positions")
+                self.out_of_range.add(
+                    start + i,
+                    names[i] if names else None,
+                    f"{_label(start, i, names)}: label {', '.join(map(str, row_vals[:5].tolist()))} "
+                    f"at {int(bad[i].sum())} of {labels.shape[1]} positions",
+                )
         nvalid = valid.sum(axis=1)
         self.valid += int(nvalid.sum())
         self.ignored += int((~valid).sum())
         if self.ignore_index is not None and labels.shape[1] > 1:
             for i in np.flatnonzero(nvalid == 0):
-                self.all_ignored.add(start + i, names[i] if names else None,
-                                     f"{_label(start, i, names)}: 0 of {labels.shape[1]} values valid")
+                self.all_ignored.add(
+                    start + i,
+                    names[i] if names else None,
+                    f"{_label(start, i, names)}: 0 of {labels.shape[1]} values valid",
+                )
         good = labels[valid & ~bad]
         if good.size:
             self._count(good)
@@ -528,7 +668,9 @@ class _TargetAudit:
         if labels.size:
             counts = np.bincount(labels, minlength=self.hist.size)
             if counts.size > self.hist.size:
-                self.hist = np.concatenate([self.hist, np.zeros(counts.size - self.hist.size, np.int64)])
+                self.hist = np.concatenate(
+                    [self.hist, np.zeros(counts.size - self.hist.size, np.int64)]
+                )
             self.hist += counts
 
     def histogram(self) -> dict[int, int]:

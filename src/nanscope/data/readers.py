@@ -49,10 +49,27 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".we
 SAMPLE_SUFFIXES = IMAGE_SUFFIXES | {".npy"}
 ARRAY_SUFFIXES = {".npy", ".npz", ".h5", ".hdf5"}
 INPUT_DIRS = ("images", "image", "imgs", "img", "inputs", "input", "x", "data", "jpegimages", "rgb")
-TARGET_DIRS = ("masks", "mask", "labels", "label", "annotations", "annotation", "gt", "targets",
-               "target", "y", "segmentationclass", "segmentations", "segmentation")
-_TARGET_KEY = re.compile(r"(^|[_\-/])(y|labels?|targets?|masks?|gt|annotations?|classes|segmentation)s?$", re.I)
-CHUNK_BYTES = 64 << 20  # rows per array chunk: a view of the mapped .npy (no copy); h5py reads this much
+TARGET_DIRS = (
+    "masks",
+    "mask",
+    "labels",
+    "label",
+    "annotations",
+    "annotation",
+    "gt",
+    "targets",
+    "target",
+    "y",
+    "segmentationclass",
+    "segmentations",
+    "segmentation",
+)
+_TARGET_KEY = re.compile(
+    r"(^|[_\-/])(y|labels?|targets?|masks?|gt|annotations?|classes|segmentation)s?$", re.I
+)
+CHUNK_BYTES = (
+    64 << 20
+)  # rows per array chunk: a view of the mapped .npy (no copy); h5py reads this much
 
 
 @dataclass
@@ -62,7 +79,9 @@ class Batch:
     start: int
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
     targets: dict[str, np.ndarray] = field(default_factory=dict)
-    names: list[str] | None = None  # file names (relative to the dataset root) when samples are files
+    names: list[str] | None = (
+        None  # file names (relative to the dataset root) when samples are files
+    )
     target_names: list[str] | None = None
 
     def __len__(self) -> int:
@@ -81,7 +100,9 @@ class Source:
     unit: str = "samples"
     framework: str | None = None
     resources: list = field(default_factory=list)  # open files, closed by close()
-    files: FolderFiles | None = None  # a folder's files, for audits that split them across processes
+    files: FolderFiles | None = (
+        None  # a folder's files, for audits that split them across processes
+    )
 
     def close(self) -> None:
         while self.resources:
@@ -102,8 +123,14 @@ def is_target_name(name: str) -> bool:
 
 # -- files --------------------------------------------------------------------------------------
 
-def open_source(path: str | os.PathLike, *, masks: str | os.PathLike | None = None, workers: int = 1,
-                summarize: bool = False) -> Source:
+
+def open_source(
+    path: str | os.PathLike,
+    *,
+    masks: str | os.PathLike | None = None,
+    workers: int = 1,
+    summarize: bool = False,
+) -> Source:
     """A dataset on disk: an image/mask folder, a ``.npy``/``.npz`` or an HDF5 file.
 
     With ``summarize`` the input images of a folder arrive as :class:`SampleStats`, reduced
@@ -121,8 +148,14 @@ def open_source(path: str | os.PathLike, *, masks: str | os.PathLike | None = No
     if suffix == ".npy":
         arr = load_npy(p)
         role = "targets" if is_target_name(p.stem) else "inputs"
-        return Source(_array_batches({p.stem: arr} if role == "inputs" else {}, {p.stem: arr} if role == "targets" else {}),
-                      _rows(arr), "npy")
+        return Source(
+            _array_batches(
+                {p.stem: arr} if role == "inputs" else {},
+                {p.stem: arr} if role == "targets" else {},
+            ),
+            _rows(arr),
+            "npy",
+        )
     if suffix in (".npz", ".h5", ".hdf5"):
         keep: list = []
         try:
@@ -135,8 +168,10 @@ def open_source(path: str | os.PathLike, *, masks: str | os.PathLike | None = No
         return src
     if suffix in IMAGE_SUFFIXES:
         return _folder_source(FolderFiles([p], None, p.parent, None, summarize), workers)
-    raise BadInputError(f"{str(p)!r}: unknown dataset format {suffix or '(no suffix)'!r}; "
-                        "expected a folder of images, .npy, .npz, .h5 or .hdf5")
+    raise BadInputError(
+        f"{str(p)!r}: unknown dataset format {suffix or '(no suffix)'!r}; "
+        "expected a folder of images, .npy, .npz, .h5 or .hdf5"
+    )
 
 
 def _nonempty(p: Path) -> None:
@@ -154,10 +189,18 @@ def load_npy(p: Path) -> np.ndarray:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except ValueError as err:
         if "pickle" in str(err).lower() or "python objects" in str(err).lower():
-            raise BadInputError(f"{str(p)!r} holds Python objects (pickle); nanscope does not unpickle data files") from None
-        raise BadInputError(f"{str(p)!r} is not a readable .npy file (truncated or corrupt): {_short(err)}", path=str(p)) from None
+            raise BadInputError(
+                f"{str(p)!r} holds Python objects (pickle); nanscope does not unpickle data files"
+            ) from None
+        raise BadInputError(
+            f"{str(p)!r} is not a readable .npy file (truncated or corrupt): {_short(err)}",
+            path=str(p),
+        ) from None
     except Exception as err:  # bit flips reach numpy's header parser in many ways
-        raise BadInputError(f"{str(p)!r} is not a readable .npy file (truncated or corrupt): {_short(err)}", path=str(p)) from None
+        raise BadInputError(
+            f"{str(p)!r} is not a readable .npy file (truncated or corrupt): {_short(err)}",
+            path=str(p),
+        ) from None
     mm = getattr(arr, "_mmap", None)
     if mm is not None and hasattr(mmap, "MADV_SEQUENTIAL"):
         try:
@@ -183,7 +226,10 @@ def load_npz(p: Path, keep: list) -> dict[str, object]:
         raise
     except Exception as err:
         fh.close()
-        raise BadInputError(f"{str(p)!r} is not a readable .npz file (truncated or corrupt): {_short(err)}", path=str(p)) from None
+        raise BadInputError(
+            f"{str(p)!r} is not a readable .npz file (truncated or corrupt): {_short(err)}",
+            path=str(p),
+        ) from None
     keep += [z, fh]
     return {k: _ZipArray(z, k, p) for k in z.files}
 
@@ -199,10 +245,17 @@ class _ZipArray:
             return self.z[self.key]
         except ValueError as err:
             if "pickle" in str(err).lower():
-                raise BadInputError(f"{str(self.path)!r}: array {self.key!r} holds Python objects (pickle); nanscope does not unpickle data files") from None
-            raise BadInputError(f"{str(self.path)!r}: array {self.key!r} is unreadable (truncated or corrupt): {_short(err)}") from None
+                raise BadInputError(
+                    f"{str(self.path)!r}: array {self.key!r} holds Python objects (pickle); "
+                    "nanscope does not unpickle data files"
+                ) from None
+            raise BadInputError(
+                f"{str(self.path)!r}: array {self.key!r} is unreadable (truncated or corrupt): {_short(err)}"
+            ) from None
         except Exception as err:
-            raise BadInputError(f"{str(self.path)!r}: array {self.key!r} is unreadable (truncated or corrupt): {_short(err)}") from None
+            raise BadInputError(
+                f"{str(self.path)!r}: array {self.key!r} is unreadable (truncated or corrupt): {_short(err)}"
+            ) from None
 
 
 def load_hdf5(p: Path, keep: list) -> dict[str, object]:
@@ -226,7 +279,10 @@ def load_hdf5(p: Path, keep: list) -> dict[str, object]:
         for f in keep:
             f.close()
         keep.clear()
-        raise BadInputError(f"{str(p)!r} is not a readable HDF5 file (truncated or corrupt): {_short(err)}", path=str(p)) from None
+        raise BadInputError(
+            f"{str(p)!r} is not a readable HDF5 file (truncated or corrupt): {_short(err)}",
+            path=str(p),
+        ) from None
     if not found:
         raise BadInputError(f"{str(p)!r} holds no numeric dataset")
     return found
@@ -255,7 +311,13 @@ def _arrays_source(arrays: dict[str, object], kind: str, path: Path) -> Source:
             a = v.load() if isinstance(v, _ZipArray) else v
             yield from _array_batches({k: a} if k in inputs else {}, {k: a} if k in targets else {})
 
-    total = max((_rows(v.load() if isinstance(v, _ZipArray) else v) for v in arrays.values()), default=0) if kind != "npz" else None
+    total = (
+        max(
+            (_rows(v.load() if isinstance(v, _ZipArray) else v) for v in arrays.values()), default=0
+        )
+        if kind != "npz"
+        else None
+    )
     return Source(batches(), total, kind)
 
 
@@ -267,7 +329,11 @@ def _array_batches(inputs: dict[str, object], targets: dict[str, object]) -> Ite
     first = next(iter(arrays.values()))
     shape = tuple(first.shape)
     if len(shape) == 0:
-        yield Batch(0, {k: np.asarray(v)[None] for k, v in inputs.items()}, {k: np.asarray(v)[None] for k, v in targets.items()})
+        yield Batch(
+            0,
+            {k: np.asarray(v)[None] for k, v in inputs.items()},
+            {k: np.asarray(v)[None] for k, v in targets.items()},
+        )
         return
     n = shape[0]
     row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * first.dtype.itemsize)
@@ -276,12 +342,17 @@ def _array_batches(inputs: dict[str, object], targets: dict[str, object]) -> Ite
         for v in arrays.values():  # start reading the next chunk while this one is computed
             _prefetch(v, i + step, step)
         try:
-            yield Batch(i, {k: np.asarray(v[i : i + step]) for k, v in inputs.items()},
-                        {k: np.asarray(v[i : i + step]) for k, v in targets.items()})
+            yield Batch(
+                i,
+                {k: np.asarray(v[i : i + step]) for k, v in inputs.items()},
+                {k: np.asarray(v[i : i + step]) for k, v in targets.items()},
+            )
         except BadInputError:
             raise
         except Exception as err:  # a truncated HDF5 chunk surfaces only when read
-            raise BadInputError(f"cannot read rows {i}..{min(n, i + step) - 1}: {_short(err)} (truncated or corrupt file)") from None
+            raise BadInputError(
+                f"cannot read rows {i}..{min(n, i + step) - 1}: {_short(err)} (truncated or corrupt file)"
+            ) from None
 
 
 def _prefetch(a: object, row: int, rows: int) -> None:
@@ -306,13 +377,19 @@ def _prefetch(a: object, row: int, rows: int) -> None:
 
 # -- folders ------------------------------------------------------------------------------------
 
+
 def _samples_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SAMPLE_SUFFIXES
-                  and not p.name.startswith("."))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in SAMPLE_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def _folder(root: Path, masks: Path | None, workers: int, summarize: bool) -> Source:
-    subdirs = {d.name.lower(): d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    subdirs = {
+        d.name.lower(): d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+    }
     if masks is None:
         image_dir = next((subdirs[n] for n in INPUT_DIRS if n in subdirs), None)
         mask_dir = next((subdirs[n] for n in TARGET_DIRS if n in subdirs), None)
@@ -322,16 +399,23 @@ def _folder(root: Path, masks: Path | None, workers: int, summarize: bool) -> So
         raise BadInputError(f"mask folder {str(masks)!r} does not exist")
     files = _samples_in(root)
     if masks is not None:
-        mask_files = {p.relative_to(masks).with_suffix("").as_posix(): p for p in _samples_in(masks)}
+        mask_files = {
+            p.relative_to(masks).with_suffix("").as_posix(): p for p in _samples_in(masks)
+        }
         pairs = [(f, mask_files.get(f.relative_to(root).with_suffix("").as_posix())) for f in files]
-        return _folder_source(FolderFiles([f for f, _ in pairs], [m for _, m in pairs], root.parent, None, summarize), workers)
+        return _folder_source(
+            FolderFiles([f for f, _ in pairs], [m for _, m in pairs], root.parent, None, summarize),
+            workers,
+        )
     if not files:
         arrays = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".npz", ".h5", ".hdf5"))
         if len(arrays) == 1:
             return open_source(arrays[0])
         raise BadInputError(f"{str(root)!r} holds no images (.png/.jpg/.tif/...) or .npy samples")
     # ImageFolder layout (root/class_name/xxx.png): the folder name is the class label.
-    top = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
+    top = sorted(
+        {f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1}
+    )
     if len(top) >= 2 and all(len(f.relative_to(root).parts) == 2 for f in files):
         index = {name: i for i, name in enumerate(top)}
         labels = [index[f.relative_to(root).parts[0]] for f in files]
@@ -379,7 +463,10 @@ def _decode(path: Path, as_mask: bool, finish):
         try:
             a = np.load(path, allow_pickle=False)
         except Exception as err:
-            raise BadInputError(f"{str(path)!r} is not a readable .npy file (truncated or corrupt): {_short(err)}", path=str(path)) from None
+            raise BadInputError(
+                f"{str(path)!r} is not a readable .npy file (truncated or corrupt): {_short(err)}",
+                path=str(path),
+            ) from None
         return finish(a)
     try:
         from PIL import Image
@@ -392,7 +479,10 @@ def _decode(path: Path, as_mask: bool, finish):
                 im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
             return finish(im)
     except Exception as err:
-        raise BadInputError(f"{str(path)!r} is not a readable image (truncated or corrupt): {_short(err)}", path=str(path)) from None
+        raise BadInputError(
+            f"{str(path)!r} is not a readable image (truncated or corrupt): {_short(err)}",
+            path=str(path),
+        ) from None
 
 
 @dataclass
@@ -408,7 +498,9 @@ class FolderFiles:
     def load(self, i: int) -> Batch:
         f = self.files[i]
         x = read_input_stats(f) if self.summarize else read_sample(f)
-        b = Batch(i, {"image": x if isinstance(x, SampleStats) else x[None]}, names=[_rel(f, self.root)])
+        b = Batch(
+            i, {"image": x if isinstance(x, SampleStats) else x[None]}, names=[_rel(f, self.root)]
+        )
         if self.masks is not None:
             m = self.masks[i]
             if m is not None:
@@ -421,8 +513,13 @@ class FolderFiles:
 
     def part(self, lo: int, hi: int) -> FolderFiles:
         cut = slice(lo, hi)
-        return FolderFiles(self.files[cut], None if self.masks is None else self.masks[cut], self.root,
-                      None if self.labels is None else self.labels[cut], self.summarize)
+        return FolderFiles(
+            self.files[cut],
+            None if self.masks is None else self.masks[cut],
+            self.root,
+            None if self.labels is None else self.labels[cut],
+            self.summarize,
+        )
 
 
 PROCESS_TASK = 16  # files per range a worker process audits
@@ -435,8 +532,11 @@ def can_fork() -> bool:
     fork copies the process without its threads: only safe while the calling thread is the
     only one and no framework (CUDA contexts, TF thread pools) lives in the process.
     """
-    return (sys.platform.startswith("linux") and threading.active_count() == 1
-            and not any(m in sys.modules for m in _FRAMEWORKS))
+    return (
+        sys.platform.startswith("linux")
+        and threading.active_count() == 1
+        and not any(m in sys.modules for m in _FRAMEWORKS)
+    )
 
 
 def _folder_source(fs: FolderFiles, workers: int) -> Source:
@@ -481,6 +581,7 @@ def _rel(p: Path, root: Path) -> str:
 
 # -- in-memory objects ----------------------------------------------------------------------------
 
+
 def from_object(obj: object) -> Source:
     """numpy arrays, ``(x, y)`` tuples, dicts of arrays, a torch Dataset/DataLoader or a tf.data.Dataset."""
     if isinstance(obj, np.ndarray):
@@ -489,26 +590,54 @@ def from_object(obj: object) -> Source:
         inputs = {k: v for k, v in obj.items() if not is_target_name(k)}
         targets = {k: v for k, v in obj.items() if is_target_name(k)}
         return Source(_paired(inputs, targets), max(map(_rows, obj.values()), default=0), "arrays")
-    if isinstance(obj, tuple | list) and 1 <= len(obj) <= 2 and all(isinstance(v, np.ndarray) for v in obj):
-        return Source(_array_batches({"x": obj[0]}, {"y": obj[1]} if len(obj) > 1 else {}), _rows(obj[0]), "arrays")
+    if (
+        isinstance(obj, tuple | list)
+        and 1 <= len(obj) <= 2
+        and all(isinstance(v, np.ndarray) for v in obj)
+    ):
+        return Source(
+            _array_batches({"x": obj[0]}, {"y": obj[1]} if len(obj) > 1 else {}),
+            _rows(obj[0]),
+            "arrays",
+        )
     torch = sys.modules.get("torch")
     if torch is not None:
         data = torch.utils.data
         if isinstance(obj, data.DataLoader):
-            return Source(_element_batches(obj, batched=True), _len(obj.dataset), "torch", framework="torch")
+            return Source(
+                _element_batches(obj, batched=True), _len(obj.dataset), "torch", framework="torch"
+            )
         if isinstance(obj, data.Dataset):
-            seq = (obj[i] for i in range(len(obj))) if hasattr(obj, "__len__") and hasattr(obj, "__getitem__") and not isinstance(obj, data.IterableDataset) else iter(obj)
-            return Source(_element_batches(seq, batched=False), _len(obj), "torch", framework="torch")
+            seq = (
+                (obj[i] for i in range(len(obj)))
+                if hasattr(obj, "__len__")
+                and hasattr(obj, "__getitem__")
+                and not isinstance(obj, data.IterableDataset)
+                else iter(obj)
+            )
+            return Source(
+                _element_batches(seq, batched=False), _len(obj), "torch", framework="torch"
+            )
     tf = sys.modules.get("tensorflow")
     if tf is not None and isinstance(obj, tf.data.Dataset):
         spec = obj.element_spec
-        first = spec[0] if isinstance(spec, tuple) else (next(iter(spec.values())) if isinstance(spec, dict) else spec)
+        first = (
+            spec[0]
+            if isinstance(spec, tuple)
+            else (next(iter(spec.values())) if isinstance(spec, dict) else spec)
+        )
         batched = bool(first.shape.rank) and first.shape[0] is None
         card = int(obj.cardinality())
-        return Source(_element_batches(obj.as_numpy_iterator(), batched=batched), card if card >= 0 and not batched else None,
-                      "tensorflow", framework="keras")
-    raise BadInputError(f"cannot audit a {type(obj).__name__}: pass a path, numpy arrays, (x, y), a dict of arrays, "
-                        "a torch Dataset/DataLoader or a tf.data.Dataset")
+        return Source(
+            _element_batches(obj.as_numpy_iterator(), batched=batched),
+            card if card >= 0 and not batched else None,
+            "tensorflow",
+            framework="keras",
+        )
+    raise BadInputError(
+        f"cannot audit a {type(obj).__name__}: pass a path, numpy arrays, (x, y), a dict of arrays, "
+        "a torch Dataset/DataLoader or a tf.data.Dataset"
+    )
 
 
 def _len(obj: object) -> int | None:

@@ -64,7 +64,9 @@ def channel_axis(sample_shape: tuple[int, ...]) -> int | None:
     return None
 
 
-def batch_stats(x: np.ndarray, axis: int | None, *, workers: int = 1, pool: Executor | None = None) -> SampleStats:
+def batch_stats(
+    x: np.ndarray, axis: int | None, *, workers: int = 1, pool: Executor | None = None
+) -> SampleStats:
     """Rows of ``x`` (samples first), split by channel along sample axis ``axis`` when given.
 
     Example:
@@ -80,7 +82,11 @@ def batch_stats(x: np.ndarray, axis: int | None, *, workers: int = 1, pool: Exec
         view = x.reshape(n, sample_shape[0], -1)
     else:  # channels last: (n, H*W, C) seen as (n, C, H*W); row_stats copies cached groups only
         c = sample_shape[axis]
-        view = np.moveaxis(x.reshape(n, -1, c), 2, 1) if axis == len(sample_shape) - 1 else np.moveaxis(x, 1 + axis, 1).reshape(n, c, -1)
+        view = (
+            np.moveaxis(x.reshape(n, -1, c), 2, 1)
+            if axis == len(sample_shape) - 1
+            else np.moveaxis(x, 1 + axis, 1).reshape(n, c, -1)
+        )
     return SampleStats(row_stats(view, workers=workers, pool=pool), x.dtype, sample_shape, axis)
 
 
@@ -114,8 +120,16 @@ def image_stats(im: object) -> SampleStats | None:
         mean.append(s1[i] / n if n else 0.0)
         m2.append((n * s2[i] - s1[i] * s1[i]) / n if n else 0.0)
     zeros = np.zeros((1, bands), np.int64)
-    rows = RowStats(np.array([count], np.int64), zeros, zeros, zeros, np.array([lo], np.float64), np.array([hi], np.float64),
-                    np.array([mean], np.float64), np.array([m2], np.float64))
+    rows = RowStats(
+        np.array([count], np.int64),
+        zeros,
+        zeros,
+        zeros,
+        np.array([lo], np.float64),
+        np.array([hi], np.float64),
+        np.array([mean], np.float64),
+        np.array([m2], np.float64),
+    )
     return SampleStats(rows, np.dtype(np.uint8), shape, axis)
 
 
@@ -148,7 +162,9 @@ class LabelCounts:
             return ArrayStats()
         c = self.counts[values]
         n, s1, s2 = int(c.sum()), int(c @ values), int(c @ (values * values))
-        return ArrayStats(n, 0, 0, 0, float(values[0]), float(values[-1]), s1 / n, (n * s2 - s1 * s1) / n)
+        return ArrayStats(
+            n, 0, 0, 0, float(values[0]), float(values[-1]), s1 / n, (n * s2 - s1 * s1) / n
+        )
 
 
 def label_counts(im: object) -> LabelCounts | None:
