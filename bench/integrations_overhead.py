@@ -78,10 +78,10 @@ class LitTimer(pl.Callback):
         self._t = 0.0
 
     def on_train_batch_start(self, *a):
-        self._t = time.perf_counter()
+        self._t = _clock()
 
     def on_train_batch_end(self, *a):
-        self.times.append(time.perf_counter() - self._t)
+        self.times.append(_clock() - self._t)
 
 
 def lightning_round(guarded: bool, steps: int, loader: DataLoader) -> list[float]:
@@ -132,10 +132,10 @@ class HFTimer(transformers.TrainerCallback):
         self._t = 0.0
 
     def on_step_begin(self, *a, **k):
-        self._t = time.perf_counter()
+        self._t = _clock()
 
     def on_step_end(self, *a, **k):
-        self.times.append(time.perf_counter() - self._t)
+        self.times.append(_clock() - self._t)
 
 
 def gpt2() -> transformers.GPT2LMHeadModel:
@@ -176,14 +176,22 @@ def hf_round(
     return timer.times[WARMUP:]
 
 
+_clock = time.process_time  # set from --clock: with one thread, CPU time is what the step costs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: %(default)s)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="cpu: this process's CPU time (least disturbed by other jobs on a shared VM)")
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, a.threads))
+    global _clock
+    _clock = time.process_time if a.clock == "cpu" else time.perf_counter
 
     g = torch.Generator().manual_seed(0)
     images = DataLoader(
@@ -233,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({platform.processor() or platform.platform()}), "
         f"torch {torch.__version__}, pytorch-lightning {pl.__version__}, transformers {transformers.__version__}; "
         f"{time.strftime('%Y-%m-%d')}.",
-        f"Command: `python bench/integrations_overhead.py --rounds {a.rounds} --steps {a.steps}` "
-        f"({a.rounds} interleaved rounds, {a.steps} steps each, first {WARMUP} of each run not timed).",
+        f"Command: `python bench/integrations_overhead.py --rounds {a.rounds} --steps {a.steps} "
+        f"--threads {a.threads} --clock {a.clock}` ({a.rounds} interleaved rounds, {a.steps} steps each, first "
+        f"{WARMUP} of each run not timed). Load average at the end: "
+        f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}.",
         "",
         "| loop | plain step (median) | with nanscope (median) | ratio | timed steps per mode |",
         "| --- | --- | --- | --- | --- |",
