@@ -184,9 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: %(default)s)")
-    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                    help="cpu: this process's CPU time (least disturbed by other jobs on a shared VM)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: this process's CPU time (least disturbed by other jobs on a shared VM)",
+    )
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, a.threads))

@@ -5,8 +5,9 @@ The pages come from one diagnosis of each category (report_fixtures/*.json: the 
 `nanscope run` failures of tests/torch/scenarios, paths made relative, plus a Keras-shaped
 `unknown`; a loss-scale collapse, compiled_numerics and transient built by the real rules),
 from a real `nanscope run` of a scenario, from a real Guard bundle (with its samples preview),
-and from `nanscope data` and `nanscope inspect` on files written here. Each is checked in the browser: no console error, the
-key elements present and visible, images decoded, a screenshot that is not blank.
+and from `nanscope data` and `nanscope inspect` on files written here. Each is checked in the
+browser: no console error, the key elements present and visible, images decoded, a screenshot
+that is not blank.
 
 Set NANSCOPE_REPORT_SCREENSHOTS=docs/img to (re)write the README's screenshots.
 """

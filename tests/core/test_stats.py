@@ -12,11 +12,18 @@ from nanscope.core.stats import ArrayStats, RunningStats, array_stats, reference
 
 
 def _assert_same(got: ArrayStats, want: ArrayStats, scale: float) -> None:
-    assert (got.count, got.nan, got.posinf, got.neginf) == (want.count, want.nan, want.posinf, want.neginf)
+    assert (got.count, got.nan, got.posinf, got.neginf) == (
+        want.count,
+        want.nan,
+        want.posinf,
+        want.neginf,
+    )
     assert got.min == want.min and got.max == want.max
     if want.count:
         assert math.isclose(got.mean, want.mean, rel_tol=1e-5, abs_tol=1e-6 * scale)
-        assert math.isclose(got.m2, want.m2, rel_tol=1e-4, abs_tol=1e-5 * scale * scale * want.count)
+        assert math.isclose(
+            got.m2, want.m2, rel_tol=1e-4, abs_tol=1e-5 * scale * scale * want.count
+        )
     else:
         assert got.mean is None and got.std is None
 
@@ -43,14 +50,18 @@ def test_matches_reference_over_dtypes_shapes_and_values(data):
 
 
 @settings(max_examples=20, deadline=None)
-@given(hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-1e3, 1e3, width=32)),
-       st.floats(-1e6, 1e6))
+@given(
+    hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-1e3, 1e3, width=32)),
+    st.floats(-1e6, 1e6),
+)
 def test_bfloat16_as_float32_and_large_offsets_keep_the_spread(a, offset):
     # A big mean must not swallow a small spread (E[x^2] - E[x]^2 would).
     shifted = (a.astype(np.float64) * 1e-3 + offset).astype(np.float32)
     want = reference_stats(shifted)
     got = array_stats(shifted, block=16, workers=1)
-    assert math.isclose(got.m2, want.m2, rel_tol=1e-3, abs_tol=1e-6 * max(1.0, abs(offset)) * want.count)
+    assert math.isclose(
+        got.m2, want.m2, rel_tol=1e-3, abs_tol=1e-6 * max(1.0, abs(offset)) * want.count
+    )
 
 
 def test_two_threads_agree_with_one_on_a_large_array_with_bad_values():

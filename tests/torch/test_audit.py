@@ -69,10 +69,16 @@ def test_poisoned_running_var_is_named_and_really_breaks_eval(trained, tmp_path)
     doc = json.loads(out.read_text())
     assert doc["status"] == "problems" and doc["framework"] == "torch"
     (f,) = doc["findings"]
-    assert f["category"] == "corrupt_norm_statistics" and f["phase"] == "state" and f["op_kind"] == "batch_norm"
+    assert (
+        f["category"] == "corrupt_norm_statistics"
+        and f["phase"] == "state"
+        and f["op_kind"] == "batch_norm"
+    )
     assert set(f["where"]["layers"]) == {"layer4.1.bn2", "layer3.0.bn1"}
     assert "layer4.1.bn2.running_var" in f["where"]["tensors"]
-    assert any("1 NaN of 512" in e for e in f["evidence"]) and any("1 negative" in e for e in f["evidence"])
+    assert any("1 NaN of 512" in e for e in f["evidence"]) and any(
+        "1 negative" in e for e in f["evidence"]
+    )
     assert "recalibrate-bn" in f["fixes"][0]
 
 
@@ -82,8 +88,10 @@ def test_nonfinite_weight_and_optimizer_state_and_half_overflow(trained, tmp_pat
     sd["fc.weight"][0, :3] = float("inf")
     sd["conv1.weight"][0, 0, 0, 0] = 1e5  # beyond float16: .half() makes it Inf
     osd = opt.state_dict()
-    osd = {"state": {k: {n: t.clone() for n, t in v.items()} for k, v in osd["state"].items()},
-           "param_groups": osd["param_groups"]}
+    osd = {
+        "state": {k: {n: t.clone() for n, t in v.items()} for k, v in osd["state"].items()},
+        "param_groups": osd["param_groups"],
+    }
     osd["state"][0]["exp_avg_sq"][0, 0, 0, 0] = float("nan")
     path = tmp_path / "w.pt"
     torch.save({"model": sd, "optimizer": osd}, path)
@@ -123,8 +131,19 @@ def test_malicious_pickle_does_not_run(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--trust-pickle" in err and "Traceback" not in err
     assert not marker.exists()
-    p = subprocess.run([sys.executable, "-m", "nanscope", "inspect", str(path), "--json", str(tmp_path / "r.json")],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanscope",
+            "inspect",
+            str(path),
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 2 and not marker.exists() and not (tmp_path / "r.json").exists()
 
 
@@ -147,7 +166,10 @@ def test_fuzzed_torch_files_never_crash(tmp_path, capsys, kind):
         (tmp_path / "f.pt").write_bytes(mutated)
         code = main(["inspect", str(tmp_path / "f.pt")])
         err = capsys.readouterr().err
-        assert code in (0, 1, 2) and "internal error" not in err and "Traceback" not in err, (trial, err)
+        assert code in (0, 1, 2) and "internal error" not in err and "Traceback" not in err, (
+            trial,
+            err,
+        )
     assert hashlib.sha256((tmp_path / "a.pt").read_bytes()).hexdigest() == digest
 
 
@@ -158,10 +180,18 @@ def test_lightning_style_checkpoint_optimizer_states(tmp_path):
     opt.step()
     osd = opt.state_dict()
     osd["state"][0]["exp_avg_sq"][0, 0] = float("nan")
-    torch.save({"state_dict": {"model." + k: v for k, v in m.state_dict().items()}, "optimizer_states": [osd]},
-               tmp_path / "last.ckpt")
+    torch.save(
+        {
+            "state_dict": {"model." + k: v for k, v in m.state_dict().items()},
+            "optimizer_states": [osd],
+        },
+        tmp_path / "last.ckpt",
+    )
     (f,) = inspect(tmp_path / "last.ckpt").findings
-    assert f.category == "optimizer_state" and f.where_found["tensor"] == "optimizer[model.0.weight].exp_avg_sq"
+    assert (
+        f.category == "optimizer_state"
+        and f.where_found["tensor"] == "optimizer[model.0.weight].exp_avg_sq"
+    )
 
 
 def test_nonfinite_learning_rate_and_strict_json(tmp_path):
@@ -175,4 +205,6 @@ def test_nonfinite_learning_rate_and_strict_json(tmp_path):
 
     doc = json.loads((tmp_path / "r.json").read_text(), parse_constant=no_nan)
     (f,) = doc["findings"]
-    assert f["category"] == "optimizer_state" and any("learning rate nan" in e for e in f["evidence"])
+    assert f["category"] == "optimizer_state" and any(
+        "learning rate nan" in e for e in f["evidence"]
+    )

@@ -50,8 +50,14 @@ class Value:
 
     __slots__ = ("key", "finite", "_nan", "_posinf", "_probe")
 
-    def __init__(self, key: Hashable, finite: bool, nan: bool = False, posinf: bool = False,
-                 probe: Any = None) -> None:
+    def __init__(
+        self,
+        key: Hashable,
+        finite: bool,
+        nan: bool = False,
+        posinf: bool = False,
+        probe: Any = None,
+    ) -> None:
         self.key, self.finite = key, finite
         self._nan, self._posinf, self._probe = nan, posinf, probe
 
