@@ -103,10 +103,19 @@ def edge_cases(
     preds = [k for k, r in roles.items() if r in ("probabilities", "logits")]
     masks = [k for k, r in roles.items() if r == "mask"]
     labels = [k for k, r in roles.items() if r == "labels"]
+    # An integer array of only 0s and 1s shaped like a prediction is a binary mask as much as
+    # two-class labels (segmentation masks are stored as integers): it gets the mask cases too.
+    masks += [
+        k
+        for k in labels
+        if values[k].ndim >= 2
+        and np.isin(values[k], (0, 1)).all()
+        and any(values[p].shape == values[k].shape for p in preds)
+    ]
     grad = set(preds)
 
     def partner_mask(k: str) -> np.ndarray | None:
-        for m in masks:
+        for m in [m for m in masks if roles[m] == "mask"]:
             if values[m].shape == values[k].shape:
                 return values[m].astype(np.float64)
         return None
@@ -171,6 +180,20 @@ def edge_cases(
             "an empty mask predicted empty (all 0 in target and prediction)",
             empty_pred,
         )
+        # From the example itself: its first sample's mask emptied and predicted empty with
+        # saturated logits, every other sample as it was (a per-sample Dice divides 0 by 0 there).
+        rows = [k for k in masks + probs + logits if values[k].ndim >= 1 and values[k].shape[0] > 1]
+        if rows and all(values[k].shape[0] == values[rows[0]].shape[0] for k in rows):
+            one = {}
+            for k in rows:
+                v = values[k].copy()
+                v[0] = -1e4 if k in logits else 0
+                one[k] = v
+            add(
+                "one_sample_empty_mask_saturated",
+                "the example with its first sample's mask empty and predicted empty (logits -1e4)",
+                one,
+            )
     if labels:
         example_ignores = [
             int(v) for k in labels for v in np.unique(values[k]) if v < 0 or v == 255
@@ -329,6 +352,12 @@ def fuzz_loss(
                 f"non-finite {result.outcome.removeprefix('non-finite ')}",
             ] + list(f.evidence)
             findings.append(f)
+    if all_cases and all(o.startswith("error") for o in outcome.values()):
+        first = next(iter(outcome.values())).removeprefix("error: ")
+        raise BadInputError(
+            f"fuzz-loss: {_qualname(fn)} failed on all {len(outcome)} cases, the example included "
+            f"({first}): check --example matches its arguments"
+        )
     roles = {
         (_label(k).rstrip("=") if k.isdigit() else k): _role(a)
         for k, a in _slots(np_args, np_kwargs)

@@ -192,3 +192,41 @@ def test_stock_safe_losses_are_clean_and_float16_bce_is_caught():
     ]  # eps 1e-12 is 0 in float16
     assert bce.findings[0].category is Category.SINGULAR_GRADIENT
     assert "binary_cross_entropy_with_logits" in bce.findings[0].fixes[0]
+
+
+def per_sample_dice(logits, mask):
+    probs = torch.sigmoid(logits)
+    inter = (probs * mask).flatten(1).sum(1)
+    union = probs.flatten(1).sum(1) + mask.flatten(1).sum(1)
+    return (1 - 2 * inter / union).mean()  # PER_SAMPLE_DIV
+
+
+def test_an_integer_mask_from_the_example_gets_an_empty_sample_with_saturated_logits():
+    """Segmentation masks are often stored as integers: an int 0/1 mask is a mask too, and the
+    example itself with one sample's mask emptied and its logits saturated finds the 0/0."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, 8, generator=g)
+    mask = (torch.rand(3, 8, 8, generator=g) > 0.5).long()
+    report = nanscope.fuzz_loss(per_sample_dice, (logits, mask))
+    by_case = {f.where_found["case"]: f for f in report.findings}
+    f = by_case["one_sample_empty_mask_saturated"]
+    assert f.category is Category.OP_DOMAIN and f.op_kind == "div" and "0/0" in f.summary, str(f)
+    assert f.samples == [0] and f.location.line == _line("# PER_SAMPLE_DIV")
+    assert report.stats["cases"]["example"] == "finite"
+
+
+def test_a_function_no_case_can_call_is_exit_2_not_clean(tmp_path, capsys):
+    mod = tmp_path / "wrong_losses.py"
+    mod.write_text("def three_args(a, b, c):\n    return (a - b).abs().mean() * c\n")
+    np.savez(tmp_path / "ex.npz", np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from nanscope.cli.main import main
+
+        rc = main(["fuzz-loss", "wrong_losses:three_args", "--example", str(tmp_path / "ex.npz")])
+    finally:
+        sys.path.remove(str(tmp_path))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "failed on all" in err and "Traceback" not in err, (
+        err
+    )
