@@ -19,9 +19,8 @@ def handwritten_cross_entropy(logits, labels):
 
 def dice_loss(probs, mask):
     inter = tf.reduce_sum(probs * mask, axis=(1, 2))
-    return tf.reduce_mean(
-        1 - 2 * inter / (tf.reduce_sum(probs, axis=(1, 2)) + tf.reduce_sum(mask, axis=(1, 2)))
-    )  # DIV_LINE
+    union = tf.reduce_sum(probs, axis=(1, 2)) + tf.reduce_sum(mask, axis=(1, 2))
+    return tf.reduce_mean(1 - 2 * inter / union)  # DIV_LINE
 
 
 def _line(marker):
