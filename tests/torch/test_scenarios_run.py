@@ -103,6 +103,17 @@ EXPECTED = {
         step=0,
         program="in inference, batch 0 (eval mode, no_grad)",
     ),
+    # (batch, sequence) tokens flattened for the loss: the batch row, and the position as evidence
+    "token_rows": dict(
+        category="op_domain",
+        phase="loss",
+        op="aten::log",
+        op_kind="log",
+        samples=[2],
+        step=0,
+        function="token_nll",
+        evidence_has="positions within each sample (tokens, heads): 5",
+    ),
     "ctc": dict(category="invalid_target", phase="loss", op_kind="ctc_loss", samples=[1]),
     "seg_ignore": dict(
         category="invalid_target",
@@ -148,7 +159,9 @@ def check(report: dict, expected: dict | None, name: str) -> None:
     assert report["status"] == "nonfinite" and report["framework"] == "torch"
     d = report["diagnosis"]
     for key, want in expected.items():
-        if key == "program":  # where in the program: the validation pass, not "step 3"
+        if key == "evidence_has":
+            assert want in d["evidence"], d["evidence"]
+        elif key == "program":  # where in the program: the validation pass, not "step 3"
             assert d["evidence"][0] == want and d["summary"].endswith("; " + want), d
         elif key == "first_fix":  # the fix that fits: a log of a softmax, or of anything else
             assert d["fixes"][0].startswith(want), d["fixes"]
