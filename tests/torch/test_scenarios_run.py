@@ -114,6 +114,16 @@ EXPECTED = {
         function="token_nll",
         evidence_has="positions within each sample (tokens, heads): 5",
     ),
+    # exp of a log-variance: the fix is to clamp it, not "subtract the max" (that is for a softmax)
+    "vae_logvar": dict(
+        category="overflow",
+        phase="loss",
+        op="aten::exp",
+        op_kind="exp",
+        samples=[3],
+        step=1,
+        first_fix="clamp what goes into exp",
+    ),
     "ctc": dict(category="invalid_target", phase="loss", op_kind="ctc_loss", samples=[1]),
     "seg_ignore": dict(
         category="invalid_target",

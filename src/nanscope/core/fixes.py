@@ -149,6 +149,17 @@ TABLE: dict[tuple[Category, str | None], tuple[Fix, ...]] = {
             "subtract the max before exp (use `tf.nn.softmax`/`tf.reduce_logsumexp`, which do){at}",
         ),
     ),
+    # exp of a raw network output (a log-variance, a log-scale): nothing to subtract a max from.
+    (Category.OVERFLOW, "exp_of_raw"): (
+        Fix(
+            "clamp what goes into exp{at}: a log-variance or log-scale the network predicts can grow "
+            "without bound, e.g. `std = torch.exp(0.5 * logvar.clamp(-20, 20))`, or use "
+            "`F.softplus` for a positive scale",
+            "clamp what goes into exp{at}: a log-variance or log-scale the network predicts can grow "
+            "without bound, e.g. `std = tf.exp(0.5 * tf.clip_by_value(logvar, -20.0, 20.0))`, or use "
+            "`tf.nn.softplus` for a positive scale",
+        ),
+    ),
     (Category.OVERFLOW, "float16"): (
         Fix(
             "keep this module in float32{at}: wrap its forward in "
@@ -274,6 +285,11 @@ TABLE: dict[tuple[Category, str | None], tuple[Fix, ...]] = {
 }
 
 
+_SOFTMAXES = (OpKind.SOFTMAX, OpKind.LOG_SOFTMAX)
+# What a hand-written softmax does with exp's output: sum it, divide by the sum.
+_NORMALIZERS = {"sum", "mean", "div", "softmax", "log_softmax"}
+
+
 def _at(location: object | None, module: str | None) -> str:
     where = []
     if location:
@@ -293,12 +309,15 @@ def fixes_for(
     dtype: str | None = None,
     forward_op_kind: OpKind | str | None = None,
     input_op_kind: OpKind | str | None = None,
+    used_by: list[str] | None = None,
 ) -> list[str]:
     """Fixes for one diagnosis, best first, from ``TABLE``.
 
     The op kind's own entry comes first (for a singular gradient, the forward op's; for a log,
-    whether its input came from a softmax, ``input_op_kind``), then, for an overflow in
-    float16, the float16 entry; the category's default only when neither applies.
+    whether its input came from a softmax, ``input_op_kind``; for an exp, whether its output is
+    normalized like a softmax's or used as a scale, ``used_by``: the kinds of the ops that read
+    it), then, for an overflow in float16, the float16 entry; the category's default only when
+    neither applies.
 
     >>> fixes_for("op_domain", op_kind="log", location="train.py:41")[0]
     'replace log(softmax(x)) with log_softmax(x) (or F.cross_entropy on the logits) at train.py:41'
@@ -316,15 +335,18 @@ def fixes_for(
         "module_call": f"model.{module}" if module else "module",
         "layer": f"`{module}` " if module else "",
     }
-    if (
-        c is Category.OP_DOMAIN
-        and k is OpKind.LOG
-        and input_op_kind
-        and OpKind(input_op_kind) not in (OpKind.SOFTMAX, OpKind.LOG_SOFTMAX)
+    made_by = (
+        OpKind(input_op_kind) if input_op_kind else None
+    )  # the op that made the input, if known
+    if c is Category.OP_DOMAIN and k is OpKind.LOG and made_by and made_by not in _SOFTMAXES:
+        rows = [TABLE[(c, "log_not_of_softmax")]]
+    elif (
+        c is Category.OVERFLOW
+        and k is OpKind.EXP
+        and used_by is not None
+        and not set(used_by) & _NORMALIZERS
     ):
-        rows = [
-            TABLE[(c, "log_not_of_softmax")]
-        ]  # the input's maker is known, and it is no softmax
+        rows = [TABLE[(c, "exp_of_raw")]]  # not normalized by a sum: a scale, not a softmax
     else:
         rows = [TABLE.get((c, k), ())]
     if c is Category.OVERFLOW and dtype == "float16":

@@ -109,6 +109,7 @@ def classify_producer(ev: ProducerEvidence) -> Diagnosis:
         dtype=ev.output.dtype,
         forward_op_kind=OpKind.of(ev.forward_op) if ev.forward_op else None,
         input_op_kind=ev.details.get("input_op"),
+        used_by=ev.details.get("used_by"),
     )
     return Diagnosis(
         category=category,

@@ -32,10 +32,11 @@ from tensorflow.python.framework import op_callbacks
 
 from nanscope.core.diagnosis import Diagnosis, Location, samples_text
 from nanscope.core.enums import OpKind, Phase
+from nanscope.core.limits import limits
 from nanscope.core.origin import OpSeen, OriginKind, OriginTracker, Value
 from nanscope.core.rules import ProducerEvidence, diagnose_failure
 from nanscope.core.source import _display, is_user_file
-from nanscope.core.summary import batch_rows, summarize
+from nanscope.core.summary import batch_rows, fmt, summarize
 
 EXTERNAL = -1  # a non-finite value that came from outside any traced op (batch, constant)
 _SINGULAR = {
@@ -423,7 +424,8 @@ def producer_evidence(
             extra.append(
                 f"max |activation| of {rec.op}"
                 + (f" in {layer}" if layer else "")
-                + f" computed in float32: {wide:.4g}, above the {out_summary.dtype} limit 65504"
+                + f" computed in float32: {wide:.4g}, above the {out_summary.dtype} limit "
+                f"{fmt(limits(out_summary.dtype).max)}"
                 if out_summary.dtype == "float16"
                 else f"max |activation| in float32: {wide:.4g}"
             )
@@ -434,6 +436,14 @@ def producer_evidence(
         and (maker := _maker(tr, rec.inputs[0], rec)) is not None
     ):
         details["input_op"] = str(OpKind.of(maker.op))
+    if OpKind.of(rec.op) is OpKind.EXP:  # how its output is used: normalized (a softmax) or a scale
+        readers = {
+            r
+            for o in rec.outputs
+            for r in tr.by_tensor.get(id(o), [])
+            if r.index > rec.index and any(t is o for t in r.inputs)
+        }
+        details["used_by"] = sorted({str(OpKind.of(r.op)) for r in readers})
     return ProducerEvidence(
         op=rec.op,
         phase=rec.phase,

@@ -306,6 +306,16 @@ class Analyzer:
     def origin_of(self, t: torch.Tensor) -> Origin | None:
         return self.origins.origin_of(id(t))
 
+    def _readers(self, ev: Event) -> list[str]:
+        """The kinds of the later forward ops that read ``ev``'s outputs (how a value is used)."""
+        outs = ev.outputs
+        kinds = {
+            str(OpKind.of(r.name))
+            for r in self.forward_events
+            if r.index > ev.index and any(t is o for t in r.tensor_inputs() for o in outs)
+        }
+        return sorted(kinds)
+
     def _maker(self, t: torch.Tensor) -> Event | None:
         """The forward op that made ``t`` (looked up at a producer only: the events hold their
         outputs alive, so identity is unique). Views are looked through to their base op."""
@@ -473,6 +483,8 @@ class Analyzer:
             ev = origin.op.record
             out = tensor if tensor is not None else ev.outputs[0]
             evidence = self._evidence(ev, out, [], [])
+        if evidence.op_kind is OpKind.EXP and origin.op.record is not None:
+            evidence.details["used_by"] = self._readers(origin.op.record)
         bwd = origin.first_backward.record if origin.first_backward is not None else None
         return rules.diagnose_failure(
             evidence,
