@@ -124,6 +124,14 @@ EXPECTED = {
         step=1,
         first_fix="clamp what goes into exp",
     ),
+    # one big tensor batched by slices: the batch row is the sample, the dataset row is evidence
+    "tensor_slices": dict(
+        category="nonfinite_input",
+        phase="data",
+        samples=[5],
+        step=4,
+        evidence_has="rows of the whole [64, 5] tensor it came from: 37",
+    ),
     "ctc": dict(category="invalid_target", phase="loss", op_kind="ctc_loss", samples=[1]),
     "seg_ignore": dict(
         category="invalid_target",

@@ -514,16 +514,29 @@ class Analyzer:
             return rules.nonfinite_parameters(
                 {"parameter": summary_of(t)}, framework="torch", step=self.step
             )
-        return rules.nonfinite_input(
+        samples, dataset_rows = samples_of(t), None
+        batch = self.tracker.batch_size
+        out = next((o for o in ev.outputs if o.dim() and o.shape[0] == batch), None)
+        if batch and t.dim() and t.shape[0] != batch and out is not None:
+            # The whole dataset tensor, sliced or indexed into this batch: the samples are the
+            # batch's rows; where they sit in the dataset is evidence.
+            dataset_rows, samples = samples, samples_of(out)
+        d = rules.nonfinite_input(
             None,
             summary_of(t),
-            samples_of(t),
+            samples,
             framework="torch",
             step=self.step,
             location=_location(ev.frame),
             read_by=ev.name,
             read_in=self.tracker.path(ev.module, ev.root),
         )
+        if dataset_rows is not None:
+            d.evidence.append(
+                f"rows of the whole {list(t.shape)} tensor it came from: {samples_text(dataset_rows)}"
+            )
+            d.details["dataset_rows"] = dataset_rows[:64]
+        return d
 
 
 def _zero_rows(t: torch.Tensor) -> list[int]:
