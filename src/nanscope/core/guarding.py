@@ -49,7 +49,7 @@ def _nanscope_frame(err: BaseException) -> str | None:
     where = None
     for fs in traceback.extract_tb(err.__traceback__):
         if os.path.normcase(os.path.abspath(fs.filename)).startswith(_NANSCOPE_DIR):
-            where = f"{os.path.relpath(fs.filename, os.path.dirname(_NANSCOPE_DIR))}:{fs.lineno}"
+            where = f"{os.path.relpath(fs.filename, os.path.dirname(_NANSCOPE_DIR.rstrip(os.sep)))}:{fs.lineno}"
     return where
 
 
