@@ -4,7 +4,6 @@ zeros and the log of them is -inf: sample 2, position 5 of the batch."""
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class TinyLM(nn.Module):
