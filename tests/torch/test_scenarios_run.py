@@ -132,6 +132,14 @@ EXPECTED = {
         step=4,
         evidence_has="rows of the whole [64, 5] tensor it came from: 37",
     ),
+    # a NaN regression target under a key nobody's convention names: decided by what consumed it
+    "dict_regression_target": dict(
+        category="invalid_target",
+        phase="data",
+        samples=[3],
+        step=2,
+        evidence_has="rows of the whole [20, 1] tensor it came from: 13",
+    ),
     "ctc": dict(category="invalid_target", phase="loss", op_kind="ctc_loss", samples=[1]),
     "seg_ignore": dict(
         category="invalid_target",

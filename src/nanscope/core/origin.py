@@ -108,6 +108,9 @@ class Origin:
     value: Value | None = None  # the external value, as first read
     first_backward: OpSeen | None = None  # the first backward op it poisoned
     evidence: Any = None  # ProducerEvidence the adapter took at the producer
+    readers: list[OpSeen] = field(
+        default_factory=list
+    )  # forward ops that carried its values (first 32)
 
     @property
     def index(self) -> int:
@@ -175,6 +178,8 @@ class OriginTracker:
         if inherited is not None:  # a propagator
             if op.phase is Phase.BACKWARD and inherited.first_backward is None:
                 inherited.first_backward = op
+            elif op.phase is not Phase.BACKWARD and len(inherited.readers) < 32:
+                inherited.readers.append(op)  # who consumed it decides what it was (input, target)
             for v in bad_outs:
                 self._origin[v.key] = inherited
             return None

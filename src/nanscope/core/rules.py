@@ -388,11 +388,17 @@ def nonfinite_input(
     location: Location | None = None,
     read_by: str | None = None,
     read_in: str | None = None,
+    read_by_loss: bool = False,
 ) -> Diagnosis:
     """The batch itself holds NaN/Inf (inputs, or targets with ``category=INVALID_TARGET``).
 
     A tracer that found the bad tensor only when an op read it passes ``name=None`` with the
-    op (``read_by``), its module (``read_in``) and the user's line (``location``)."""
+    op (``read_by``), its module (``read_in``) and the user's line (``location``). What the
+    tensor is, is decided by what consumed it, not by where it sat in the batch: first read by
+    the loss (``read_by_loss``) and never by the model, it is a target (soft labels, a
+    regression target), ``invalid_target``."""
+    if read_by_loss:
+        category = Category.INVALID_TARGET
     fw = _NAMES.get(framework, framework)
     what = "input" if category is Category.NONFINITE_INPUT else "target"
     n = summary.nonfinite
@@ -402,7 +408,7 @@ def nonfinite_input(
     text = (
         f"the batch's {what} {name!r} holds {values}"
         if name is not None
-        else f"an {what} tensor already held {values} before the first op read it"
+        else f"{'an' if what == 'input' else 'a'} {what} tensor already held {values} before the first op read it"
     )
     fixes = fixes_for(category, framework=fw)
     evidence = [
@@ -418,6 +424,11 @@ def nonfinite_input(
             fixes = [fixes[1], fixes[0], *fixes[2:]]
     if read_by is not None:
         evidence.append(f"first op to read it: {read_by}" + (f" in {read_in}" if read_in else ""))
+    if read_by_loss:
+        evidence.insert(
+            0,
+            "the loss read it and the model never did: it is a target, whatever its place in the batch",
+        )
     return Diagnosis(
         category=category,
         phase=phase,

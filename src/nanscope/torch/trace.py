@@ -521,6 +521,20 @@ class Analyzer:
             # The whole dataset tensor, sliced or indexed into this batch: the samples are the
             # batch's rows; where they sit in the dataset is evidence.
             dataset_rows, samples = samples, samples_of(out)
+        # What consumed it says what it is: the model (an input) or only the loss (a target).
+        by_model = any(
+            r.record is not None and r.record.module is not None and r.phase is Phase.FORWARD
+            for r in origin.readers
+        )
+        by_loss = next((r for r in origin.readers if r.phase is Phase.LOSS), None)
+        if by_loss is not None and not by_model:
+            bad = next((x for x in by_loss.record.tensor_inputs() if not all_finite(x)), None)
+            if bad is not None and bad is not t and bad.dim():
+                dataset_rows = (
+                    samples if dataset_rows is None and bad.shape[0] != t.shape[0] else dataset_rows
+                )
+                samples = samples_of(bad)
+            ev = by_loss.record
         d = rules.nonfinite_input(
             None,
             summary_of(t),
@@ -530,6 +544,7 @@ class Analyzer:
             location=_location(ev.frame),
             read_by=ev.name,
             read_in=self.tracker.path(ev.module, ev.root),
+            read_by_loss=by_loss is not None and not by_model,
         )
         if dataset_rows is not None:
             d.evidence.append(
