@@ -84,6 +84,27 @@ _SELECTS = {
     "cat",
     "stack",
 }
+# Loss functions whose second argument is the target.
+_LOSS_OPS = {
+    "mse_loss",
+    "l1_loss",
+    "smooth_l1_loss",
+    "huber_loss",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "nll_loss",
+    "nll_loss_forward",
+    "nll_loss2d_forward",
+    "nll_loss_nd",
+    "cross_entropy_loss",
+    "kl_div",
+    "soft_margin_loss",
+    "multilabel_soft_margin_loss",
+    "poisson_nll_loss",
+    "multi_margin_loss",
+    "multilabel_margin_loss",
+    "hinge_embedding_loss",
+}
 # Arithmetic ops whose Python-number operands are quoted as evidence (x / 0.0).
 _ARITH = (OpKind.DIV, OpKind.MUL, OpKind.ADD, OpKind.SUB, OpKind.POW)
 
@@ -306,6 +327,13 @@ class Analyzer:
     def origin_of(self, t: torch.Tensor) -> Origin | None:
         return self.origins.origin_of(id(t))
 
+    def _as_target(self, ev: Event | None, origin: Origin) -> bool:
+        """``ev`` is a loss function that took ``origin``'s values as its target argument."""
+        if ev is None or _short(ev.func) not in _LOSS_OPS or len(ev.args) < 2:
+            return False
+        target = ev.args[1]
+        return isinstance(target, torch.Tensor) and self.origin_of(target) is origin
+
     def _readers(self, ev: Event) -> list[str]:
         """The kinds of the later forward ops that read ``ev``'s outputs (how a value is used)."""
         outs = ev.outputs
@@ -521,15 +549,13 @@ class Analyzer:
             # The whole dataset tensor, sliced or indexed into this batch: the samples are the
             # batch's rows; where they sit in the dataset is evidence.
             dataset_rows, samples = samples, samples_of(out)
-        # What consumed it says what it is: the model (an input) or only the loss (a target).
-        by_model = any(
-            r.record is not None and r.record.module is not None and r.phase is Phase.FORWARD
-            for r in origin.readers
-        )
-        by_loss = next((r for r in origin.readers if r.phase is Phase.LOSS), None)
-        if by_loss is not None and not by_model:
-            bad = next((x for x in by_loss.record.tensor_inputs() if not all_finite(x)), None)
-            if bad is not None and bad is not t and bad.dim():
+        # What consumed it says what it is: a loss function that took it as its target
+        # (argument 2 of mse_loss, nll_loss, binary_cross_entropy, ...) says it is a target,
+        # wherever it sat in the batch.
+        by_loss = next((r for r in origin.readers if self._as_target(r.record, origin)), None)
+        if by_loss is not None:
+            bad = by_loss.record.args[1]
+            if bad is not t and bad.dim():
                 dataset_rows = (
                     samples if dataset_rows is None and bad.shape[0] != t.shape[0] else dataset_rows
                 )
@@ -544,7 +570,7 @@ class Analyzer:
             location=_location(ev.frame),
             read_by=ev.name,
             read_in=self.tracker.path(ev.module, ev.root),
-            read_by_loss=by_loss is not None and not by_model,
+            read_by_loss=by_loss is not None,
         )
         if dataset_rows is not None:
             d.evidence.append(
