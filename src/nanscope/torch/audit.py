@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from nanscope.audit.checkpoint import Checkpoint
+from nanscope.audit.torchfile import _short  # one wording of a reader's error
 from nanscope.core.errors import BadInputError
 from nanscope.core.limits import dtype_name
 from nanscope.torch import _util
@@ -50,10 +51,6 @@ def load_torch_object(path: str | Path, *, trust_pickle: bool = False) -> Any:
             f"{str(p)!r} is not a readable PyTorch file (truncated or corrupt): {_short(err)}",
             path=str(p),
         ) from None
-
-
-def _short(err: BaseException) -> str:
-    return " ".join(str(err).split())[:160] or type(err).__name__
 
 
 def is_state_dict(obj: object) -> bool:
