@@ -170,12 +170,48 @@ EXPECTED = {
         samples=[0],
         step=2,
     ),
+    # a siamese pair embedded in one forward, model(torch.cat([anchor, positive])): the NaN row 6
+    # of the 8 concatenated rows is sample 2 of the positives
+    "siamese_pairs": dict(
+        category="op_domain",
+        phase="forward",
+        op_kind="div",
+        module="normalize",
+        samples=[2],
+        step=1,
+        line="# DIV_LINE",
+        evidence_has=(
+            "rows concatenated by torch.cat at siamese_pairs.py:{CAT_LINE} (2 tensors of 4 rows):"
+            " sample 2 of the second tensor of the pair"
+        ),
+    ),
+    # SimCLR: torch.cat([z1, z2]) of two views' projections in the loss; row 5 is sample 1, view 2
+    "simclr_views": dict(
+        category="op_domain",
+        phase="loss",
+        op_kind="div",
+        module=None,
+        samples=[1],
+        step=1,
+        function="nt_xent",
+        line="# DIV_LINE",
+        evidence_has=(
+            "rows concatenated by torch.cat at simclr_views.py:{CAT_LINE} (2 tensors of 4 rows):"
+            " sample 1 of the second tensor of the pair"
+        ),
+    ),
     "healthy_partial_mask": None,
     "healthy_double_where": None,
     "healthy_bn_ignore": None,
 }
 # std_last_batch: torch warns (degrees of freedom <= 0), which pytest would turn into an error in-process.
 SUBPROCESS = {"nan_input", "seg_ignore", "healthy_bn_ignore", "std_last_batch"}
+
+
+def marker_line(name: str, marker: str) -> int:
+    """The line of scenario ``name`` that carries ``marker`` (a comment such as `# DIV_LINE`)."""
+    lines = (SCENARIOS / f"{name}.py").read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.rstrip().endswith(marker))
 
 
 def check(report: dict, expected: dict | None, name: str) -> None:
@@ -186,7 +222,11 @@ def check(report: dict, expected: dict | None, name: str) -> None:
     d = report["diagnosis"]
     for key, want in expected.items():
         if key == "evidence_has":
+            if "{CAT_LINE}" in want:
+                want = want.replace("{CAT_LINE}", str(marker_line(name, "# CAT_LINE")))
             assert want in d["evidence"], d["evidence"]
+        elif key == "line":  # the line the scenario marks, e.g. `# DIV_LINE`
+            assert d["location"]["line"] == marker_line(name, want), d["location"]
         elif key == "program":  # where in the program: the validation pass, not "step 3"
             assert d["evidence"][0] == want and d["summary"].endswith("; " + want), d
         elif key == "first_fix":  # the fix that fits: a log of a softmax, or of anything else

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from nanscope.core.diagnosis import samples_text
 from nanscope.core.limits import dtype_name
 
 
@@ -214,3 +215,77 @@ def rows_to_samples(
     if n0 < batch_size:  # the guess was off (a sequence-first input): per-row values, dim 0
         return list(rows), []
     return [], []
+
+
+@dataclass(frozen=True)
+class Concat:
+    """How a tensor's dim 0 is laid out when it is several batches concatenated: the halves of
+    a siamese pair (``torch.cat([anchor, positive])``), two views of a contrastive batch
+    (``torch.cat([z1, z2])``), or ``torch.stack`` of them.
+
+    ``parts`` tensors of ``size`` rows each were concatenated ``by`` (``torch.cat``) at
+    ``where``; row ``r`` of this tensor is row ``offset + r`` of the concatenation (a slice of
+    it starts further on). ``stacked``: dim 0 is the part and dim 1 the row (``torch.stack``).
+    """
+
+    size: int
+    parts: int
+    rows: int  # this tensor's dim 0
+    offset: int = 0
+    by: str = "torch.cat"
+    where: str | None = None
+    stacked: bool = False
+
+
+def concat_samples(
+    rows: list[int], n0: int, concat: Concat
+) -> tuple[list[int], list[int], dict[int, list[int]]]:
+    """Rows of dim 0 (of size ``n0``) of a concatenated tensor as (samples, positions, the
+    samples of each part): a row belongs to sample ``row % size`` of part ``row // size``.
+    Heads or tokens folded into dim 0 after the concatenation (``n0`` a multiple of its rows)
+    are followed as ``rows_to_samples`` does. For a ``stacked`` layout, pass the rows of the
+    concatenation (``part * size + row``) and ``n0 = parts * size``.
+
+    >>> pair = Concat(size=4, parts=2, rows=8)            # torch.cat([anchor, positive]), 4 each
+    >>> concat_samples([6], 8, pair)
+    ([2], [], {1: [2]})
+    >>> concat_samples([13], 16, pair)                    # 2 heads folded in: row 13 is row 6
+    ([2], [1], {1: [2]})
+    >>> concat_samples([1], 4, Concat(size=4, parts=2, rows=4, offset=4))   # emb[4:]
+    ([1], [], {1: [1]})
+    """
+    if concat.stacked or n0 == concat.rows:
+        cat_rows, positions = list(rows), []
+    else:
+        cat_rows, positions = rows_to_samples(rows, n0, concat.rows)
+    by_part: dict[int, set[int]] = {}
+    for r in cat_rows:
+        c = r + (0 if concat.stacked else concat.offset)
+        by_part.setdefault(c // concat.size, set()).add(c % concat.size)
+    samples = sorted(set().union(*by_part.values())) if by_part else []
+    return samples, positions, {p: sorted(s) for p, s in sorted(by_part.items())}
+
+
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth")
+
+
+def concat_text(by_part: dict[int, list[int]], concat: Concat) -> str:
+    """The evidence line that says which concatenated batch the bad rows came from.
+
+    >>> text = concat_text({1: [2]}, Concat(size=4, parts=2, rows=8, where="train.py:40"))
+    >>> text.startswith("rows concatenated by torch.cat at train.py:40 (2 tensors of 4 rows)")
+    True
+    >>> text.split("): ")[1]
+    'sample 2 of the second tensor of the pair'
+    """
+    whose = "of the pair" if concat.parts == 2 else f"of the {concat.parts}"
+    said = [
+        f"sample{'s' if len(s) > 1 else ''} {samples_text(s)} of the "
+        f"{_ORDINALS[p] if p < len(_ORDINALS) else f'#{p + 1}'} tensor {whose}"
+        for p, s in by_part.items()
+    ]
+    where = f" at {concat.where}" if concat.where else ""
+    return (
+        f"rows concatenated by {concat.by}{where} ({concat.parts} tensors of "
+        f"{concat.size} rows): " + "; ".join(said)
+    )

@@ -48,7 +48,13 @@ from nanscope.core.diagnosis import Diagnosis, Location, samples_text
 from nanscope.core.enums import OpKind, Phase
 from nanscope.core.origin import Failure, OpSeen, Origin, OriginKind, OriginTracker, Value
 from nanscope.core.source import is_user_file, location_from_stack
-from nanscope.core.summary import rows_to_samples, summarize
+from nanscope.core.summary import (
+    Concat,
+    concat_samples,
+    concat_text,
+    rows_to_samples,
+    summarize,
+)
 from nanscope.torch._util import (
     all_finite,
     batch_rows,
@@ -105,6 +111,8 @@ _LOSS_OPS = {
     "multilabel_margin_loss",
     "hinge_embedding_loss",
 }
+# Ops that cut dim 0 into pieces, by (dim argument position, how the pieces are sized).
+_CUTS = {"slice", "split", "split_with_sizes", "narrow", "unsafe_split", "unsafe_split_with_sizes"}
 # Arithmetic ops whose Python-number operands are quoted as evidence (x / 0.0).
 _ARITH = (OpKind.DIV, OpKind.MUL, OpKind.ADD, OpKind.SUB, OpKind.POW)
 
@@ -314,6 +322,8 @@ class Analyzer:
         self.leaves: dict[int, torch.Tensor] = {}
         # A replay works on copies of the state tensors an op wrote to: copy id -> original.
         self.originals: dict[int, torch.Tensor] = {}
+        # id(tensor) -> how its dim 0 was concatenated from several batches (torch.cat).
+        self.concats: dict[int, Concat] = {}
 
     def value(self, t: torch.Tensor, finite: bool | None = None) -> Value:
         """The tracker's view of ``t`` (its flags read now)."""
@@ -375,6 +385,7 @@ class Analyzer:
             for t in ev.tensor_inputs():
                 if t.requires_grad and t.is_leaf and is_float(t):
                     self.leaves.setdefault(id(t), t)
+            self._follow_concat(ev)
         fin = [all_finite(o) for o in ev.outputs]
         if all(fin):
             self.origins.see(
@@ -398,6 +409,110 @@ class Analyzer:
             bad = next(o for o, ok in zip(ev.outputs, fin, strict=False) if not ok)
             origin.evidence = self._evidence(ev, bad, ins, in_fin)
 
+    # which batch rows a tensor's dim 0 holds, through torch.cat / torch.stack of batches
+    def _follow_concat(self, ev: Event) -> None:
+        """Keep how dim 0 is laid out for the tensors made by concatenating several batches
+        (``torch.cat([anchor, positive])``, ``torch.cat([z1, z2])``, ``torch.stack``): row 6
+        of the cat of two 4-row batches is sample 2 of the second. Followed through slices of
+        it (``emb[4:]``) and through every op whose output keeps its dim 0 (a layer, a norm,
+        ``z @ z.T``) or folds heads into it."""
+        short = _short(ev.func)
+        if short in ("cat", "concat", "concatenate", "stack") and ev.outputs:
+            self._concatenated(ev, short)
+            return
+        if not self.concats:
+            return
+        src_t = next((t for t in ev.tensor_inputs() if id(t) in self.concats), None)
+        if src_t is None:
+            return
+        src = self.concats[id(src_t)]
+        dim = ev.args[1] if len(ev.args) > 1 else ev.kwargs.get("dim", 0)
+        if short in _CUTS and not src.stacked and isinstance(dim, int) and src_t.dim():
+            if dim % src_t.dim() == 0:
+                start = 0
+                if short in ("slice", "narrow"):
+                    start = ev.args[2] if len(ev.args) > 2 else ev.kwargs.get("start", 0)
+                    step = ev.args[4] if short == "slice" and len(ev.args) > 4 else 1
+                    start = 0 if start is None else int(start)
+                    start = max(start + src.rows, 0) if start < 0 else min(start, src.rows)
+                    if step != 1:
+                        return
+                for o in ev.outputs:
+                    n = int(o.shape[0]) if o.dim() else 0
+                    if n:
+                        self.concats[id(o)] = _replace_rows(src, n, src.offset + start)
+                    start += n
+                return
+        for o in ev.outputs:
+            if not o.dim() or o is src_t:
+                continue
+            n0 = int(o.shape[0])
+            if src.stacked:
+                if tuple(o.shape[:2]) == (src.parts, src.size):
+                    self.concats[id(o)] = src
+                elif n0 == src.parts * src.size:  # flatten(0, 1): the stack read as a cat
+                    self.concats[id(o)] = _replace_rows(src, n0, 0, stacked=False)
+            elif n0 == src.rows or (n0 > src.rows and n0 % src.rows == 0):
+                self.concats[id(o)] = src
+            elif (
+                src.offset == 0
+                and src.rows == src.parts * src.size
+                and tuple(o.shape[:2]) == (src.parts, src.size)
+            ):  # view(parts, size, ...): the cat read as a stack
+                self.concats[id(o)] = _replace_rows(src, src.parts, 0, stacked=True)
+
+    def _concatenated(self, ev: Event, short: str) -> None:
+        tensors = ev.args[0] if ev.args else ev.kwargs.get("tensors", ())
+        dim = ev.args[1] if len(ev.args) > 1 else ev.kwargs.get("dim", 0)
+        out = ev.outputs[0]
+        stacked = short == "stack"
+        # torch.cat skips empty 1-d tensors; what is left must be batches of one size.
+        parts = [
+            t
+            for t in tensors
+            if isinstance(t, torch.Tensor) and (stacked or t.dim() > 1 or t.numel())
+        ]
+        sizes = {int(t.shape[0]) for t in parts if t.dim()}
+        if len(parts) < 2 or len(sizes) != 1 or not out.dim() or not isinstance(dim, int):
+            return
+        if dim % out.dim() != 0 or (stacked and out.dim() < 2):
+            return
+        size = sizes.pop()
+        if not size:
+            return
+        loc = _location(ev.frame)
+        self.concats[id(out)] = Concat(
+            size=size,
+            parts=len(parts),
+            rows=int(out.shape[0]),
+            by=f"torch.{short}",
+            where=str(loc) if loc else None,
+            stacked=stacked,
+        )
+
+    def _rows_of(
+        self, t: torch.Tensor, rows: list[int] | None = None
+    ) -> tuple[list[int], list[int], str | None]:
+        """(samples, positions, what the concatenation says) of the NaN/Inf rows of ``t``, or of
+        ``rows`` of its dim 0: rows of the user's batch, through a ``torch.cat`` of batches."""
+        concat = self.concats.get(id(t)) if t.dim() else None
+        if concat is None:
+            if rows is None:
+                samples, positions = batch_rows(t, self.tracker.batch_size)
+                return samples, positions, None
+            return (*rows_to_samples(rows, int(t.shape[0]), self.tracker.batch_size), None)
+        n0 = int(t.shape[0])
+        if concat.stacked:  # dim 0 the part, dim 1 the row: rows of the concatenation
+            if rows is not None:  # rows of dim 0 are parts, not samples
+                return [], [], None
+            bad = (~torch.isfinite(t.detach())).reshape(concat.parts, concat.size, -1).any(-1)
+            rows = [int(i) for i in torch.nonzero(bad.flatten()).flatten()]
+            n0 = concat.parts * concat.size
+        elif rows is None:
+            rows = samples_of(t)
+        samples, positions, by_part = concat_samples(rows, n0, concat)
+        return samples, positions, concat_text(by_part, concat) if by_part else None
+
     # evidence at the producer, taken while its tensors are as the op saw them
     def _evidence(
         self, ev: Event, out: torch.Tensor, ins: list[torch.Tensor], in_fin: list[bool]
@@ -413,7 +528,7 @@ class Analyzer:
                 elif isinstance(a, (int, float)) and not isinstance(a, bool):
                     summaries.append(summarize(np.array(float(a), dtype=np.float64), out.dtype))
         module = self.tracker.path(ev.module, ev.root)
-        samples, positions = batch_rows(out, self.tracker.batch_size)
+        samples, positions, concatenated = self._rows_of(out)
         evidence = rules.ProducerEvidence(
             op=name,
             phase=ev.phase,
@@ -431,6 +546,8 @@ class Analyzer:
                 f"positions within each sample (tokens, heads): {samples_text(positions)}"
             )
             evidence.details["positions"] = positions
+        if concatenated:
+            evidence.extra_evidence.append(concatenated)
         if kind in (OpKind.STD, OpKind.VAR) and ins:
             evidence.details["reduced_size"] = ins[0].numel() // max(out.numel(), 1)
         if kind is OpKind.LOG and ins and (maker := self._maker(ins[0])) is not None:
@@ -450,9 +567,7 @@ class Analyzer:
                     else masked.reshape(1)
                 )
                 evidence.all_masked_rows = [int(i) for i in torch.nonzero(rows).flatten()]
-                evidence.samples = rows_to_samples(
-                    evidence.all_masked_rows, int(rows.shape[0]), self.tracker.batch_size
-                )[0]
+                evidence.samples = self._rows_of(x, evidence.all_masked_rows)[0]
                 evidence.extra_evidence.append(
                     f"{int(masked.sum())} of {masked.numel()} softmax rows are entirely -Inf"
                 )
@@ -493,7 +608,12 @@ class Analyzer:
         evidence.inputs = list(evidence.forward_inputs)
         evidence.module = self.tracker.path(fwd.module, fwd.root)
         evidence.location = _location(fwd.frame) or evidence.location
-        fwd_samples = [s for t in fwd.tensor_inputs() for s in _zero_rows(t)]
+        fwd_samples = [
+            s
+            for t in fwd.tensor_inputs()
+            if (z := _zero_rows(t))
+            for s in (self._rows_of(t, z)[0] if id(t) in self.concats else z)
+        ]
         if fwd_samples:
             evidence.samples = sorted(set(fwd_samples))
 
@@ -578,6 +698,18 @@ class Analyzer:
             )
             d.details["dataset_rows"] = dataset_rows[:64]
         return d
+
+
+def _replace_rows(src: Concat, rows: int, offset: int, stacked: bool | None = None) -> Concat:
+    return Concat(
+        src.size,
+        src.parts,
+        rows,
+        offset,
+        src.by,
+        src.where,
+        src.stacked if stacked is None else stacked,
+    )
 
 
 def _zero_rows(t: torch.Tensor) -> list[int]:
