@@ -140,6 +140,30 @@ EXPECTED = {
         step=2,
         evidence_has="rows of the whole [20, 1] tensor it came from: 13",
     ),
+    # MSE written by hand, ((pred - y) ** 2).mean(): no loss function names the target, the
+    # subtraction from the model's output does
+    "regression_mse_by_hand": dict(
+        category="invalid_target",
+        phase="data",
+        op_kind=None,
+        module=None,
+        samples=[3],
+        step=2,
+        function="mse",
+        line="# LOSS_LINE",
+        evidence_has="rows of the whole [20, 1] tensor it came from: 13",
+    ),
+    # soft labels (annotators' vote shares) in a cross-entropy written by hand; one is 0/0 = NaN
+    "soft_labels": dict(
+        category="invalid_target",
+        phase="data",
+        op_kind=None,
+        module=None,
+        samples=[1],
+        step=1,
+        line="# LOSS_LINE",
+        evidence_has="rows of the whole [12, 3] tensor it came from: 5",
+    ),
     "ctc": dict(category="invalid_target", phase="loss", op_kind="ctc_loss", samples=[1]),
     "seg_ignore": dict(
         category="invalid_target",

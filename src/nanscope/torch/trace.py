@@ -344,6 +344,33 @@ class Analyzer:
         target = ev.args[1]
         return isinstance(target, torch.Tensor) and self.origin_of(target) is origin
 
+    def _combined_with_output(self, origin: Origin) -> OpSeen | None:
+        """The op outside the model that combined ``origin``'s values with the model's output
+        (``pred - y``, ``y * log_softmax(logits)``): what a hand-written loss does to its target.
+        None when the model itself read them: an input is an input, even if the loss uses it
+        too (an autoencoder's ``mse(model(x), x)``)."""
+        readers = [r for r in origin.readers if r.record is not None]
+        if any(_in_model(r.record) for r in readers):
+            return None
+        made_by_model: set[int] = set()  # the model's outputs and everything computed from them
+        for ev in self.forward_events:
+            if _in_model(ev) or any(id(t) in made_by_model for t in ev.tensor_inputs()):
+                made_by_model.update(id(o) for o in ev.outputs)
+        # Row by row, as a loss compares predictions with targets: a NaN term added to a scalar
+        # loss (``task_loss + aux(y)``) says nothing about what ``y`` is.
+        for r in readers:
+            ins = r.record.tensor_inputs()
+            rows = {int(t.shape[0]) for t in ins if t.dim() and self.origin_of(t) is origin}
+            if any(
+                id(t) in made_by_model
+                and self.origin_of(t) is not origin
+                and t.dim()
+                and int(t.shape[0]) in rows
+                for t in ins
+            ):
+                return r
+        return None
+
     def _readers(self, ev: Event) -> list[str]:
         """The kinds of the later forward ops that read ``ev``'s outputs (how a value is used)."""
         outs = ev.outputs
@@ -671,10 +698,14 @@ class Analyzer:
             dataset_rows, samples = samples, samples_of(out)
         # What consumed it says what it is: a loss function that took it as its target
         # (argument 2 of mse_loss, nll_loss, binary_cross_entropy, ...) says it is a target,
-        # wherever it sat in the batch.
+        # wherever it sat in the batch. So does a hand-written loss that combined it with the
+        # model's output (``(pred - y) ** 2``) when the model itself never read it.
         by_loss = next((r for r in origin.readers if self._as_target(r.record, origin)), None)
         if by_loss is not None:
             bad = by_loss.record.args[1]
+        elif (by_loss := self._combined_with_output(origin)) is not None:
+            bad = next(t for t in by_loss.record.tensor_inputs() if self.origin_of(t) is origin)
+        if by_loss is not None:
             if bad is not t and bad.dim():
                 dataset_rows = (
                     samples if dataset_rows is None and bad.shape[0] != t.shape[0] else dataset_rows
@@ -698,6 +729,11 @@ class Analyzer:
             )
             d.details["dataset_rows"] = dataset_rows[:64]
         return d
+
+
+def _in_model(ev: Event) -> bool:
+    """``ev`` ran inside a module's forward (a loss module is not the model)."""
+    return ev.module is not None and not is_loss_module(ev.module)
 
 
 def _replace_rows(src: Concat, rows: int, offset: int, stacked: bool | None = None) -> Concat:
