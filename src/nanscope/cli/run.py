@@ -14,11 +14,13 @@ import os
 import runpy
 import sys
 import traceback
+from pathlib import Path
 
 from nanscope.core.diagnosis import Diagnosis, clean_report
 from nanscope.core.errors import BadInputError, NonFiniteError
 from nanscope.core.importwatch import stop_watching, when_imported
 from nanscope.core.io import check_writable, write_json
+from nanscope.core.ranks import RankBoard, failure_id, per_rank_text, rank_timeout, this_rank
 from nanscope.core.session import RunSession
 from nanscope.report.console import echo
 
@@ -59,7 +61,7 @@ def split_script_args(args: list[str]) -> tuple[list[str], str | None]:
     return args, None
 
 
-def _attach(session: RunSession, framework: str, module_name: str):
+def _attach(session: RunSession, framework: str, module_name: str, count_steps: bool = False):
     def callback(module: object) -> None:
         try:
             if framework == "torch":
@@ -67,6 +69,8 @@ def _attach(session: RunSession, framework: str, module_name: str):
             else:
                 from nanscope.keras import runner
             runner.attach(session, module_name)
+            if framework == "torch" and count_steps:
+                _count_steps(session)
             if framework not in session.frameworks:
                 session.frameworks.append(framework)
         except Exception as err:  # never break the user's script
@@ -89,11 +93,17 @@ def main(args: argparse.Namespace) -> int:
     if args.html:
         check_writable(args.html, what="HTML report")
     session = RunSession(script=args.script, reports_dir=args.reports)
-    when_imported("torch", _attach(session, "torch", "torch"))
+    me = this_rank()
+    board = None
+    if me is not None:  # one of several processes (torchrun, accelerate launch): see core/ranks
+        board = RankBoard(_ranks_folder(json_path, args.reports), me)
+        board.begin(progress=lambda: {} if session.steps is None else {"step": session.steps})
+    when_imported("torch", _attach(session, "torch", "torch", count_steps=board is not None))
     when_imported("tensorflow", _attach(session, "keras", "tensorflow"))
     when_imported("keras", _attach(session, "keras", "keras"))
 
     exit_code = 0
+    script_error: BaseException | None = None
     saved_argv = sys.argv[:]
     sys.argv = [args.script, *script_args]
     sys.path.insert(0, session.script_dir)
@@ -106,9 +116,11 @@ def main(args: argparse.Namespace) -> int:
         exit_code = code if isinstance(code, int) else (0 if code is None else 1)
         if code is not None and not isinstance(code, int):
             print(code, file=sys.stderr)
-    except BaseException:
+    except BaseException as err:
         # The script's own error: show it as Python would, then our diagnosis if we have one.
-        traceback.print_exc()
+        if board is None:
+            traceback.print_exc()
+        script_error = err
         exit_code = 1
     finally:
         stop_watching()
@@ -118,6 +130,8 @@ def main(args: argparse.Namespace) -> int:
             sys.path.pop(0)
 
     framework = session.frameworks[0] if session.frameworks else None
+    if board is not None:
+        return _end_rank(board, session, exit_code, script_error, framework, json_path, args.html)
     if session.diagnosis is not None:
         echo(session.diagnosis, file=sys.stderr)
         if json_path:
@@ -128,6 +142,111 @@ def main(args: argparse.Namespace) -> int:
         write_json(json_path, clean_report(framework))
     _write_html(args.html, clean_report(framework), session)
     return exit_code
+
+
+def _count_steps(session: RunSession) -> None:
+    """Keep ``session.steps`` (how far this rank got, for its answers to the other ranks)."""
+    # Stopgap until nanscope.torch.runner keeps session.steps itself: one more optimizer
+    # post-step hook, counted exactly as the runner counts its steps.
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def counted(*_: object) -> None:
+        session.steps = (session.steps or 0) + 1
+
+    session.steps = 0
+    session.cleanups.append(register_optimizer_step_post_hook(counted).remove)
+
+
+def _ranks_folder(json_path: str | None, reports: str) -> Path:
+    """Where the ranks leave their results: ``out.ranks/`` beside ``--json out.json``."""
+    if json_path:
+        p = Path(json_path)
+        return p.with_suffix(".ranks") if p.suffix else p.with_name(p.name + ".ranks")
+    return Path(reports) / "ranks"
+
+
+def _end_rank(
+    board: RankBoard,
+    session: RunSession,
+    exit_code: int,
+    error: BaseException | None,
+    framework: str | None,
+    json_path: str | None,
+    html: str | None,
+) -> int:
+    """One rank of several ends: leave its result; the first rank that failed waits (bounded)
+    for the others' answers and reports for all of them."""
+    me, d = board.me, session.diagnosis
+    if d is None:
+        if error is None:
+            board.end("clean", exit_code=exit_code, framework=framework, step=session.steps)
+        else:
+            failed = sorted(r for r, v in board.read().items() if v["status"] == "nonfinite")
+            if failed and not isinstance(error, KeyboardInterrupt):
+                # The script's collective broke because nanscope stopped the failed rank: the
+                # traceback would only repeat that.
+                who = ", ".join(map(str, failed))
+                print(
+                    f"nanscope: rank {me.rank} stopped: {_one_line(error)} (rank {who} had "
+                    "stopped at its non-finite value)",
+                    file=sys.stderr,
+                )
+            else:
+                traceback.print_exception(error)
+            board.end(
+                "error",
+                exit_code=exit_code,
+                framework=framework,
+                step=session.steps,
+                error=_one_line(error),
+            )
+        lead, doc = board.publish(json_path)
+        if lead is None:
+            _write_html(html, doc, session)
+        return exit_code
+    board.end(
+        "nonfinite",
+        exit_code=1,
+        framework=d.framework or framework,
+        step=d.step,
+        seen_at=session.failed_at,
+        diagnosis=d.to_dict(),
+    )
+    mine = failure_id(board.read().get(me.rank, {"rank": me.rank, "seen_at": session.failed_at}))
+    if board.claim_combiner():
+        seen = board.wait_for_answers(mine, rank_timeout())
+        lead, doc = board.publish(json_path)
+        board.mark_combined(seen)
+        assert lead is not None  # this rank's own failure is in it
+        echo(lead, file=sys.stderr)
+        print(per_rank_text(doc), file=sys.stderr)
+        if json_path:
+            print(
+                f"nanscope: the report of all {me.world_size} ranks is in {json_path}",
+                file=sys.stderr,
+            )
+        _write_html(html, lead, session)
+        return 1
+    print(f"nanscope: rank {me.rank}: {d.headline()}", file=sys.stderr)
+    # Stay until the combiner has written its report (the launcher stops every rank once one
+    # has exited), then put this rank's failure in it if it came too late.
+    included = board.combined_failures(rank_timeout())
+    lead, doc = board.publish(json_path)
+    if included is not None and mine in included:
+        return 1
+    late = f"nanscope: rank {me.rank} failed after the report of all ranks was written"
+    if lead is not None and me.rank in lead.ranks:  # at an earlier step: the report changes
+        print(f"{late}, at an earlier step: it saw it first. The report, updated:", file=sys.stderr)
+        echo(lead, file=sys.stderr)
+        print(per_rank_text(doc), file=sys.stderr)
+    else:
+        print(f"{late}" + (f"; {json_path} now includes it" if json_path else ""), file=sys.stderr)
+    return 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def _write_html(path: str | None, what, session: RunSession) -> None:

@@ -5,6 +5,7 @@ the script turns out to use. Framework-free.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ class RunSession:
     script: str
     reports_dir: str = "nanscope-reports"
     diagnosis: Diagnosis | None = None
+    failed_at: float | None = None  # wall-clock time the first diagnosis was made
+    # Optimizer steps done so far, kept current by a runner that counts them: under a launcher
+    # (torchrun) a rank's answer to another rank's failure says how far it got.
+    steps: int | None = None
     frameworks: list[str] = field(default_factory=list)
     internal_errors: list[str] = field(default_factory=list)
     # Runners register how to take their instrumentation off; ``close`` runs them (newest
@@ -37,6 +42,7 @@ class RunSession:
     def fail(self, diagnosis: Diagnosis) -> NonFiniteError:
         if self.diagnosis is None:
             self.diagnosis = diagnosis
+            self.failed_at = time.time()
         return NonFiniteError(self.diagnosis)
 
     def internal_error(self, where: str, err: BaseException) -> None:
