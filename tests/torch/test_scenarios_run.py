@@ -75,7 +75,14 @@ EXPECTED = {
     ),
     "lr_high": dict(category="exploding_gradients"),
     "checkpoint_nan": dict(category="nonfinite_parameters", phase="state", module="fc1", step=0),
-    "adam_fp16": dict(category="optimizer_state", phase="optimizer", dtype="float16", step=0),
+    "adam_fp16": dict(
+        category="optimizer_state",
+        phase="optimizer",
+        op="aten::addcdiv_",
+        op_kind="div",
+        dtype="float16",
+        step=0,
+    ),
     "attention_mask": dict(
         category="all_masked_softmax",
         phase="forward",
@@ -173,6 +180,34 @@ EXPECTED = {
         function="eval_step",
         program="in evaluation, batch 2 (eval mode, no_grad), after 3 training steps",
     ),
+    # Adam(eps=0): embedding rows not in the batch have a gradient of exactly 0, 0 / 0 in addcdiv_
+    "adam_eps0": dict(
+        category="optimizer_state",
+        phase="optimizer",
+        op="aten::addcdiv_",
+        op_kind="div",
+        module="0",
+        samples=[],
+        step=0,
+        first_fix="give the optimizer an eps > 0",
+        evidence_has=(
+            "inside optimizer.step(), updating 0.weight, at torch/optim/adam.py:{ADAM_LINE}"
+            " (_single_tensor_adam)"
+        ),
+    ),
+    # a hand-written LARS: the trust ratio divides by the norm of a gradient that is exactly 0
+    "lars_zero_norm": dict(
+        category="op_domain",
+        phase="optimizer",
+        op="aten::div",
+        op_kind="div",
+        module="aux",
+        samples=[],
+        step=2,
+        function="step",
+        line="# TRUST_LINE",
+        evidence_has="inside optimizer.step(), updating aux.weight",
+    ),
     "bn_eval": dict(category="corrupt_norm_statistics", phase="state", module="context.1"),
     # forward, loss and backward inside optimizer.step(closure); the loss is Inf, every gradient finite
     "lbfgs_closure": dict(
@@ -238,6 +273,12 @@ def marker_line(name: str, marker: str) -> int:
     return next(i for i, line in enumerate(lines, 1) if line.rstrip().endswith(marker))
 
 
+def torch_line(module_file: str, code: str) -> int:
+    """The first line of ``torch/optim/<module_file>`` that holds ``code``."""
+    lines = (Path(torch.optim.__file__).parent / module_file).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if code in line)
+
+
 def check(report: dict, expected: dict | None, name: str) -> None:
     if expected is None:
         assert report["status"] == "clean" and report["diagnosis"] is None, report
@@ -246,6 +287,11 @@ def check(report: dict, expected: dict | None, name: str) -> None:
     d = report["diagnosis"]
     for key, want in expected.items():
         if key == "evidence_has":
+            if "{ADAM_LINE}" in want:  # the line of torch's Adam that divides
+                want = want.replace(
+                    "{ADAM_LINE}",
+                    str(torch_line("adam.py", "param.addcdiv_(exp_avg, denom, value=-step_size)")),
+                )
             if "{CAT_LINE}" in want:
                 want = want.replace("{CAT_LINE}", str(marker_line(name, "# CAT_LINE")))
             assert want in d["evidence"], d["evidence"]

@@ -241,6 +241,13 @@ TABLE: dict[tuple[Category, str | None], tuple[Fix, ...]] = {
         Fix("raise the epsilon to one float16 can hold (eps=1e-4), or use bfloat16"),
         Fix("check the learning rate and scheduler for NaN/Inf values"),
     ),
+    (Category.OPTIMIZER_STATE, "eps_zero"): (
+        Fix(
+            "give the optimizer an eps > 0 (Adam's default is eps=1e-8){at}: with eps=0 its update is "
+            "0 / 0 wherever a gradient has been exactly 0 (embedding rows not in the batch, an unused head)"
+        ),
+        Fix("check the learning rate and scheduler for NaN/Inf values"),
+    ),
     (Category.ALL_MASKED_SOFTMAX, None): (
         Fix(
             "a row with every key masked has no valid softmax: give it at least one unmasked position or zero the "
@@ -310,8 +317,12 @@ def fixes_for(
     forward_op_kind: OpKind | str | None = None,
     input_op_kind: OpKind | str | None = None,
     used_by: list[str] | None = None,
+    variant: str | None = None,
 ) -> list[str]:
     """Fixes for one diagnosis, best first, from ``TABLE``.
+
+    ``variant`` picks a named row of the category first when there is one (``eps_zero``: an
+    optimizer whose eps is 0).
 
     The op kind's own entry comes first (for a singular gradient, the forward op's; for a log,
     whether its input came from a softmax, ``input_op_kind``; for an exp, whether its output is
@@ -338,7 +349,9 @@ def fixes_for(
     made_by = (
         OpKind(input_op_kind) if input_op_kind else None
     )  # the op that made the input, if known
-    if c is Category.OP_DOMAIN and k is OpKind.LOG and made_by and made_by not in _SOFTMAXES:
+    if variant is not None and (c, variant) in TABLE:
+        rows = [TABLE[(c, variant)]]
+    elif c is Category.OP_DOMAIN and k is OpKind.LOG and made_by and made_by not in _SOFTMAXES:
         rows = [TABLE[(c, "log_not_of_softmax")]]
     elif (
         c is Category.OVERFLOW

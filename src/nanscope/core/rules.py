@@ -24,6 +24,7 @@ from nanscope.core.diagnosis import (
     compose_summary,
     samples_phrase,
     samples_text,
+    where_phrase,
 )
 from nanscope.core.enums import Category, OpKind, Phase
 from nanscope.core.fixes import fixes_for, loss_scale_fixes
@@ -548,20 +549,32 @@ def optimizer_state(
     fw = _NAMES.get(framework, framework)
     ev = [f"{n}: {s.describe()}" for n, s in list(bad.items())[:10]]
     lim = limits(param_dtype) if param_dtype else None
-    if eps is not None and lim is not None:
+    vanishes = eps is not None and lim is not None and eps < lim.subnormal / 2
+    if eps == 0:
+        ev.insert(
+            0,
+            "eps=0: the update's denominator sqrt(exp_avg_sq) + eps is 0 wherever the "
+            "gradient has been exactly 0",
+        )
+    elif eps is not None and lim is not None:
         ev.insert(
             0,
             f"eps={eps:g} in {param_dtype}: "
             + (
                 "rounds to 0 (smallest subnormal is " + fmt(lim.subnormal) + ")"
-                if eps < lim.subnormal / 2
+                if vanishes
                 else "representable"
             ),
         )
     if lr is not None:
         ev.append(f"learning rate {lr!r}")
     names = ", ".join(list(bad)[:3]) + (" …" if len(bad) > 3 else "")
-    if eps is not None and lim is not None and eps < lim.subnormal / 2:
+    if eps == 0:
+        summary = (
+            "eps=0, so the optimizer's update divided 0 / 0 where the gradient was exactly 0: "
+            + names
+        )
+    elif vanishes:
         summary = f"eps={eps:g} rounds to 0 in {param_dtype}, so the optimizer's update divided by zero: {names}"
     else:
         summary = f"optimizer state went non-finite: {names}"
@@ -573,8 +586,49 @@ def optimizer_state(
         step=step,
         summary=summary,
         evidence=ev,
-        fixes=fixes_for(Category.OPTIMIZER_STATE, framework=fw),
+        fixes=fixes_for(
+            Category.OPTIMIZER_STATE, framework=fw, variant="eps_zero" if eps == 0 else None
+        ),
+        details={"eps": eps, "eps_vanishes": bool(vanishes)} if eps is not None else {},
     )
+
+
+def in_optimizer_step(producer: Diagnosis, state: Diagnosis | None = None) -> Diagnosis:
+    """The update made weights non-finite and the replay of ``optimizer.step()`` found the op
+    that did it: ``producer``, an optimizer-phase ``classify_producer`` (Adam's ``addcdiv_``
+    dividing 0 / 0, a trust ratio over a zero norm). ``state`` is what the optimizer-state check
+    found. A setting that makes the division impossible (an eps that is 0 in the parameters'
+    dtype, a non-finite learning rate) explains more than the op it broke: that diagnosis,
+    with the op, its line and operands; otherwise the op's, with the state it landed in.
+
+    >>> import numpy as np
+    >>> from nanscope.core.summary import summarize
+    >>> zero, nan = summarize(np.zeros(3, np.float32)), summarize(np.full(3, np.nan, np.float32))
+    >>> op = classify_producer(ProducerEvidence("aten::div", Phase.OPTIMIZER, [zero, zero], nan))
+    >>> d = in_optimizer_step(op, optimizer_state({"w": nan}, eps=0.0, param_dtype="float32"))
+    >>> d.category, d.phase, d.op_kind
+    (<Category.OPTIMIZER_STATE: 'optimizer_state'>, <Phase.OPTIMIZER: 'optimizer'>, <OpKind.DIV: 'div'>)
+    >>> in_optimizer_step(op, None).category
+    <Category.OP_DOMAIN: 'op_domain'>
+    """
+    producer.phase = Phase.OPTIMIZER
+    said = (
+        f"{producer.op} inside optimizer.step(){where_phrase(producer.module, producer.location)}"
+    )
+    if state is not None and (
+        state.details.get("eps_vanishes") or state.summary.startswith("the learning rate")
+    ):
+        state.op, state.op_kind = producer.op, producer.op_kind
+        state.module, state.location = producer.module, producer.location
+        state.summary = f"{state.summary}; the first NaN/Inf: {said}"
+        state.evidence += producer.evidence
+        state.details.update(producer.details)
+        return state
+    if state is not None:
+        producer.evidence.append(
+            "non-finite after the update: " + "; ".join(e.split(":")[0] for e in state.evidence)
+        )
+    return producer
 
 
 def exploding_gradients(

@@ -18,10 +18,15 @@ How it stays cheap:
   stays silent.
 * Records are dropped after each optimizer step, and after each forward that ran without
   autograd (evaluation, inference) and returned finite outputs.
+* The ops inside ``optimizer.step()`` are recorded the same way (phase ``optimizer``), with
+  copies of the parameters and state the step writes in place, so that an update that went
+  non-finite is replayed to the op that made it (Adam's ``addcdiv_`` dividing 0 / 0, a
+  trust ratio over a zero norm). The copies cost memory the size of what the step writes:
+  past ``_STEP_COPY_BYTES`` the step is not recorded and only the state it left is named.
 
 Design constraints: zero code change in the user's script; the numbers the script computes
-are never changed (the mode only observes); ops inside ``optimizer.step()`` are not recorded
-(the update is checked as a whole after it); nanscope's own errors become one warning
+are never changed (the mode only observes); the update is checked as a whole after
+``optimizer.step()`` (a step with a closure, LBFGS, is not recorded); nanscope's own errors become one warning
 through ``session.internal_error`` and the script carries on unwatched; ``detach`` (run by
 ``session.close()``) removes the mode and every hook.
 """
@@ -44,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
+from nanscope.core.enums import Phase
 from nanscope.core.errors import NonFiniteError
 from nanscope.core.limits import dtype_name
 from nanscope.torch._util import all_finite, grad_fn_of, quiet_replay, settled_norms
@@ -54,7 +60,10 @@ from nanscope.torch.trace import (
     ModuleTracker,
     first_failure,
     inputs_finite,
+    optimizer_frame,
     user_frame,
+    write_positions,
+    written,
 )
 
 __all__ = ["attach", "detach"]
@@ -63,9 +72,10 @@ _SCALAR = torch.ops.aten._local_scalar_dense.default
 _ONES_LIKE = torch.ops.aten.ones_like.default
 _GLOBAL_HOOKS_WARNING = r"Using `torch.compile\(module\)` when there are global hooks on modules"
 _FLUSH_EVERY = 50_000  # records kept at most between two boundaries that drop them
+# Largest optimizer (parameters + state) whose step is recorded: its in-place writes are copied.
+_STEP_COPY_BYTES = 256 * 2**20
 
 
-_WRITES: dict[Any, list[tuple[int, str]]] = {}  # op -> arguments it writes to
 _MUTABLE: dict[Any, bool] = {}  # op -> whether it writes to an argument
 # Ops that make a tensor from Python values: an infinity they hold was written by the script.
 _CONSTANTS = {
@@ -166,11 +176,15 @@ class Runner:
         # .to(dtype)) swaps a tensor's values without an aten op, so a hit must match all four.
         self.produced: dict[int, tuple[weakref.ref, Any, torch.dtype, torch.Size]] = {}
         self.originals: dict[int, torch.Tensor] = {}
+        # Inside optimizer.step(): id(tensor) -> the references to it as is (not copied), so
+        # that when the step later writes it, the reads before see the copy of what they read.
+        self._held: dict[int, list[_Ref]] = {}
         self._last_forward: tuple[Event, list[torch.Tensor]] | None = None
         self.rng = torch.get_rng_state()
         self.grad_norms: list[float] = []
         self.step = 0
         self.in_optimizer = False
+        self.stepping = False  # recording the ops of optimizer.step()
         self.disabled = False
         self.done = False
         self.busy = False  # nanscope's own ops (checks, analysis) are not the script's
@@ -290,21 +304,22 @@ class Runner:
 
     def snapshot_written(self, func: Any, args: tuple, kwargs: dict) -> dict | None:
         """Copies of the not-yet-recorded tensors this in-place op is about to write."""
-        positions = _WRITES.get(func)
-        if positions is None:
-            positions = _WRITES[func] = [
-                (i, a.name)
-                for i, a in enumerate(func._schema.arguments)
-                if a.alias_info is not None and a.alias_info.is_write
-            ]
         snaps = {}
-        for i, name in positions:
+        for i, name in write_positions(func):
             t = args[i] if i < len(args) else kwargs.get(name)
+            where = i if i < len(args) else name
             if isinstance(t, torch.Tensor):
-                hit = self.produced.get(id(t))
-                if hit is None or hit[0]() is not t or hit[2] is not t.dtype or hit[3] != t.shape:
-                    snaps[i if i < len(args) else name] = (t, t.detach().clone())
+                if not self._is_produced(t):
+                    snaps[where] = (t, t.detach().clone())
+            elif isinstance(t, (list, tuple)):  # a multi-tensor op (_foreach_mul_, _fused_adam_)
+                for j, x in enumerate(t):
+                    if isinstance(x, torch.Tensor) and not self._is_produced(x):
+                        snaps[(where, j)] = (x, x.detach().clone())
         return snaps or None
+
+    def _is_produced(self, t: torch.Tensor) -> bool:
+        hit = self.produced.get(id(t))
+        return hit is not None and hit[0]() is t and hit[2] is t.dtype and hit[3] == t.shape
 
     def record(self, func: Any, args: tuple, kwargs: dict, out: Any, snaps: dict | None) -> None:
         if self._last_forward is not None:  # autograd has set its outputs' grad_fn by now
@@ -317,7 +332,7 @@ class Runner:
             all_outs = [o for o in out if isinstance(o, torch.Tensor)]
         else:
             all_outs = []
-        if not all_outs and not snaps:
+        if not all_outs and not snaps and not _MUTABLE.get(func):
             return
         node = torch._C._current_autograd_node()
         tr = self.tracker
@@ -326,16 +341,27 @@ class Runner:
         rkwargs = dict(zip(kwargs, self._refs(kwargs.values()), strict=True)) if kwargs else {}
         if snaps:
             for where, (t, copy) in snaps.items():
-                if isinstance(where, int):
-                    rargs[where] = _Ref(None, copy)
+                place, j = where if isinstance(where, tuple) else (where, None)
+                holder = rargs if isinstance(place, int) else rkwargs
+                if j is None:
+                    holder[place] = _Ref(None, copy)
                 else:
-                    rkwargs[where] = _Ref(None, copy)
+                    holder[place] = list(holder[place])
+                    holder[place][j] = _Ref(None, copy)
                 self.produced[id(t)] = (weakref.ref(t), ("w", i, where), t.dtype, t.shape)
                 self.originals[id(copy)] = t
-        phase = tr.phase(node is not None)
+                for ref in self._held.pop(id(t), ()):  # read earlier in the step, then written
+                    ref.tensor = copy
+        if self.stepping:
+            self._hold(rargs)
+            self._hold(rkwargs.values())
+            phase, source = Phase.OPTIMIZER, optimizer_frame()
+        else:
+            phase, source = tr.phase(node is not None), None
         ev = Event(
             i, func, tuple(rargs), rkwargs, [], phase, tr.current(), tr.root, user_frame(), node
         )
+        ev.source = source
         self.records.append(ev)
         floats = []
         produced = self.produced
@@ -350,9 +376,20 @@ class Runner:
         ):  # a very long stretch with no boundary: bound the memory
             self._clear()
 
-    def replay(self) -> tuple[Analyzer, Any]:
+    def _hold(self, refs: Any) -> None:
+        for r in refs:
+            if isinstance(r, _Ref):
+                if r.key is None:
+                    self._held.setdefault(id(r.tensor), []).append(r)
+            elif isinstance(r, (list, tuple)):
+                self._hold(r)
+
+    def replay(self, names: dict[int, str] | None = None) -> tuple[Analyzer, Any]:
         """Re-execute the recorded ops from their inputs under the Analyzer."""
         analyzer = Analyzer(self.tracker, step=self.step)
+        # Evidence is taken while the ops replay: what the copies stand for is known before.
+        analyzer.originals = dict(self.originals)
+        analyzer.tensor_names = names or {}
         values: dict[Any, torch.Tensor] = {}
 
         def real(ref: Any) -> Any:
@@ -384,13 +421,21 @@ class Runner:
                     for k, o in enumerate(outs):
                         values[(ev.index, k)] = o
                     for where, ref in list(enumerate(ev.args)) + list(ev.kwargs.items()):
-                        if (
-                            isinstance(ref, _Ref)
-                            and ref.key is None
-                            and id(ref.tensor) in self.originals
-                        ):
-                            values[("w", ev.index, where)] = ref.tensor
+                        pieces = (
+                            [((where, j), x) for j, x in enumerate(ref)]
+                            if isinstance(ref, (list, tuple))
+                            else [(where, ref)]
+                        )
+                        for key, x in pieces:
+                            if (
+                                isinstance(x, _Ref)
+                                and x.key is None
+                                and id(x.tensor) in self.originals
+                            ):
+                                values[("w", ev.index, key)] = x.tensor
                     floats = [o for o in outs if o.is_floating_point()]
+                    if not floats and ins_fin is not None:  # _foreach_div_: what it wrote
+                        floats = written(ev.func, args, kwargs)
                     if floats:
                         analyzer.observe(
                             Event(
@@ -406,11 +451,11 @@ class Runner:
                                 ev.node,
                                 ins_fin,
                                 ev.grad_fns,
+                                ev.source,
                             )
                         )
         finally:
             torch.set_rng_state(rng)
-        analyzer.originals = dict(self.originals)
 
         def replayed(t: torch.Tensor) -> torch.Tensor:
             hit = self.produced.get(id(t))
@@ -422,15 +467,17 @@ class Runner:
 
     def _clear(self) -> None:
         self.records, self.losses = [], []
-        self.produced, self.originals = {}, {}
+        self.produced, self.originals, self._held = {}, {}, {}
         self._last_forward = None
         self.rng = torch.get_rng_state()  # a replay of the ops recorded from here starts here
 
     # -- boundaries -------------------------------------------------------------------------
     def at_scalar(self, t: torch.Tensor) -> None:
         # The script syncs here anyway (it wants the number): one more look at one element.
+        # Inside optimizer.step() the update is checked after it, with its state.
         if (
-            self.records
+            not self.stepping
+            and self.records
             and t.is_floating_point()
             and not t.is_meta
             and not bool(torch.isfinite(t).all())
@@ -467,7 +514,10 @@ class Runner:
                 return args, {**kwargs, "closure": watched}
             return (args[0], watched, *args[2:]), kwargs
         self.guarded(self._check_gradients, optimizer)
-        self.in_optimizer = True
+        if not self.off and _step_bytes(optimizer) <= _STEP_COPY_BYTES:
+            self.stepping = True  # record the step's ops: an update gone bad is replayed
+        else:
+            self.in_optimizer = True
         return None
 
     def _watched_closure(self, optimizer: torch.optim.Optimizer, closure: Any) -> Any:
@@ -521,7 +571,10 @@ class Runner:
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.in_optimizer = False
-        self.guarded(self._check_update, optimizer)
+        try:
+            self.guarded(self._check_update, optimizer)
+        finally:
+            self.stepping = False
         self.step += 1
         self.tracker.new_step()
         self._clear()
@@ -536,7 +589,10 @@ class Runner:
                 return
         root = self.tracker.root
         d = check_optimizer_state(optimizer, step=self.step, model=root)
-        if d is None:
+        producer = self._step_producer(optimizer, params) if self.stepping else None
+        if producer is not None:
+            d = rules.in_optimizer_step(producer, d)
+        elif d is None:
             names = param_names(optimizer, root)
             bad = [names.get(id(p), "parameter") for p in params if not all_finite(p)]
             d = rules.update_overflowed(
@@ -547,6 +603,28 @@ class Runner:
                 dtype=dtype_name(params[0].dtype),
             )
         self._raise(d)
+
+    def _step_producer(
+        self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
+    ) -> Diagnosis | None:
+        """Replay the recorded ops of the step that made the weights non-finite: the op inside
+        optimizer.step() that produced the first NaN/Inf (None if the replay finds none)."""
+        names = param_names(optimizer, self.tracker.root)
+        things = [("parameter", p) for p in params if not all_finite(p)]
+        for p, state in optimizer.state.items():
+            for key, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    names[id(v)] = f"{names.get(id(p), 'parameter')}.{key}"
+                    if v.is_floating_point() and not all_finite(v):
+                        things.append(("optimizer state", v))
+        try:
+            with _disable_current_modes():
+                analyzer, replayed = self.replay(names)
+                d = first_failure(analyzer, [(what, replayed(t)) for what, t in things])
+        except Exception as err:  # the state check below still names what went bad
+            self.session.internal_error("replaying the optimizer step", err)
+            return None
+        return d if d is not None and d.phase is Phase.OPTIMIZER else None
 
     # -- failure ----------------------------------------------------------------------------
     def _fail(self, things: list[tuple[str, torch.Tensor]]) -> None:
@@ -605,6 +683,18 @@ class Runner:
                 after_steps=self.step or None,
             )
         raise self.session.fail(d)
+
+
+def _step_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """What a copy of everything ``optimizer.step()`` may write costs: parameters and state."""
+    total = 0
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            total += p.numel() * p.element_size()
+            for v in optimizer.state.get(p, {}).values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+    return total
 
 
 _RUNNERS: dict[int, Runner] = {}

@@ -117,6 +117,42 @@ _CUTS = {"slice", "split", "split_with_sizes", "narrow", "unsafe_split", "unsafe
 _ARITH = (OpKind.DIV, OpKind.MUL, OpKind.ADD, OpKind.SUB, OpKind.POW)
 
 
+# Ops whose kind is not in their name: what they compute (x + v * a / b is a division).
+_KIND_OF = {"addcdiv": OpKind.DIV, "addcmul": OpKind.MUL}
+
+
+def op_kind(name: str) -> OpKind:
+    """``OpKind`` of an aten op, multi-tensor ones included: ``_foreach_div_`` is a ``div``,
+    ``addcdiv`` (what Adam divides with) a ``div``."""
+    short = name.split("::")[-1].split(".")[0].removeprefix("_foreach_").rstrip("_")
+    return _KIND_OF.get(short) or OpKind.of(short)
+
+
+_WRITE_POSITIONS: dict[Any, list[tuple[int, str]]] = {}
+
+
+def write_positions(func: Any) -> list[tuple[int, str]]:
+    """``(index, name)`` of the arguments ``func`` writes in place (cached per op)."""
+    got = _WRITE_POSITIONS.get(func)
+    if got is None:
+        got = _WRITE_POSITIONS[func] = [
+            (i, a.name)
+            for i, a in enumerate(func._schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write
+        ]
+    return got
+
+
+def written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The floating tensors an in-place op wrote: the outputs of one that returns nothing
+    (``_foreach_add_``, ``_fused_adam_``)."""
+    out = []
+    for i, name in write_positions(func):
+        a = args[i] if i < len(args) else kwargs.get(name)
+        out += [t for _, t in named_tensors(a, "w") if is_float(t)]
+    return out
+
+
 def op_name(func: Any) -> str:
     """``aten.log.default`` -> ``aten::log``."""
     name = getattr(func, "_schema", None)
@@ -156,6 +192,34 @@ def user_frame() -> tuple[str, int, str] | None:
 
 def _location(frame: tuple[str, int, str] | None) -> Location | None:
     return location_from_stack([frame]) if frame else None
+
+
+_OWN_FILES = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,)
+_OPTIM_DIR = os.sep + os.path.join("torch", "optim") + os.sep
+
+
+def optimizer_frame() -> tuple[str, int, str] | None:
+    """``(file, line, function)`` of the innermost frame in an optimizer's own code (torch's
+    ``torch/optim/adam.py``, or the user's ``Optimizer`` subclass), cheap enough to call per op
+    inside ``optimizer.step()``."""
+    f = sys._getframe(1)
+    while f is not None:
+        name = f.f_code.co_filename
+        if _OPTIM_DIR in name and not name.endswith("optimizer.py"):
+            return (name, f.f_lineno, f.f_code.co_name)
+        if _USER_FILE.get(name) and not name.startswith(_OWN_FILES):
+            return (name, f.f_lineno, f.f_code.co_name)
+        f = f.f_back
+    return None
+
+
+def _source_text(frame: tuple[str, int, str]) -> str:
+    """``torch/optim/adam.py:412 (_single_tensor_adam)``: a library file from its package."""
+    name, line, function = frame
+    cut = name.rfind(os.sep + "torch" + os.sep)
+    loc = _location(frame)
+    shown = str(loc.file) if loc is not None else name[cut + 1 :] if cut >= 0 else name
+    return f"{shown}:{line} ({function})"
 
 
 # -- modules and phases -----------------------------------------------------------------------
@@ -283,6 +347,7 @@ class Event:
     node: Any = None  # autograd node running this op (backward only)
     inputs_finite: list[bool] | None = None  # taken before an in-place op changed them
     grad_fns: list[Any] | None = None  # the outputs' grad_fn, when a replay's outputs have none
+    source: tuple[str, int, str] | None = None  # inside optimizer.step: the optimizer's own line
 
     @property
     def name(self) -> str:
@@ -324,6 +389,8 @@ class Analyzer:
         self.originals: dict[int, torch.Tensor] = {}
         # id(tensor) -> how its dim 0 was concatenated from several batches (torch.cat).
         self.concats: dict[int, Concat] = {}
+        # id(tensor) -> its name, for the parameters and optimizer state a step works on.
+        self.tensor_names: dict[int, str] = {}
 
     def value(self, t: torch.Tensor, finite: bool | None = None) -> Value:
         """The tracker's view of ``t`` (its flags read now)."""
@@ -406,6 +473,11 @@ class Analyzer:
         return self._node_map.get(id(node))
 
     def observe(self, ev: Event) -> None:
+        parts = _per_tensor(ev)
+        if parts is not None:  # a multi-tensor op is one op per tensor, each with its own origin
+            for part in parts:
+                self.observe(part)
+            return
         if ev.phase is not Phase.BACKWARD:
             self.forward_events.append(ev)
             self._node_map = None
@@ -545,9 +617,12 @@ class Analyzer:
         self, ev: Event, out: torch.Tensor, ins: list[torch.Tensor], in_fin: list[bool]
     ) -> rules.ProducerEvidence:
         name = ev.name
-        kind = OpKind.of(name)
+        kind = op_kind(name)
         summaries = [summary_of(t) for t in ins if is_float(t)]
-        if kind in _ARITH:
+        short = _short(ev.func).removeprefix("_foreach_").rstrip("_")
+        if short in _KIND_OF and len(ev.args) > 2:  # x + v * a / b: the operands are a and b
+            summaries = [summary_of(a) for a in ev.args[1:3] if is_float(a)]
+        elif kind in _ARITH:
             summaries = []
             for a in ev.args:
                 if isinstance(a, torch.Tensor) and is_float(a):
@@ -555,7 +630,13 @@ class Analyzer:
                 elif isinstance(a, (int, float)) and not isinstance(a, bool):
                     summaries.append(summarize(np.array(float(a), dtype=np.float64), out.dtype))
         module = self.tracker.path(ev.module, ev.root)
-        samples, positions, concatenated = self._rows_of(out)
+        updating = None
+        if ev.phase is Phase.OPTIMIZER:  # no batch here; the parameter being updated instead
+            samples, positions, concatenated = [], [], None
+            updating = self._updating(ev)
+            module = updating.rsplit(".", 1)[0] if updating and "." in updating else None
+        else:
+            samples, positions, concatenated = self._rows_of(out)
         evidence = rules.ProducerEvidence(
             op=name,
             phase=ev.phase,
@@ -575,6 +656,14 @@ class Analyzer:
             evidence.details["positions"] = positions
         if concatenated:
             evidence.extra_evidence.append(concatenated)
+        if ev.phase is Phase.OPTIMIZER:
+            evidence.extra_evidence.append(
+                "inside optimizer.step()"
+                + (f", updating {updating}" if updating else "")
+                + (f", at {_source_text(ev.source)}" if ev.source and ev.source != ev.frame else "")
+            )
+            if updating:
+                evidence.details["parameter"] = updating
         if kind in (OpKind.STD, OpKind.VAR) and ins:
             evidence.details["reduced_size"] = ins[0].numel() // max(out.numel(), 1)
         if kind is OpKind.LOG and ins and (maker := self._maker(ins[0])) is not None:
@@ -601,6 +690,25 @@ class Analyzer:
         if ev.phase is Phase.BACKWARD:
             self._backward_context(evidence, ev)
         return evidence
+
+    def _updating(self, ev: Event) -> str | None:
+        """The name of the parameter (or its optimizer state) an op inside ``optimizer.step()``
+        works on: the tensor it writes or reads, else the one its inputs were computed from
+        (the LARS trust ratio ``p.norm() / p.grad.norm()`` is about ``p``)."""
+        makers = {id(o): e for e in self.forward_events for o in e.outputs if e.index < ev.index}
+        todo, seen = [*ev.outputs, *ev.tensor_inputs()], set()
+        while todo and len(seen) < 64:
+            t = todo.pop(0)
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            name = self.tensor_names.get(id(self.originals.get(id(t), t)))
+            if name is not None:
+                return name
+            maker = makers.get(id(t))
+            if maker is not None:
+                todo += maker.tensor_inputs()
+        return None
 
     def _loss_context(self, evidence: rules.ProducerEvidence, ev: Event) -> None:
         logits, target = ev.args[0], ev.args[1]
@@ -731,6 +839,70 @@ class Analyzer:
         return d
 
 
+def _per_tensor(ev: Event) -> list[Event] | None:
+    """A multi-tensor op (``_foreach_addcdiv_``, ``_fused_adam_``) as one event per tensor of its
+    lists: its k-th outputs made from the k-th tensors of each list (and the other arguments).
+    None for any other op."""
+    if not _short(ev.func).startswith(("_foreach_", "_fused_")):
+        return None
+    values = [*ev.args, *ev.kwargs.values()]
+    lists = [
+        a
+        for a in values
+        if isinstance(a, (list, tuple)) and a and all(isinstance(x, torch.Tensor) for x in a)
+    ]
+    if not lists or any(len(a) != len(lists[0]) for a in lists):
+        return None
+    n = len(lists[0])
+    fin = ev.inputs_finite
+    wrote = [
+        ev.args[i] if i < len(ev.args) else ev.kwargs.get(name)
+        for i, name in write_positions(ev.func)
+    ]
+    wrote = [w for w in wrote if isinstance(w, (list, tuple)) and len(w) == n]
+    outs = ev.outputs if len(ev.outputs) == n else None
+    parts = []
+    for k in range(n):
+
+        def pick(a: Any, k: int = k) -> Any:
+            return a[k] if isinstance(a, (list, tuple)) and len(a) == n else a
+
+        args = tuple(pick(a) for a in ev.args)
+        kwargs = {key: pick(v) for key, v in ev.kwargs.items()}
+        part_fin = None
+        if fin is not None:  # ev.tensor_inputs() order: each list expanded in place
+            part_fin, i = [], 0
+            for a in values:
+                if isinstance(a, (list, tuple)):
+                    if any(a is x for x in lists):
+                        part_fin.append(fin[i + k])
+                    i += sum(isinstance(x, torch.Tensor) for x in a)
+                elif isinstance(a, torch.Tensor):
+                    part_fin.append(fin[i])
+                    i += 1
+        outputs = [outs[k]] if outs is not None else [w[k] for w in wrote if is_float(w[k])]
+        if not outputs:
+            continue
+        parts.append(
+            Event(
+                ev.index,
+                ev.func,
+                args,
+                kwargs,
+                outputs,
+                ev.phase,
+                ev.module,
+                ev.root,
+                ev.frame,
+                ev.node,
+                part_fin,
+                None,
+                ev.source,
+            )
+        )
+    return parts
+
+
 def _in_model(ev: Event) -> bool:
     """``ev`` ran inside a module's forward (a loss module is not the model)."""
     return ev.module is not None and not is_loss_module(ev.module)
@@ -779,6 +951,8 @@ class TraceMode(TorchDispatchMode):
         ins_fin = inputs_finite(func, args, kwargs)
         out = func(*args, **kwargs)
         outs = [t for _, t in named_tensors(out, "o") if is_float(t)]
+        if not outs and ins_fin is not None:
+            outs = written(func, args, kwargs)
         if not outs:
             return out
         tr = self.analyzer.tracker
