@@ -4,14 +4,18 @@ Each world size runs in its own process group (one process per rank, CPU, gloo o
 localhost). In one run, interleaved round by round (the order of the two modes is drawn per
 round, the same on every rank), after a warm-up:
 
-    plain   zero_grad + forward + loss + backward (DDP's gradient all-reduce) + optimizer.step
-    guard   the same through Guard(policy="skip").step
+    plain   a DDP model nanscope never touched: zero_grad + forward + loss + backward (DDP's
+            gradient all-reduce) + optimizer.step
+    guard   a second DDP model with the same weights, the same step through
+            Guard(policy="skip").step
 
 Reported: the median step time of each mode on rank 0 (collectives make the ranks wait for
-each other, so rank 0's time is the step's), their ratio, and the number of collectives
-nanscope itself issued per guarded step (``torch.distributed.all_reduce`` calls, counted;
-DDP's own gradient all-reduce runs in its C++ reducer and is not among them). The machine is
-shared: its load average is written next to the numbers.
+each other, so rank 0's time is the step's), their ratio, the collectives per guarded step
+(``torch.distributed.all_reduce`` calls, counted with their sizes: under the guard DDP's
+gradient buckets are all-reduced by its comm hook in Python, so they are counted too, and
+the flag is the ``world_size`` extra floats one of them carries), and the final weights of
+both models compared (bit for bit). The machine is shared: its load average is written next
+to the numbers.
 
 Usage: python bench/distributed_overhead.py [--rounds N] [--steps N] [--worlds 2,4] [--out FILE]
 """
@@ -51,12 +55,17 @@ def worker(rank: int, world: int, port: int, rounds: int, steps: int, out: str) 
         timeout=timedelta(seconds=120),
     )
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = DDP(
-        nn.Sequential(
-            nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+
+    def build():
+        torch.manual_seed(0)
+        return DDP(
+            nn.Sequential(
+                nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+            )
         )
-    )
+
+    plain_model, model = build(), build()
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
     data = [
@@ -64,24 +73,24 @@ def worker(rank: int, world: int, port: int, rounds: int, steps: int, out: str) 
         for _ in range(8)
     ]
 
-    def train_step(batch):
+    def train_step(batch, model=model):
         x, y = batch
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
 
     def plain(batch):
-        opt.zero_grad(set_to_none=True)
-        train_step(batch)
-        opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+        train_step(batch, plain_model)
+        plain_opt.step()
 
     guard = Guard(model, opt, policy="skip", reports=None)
-    calls = [0]
+    calls: list[int] = []  # sizes of the all_reduce calls
     real_all_reduce = dist.all_reduce
 
-    def counting(*a, **k):
-        calls[0] += 1
-        return real_all_reduce(*a, **k)
+    def counting(tensor, *a, **k):
+        calls.append(tensor.numel())
+        return real_all_reduce(tensor, *a, **k)
 
     dist.all_reduce = counting
     modes = {"plain": plain, "guard": lambda b: guard.step(train_step, b)}
@@ -90,7 +99,7 @@ def worker(rank: int, world: int, port: int, rounds: int, steps: int, out: str) 
     for r in range(rounds + 1):
         for name in order.sample(list(modes), 2):
             fn = modes[name]
-            before = calls[0]
+            before = len(calls)
             for i in range(steps):
                 dist.barrier()
                 t = time.perf_counter()
@@ -98,14 +107,19 @@ def worker(rank: int, world: int, port: int, rounds: int, steps: int, out: str) 
                 if r:  # round 0 warms up
                     times[name].append(time.perf_counter() - t)
             if name == "guard" and r:
-                per_step = (calls[0] - before) / steps
+                per_step = calls[before:]
     dist.all_reduce = real_all_reduce
     if rank == 0:
         Path(out).write_text(
             json.dumps(
                 {
                     "times": times,
-                    "collectives_per_step": per_step,
+                    "collectives_per_step": len(per_step) / steps,
+                    "sizes": sorted(set(per_step)),
+                    "same_weights": all(
+                        torch.equal(a, b)
+                        for a, b in zip(plain_model.parameters(), model.parameters(), strict=True)
+                    ),
                     "skipped": guard.skipped,
                     "disabled": guard.disabled,
                 }
@@ -148,13 +162,16 @@ def main(argv: list[str]) -> int:
                 len(r["times"]["plain"]),
                 r["skipped"],
                 r["disabled"],
+                r["sizes"],
+                r["same_weights"],
                 time.time() - t0,
                 os.getloadavg(),
             )
         )
         print(
             f"world {world}: plain {plain:.2f} ms, guard {guard:.2f} ms, ratio {guard / plain:.3f}, "
-            f"{r['collectives_per_step']:.0f} nanscope collective(s) per step",
+            f"{r['collectives_per_step']:.0f} all_reduce(s) per step of sizes {r['sizes']}, "
+            f"same weights {r['same_weights']}",
             flush=True,
         )
     lines = [
@@ -169,19 +186,23 @@ def main(argv: list[str]) -> int:
         f"{a.rounds} rounds x {a.steps} steps per mode, interleaved (order drawn per round), after a "
         "warm-up round; a barrier before every timed step; medians of rank 0's step times.",
         "",
-        "| processes | plain step | guarded step | ratio | nanscope collectives per step | timed steps per mode | "
+        "| processes | plain step | guarded step | ratio | all_reduce calls per guarded step "
+        "(elements) | nanscope's own collectives | same final weights | timed steps per mode | "
         "load after |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for world, plain, guard, ratio, coll, n, skipped, disabled, _, load in rows:
+    for world, plain, guard, ratio, coll, n, skipped, disabled, sizes, same, _, load in rows:
         assert skipped == 0 and not disabled
+        own = sum(1 for s in sizes if s <= world)
         lines.append(
-            f"| {world} | {plain:.2f} ms | {guard:.2f} ms | **{ratio:.3f}x** | {coll:.0f} all_reduce "
-            f"of {world} floats | {n} | {load[0]:.2f} |"
+            f"| {world} | {plain:.2f} ms | {guard:.2f} ms | **{ratio:.3f}x** | {coll:.0f} "
+            f"({', '.join(map(str, sizes))}) | {own} | {'yes' if same else 'NO'} | {n} | "
+            f"{load[0]:.2f} |"
         )
     lines += [
         "",
-        "Command: `python bench/distributed_overhead.py` (target: <= 1.02x, one small all_reduce per step).",
+        "Command: `python bench/distributed_overhead.py` (target: <= 1.02x, one small all_reduce "
+        "per step).",
     ]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

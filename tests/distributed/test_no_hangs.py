@@ -15,6 +15,7 @@ def test_the_other_rank_is_told_which_rank_left(mode, tmp_path, ranks_of):
         2,
         tmp_path,
         mode,
+        "own",
         ok=False,
         timeout=120,
         env={"NANSCOPE_COLLECTIVE_TIMEOUT": "5"},
@@ -32,3 +33,25 @@ def test_the_other_rank_is_told_which_rank_left(mode, tmp_path, ranks_of):
             "type": "ValueError",
             "message": "the user's step failed on this rank",
         }
+
+
+def test_with_the_flag_in_ddps_all_reduce_nanscope_adds_no_wait(tmp_path, ranks_of):
+    """Plain DDP: the guard's flag rides DDP's gradient all-reduce, so the healthy check of
+    step 2 needs no other rank; the survivor applies it and meets the loss in DDP's own
+    all-reduce of step 3, at once (gloo sees the closed socket), as it would without nanscope."""
+    ranks = ranks_of(
+        "torch_leave.py",
+        2,
+        tmp_path,
+        "kill",
+        "spread",
+        ok=False,
+        timeout=120,
+        env={"NANSCOPE_COLLECTIVE_TIMEOUT": "5"},
+    )
+    rc0, log0 = ranks[0]
+    assert rc0 == 0, log0[-3000:]
+    r0 = ranks.result(0)
+    assert r0["steps_done"] == 3 and r0["error"]["type"] == "RuntimeError", r0
+    assert r0["waited_s"] < 30, r0
+    assert ranks[1][0] == -9

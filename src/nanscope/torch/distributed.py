@@ -23,6 +23,7 @@ parameters' full names.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -229,7 +230,89 @@ def _bounded(v: torch.Tensor, step: int | None) -> None:
         raise _left(step, time.monotonic() - start, err) from None
 
 
-LOCAL_LOSS = 2  # flag bit: this rank's own loss was non-finite (before the gradient all-reduce)
+def spreads_flags(model: torch.nn.Module, params: list[torch.Tensor]) -> bool:
+    """True where DDP's own gradient all-reduce can carry the guard's flag, so that a healthy
+    guarded step issues no collective of its own (a separate flag ``all_reduce`` is a second
+    meeting point of all ranks: about 0.6 ms on gloo, see bench/results/distributed_overhead.md).
+
+    That holds when every optimized parameter is one DDP all-reduces (on the default process
+    group): their gradients are then the same on every rank after backward, so every rank's
+    fused check decides the same on them, and what only one rank can see (its loss, its
+    normalization buffers) reaches the others through ``poisoned_backward``. Not under FSDP2 /
+    DTensor (shards differ: the guard all-reduces its flag), nor with parameters DDP ignores."""
+    ddp = model
+    if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel) or not active():
+        return False
+    if ddp.process_group.size() != dist.get_world_size() or holds_dtensors(ddp.module):
+        return False
+    synced = {id(p) for p in ddp.module.parameters() if p.requires_grad}
+    ignored = set(getattr(ddp, "parameters_to_ignore", ()) or ())
+    return not ignored and all(id(p) in synced for p in params)
+
+
+@contextlib.contextmanager
+def poisoned_backward(buffers: list[torch.Tensor]):
+    """During the step, every ``backward`` (``loss.backward()``, ``torch.autograd.backward``,
+    ``scaler.scale(loss).backward()``) starts from NaN instead of 1 when this rank's loss (the
+    tensor backward is called on) or its normalization buffers are non-finite. DDP's gradient
+    all-reduce then spreads that NaN to every rank, and every rank's check of the all-reduced
+    gradients sees it: no flag needs a collective of its own.
+
+    On a finite loss the seed is exactly what autograd uses (ones, or the user's ``gradient``),
+    chosen on the device with no sync: the healthy backward is bit-identical. Roots without a
+    seed autograd can make (not scalar) or without a tensor keep what the user passed. Undone
+    on exit (unless something else replaced ``torch.autograd.backward`` meanwhile)."""
+    real = torch.autograd.backward
+
+    def ok_now() -> torch.Tensor | None:
+        if not buffers:
+            return None  # max |x|: NaN or Inf exactly when some value is, and no overflow
+        peaks = torch.stack(list(torch._foreach_norm(buffers, float("inf"))))
+        return torch.isfinite(peaks).all()
+
+    @functools.wraps(real)
+    def backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any) -> Any:
+        single = isinstance(tensors, torch.Tensor)
+        roots = (
+            [tensors] if single else list(tensors) if isinstance(tensors, (tuple, list)) else None
+        )
+        if roots is None:
+            return real(tensors, grad_tensors, *args, **kwargs)
+        given = (
+            [grad_tensors]
+            if grad_tensors is None or isinstance(grad_tensors, torch.Tensor)
+            else list(grad_tensors)
+        )
+        if len(given) == 1 and len(roots) > 1 and given[0] is None:
+            given = [None] * len(roots)
+        if len(given) != len(roots):
+            return real(tensors, grad_tensors, *args, **kwargs)  # autograd says what is wrong
+        buffers_ok = ok_now()
+        seeds = []
+        for root, g in zip(roots, given, strict=True):
+            if not isinstance(root, torch.Tensor) or not root.is_floating_point():
+                seeds.append(g)
+                continue
+            if g is None:
+                if root.numel() != 1:
+                    seeds.append(g)  # autograd's own error ("only for scalar outputs") stays
+                    continue
+                g = torch.ones_like(root, memory_format=torch.preserve_format)
+            ok = torch.isfinite(root.detach()).all()
+            if buffers_ok is not None:
+                ok = ok & buffers_ok.to(ok.device)
+            seeds.append(g.masked_fill(~ok, float("nan")) if g.is_floating_point() else g)
+        return real(tensors, seeds[0] if single else seeds, *args, **kwargs)
+
+    torch.autograd.backward = backward
+    try:
+        yield
+    finally:
+        if torch.autograd.backward is backward:
+            torch.autograd.backward = real
+
+
+LOCAL_LOSS = 2  # flag bit: this rank's own loss (or, spread by DDP, its buffers) was non-finite
 INTERNAL = 4  # flag bit: nanscope failed on this rank; every rank then steps aside together
 
 

@@ -48,7 +48,7 @@ from nanscope.core import rules
 from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Category, Phase, Policy
 from nanscope.core.errors import NonFiniteError
-from nanscope.core.guarding import STATE_PHASES, GuardState, Ledger
+from nanscope.core.guarding import STATE_PHASES, GuardState, Ledger, internal_error_text
 from nanscope.core.limits import dtype_name
 from nanscope.core.summary import fmt
 from nanscope.torch import bundle as _bundle
@@ -186,6 +186,7 @@ class Guard(GuardState):
         ]
         self._snapshot: list[torch.Tensor] | None = None
         self._reduced = False  # this step's flag all_reduce has run (DDP)
+        self._spread: bool | None = None  # DDP: its gradient all-reduce carries the flag
         # -- library integrations (nanscope.lightning, nanscope.hf, nanscope.sinks) --
         self.on_failure = on_failure
         self.sinks = sinks
@@ -209,7 +210,11 @@ class Guard(GuardState):
                 return self._plain(step_fn, batch)
             early = err  # under DDP, still take part in this step's flag all_reduce (below)
         self.steps += 1
-        loss = step_fn(batch)
+        if self._spreads():  # DDP: a non-finite loss or buffer here spreads as NaN gradients
+            with _dist.poisoned_backward(self._floating_buffers()):
+                loss = step_fn(batch)
+        else:
+            loss = step_fn(batch)
         try:
             if early is None:
                 self._unscale()
@@ -290,11 +295,34 @@ class Guard(GuardState):
             dtype=dtype,
         )
 
+    def _spreads(self) -> bool:
+        """DDP whose gradient all-reduce carries the guard's flag (``_dist.spreads_flags``):
+        decided once, at the first step, the same way on every rank."""
+        if self._spread is None:
+            try:
+                self._spread = not self._scaling() and _dist.spreads_flags(self.model, self._params)
+            except Exception as err:  # then the guard all-reduces its flag itself
+                self._spread = False
+                self.ledger.warn_once("spread", internal_error_text("looking at DDP", err))
+        return self._spread
+
+    def _floating_buffers(self) -> list[torch.Tensor]:
+        buffers = (getattr(m, n) for m, n in self._norm_buffers)
+        return [_dist.local(b) for b in buffers if b.is_floating_point()]
+
     def _plain(self, step_fn: Callable[[Any], Any], batch: Any) -> Any:
         if self.zero_grad:
             self.optimizer.zero_grad(set_to_none=True)
+        index = self.steps
         self.steps += 1
         loss = step_fn(batch)
+        if self._spread and _dist.active():  # the guarded ranks must not wait for this one
+            try:
+                self._follow(index)
+            except _dist.RankLeftError:
+                raise
+            except Exception:  # nanscope's, already reported once: the run goes on
+                pass
         self.optimizer.step()
         return loss
 
@@ -346,21 +374,46 @@ class Guard(GuardState):
                 not ddp or self._reduced or isinstance(err, _dist.RankLeftError)
             ):  # after the all_reduce every rank knows already
                 raise
-            device = next((p.device for p in self._params), torch.device("cpu"))
-            no = torch.zeros((), dtype=torch.bool, device=device)
-            _dist.flags(bad=no, local_first=no, internal=True, step=index)
+            if self._spread:  # flags are exchanged on bad steps only: join where they will be
+                self._follow(index)
+            else:
+                device = next((p.device for p in self._params), torch.device("cpu"))
+                no = torch.zeros((), dtype=torch.bool, device=device)
+                _dist.flags(bad=no, local_first=no, internal=True, step=index)
             raise err from None
 
+    def _follow(self, index: int) -> None:
+        """On a rank whose guard failed (DDP, flags spread by the gradients): decide as the
+        guarded ranks do, on what is the same on every rank, and where they will exchange
+        flags (a non-finite step), exchange INTERNAL so that every rank steps aside too."""
+        tensors = self._same_everywhere(index)
+        if not tensors:
+            return
+        values = torch.stack(list(torch._foreach_norm(tensors, 2, dtype=torch.float32))).tolist()
+        if all(map(math.isfinite, values)) or all(
+            map(math.isfinite, settled_norms(values, tensors))
+        ):
+            return
+        no = torch.zeros((), dtype=torch.bool, device=tensors[0].device)
+        self._reduced = True
+        _dist.flags(bad=~no, local_first=no, internal=True, step=index)
+
+    def _same_everywhere(self, index: int) -> list[torch.Tensor]:
+        """What the DDP check decides on: the all-reduced gradients, and on weight-check steps
+        the weights (DDP keeps them equal)."""
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        tensors = [
+            p.grad for p in self._params if p.grad is not None and p.grad.is_floating_point()
+        ]
+        if index % self.check_weights_every == 0:
+            tensors += [p for p in self._params if p.is_floating_point()]
+        return tensors
+
     def _check_local(self, loss: Any, index: int, ddp: bool) -> dict[str, Any] | None:
-        self._params = [
-            p for g in self.optimizer.param_groups for p in g["params"]
-        ]  # add_param_group-proof
-        grads = [p.grad for p in self._params if p.grad is not None and p.grad.is_floating_point()]
         buffers = [
             b for b in (getattr(m, n) for m, n in self._norm_buffers) if b.is_floating_point()
         ]
         weights = index % self.check_weights_every == 0
-        tensors: list[torch.Tensor] = []
         if isinstance(loss, dict):  # train_step may return {"loss": ..., ...} or (loss, outputs)
             loss = loss.get("loss")
         elif isinstance(loss, (tuple, list)) and loss:
@@ -368,17 +421,20 @@ class Guard(GuardState):
         loss_t = (
             loss.detach() if isinstance(loss, torch.Tensor) and loss.is_floating_point() else None
         )
-        if loss_t is not None:
-            tensors.append(loss_t)
-        tensors += grads
-        tensors += buffers
-        if weights:
-            tensors += [p for p in self._params if p.is_floating_point()]
+        # DDP whose gradient all-reduce carries the flag (``_dist.poisoned_backward``): decide on
+        # what is the same on every rank (the all-reduced gradients, the weights), so that no
+        # collective is needed unless the step is bad; this rank's loss and buffers reached
+        # those gradients as NaN already. Otherwise this rank's loss and buffers are checked too.
+        spread = ddp and bool(self._spread)
+        tensors = self._same_everywhere(index)  # the gradients, then the weights on weight steps
+        n_grads = sum(1 for p in self._params if p.grad is not None and p.grad.is_floating_point())
+        if not spread:
+            tensors = ([loss_t] if loss_t is not None else []) + tensors[:n_grads] + buffers
+            tensors += [p for p in self._params if p.is_floating_point()] if weights else []
         if not tensors:
             return None
         if ddp:  # FSDP2 / DTensor: each rank reduces its own shards; the flag all_reduce agrees
             tensors = [_dist.local(t) for t in tensors]
-            loss_t = tensors[0] if loss_t is not None else None
         device = tensors[0].device
         # One reduction per device group inside _foreach_norm; norms in float32 so that a
         # finite float16 gradient cannot overflow its own norm. NaN/Inf anywhere -> NaN/Inf norm.
@@ -387,61 +443,64 @@ class Guard(GuardState):
         # more dispatcher time than the whole reduction.
         norms = list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
         if loss_t is not None:
-            norms.append(loss_t.float().sum())  # the signed loss value, for the history
+            norms.append(_dist.local(loss_t).float().sum())  # the signed loss, for the history
         try:
             stacked = torch.stack(norms)
         except RuntimeError:  # tensors on several devices (model parallel): gather the norms first
             stacked = torch.stack([n.to(device) for n in norms])
+        n = len(tensors)  # values[:n] decide; the loss value after them is for the history
         ranks_bad: list[float] | None = None
-        if ddp:
-            total = stacked.sum()
+        if ddp and not spread:
             flags = _dist.flags(
-                bad=~torch.isfinite(total),
+                bad=~torch.isfinite(stacked[:n].sum()),
                 local_first=~torch.isfinite(stacked[-1])
                 if loss_t is not None
-                else torch.zeros_like(total, dtype=torch.bool),
+                else torch.zeros((), dtype=torch.bool, device=device),
                 step=index,
             )
             self._reduced = True
             values = torch.cat([stacked, flags]).tolist()  # the one synchronization of the step
             ranks_bad = values[len(norms) :]
             values = values[: len(norms)]
-            failed = [r for r, f in enumerate(ranks_bad) if int(f) & _dist.INTERNAL]
-            if failed:
-                raise RuntimeError(
-                    f"the guard failed on rank{'s' if len(failed) > 1 else ''} "
-                    f"{', '.join(map(str, failed))}, so every rank steps aside"
-                )
+            self._step_aside_if_failed(ranks_bad)
         else:
             values = stacked.tolist()  # the one synchronization of the step
-        if not all(map(math.isfinite, values[: len(tensors)])) or (
-            ranks_bad is not None and any(ranks_bad)
-        ):
+        if not all(map(math.isfinite, values[:n])) or (ranks_bad is not None and any(ranks_bad)):
             # An Inf norm need not be an Inf value: a float32 sum of squares overflows once a
             # norm passes ~1.8e19. Settle each Inf norm exactly (failure path only).
-            values[: len(tensors)] = settled_norms(values[: len(tensors)], tensors)
-            if (
+            values[:n] = settled_norms(values[:n], tensors)
+            local = not all(map(math.isfinite, values[:n]))
+            loss_bad = loss_t is not None and not math.isfinite(values[-1])
+            if spread and local:  # bad on every rank alike: now exchange who saw it first
+                own_bad = loss_bad or not all(bool(torch.isfinite(b).all()) for b in buffers)
+                ranks_bad = _dist.flags(
+                    bad=torch.tensor(True, device=device),
+                    local_first=torch.tensor(own_bad, device=device),
+                    step=index,
+                ).tolist()
+                self._reduced = True
+                self._step_aside_if_failed(ranks_bad)
+            elif (
                 ranks_bad is not None
             ):  # every rank is here (they all saw the same flags): agree again
-                local = not all(map(math.isfinite, values))
-                loss_bad = loss_t is not None and not math.isfinite(values[-1])
                 ranks_bad = _dist.flags(
-                    bad=torch.tensor(local, device=device),
+                    bad=torch.tensor(local or loss_bad, device=device),
                     local_first=torch.tensor(loss_bad, device=device),
                     step=index,
                 ).tolist()
-        g0 = 1 if loss_t is not None else 0
-        grad_norms = values[g0 : g0 + len(grads)]
-        gnorm_f = math.sqrt(sum(v * v for v in grad_norms)) if grads else 0.0
+        g0 = 1 if not spread and loss_t is not None else 0
+        grad_norms = values[g0 : g0 + n_grads]
+        gnorm_f = math.sqrt(sum(v * v for v in grad_norms)) if n_grads else 0.0
         loss_f = values[-1] if loss_t is not None else 0.0
-        bad = not all(map(math.isfinite, values)) or (ranks_bad is not None and any(ranks_bad))
+        decided = values[:n] if spread else values  # (spread: this rank's loss is history only)
+        bad = not all(map(math.isfinite, decided)) or (ranks_bad is not None and any(ranks_bad))
         if not bad:
-            self.history.add(loss_f if loss_t is not None else None, gnorm_f if grads else None)
+            self.history.add(loss_f if loss_t is not None else None, gnorm_f if n_grads else None)
             self._warn_growth(index)
             return None
         seen = {
             "loss": loss_f if loss_t is not None else None,
-            "grad_norm": gnorm_f if grads else None,
+            "grad_norm": gnorm_f if n_grads else None,
             "ranks_bad": ranks_bad,
             "weights_checked": weights,
         }
@@ -459,6 +518,15 @@ class Guard(GuardState):
             if all(bool(torch.isfinite(t).all()) for t in other):
                 seen["scaler_overflow"] = True
         return seen
+
+    @staticmethod
+    def _step_aside_if_failed(ranks_bad: list[float]) -> None:
+        failed = [r for r, f in enumerate(ranks_bad) if int(f) & _dist.INTERNAL]
+        if failed:
+            raise RuntimeError(
+                f"the guard failed on rank{'s' if len(failed) > 1 else ''} "
+                f"{', '.join(map(str, failed))}, so every rank steps aside"
+            )
 
     def _warn_growth(self, index: int) -> None:
         norms = self.history.grad_norm

@@ -1,7 +1,12 @@
 """One rank leaves in the middle of a guarded DDP step (after its backward, before the guard's
 check): ``kill`` (SIGKILL, the process is gone) or ``raise`` (the user's step raises on that
-rank, and the process lingers without calling guard.step again). The other rank must not wait
-forever in nanscope's collective: it raises RankLeftError naming the rank that left."""
+rank, and the process lingers without calling guard.step again).
+
+``own``: the optimizer also trains a temperature outside DDP, so the guard all-reduces its own
+flag every step; the other rank must not wait forever in that collective: it raises
+RankLeftError naming the rank that left. ``spread``: plain DDP, whose gradient all-reduce
+carries the flag; nanscope then has no collective of its own to wait in, and the other rank
+meets the loss in DDP's next all-reduce, as it would without nanscope."""
 
 import json
 import os
@@ -21,19 +26,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanscope.core.errors import RankLeftError
 from nanscope.torch import Guard
 
-out, mode = Path(sys.argv[1]), sys.argv[2]
+out, mode, flags = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 LEAVER, LEAVE_STEP = 1, 2
 warnings.simplefilter("ignore")
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 rank = dist.get_rank()
 torch.manual_seed(0)
 model = DDP(nn.Linear(4, 2))
-opt = torch.optim.SGD(model.parameters(), lr=0.1)
+temperature = nn.Parameter(torch.ones(()))
+params = list(model.parameters()) + ([temperature] if flags == "own" else [])
+opt = torch.optim.SGD(params, lr=0.1)
 
 
 def train_step(batch):
     x, y = batch
-    loss = F.cross_entropy(model(x), y)
+    loss = F.cross_entropy(model(x) / temperature, y)
     loss.backward()
     if rank == LEAVER and guard.steps == LEAVE_STEP + 1:  # guard.steps counts this step already
         if mode == "kill":
@@ -59,6 +66,9 @@ except RankLeftError as err:
     }
 except ValueError as err:
     result["error"] = {"type": "ValueError", "message": str(err)}
+except RuntimeError as err:  # DDP's own all-reduce found the other rank gone
+    result["error"] = {"type": "RuntimeError", "message": str(err)[:300]}
+result["waited_s"] = time.monotonic() - start if start is not None else None
 (out / f"rank{rank}.json").write_text(json.dumps(result))
 if result["error"] and result["error"]["type"] == "ValueError":
     time.sleep(12)  # lingers without taking part in any collective again
