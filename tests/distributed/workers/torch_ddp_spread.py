@@ -74,7 +74,10 @@ class Trainer:
             else:
                 self.guard.step(self.step_fn, batch)
             applied.append(
-                any(not torch.equal(a, p) for a, p in zip(before, self.model.parameters()))
+                any(
+                    not torch.equal(a, p)
+                    for a, p in zip(before, self.model.parameters(), strict=True)
+                )
             )
         return applied
 
@@ -92,7 +95,9 @@ if case in ("healthy", "user_hook"):
     plain.fit(batches)
     result["same_as_unguarded"] = all(
         torch.equal(a, b)
-        for a, b in zip(plain.model.state_dict().values(), guarded.model.state_dict().values())
+        for a, b in zip(
+            plain.model.state_dict().values(), guarded.model.state_dict().values(), strict=True
+        )
     )
 d = guarded.guard.last
 result.update(
