@@ -28,5 +28,6 @@ def test_what_one_rank_sees_stops_both(case, tmp_path, ranks_of):
         assert d["step"] == 2 and d["ranks"] == [1], d
     assert r0["diagnosis"] == r1["diagnosis"]
     assert r0["weights"] == r1["weights"]
-    if case == "loss_only":  # the NaN term comes from outside the watched ops: an input
-        assert r0["diagnosis"]["category"] == "nonfinite_input", r0["diagnosis"]
+    expected = {"loss_only": "nonfinite_input", "buffer_only": "corrupt_norm_statistics"}[case]
+    assert r0["diagnosis"]["category"] == expected, r0["diagnosis"]  # (the NaN loss term comes
+    # from outside the watched ops: an input)

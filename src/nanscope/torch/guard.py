@@ -670,6 +670,8 @@ class Guard(GuardState):
                     for p in self._params:
                         p.grad = kept.get(p)
         local = data or traced
+        if local is None and (data is None or ddp):
+            local = self._statistics_written(index)
         if local is not None:
             local = rules.with_history(local, norms, lr=lr)
         if _dist.active():
@@ -694,6 +696,22 @@ class Guard(GuardState):
                 local = _dist.common(local, local.ranks, step=index)
         local.step = index
         return local, local.phase in STATE_PHASES
+
+    def _statistics_written(self, index: int) -> Diagnosis | None:
+        """After a replay that stayed finite: did this step's forward write non-finite (or
+        extreme) normalization statistics? The loss and gradients can stay finite then (a
+        batch variance that overflows normalizes to 0), and eval mode is what breaks. The
+        stored state was checked finite before the replay, so the replay's forward wrote them."""
+        state = check_model_state(self.module, step=index)
+        if state is None or state.category is not Category.CORRUPT_NORM_STATISTICS:
+            return None
+        state.phase = Phase.FORWARD
+        state.evidence.insert(
+            0,
+            "written by this step's own forward (they were fine before it); its loss and "
+            "gradients stayed finite, so training goes on while eval mode and inference break",
+        )
+        return state
 
     def _not_found(
         self, index: int, seen: dict[str, Any], error: BaseException | None = None
