@@ -54,7 +54,7 @@ def test_stacked_views_keep_the_part_on_dim_0():
     v1, v2 = _batches(bad_part=0, bad_row=3, parts=2)
 
     def step():
-        z = fc(torch.stack([v1, v2]))  # (2 views, 4 samples, 4)
+        z = torch.stack([fc(v1), fc(v2)])  # (2 views, 4 samples, 4)
         return (z / z.norm(dim=-1, keepdim=True)).sum()
 
     d = trace_step(step, model=fc)
@@ -94,3 +94,23 @@ def test_unequal_parts_are_not_read_as_pairs():
 
     d = trace_step(step, model=model)
     assert d.samples == [5] and not any("concatenated" in e for e in d.evidence)
+
+
+def test_a_dataloader_collate_stack_is_the_batch_itself():
+    """default_collate stacks the samples: that stack is the batch, not a pair of batches."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = Embed()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 6, generator=g)
+    x[2] = 0.0
+    loader = DataLoader(TensorDataset(x), batch_size=4)
+
+    def step():
+        (batch,) = next(iter(loader))
+        return model(batch).sum()
+
+    d = trace_step(step, model=model)
+    assert (d.op_kind, d.samples) == ("div", [2])
+    assert not any("concatenated" in e for e in d.evidence), d.evidence

@@ -178,23 +178,25 @@ def user_frame() -> tuple[str, int, str] | None:
     f = sys._getframe(1)
     while f is not None:
         code = f.f_code
-        name = code.co_filename
-        ok = _USER_FILE.get(name)
-        if ok is None:
-            ok = _USER_FILE[name] = is_user_file(name) and not os.path.normcase(
-                os.path.abspath(name)
-            ).startswith(_SCRIPTS_DIR)
-        if ok:
-            return (name, f.f_lineno, code.co_name)
+        if _is_user(code.co_filename):
+            return (code.co_filename, f.f_lineno, code.co_name)
         f = f.f_back
     return None
+
+
+def _is_user(name: str) -> bool:
+    ok = _USER_FILE.get(name)
+    if ok is None:
+        ok = _USER_FILE[name] = is_user_file(name) and not os.path.normcase(
+            os.path.abspath(name)
+        ).startswith(_SCRIPTS_DIR)
+    return ok
 
 
 def _location(frame: tuple[str, int, str] | None) -> Location | None:
     return location_from_stack([frame]) if frame else None
 
 
-_OWN_FILES = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,)
 _OPTIM_DIR = os.sep + os.path.join("torch", "optim") + os.sep
 
 
@@ -207,7 +209,7 @@ def optimizer_frame() -> tuple[str, int, str] | None:
         name = f.f_code.co_filename
         if _OPTIM_DIR in name and not name.endswith("optimizer.py"):
             return (name, f.f_lineno, f.f_code.co_name)
-        if _USER_FILE.get(name) and not name.startswith(_OWN_FILES):
+        if _is_user(name):
             return (name, f.f_lineno, f.f_code.co_name)
         f = f.f_back
     return None
@@ -595,6 +597,9 @@ class Analyzer:
         """(samples, positions, what the concatenation says) of the NaN/Inf rows of ``t``, or of
         ``rows`` of its dim 0: rows of the user's batch, through a ``torch.cat`` of batches."""
         concat = self.concats.get(id(t)) if t.dim() else None
+        batch = self.tracker.batch_size
+        if concat is not None and batch and concat.parts == batch and concat.size != batch:
+            concat = None  # a DataLoader's collate stacks the batch's samples: they are its rows
         if concat is None:
             if rows is None:
                 samples, positions = batch_rows(t, self.tracker.batch_size)
