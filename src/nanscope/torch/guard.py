@@ -59,6 +59,8 @@ from nanscope.torch.diagnose import split_batch
 
 __all__ = ["Guard"]
 
+_BATCH_CATEGORIES = (Category.NONFINITE_INPUT, Category.INVALID_TARGET)
+
 
 def _replay(step_fn: Callable[[], Any], model: torch.nn.Module, step: int) -> Diagnosis | None:
     """The per-op replay (a module-level function so tests can inject a failure into it)."""
@@ -639,7 +641,10 @@ class Guard(GuardState):
                 f"({type(err).__name__}: {err})",
             )
         traced: Diagnosis | None = None
-        if data is None or ddp:
+        # The batch check splits a batch by position and key names; which tensor is a target is
+        # decided by what consumed it (a loss taking it as its target), which only the traced
+        # replay sees: replay whenever the batch check found a non-finite input or target.
+        if data is None or ddp or data.category in _BATCH_CATEGORIES:
             # Under "warn" the step's own gradients are applied afterwards: keep them (the replay
             # makes its own, and under DDP those are local, not all-reduced).
             kept = (
@@ -670,6 +675,19 @@ class Guard(GuardState):
                     for p in self._params:
                         p.grad = kept.get(p)
         local = data or traced
+        if (
+            data is not None
+            and traced is not None
+            and data.category in _BATCH_CATEGORIES
+            and traced.category in _BATCH_CATEGORIES
+            and traced.category is not data.category
+        ):  # the replay saw what consumed the tensor: that decides input or target
+            role = "a target" if traced.category is Category.INVALID_TARGET else "an input"
+            traced.evidence.append(
+                f"the batch check, by position, took it for {data.category.value}; the step "
+                f"itself shows it was consumed as {role}"
+            )
+            local = traced
         if local is None and (data is None or ddp):
             local = self._statistics_written(index)
         if local is not None:
