@@ -41,16 +41,7 @@ def _nanscope_lines(stderr: str) -> list[str]:
     [
         "healthy_functional.py",
         "healthy_sequential.py",
-        pytest.param(
-            "healthy_subclassed.py",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the Keras Guard's in-graph gradient check (an extra "
-                "reader of the gradients) stops grappler's arithmetic optimizer from a "
-                "rewrite it makes in the plain SGD step: the custom-train_step model's "
-                "weights differ by 1 ulp (stdout and exit status are the same)",
-            ),
-        ),
+        "healthy_subclassed.py",
     ],
 )
 def test_healthy_script_is_unchanged_bit_for_bit(tmp_path, script):

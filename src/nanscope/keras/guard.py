@@ -11,15 +11,29 @@ Design constraints:
           ``LossScaleOptimizer`` uses),
         - ``model.train_step`` to restore, in-graph, what the forward pass itself changed
           (BatchNorm moving statistics, metric accumulators) when the step was vetoed,
-        - ``model.train_function`` (host side) to keep the batch it hands to the compiled step.
+        - ``model.train_function`` (host side) to take the guard off if the step raises.
       Then it rebuilds the train function, so the step stays compiled exactly as the user set
       it (``jit_compile``, ``tf.function``). Everything is restored on ``on_train_end`` and
       before raising.
+    * Same numbers as without the guard: Keras' own train function runs on Keras' own
+      ``tf.data`` iterator, so the step is traced with the dataset's shapes (batch dimension
+      ``None``). Pulling the batch on the host and handing the step a list instead (what the
+      guard once did) traces it with the concrete batch shape; grappler's constant folding
+      then turns a division by an element count (the gradient of BatchNorm's mean over
+      16*6*6 values) into a multiplication by its rounded reciprocal: 1-ulp different
+      weights. The batch of a failed step is therefore kept in-graph, written into
+      shape-free variables only when that step failed (``_KeptBatch``). Under XLA (a
+      resource may not change shape there) and under a multi-replica strategy, the guard
+      still pulls the batch on the host. Known to differ still (issue 9): plain SGD where a
+      gradient is itself a product (BatchNorm's gamma), which grappler's arithmetic
+      optimizer reorders with the learning rate only while the gradient has one reader (the
+      guard's check is a second); and ``jit_compile=True``, where the ``tf.cond`` around
+      the update changes XLA's compiled arithmetic.
     * Healthy-step cost: one fused reduction (the squared gradient norm, finite iff every
       gradient is finite and the norm does not overflow float32), an in-graph copy of the
       non-trainable state (BatchNorm moving statistics, metric accumulators; policies that
-      veto only) to restore on a veto, and one 4-float variable read on the host. No per-op
-      work.
+      veto only) to restore on a veto, a ``tf.cond`` that keeps the batch (not taken), and
+      one 5-float variable read on the host. No per-op work.
     * On failure only: the eager tracer re-runs that batch (``nanscope.keras.diagnose``).
     * Under a ``LossScaleOptimizer`` non-finite gradients are the loss scale's business (it
       skips the step and halves the scale): not a failure. A non-finite *loss* still is.
@@ -50,6 +64,73 @@ ACTIVE = 0  # guards installed right now (``nanscope run`` leaves fit's steps to
 
 class _Stash:
     loss: Any = None
+
+
+# status: [this step finite, its gradient norm, loss scale, loss-scale skip, failed steps of
+# this call (summed in-graph, reset by the host after it read a failure)]
+_HEALTHY = [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+class _KeptBatch:
+    """The batch of a call's first failed step, kept in-graph: written into shape-free
+    variables under a ``tf.cond`` that only a failed step takes, read on the host only then.
+
+    Why not keep it on the host (``next(iterator)``, then a list for the step)? Keras then
+    calls its step with eager tensors, which traces it with the concrete batch shape instead
+    of the dataset's (batch dimension ``None``), and grappler folds that shape into the
+    arithmetic (a division by an element count becomes a multiplication by its rounded
+    reciprocal): the guarded run's weights differ in the last bit. Dense batches only (a
+    ragged or sparse one is pulled on the host); not under XLA, where a resource may not
+    change shape.
+    """
+
+    def __init__(self) -> None:
+        self.sets: list[tuple[Any, list[tf.Variable]]] = []  # (skeleton, slots) per trace kind
+        self.which: tf.Variable | None = None  # the set last written, -1: none
+
+    def write_if(self, failed: tf.Tensor, data: Any) -> None:
+        leaves = tf.nest.flatten(data)
+        if not all(t is None or isinstance(t, tf.Tensor) for t in leaves):
+            return  # composite tensors: the host keeps this batch (``Guard._pulls``)
+        skeleton = tf.nest.map_structure(lambda t: None if t is None else t.dtype.name, data)
+        tensors = [t for t in leaves if t is not None]
+        index = next((i for i, (sk, _) in enumerate(self.sets) if sk == skeleton), None)
+        if index is None:
+            with tf.init_scope():
+                if self.which is None:
+                    self.which = tf.Variable(
+                        -1, dtype=tf.int32, trainable=False, name="nanscope_kept_batch"
+                    )
+                slots = [
+                    tf.Variable(
+                        tf.zeros([0] * (t.shape.rank or 0), t.dtype),
+                        shape=tf.TensorShape(None),
+                        trainable=False,
+                        name="nanscope_kept_batch",
+                    )
+                    for t in tensors
+                ]
+            self.sets.append((skeleton, slots))
+            index = len(self.sets) - 1
+        slots, which = self.sets[index][1], self.which
+
+        def keep():
+            for v, t in zip(slots, tensors, strict=True):
+                v.assign(t)
+            which.assign(index)
+            return tf.constant(True)
+
+        tf.cond(failed, keep, lambda: tf.constant(False))
+
+    def read(self) -> Any:
+        """The kept batch (eager tensors), or None when no step wrote one."""
+        if self.which is None or int(self.which.numpy()) < 0:
+            return None
+        skeleton, slots = self.sets[int(self.which.numpy())]
+        values = iter([v.read_value() for v in slots])
+        return tf.nest.pack_sequence_as(
+            skeleton, [None if leaf is None else next(values) for leaf in tf.nest.flatten(skeleton)]
+        )
 
 
 class Guard(GuardState, keras.callbacks.Callback):
@@ -107,6 +188,7 @@ class Guard(GuardState, keras.callbacks.Callback):
         self._status: tf.Variable | None = None
         self._replica_flags: tf.Variable | None = None
         self._batches: list[Any] = []
+        self._kept: _KeptBatch | None = None
         self._stash = _Stash()
         self._counted = False
         self._weights_finite_at_start = False
@@ -141,13 +223,14 @@ class Guard(GuardState, keras.callbacks.Callback):
         if self._status is None:
             return
         try:
-            ok, norm, scale, scale_skipped = (float(v) for v in self._status.numpy())
+            ok, norm, scale, scale_skipped, failed = (float(v) for v in self._status.numpy())
         except Exception as err:
             self._internal_error("reading the step status", err)
             return
         step = self.steps
         self.steps += 1
-        if ok <= 0.5:
+        if ok <= 0.5 or failed > 0.5:
+            self._take_kept_batch()
             self._on_failure(step)
             return
         if scale_skipped <= 0.5:
@@ -172,6 +255,17 @@ class Guard(GuardState, keras.callbacks.Callback):
         self._on_failure(step, collapse=collapse)
 
     # -- failure ----------------------------------------------------------------------------
+    def _take_kept_batch(self) -> None:
+        """After a failed call: the batch the failed step kept in-graph (when the host did not
+        pull the batches itself), and the status reset for the next call."""
+        try:
+            self._status.assign(_HEALTHY)
+            if self._kept is not None and (batch := self._kept.read()) is not None:
+                self._batches = [batch]
+                self._kept.which.assign(-1)
+        except Exception as err:
+            self._internal_error("reading the kept batch", err)
+
     def _on_failure(self, step: int, collapse: Diagnosis | None = None) -> None:
         if len(self.diagnoses) >= self.max_diagnoses or (
             self.policy is Policy.WARN and self.diagnoses
@@ -328,9 +422,17 @@ class Guard(GuardState, keras.callbacks.Callback):
             opt.build(model.trainable_variables)  # else built in the traced step, as Keras does
         lso = isinstance(opt, keras.optimizers.LossScaleOptimizer)
         veto = self.policy is not Policy.WARN
-        # [loss and gradients finite, gradient norm, loss scale, loss-scale skip]
+        strategy = _kdist.strategy_of(model)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            distributed = tf.distribute.has_strategy()  # a strategy other than the default one
+        # The batch is kept in-graph (so Keras' own step runs on Keras' own iterator) except
+        # under XLA and under a strategy: there the host pulls it (``train_function`` below).
+        kept = self._kept = (
+            None if distributed or getattr(model, "jit_compile", False) is True else _KeptBatch()
+        )
+        self._batches = []
         status = self._status = tf.Variable(
-            [1.0, 0.0, 0.0, 0.0],
+            _HEALTHY,
             dtype=tf.float32,
             trainable=False,
             name="nanscope_status",
@@ -383,7 +485,11 @@ class Guard(GuardState, keras.callbacks.Callback):
             ok, seen = _kdist.agree_in_graph(ok, loss_bad)  # all replicas decide together
             if seen is not None:
                 flags.assign(seen)
-            status.assign(tf.stack([tf.cast(ok, tf.float32), norm, scale, scale_skipped]))
+            status.assign(
+                tf.concat(
+                    [tf.stack([tf.cast(ok, tf.float32), norm, scale, scale_skipped]), status[4:]], 0
+                )
+            )
             if not veto:
                 return orig_apply(grads, trainable_variables)
 
@@ -401,13 +507,23 @@ class Guard(GuardState, keras.callbacks.Callback):
                 model
             )  # at trace time: a subclassed model has them from its 2nd trace
             saved = [tf.identity(v.value) for v in state] if veto else []
-            status.assign([1.0, 0.0, 0.0, 0.0])
+            if distributed:
+                status.assign(_HEALTHY)
+            else:  # the failed-steps count runs on over the steps of one call
+                status.assign(tf.concat([_HEALTHY[:4], status[4:]], 0))
             logs = orig_train_step(data)
             if stash.loss is None and isinstance(logs, dict) and logs.get("loss") is not None:
                 # A train_step override that never calls optimizer.scale_loss: watch its logged loss.
                 logged = tf.reduce_all(tf.math.is_finite(tf.cast(logs["loss"], tf.float32)))
                 status.assign(
                     tf.tensor_scatter_nd_min(status, [[0]], [tf.cast(logged, tf.float32)])
+                )
+            if not distributed:
+                failed = status[0] <= 0.5
+                if kept is not None:  # the first failed step of this call keeps its batch
+                    kept.write_if(tf.logical_and(failed, status[4] < 0.5), data)
+                status.assign(
+                    tf.tensor_scatter_nd_add(status, [[4]], [tf.cast(failed, tf.float32)])
                 )
             if veto and saved:
 
@@ -419,9 +535,9 @@ class Guard(GuardState, keras.callbacks.Callback):
                 if (
                     _kdist.replicas(model) > 1
                 ):  # no assign under tf.cond in a replica context (merge_call)
-                    kept = status[0] > 0.5
+                    applied = status[0] > 0.5
                     for v, s in zip(state, saved, strict=True):
-                        v.assign(tf.where(kept, v.value, s))
+                        v.assign(tf.where(applied, v.value, s))
                 else:
                     tf.cond(status[0] > 0.5, lambda: tf.constant(True), restore)
             return logs
@@ -431,7 +547,28 @@ class Guard(GuardState, keras.callbacks.Callback):
         inner = model.train_function
         guard = self
 
+        def pulls(iterator: Any) -> bool:
+            """Whether the host must take this call's batches from the iterator itself."""
+            return (
+                kept is None
+                or not isinstance(iterator, tf.data.Iterator)
+                or not all(
+                    isinstance(spec, tf.TensorSpec | tf.OptionalSpec)
+                    or type(spec).__name__ == "NoneTensorSpec"
+                    for spec in tf.nest.flatten(iterator.element_spec)
+                )
+            )
+
         def train_function(iterator):
+            if not pulls(iterator):
+                guard._batches = []
+                try:
+                    return inner(iterator)  # Keras' own path: its iterator, its trace
+                except (StopIteration, tf.errors.OutOfRangeError):
+                    raise  # the end of an epoch
+                except BaseException:
+                    guard._uninstall()
+                    raise
             batches = []
             for _ in range(max(1, int(getattr(model, "steps_per_execution", 1) or 1))):
                 try:
