@@ -95,6 +95,7 @@ def worker(rank: int, world: int, port: int, rounds: int, steps: int, out: str) 
     dist.all_reduce = counting
     modes = {"plain": plain, "guard": lambda b: guard.step(train_step, b)}
     times: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}  # this process's CPU time (not waits)
     order = random.Random(0)  # the same draw on every rank: the modes stay matched
     for r in range(rounds + 1):
         for name in order.sample(list(modes), 2):
@@ -102,10 +103,11 @@ def worker(rank: int, world: int, port: int, rounds: int, steps: int, out: str) 
             before = len(calls)
             for i in range(steps):
                 dist.barrier()
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn(data[i % len(data)])
                 if r:  # round 0 warms up
                     times[name].append(time.perf_counter() - t)
+                    cpu[name].append(time.process_time() - c)
             if name == "guard" and r:
                 per_step = calls[before:]
     dist.all_reduce = real_all_reduce
@@ -114,6 +116,7 @@ def worker(rank: int, world: int, port: int, rounds: int, steps: int, out: str) 
             json.dumps(
                 {
                     "times": times,
+                    "cpu": cpu,
                     "collectives_per_step": len(per_step) / steps,
                     "sizes": sorted(set(per_step)),
                     "same_weights": all(
@@ -152,12 +155,14 @@ def main(argv: list[str]) -> int:
             )
             r = json.loads(res.read_text())
         plain, guard = (statistics.median(r["times"][m]) * 1e3 for m in ("plain", "guard"))
+        cpu_plain, cpu_guard = (statistics.median(r["cpu"][m]) * 1e3 for m in ("plain", "guard"))
         rows.append(
             (
                 world,
                 plain,
                 guard,
                 guard / plain,
+                cpu_guard / cpu_plain,
                 r["collectives_per_step"],
                 len(r["times"]["plain"]),
                 r["skipped"],
@@ -170,6 +175,7 @@ def main(argv: list[str]) -> int:
         )
         print(
             f"world {world}: plain {plain:.2f} ms, guard {guard:.2f} ms, ratio {guard / plain:.3f}, "
+            f"CPU-time ratio {cpu_guard / cpu_plain:.3f}, "
             f"{r['collectives_per_step']:.0f} all_reduce(s) per step of sizes {r['sizes']}, "
             f"same weights {r['same_weights']}",
             flush=True,
@@ -186,16 +192,16 @@ def main(argv: list[str]) -> int:
         f"{a.rounds} rounds x {a.steps} steps per mode, interleaved (order drawn per round), after a "
         "warm-up round; a barrier before every timed step; medians of rank 0's step times.",
         "",
-        "| processes | plain step | guarded step | ratio | all_reduce calls per guarded step "
-        "(elements) | nanscope's own collectives | same final weights | timed steps per mode | "
-        "load after |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| processes | plain step | guarded step | ratio (wall) | ratio (rank 0's CPU time) | "
+        "all_reduce calls per guarded step (elements) | nanscope's own collectives | same final "
+        "weights | timed steps per mode | load after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for world, plain, guard, ratio, coll, n, skipped, disabled, sizes, same, _, load in rows:
+    for world, plain, guard, ratio, cpu, coll, n, skipped, disabled, sizes, same, _, load in rows:
         assert skipped == 0 and not disabled
         own = sum(1 for s in sizes if s <= world)
         lines.append(
-            f"| {world} | {plain:.2f} ms | {guard:.2f} ms | **{ratio:.3f}x** | {coll:.0f} "
+            f"| {world} | {plain:.2f} ms | {guard:.2f} ms | **{ratio:.3f}x** | {cpu:.3f}x | {coll:.0f} "
             f"({', '.join(map(str, sizes))}) | {own} | {'yes' if same else 'NO'} | {n} | "
             f"{load[0]:.2f} |"
         )
