@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,16 @@ def check_writable(path: str | os.PathLike, *, what: str = "output file") -> Pat
     return p
 
 
+def _create_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: 0o666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_CREATE_MODE = _create_mode()
+
+
 def atomic_write(
     path: str | os.PathLike,
     write: Callable[[Path], None],
@@ -49,6 +60,9 @@ def atomic_write(
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp makes the file owner-only: give it the mode open(path, "w") would (an
+        # existing file's own, else 0o666 less the umask)
+        os.chmod(tmp, stat.S_IMODE(p.stat().st_mode) if p.exists() else _CREATE_MODE)
         os.replace(tmp, p)
     except OSError as err:
         raise BadInputError(
