@@ -10,8 +10,17 @@ itself contains a ``merge_call`` (the gradient all-reduce), and TensorFlow forbi
 ``tf.cond`` in a replica context, so the veto is taken in the cross-replica context, as
 Keras' own ``LossScaleOptimizer`` does. Only frameworks the program imported are used: this
 module is imported by the Keras guard, which already imports TensorFlow.
-Strategies that support no-merge-call (``MultiWorkerMirroredStrategy``, ``MirroredStrategy``
-on some setups) take the ``tf.cond`` in the replica context directly: the same flags agree.
+Where a strategy supports no-merge-call (``MirroredStrategy`` and ``MultiWorkerMirroredStrategy``
+when the step is XLA-compiled on all-GPU devices) the ``tf.cond`` is taken in the replica
+context directly: the same flags agree. On CPU, ``MultiWorkerMirroredStrategy`` takes the merge_call path; the flag
+``all_reduce`` and the vetoed update's gradient all-reduce are then collectives between the
+worker processes, and every worker takes the same branch because every worker holds the
+same all-reduced flags (tests/distributed/test_keras_multiworker.py).
+
+Under ``MultiWorkerMirroredStrategy`` a worker holds only its own replicas' parts of a batch,
+and a custom training loop (Keras 3.15's ``fit`` fails under that strategy, docs/at-scale.md)
+hands the Guard no batch at all: ``not_rerun_here`` then says where the failure was seen
+instead of calling it a failure that did not reproduce.
 """
 
 from __future__ import annotations
@@ -21,12 +30,18 @@ from typing import Any
 
 import tensorflow as tf
 
+from nanscope.core import rules
+from nanscope.core.diagnosis import Diagnosis
+from nanscope.core.enums import Category
+
 __all__ = [
     "strategy_of",
     "replicas",
     "agree_in_graph",
     "apply_if",
     "local_batches",
+    "local_replicas",
+    "not_rerun_here",
     "seen_replicas",
     "LOCAL_LOSS",
 ]
@@ -105,8 +120,7 @@ def local_batches(batch: Any, model: Any = None) -> list[tuple[int, Any]]:
         for p in parts
     ]
     n_local = max(len(p) for p in per if p is not None)
-    resolver = getattr(strategy, "cluster_resolver", None)
-    first = (getattr(resolver, "task_id", 0) or 0) * n_local if resolver is not None else 0
+    first = _worker(strategy) * n_local
     return [
         (
             first + i,
@@ -122,3 +136,73 @@ def seen_replicas(flags: list[float]) -> list[int]:
     """Replicas whose own loss was non-finite, else those whose check was."""
     by_loss = [r for r, f in enumerate(flags) if int(f) & int(LOCAL_LOSS)]
     return by_loss or [r for r, f in enumerate(flags) if int(f) & 1]
+
+
+def _worker(strategy: Any) -> int:
+    """This process's worker index (0 outside a multi-worker strategy)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return (getattr(resolver, "task_id", 0) or 0) if resolver is not None else 0
+
+
+def local_replicas(model: Any = None) -> list[int]:
+    """The replica ids (``replica_id_in_sync_group``) that live in this process: all of them
+    under MirroredStrategy, this worker's under MultiWorkerMirroredStrategy (worker ``w`` with
+    ``n`` local devices holds ``w*n .. w*n+n-1``, as ``local_batches`` numbers them)."""
+    strategy = strategy_of(model)
+    if strategy is None:
+        return [0]
+    n_local = len(getattr(strategy.extended, "worker_devices", ())) or 1
+    first = _worker(strategy) * n_local
+    return list(range(first, first + n_local))
+
+
+def not_rerun_here(
+    batches: list[Any], flags: Any, model: Any = None, *, step: int | None = None
+) -> Diagnosis | None:
+    """The diagnosis when this process could not re-run the failed part of the batch, or None
+    (then the re-run stood a chance, and a finite re-run means the failure did not reproduce).
+
+    Two cases, both multi-replica: the Guard was handed no batch (a custom training loop drives
+    it through ``keras.callbacks.CallbackList``; ``fit`` hands it the batch), or every replica
+    whose check saw the failure lives in another worker process (MultiWorkerMirroredStrategy:
+    this worker holds only its own part of the batch). ``ranks`` names those replicas either
+    way, from the in-graph flags every worker shares.
+    """
+    values = [float(f) for f in (flags.numpy() if hasattr(flags, "numpy") else flags or [])]
+    if len(values) <= 1:
+        return None
+    seen = seen_replicas(values)
+    here = local_replicas(model)
+    elsewhere = bool(seen) and not set(seen) & set(here)
+    if not seen or (batches and not elsewhere):
+        return None
+    strategy = strategy_of(model)
+    names = ", ".join(map(str, seen))
+    where = f"replica{'s' if len(seen) > 1 else ''} {names}"
+    if elsewhere:
+        n_local = len(here)
+        workers = sorted({r // n_local for r in seen})
+        why = (
+            f"{where} saw it first, in worker{'s' if len(workers) > 1 else ''} "
+            f"{', '.join(map(str, workers))}; this worker ({_worker(strategy)}) holds "
+            f"replica{'s' if n_local > 1 else ''} {', '.join(map(str, here))}, whose check was "
+            "finite: the failed part of the batch lives in the worker named"
+        )
+    else:
+        why = (
+            f"{where} saw it first (its in-graph check); the Guard was handed no batch to re-run "
+            "(a custom training loop: `fit` hands it the batch), so the op was not traced"
+        )
+    return Diagnosis(
+        Category.UNKNOWN,
+        f"the loss or gradient was non-finite on {where}; every replica took the same decision",
+        framework="keras",
+        step=step,
+        evidence=[why, "the replicas' flags were all-reduced in-graph: one decision for all"],
+        fixes=[
+            "trace the failing batch by hand on the worker that holds it: "
+            "`nanscope.keras.diagnose(model, batch, loss)`",
+            *rules.fixes_for(Category.UNKNOWN, framework="keras"),
+        ],
+        ranks=seen,
+    )
