@@ -72,8 +72,9 @@ _HEALTHY = [1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 class _KeptBatch:
-    """The batch of a call's first failed step, kept in-graph: written into shape-free
-    variables under a ``tf.cond`` that only a failed step takes, read on the host only then.
+    """The batch of a call's last failed (or loss-scale-skipped) step, kept in-graph: written
+    into shape-free variables under a ``tf.cond`` that only such a step takes, read on the host
+    only after a failure.
 
     Why not keep it on the host (``next(iterator)``, then a list for the step)? Keras then
     calls its step with eager tensors, which traces it with the concrete batch shape instead
@@ -252,6 +253,7 @@ class Guard(GuardState, keras.callbacks.Callback):
             return
         history.clear()
         collapse.step = step
+        self._take_kept_batch()
         self._on_failure(step, collapse=collapse)
 
     # -- failure ----------------------------------------------------------------------------
@@ -520,8 +522,8 @@ class Guard(GuardState, keras.callbacks.Callback):
                 )
             if not distributed:
                 failed = status[0] <= 0.5
-                if kept is not None:  # the first failed step of this call keeps its batch
-                    kept.write_if(tf.logical_and(failed, status[4] < 0.5), data)
+                if kept is not None:  # a failed or loss-scale-skipped step keeps its batch
+                    kept.write_if(tf.logical_or(failed, status[3] > 0.5), data)
                 status.assign(
                     tf.tensor_scatter_nd_add(status, [[4]], [tf.cast(failed, tf.float32)])
                 )
