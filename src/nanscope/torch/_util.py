@@ -25,12 +25,29 @@ from nanscope.core.limits import dtype_name as _dtype_name
 from nanscope.core.source import user_location
 from nanscope.core.summary import TensorSummary, bad_rows, summarize
 from nanscope.core.summary import batch_rows as _batch_rows
+from nanscope.torch.distributed import local as _local_shard
+
+
+def local(t: Any) -> Any:
+    """This rank's own values of ``t``: a DTensor's local tensor (its shard under FSDP2 /
+    tensor parallel, its replica, or its unreduced partial sum), anything else as it is.
+
+    Every check here looks at local values only: a DTensor's own reduction (``isfinite(t).all()``,
+    ``t.sum()``) is a collective, which a rank checking alone would wait in until the process
+    group's timeout. Taken under no_grad, where ``to_local()`` is the DTensor's own local tensor
+    (the same object on every call, so the tracer can key it by ``id``): no copy, no collective.
+    """
+    if type(t) is torch.Tensor or not isinstance(t, torch.Tensor):
+        return t  # the common case: no lookup
+    with torch.no_grad():
+        return _local_shard(t)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A detached CPU numpy copy; dtypes numpy lacks (bfloat16, float8, quantized) go through
-    float32, complex through its magnitude, sparse through a dense copy."""
-    t = t.detach()
+    float32, complex through its magnitude, sparse through a dense copy. A DTensor: this
+    rank's local tensor (``local``)."""
+    t = local(t).detach()
     if t.is_quantized:
         t = t.dequantize()
     if t.is_complex():
@@ -77,12 +94,15 @@ def finite_flag(t: torch.Tensor) -> torch.Tensor:
     than ``isfinite(t).all()`` (which materializes a bool mask). A finite tensor whose sum
     overflows gives a false alarm only, which ``all_finite`` then settles exactly. float16
     and bfloat16 are summed in float32 so that ordinary activations do not overflow the sum.
+    A DTensor: its local tensor only (``local``; no collective).
     """
-    return t.detach().sum(dtype=_WIDE.get(t.dtype))
+    return local(t).detach().sum(dtype=_WIDE.get(t.dtype))
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True if ``t`` holds no NaN/Inf (integer tensors always do; meta tensors hold no values)."""
+    """True if ``t`` holds no NaN/Inf (integer tensors always do; meta tensors hold no values).
+    A DTensor: this rank's local tensor holds none (``local``; no collective)."""
+    t = local(t)
     if not is_float(t) or t.numel() == 0 or t.is_meta:
         return True
     if t.is_complex():

@@ -61,6 +61,7 @@ from nanscope.torch._util import (
     grad_fn_of,
     is_float,
     is_loss_module,
+    local,
     module_names,
     named_tensors,
     samples_of,
@@ -151,6 +152,12 @@ def written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         a = args[i] if i < len(args) else kwargs.get(name)
         out += [t for _, t in named_tensors(a, "w") if is_float(t)]
     return out
+
+
+def is_collective(func: Any) -> bool:
+    """``func`` is a communication op (``c10d::allreduce_``, ``_c10d_functional::all_reduce``,
+    ``wait_tensor``): its outputs hold what other ranks sent."""
+    return op_name(func).startswith(("c10d::", "_c10d_functional::", "c10d_functional::"))
 
 
 def op_name(func: Any) -> str:
@@ -362,11 +369,67 @@ class Event:
 
 
 def _has_nan(t: torch.Tensor) -> bool:
+    t = local(t)  # a DTensor's own any() all-reduces: this rank's values only
     return is_float(t) and bool(torch.isnan(t).any())
 
 
 def _has_posinf(t: torch.Tensor) -> bool:
+    t = local(t)
     return is_float(t) and bool((t == math.inf).any())
+
+
+def _localized(ev: Event) -> Event:
+    """``ev`` with every DTensor among its arguments and outputs replaced by this rank's local
+    tensor (``_util.local``): what the rank itself computed, and every check of it local (a
+    DTensor reduction is a collective the other ranks never join). Under no_grad a DTensor's
+    local tensor is one object, so an op's output and the next op's input keep one ``id``."""
+    if _DTENSOR_MODULE not in sys.modules:
+        return ev
+
+    def loc(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            return local(a)
+        if isinstance(a, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in a):
+            return type(a)(local(x) if isinstance(x, torch.Tensor) else x for x in a)
+        return a
+
+    outs = [local(o) for o in ev.outputs]
+    if all(a is b for a, b in zip(outs, ev.outputs, strict=True)) and not any(
+        _holds_dtensor(a) for a in (*ev.args, *ev.kwargs.values())
+    ):
+        return ev
+    return Event(
+        ev.index,
+        ev.func,
+        tuple(loc(a) for a in ev.args),
+        {k: loc(v) for k, v in ev.kwargs.items()},
+        outs,
+        ev.phase,
+        ev.module,
+        ev.root,
+        ev.frame,
+        ev.node,
+        ev.inputs_finite,
+        ev.grad_fns,
+        ev.source,
+    )
+
+
+_DTENSOR_MODULE = "torch.distributed.tensor"
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` hold the same values, NaN where the other has NaN (failure path only)."""
+    a, b = a.detach(), b.detach()
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _holds_dtensor(a: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return local(a) is not a
+    if isinstance(a, (list, tuple)):
+        return any(isinstance(x, torch.Tensor) and local(x) is not x for x in a)
+    return False
 
 
 def _scalar_inf(args: tuple, kwargs: dict) -> bool:
@@ -393,9 +456,13 @@ class Analyzer:
         self.concats: dict[int, Concat] = {}
         # id(tensor) -> its name, for the parameters and optimizer state a step works on.
         self.tensor_names: dict[int, str] = {}
+        # (shape, dtype) -> non-finite outputs seen so far, of any op / of DTensor ops (``_linked``).
+        self._bad_outs: dict[tuple, list[torch.Tensor]] = {}
+        self._dtensor_outs: dict[tuple, list[torch.Tensor]] = {}
 
     def value(self, t: torch.Tensor, finite: bool | None = None) -> Value:
-        """The tracker's view of ``t`` (its flags read now)."""
+        """The tracker's view of ``t`` (its flags read now); a DTensor's is its local tensor's."""
+        t = local(t)
         if finite is None:
             finite = all_finite(t)
         if finite:
@@ -404,7 +471,7 @@ class Analyzer:
         return Value(id(t), False, probe=lambda: (_has_nan(t), _has_posinf(t)))
 
     def origin_of(self, t: torch.Tensor) -> Origin | None:
-        return self.origins.origin_of(id(t))
+        return self.origins.origin_of(id(local(t)))
 
     def _as_target(self, ev: Event | None, origin: Origin) -> bool:
         """``ev`` is a loss function that took ``origin``'s values as its target argument."""
@@ -474,7 +541,66 @@ class Analyzer:
                         self._node_map[id(fn)] = ev
         return self._node_map.get(id(node))
 
+    def _linked(self, ev: Event, original: Event) -> Event:
+        """``ev`` (``original`` localized) with each non-finite input of unknown origin that holds
+        exactly the values of an earlier op's output replaced by that output.
+
+        The recording knows a DTensor and its local tensor as two tensors, made by different
+        code: ``to_local()`` and DTensor's own collectives read the *original* run's local
+        tensor of a DTensor an op made, ``DTensor.from_local`` wraps the original run's tensor.
+        A replay re-makes the one and reads the other as recorded: a tensor no replayed op made,
+        whose NaN would look like bad data. The replay is deterministic, so the replayed tensor
+        holds the same values: that is what was read. Only those two crossings are linked: a
+        DTensor's local tensor to any earlier output, a plain tensor to a DTensor op's output."""
+        for o, before in zip(ev.outputs, original.outputs, strict=True):
+            if is_float(o) and not all_finite(o):
+                self._bad_outs.setdefault((o.shape, o.dtype), []).append(o)
+                if o is not before:
+                    self._dtensor_outs.setdefault((o.shape, o.dtype), []).append(o)
+        if not self._bad_outs:
+            return ev
+        ins = ev.tensor_inputs()
+        from_dtensor = {
+            id(a) for a, b in zip(ins, original.tensor_inputs(), strict=True) if a is not b
+        }
+        swap: dict[int, torch.Tensor] = {}
+        for t in ins:
+            if id(t) in swap or not is_float(t) or self.origin_of(t) is not None:
+                continue
+            pool = self._bad_outs if id(t) in from_dtensor else self._dtensor_outs
+            for cand in reversed(pool.get((t.shape, t.dtype), [])):
+                if cand is not t and not all_finite(t) and _same_values(t, cand):
+                    swap[id(t)] = cand
+                    break
+        if not swap:
+            return ev
+
+        def sub(a: Any) -> Any:
+            if isinstance(a, torch.Tensor):
+                return swap.get(id(a), a)
+            if isinstance(a, (list, tuple)):
+                return type(a)(swap.get(id(x), x) if isinstance(x, torch.Tensor) else x for x in a)
+            return a
+
+        return Event(
+            ev.index,
+            ev.func,
+            tuple(sub(a) for a in ev.args),
+            {k: sub(v) for k, v in ev.kwargs.items()},
+            ev.outputs,
+            ev.phase,
+            ev.module,
+            ev.root,
+            ev.frame,
+            ev.node,
+            ev.inputs_finite,
+            ev.grad_fns,
+            ev.source,
+        )
+
     def observe(self, ev: Event) -> None:
+        if _DTENSOR_MODULE in sys.modules:
+            ev = self._linked(_localized(ev), ev)
         parts = _per_tensor(ev)
         if parts is not None:  # a multi-tensor op is one op per tensor, each with its own origin
             for part in parts:
@@ -764,6 +890,9 @@ class Analyzer:
         origin = failure.origin
         if origin is None:
             return rules.unexplained(failure.reached, framework="torch", step=self.step)
+        ev = origin.op.record if origin.op is not None else None
+        if ev is not None and is_collective(ev.func):
+            return self._from_another_rank(failure.reached, ev)
         if origin.kind is OriginKind.EXTERNAL:
             return self._external(origin)
         evidence = origin.evidence
@@ -780,6 +909,19 @@ class Analyzer:
             backward_op=bwd.node.name() if bwd is not None and bwd.node is not None else None,
         )
 
+    def _from_another_rank(self, reached: str, ev: Event) -> Diagnosis:
+        """A non-finite value that first appeared at a collective (its local inputs finite, or
+        read first by it): it came from another rank, no op of this rank made it."""
+        loc = _location(ev.frame)
+        return rules.unexplained(
+            reached,
+            framework="torch",
+            step=self.step,
+            why=f"it arrived from another rank through {ev.name}"
+            + (f" (at {loc})" if loc else "")
+            + ": this rank's own inputs to it were finite, so no op of this rank made it",
+        )
+
     def _external(self, origin: Origin) -> Diagnosis:
         from nanscope.torch.checks import check_model_state
 
@@ -789,6 +931,7 @@ class Analyzer:
         root = self.tracker.model or ev.root or self.tracker.root
         if root is not None:
             state = {id(p) for p in root.parameters()} | {id(b) for b in root.buffers()}
+            state |= {id(local(p)) for p in root.parameters()}  # the tracer sees DTensors' locals
 
             # Read from the model's state, or written into it (load_state_dict's copy_).
             def real(x: torch.Tensor) -> int:
@@ -998,7 +1141,8 @@ def first_failure(analyzer: Analyzer, things: list[tuple[str, torch.Tensor]]) ->
     if failure is None:
         return None
     tensor = next(
-        (t for (_, v), (_, t) in zip(values, things, strict=True) if v.key == failure.key), None
+        (local(t) for (_, v), (_, t) in zip(values, things, strict=True) if v.key == failure.key),
+        None,
     )
     return analyzer.diagnose(failure, tensor)
 
