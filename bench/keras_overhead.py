@@ -123,7 +123,7 @@ def failure_time(x, y) -> float:
             batch_size=BATCH,
             shuffle=False,
             verbose=0,
-            callbacks=[Mark(), Guard(), timer],
+            callbacks=[Mark(), Guard(policy="raise"), timer],
         )
     except NonFiniteError as err:
         assert err.diagnosis.op == "Log", err.diagnosis
@@ -139,6 +139,7 @@ def main(argv: list[str]) -> int:
         "--out", default=os.path.join(os.path.dirname(__file__), "results", "keras_overhead.md")
     )
     args = p.parse_args(argv)
+    load_before = os.getloadavg()
     n = (args.steps + WARMUP) * BATCH
     rng = np.random.default_rng(0)
     x = rng.random((n, 32, 32, 3), dtype=np.float32)
@@ -152,13 +153,16 @@ def main(argv: list[str]) -> int:
                     continue  # its DebugNumericSummaryV2 op has no XLA kernel: fit fails under jit_compile
                 results.setdefault((mode, jit), []).extend(run_mode(mode, x, y, jit))
     fail = [failure_time(x, y) for _ in range(args.rounds)]
+    load_after = os.getloadavg()
 
     lines = [
         "# nanscope.keras.Guard overhead on a healthy model.fit step",
         "",
         "Machine: 2-core CPU VM (no GPU), "
         f"Python {platform.python_version()}, TensorFlow {tf.__version__}, Keras {keras.__version__}. "
-        "Date: 2026-11-22.",
+        f"Date: {time.strftime('%Y-%m-%d')}. Load average (1/5/15 min) "
+        f"{'/'.join(f'{v:.1f}' for v in load_before)} at the start, "
+        f"{'/'.join(f'{v:.1f}' for v in load_after)} at the end ({os.cpu_count()} cores).",
         "",
         f"Small CNN (2 conv + BatchNorm, 32x32x3 inputs, batch {BATCH}, Adam). {args.rounds} rounds x "
         f"{args.steps} timed steps per mode after {WARMUP} warm-up steps; medians of per-step wall time "
@@ -193,10 +197,11 @@ def main(argv: list[str]) -> int:
         "",
         "What the numbers mean: the guard's healthy-step cost is one fused reduction (the squared gradient "
         "norm), a `tf.cond` around the optimizer update, copies of the non-trainable variables (BatchNorm "
-        "moving statistics, metric accumulators) so that a vetoed step can restore them, a host-side batch "
-        "fetch, and one 2-float read per step. TerminateOnNaN reads the loss only and cannot keep the bad "
-        "update out of the weights; enable_check_numerics checks every op's output and names the op but "
-        "not the cause.",
+        "moving statistics, metric accumulators) so that a vetoed step can restore them, a `tf.cond` that "
+        "keeps the batch in-graph only when the step failed (Keras' own step runs on Keras' own iterator), "
+        "and one 5-float read per step; under jit_compile the batch is fetched on the host instead. "
+        "TerminateOnNaN reads the loss only and cannot keep the bad update out of the weights; "
+        "enable_check_numerics checks every op's output and names the op but not the cause.",
         "",
         f"Reproduce: `python bench/keras_overhead.py --rounds {args.rounds} --steps {args.steps}`",
     ]

@@ -92,7 +92,7 @@ class _KeptBatch:
     def write_if(self, failed: tf.Tensor, data: Any) -> None:
         leaves = tf.nest.flatten(data)
         if not all(t is None or isinstance(t, tf.Tensor) for t in leaves):
-            return  # composite tensors: the host keeps this batch (``Guard._pulls``)
+            return  # composite tensors: the host pulls such batches (``pulls`` in ``_install``)
         skeleton = tf.nest.map_structure(lambda t: None if t is None else t.dtype.name, data)
         tensors = [t for t in leaves if t is not None]
         index = next((i for i, (sk, _) in enumerate(self.sets) if sk == skeleton), None)
