@@ -99,10 +99,6 @@ def test_multiworker_workers_keep_the_update_out_together(guarded):
     assert w0["state"] == w1["state"]  # bit-identical across the workers after every step
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the one-line call of keras.distributed.not_rerun_here in Guard._diagnose",
-)
 def test_multiworker_diagnosis_says_where_the_batch_was_not_rerun(guarded):
     w0, w1 = guarded
     for w in (w0, w1):

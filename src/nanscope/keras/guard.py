@@ -329,6 +329,9 @@ class Guard(GuardState, keras.callbacks.Callback):
         except Exception as err:
             self._internal_error("diagnosing the failed step", err)
             return rules.not_localized("loss or gradient", err, framework="keras", step=step)
+        d = _kdist.not_rerun_here(self._batches, self._replica_flags, self.model, step=step)
+        if d is not None:  # tf.distribute: the failed part of the batch was not re-run here
+            return d
         # The compiled step saw it, the eager re-run of the same batch from the same state did not.
         return self._name_replica(
             rules.not_reproduced(
