@@ -19,7 +19,14 @@ Model: a small CNN (3 conv + BatchNorm + linear) on 32x3x32x32 batches. Then fai
 diagnosis: a step whose loss takes log(0) with the runner attached; the time from the
 optimizer step that sees the NaN gradient to the raised diagnosis, as a multiple of a plain step.
 
-Usage: python bench/run_overhead.py [--rounds N] [--steps N] [--threads N] [--clock cpu|wall] [--out FILE]
+Then the optimizer step: the runner does not record its ops on a healthy step; it copies
+what the step writes (parameters with a gradient, their state) before it, and runs the step
+again, recorded, only if the weights come out non-finite. For the small CNN with SGD momentum
+and, with --large, torchvision's resnet18 with Adam (8x3x112x112 batches): the copy's size and
+time, beside ``opt.step()`` alone unrecorded and recorded (what recording every step cost).
+
+Usage: python bench/run_overhead.py [--rounds N] [--steps N] [--threads N] [--clock cpu|wall]
+    [--large] [--out FILE]
 
 With --threads 1 (the default) and the CPU clock, other jobs on a shared VM disturb the
 ratio least: torch's worker threads spin while they wait for a busy core, which a CPU clock
@@ -97,6 +104,38 @@ def step(model, opt, x, y, loss_fn=F.cross_entropy):
 CLOCK = time.perf_counter  # set from --clock
 
 
+def step_copy_cost(model, opt, x, y, n):
+    """(MiB copied, copy s, opt.step() s unrecorded, recorded, whole watched step s): medians."""
+    session = RunSession(script="bench.py")
+    runner.attach(session, "torch")
+    r = runner._RUNNERS[id(session)]
+    copy, plain, recorded, whole = [], [], [], []
+    try:
+        for _ in range(n + 1):
+            t = CLOCK()
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()  # healthy: copied before, not recorded
+            whole.append(CLOCK() - t)
+            t = CLOCK()
+            before = r.unwatched(r._copy_before_step, opt)
+            copy.append(CLOCK() - t)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            r._clear()
+            for record, times in ((False, plain), (True, recorded)):  # the failure path's run
+                r.in_optimizer, r.stepping = not record, record
+                t = CLOCK()
+                runner._undecorated_step(opt)(opt)
+                times.append(CLOCK() - t)
+                r.in_optimizer = r.stepping = False
+                r._clear()
+    finally:
+        session.close()
+    mib = sum(t.numel() * t.element_size() for t in before.tensors) / 2**20
+    return mib, *(statistics.median(v[1:]) for v in (copy, plain, recorded, whole))
+
+
 def timed(n, model, opt, x, y):
     out = []
     for _ in range(n):
@@ -111,6 +150,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--large", action="store_true", help="also resnet18 + Adam (torchvision)")
     p.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (default: %(default)s)"
     )
@@ -208,6 +248,16 @@ def main(argv=None):
     finally:
         session.close()
 
+    copies_at_step = [("small CNN, SGD momentum", *step_copy_cost(model, opt, x, y, 20))]
+    if a.large:
+        import torchvision
+
+        torch.manual_seed(0)
+        big = torchvision.models.resnet18(num_classes=10)
+        big_opt = torch.optim.Adam(big.parameters(), lr=1e-3)
+        bx, by = torch.randn(8, 3, 112, 112), torch.randint(0, 10, (8,))
+        copies_at_step.append(("resnet18, Adam", *step_copy_cost(big, big_opt, bx, by, 6)))
+
     lines = [
         "# `nanscope run` overhead (bench/run_overhead.py)",
         "",
@@ -235,6 +285,17 @@ def main(argv=None):
         f"module, line: no activation is kept alive by them) and {copies / 1024:.1f} KiB of copies of the state "
         "tensors ops wrote (BatchNorm running statistics), dropped at the optimizer step. No per-op tensor is "
         "queued any more (the 0.1 runner kept one 0-d flag per op output).",
+        "",
+        "Optimizer step (healthy: copied before, not recorded; run again, recorded, only after a "
+        "non-finite update):",
+        "",
+        "| model | copied | copy (ms) | opt.step() unrecorded / recorded (ms) | watched step (ms) |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {name} | {mib:.1f} MiB | {c * 1e3:.2f} ({c / w:.1%} of a step) | "
+            f"{u * 1e3:.2f} / {rec * 1e3:.2f} | {w * 1e3:.1f} |"
+            for name, mib, c, u, rec, w in copies_at_step
+        ),
         "",
         "Target: `nanscope run` <= 1.2x a plain step.",
     ]

@@ -548,9 +548,10 @@ class Runner:
             if "closure" in kwargs:
                 return args, {**kwargs, "closure": watched}
             return (args[0], watched, *args[2:]), kwargs
-        self.unwatched(self._check_gradients, optimizer)
-        if not self.off:
-            self._before_step = self.unwatched(self._copy_before_step, optimizer)
+        with _disable_current_modes():  # what ``unwatched`` does, once for both
+            self.guarded(self._check_gradients, optimizer)
+            if not self.off:
+                self._before_step = self.guarded(self._copy_before_step, optimizer)
         self.in_optimizer = True  # the step's ops pass unrecorded: it is run again if it fails
         return None
 
@@ -612,9 +613,9 @@ class Runner:
             norms = torch._foreach_norm(dense) if dense else []
             # The losses backward started from ride in the same sum (one sync): a loss can be
             # Inf while every gradient is finite (a masked-out term, a ReLU at 0).
-            total = _sum_per_device(
-                [n.double() ** 2 for n in norms] + [t.detach().double().sum() * 0 for t in losses]
-            )
+            # Squared and summed per device as one vector: a few ops, not two per parameter.
+            squares = [ts.double().square().sum() for ts in _per_device(norms)]
+            total = _sum_per_device(squares + [t.detach().double().sum() * 0 for t in losses])
             total = math.sqrt(total) if total >= 0 else total
             loss_ok = all(all_finite(t) for t in losses) if not math.isfinite(total) else True
             if (
