@@ -64,7 +64,7 @@ from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Phase
 from nanscope.core.errors import NonFiniteError
 from nanscope.core.limits import dtype_name
-from nanscope.torch._util import all_finite, grad_fn_of, quiet_replay, settled_norms
+from nanscope.torch._util import all_finite, grad_fn_of, local, quiet_replay, settled_norms
 from nanscope.torch.checks import check_model_state, check_optimizer_state, param_names
 from nanscope.torch.trace import (
     Analyzer,
@@ -581,7 +581,7 @@ class Runner:
             buffers = [torch.empty_like(t, requires_grad=False) for t in tensors]
             self._step_buffers[optimizer] = buffers
         with torch.no_grad():
-            torch._foreach_copy_(buffers, tensors)
+            torch._foreach_copy_([local(b) for b in buffers], [local(t) for t in tensors])
         return _StepCopy(optimizer, tensors, buffers, state)
 
     def _watched_closure(self, optimizer: torch.optim.Optimizer, closure: Any) -> Any:
@@ -603,9 +603,13 @@ class Runner:
         return watched
 
     def _check_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # DTensor gradients (FSDP2, tensor parallel): this rank's shard; a DTensor's own reduction
+        # would be a collective that a rank which stopped never joins
+        grads = [
+            local(p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None
+        ]
         self._lr = next((float(g["lr"]) for g in optimizer.param_groups if "lr" in g), None)
-        losses = [t for t in self.losses if t.is_floating_point()]
+        losses = [local(t) for t in self.losses if t.is_floating_point()]
         if not grads and not losses:
             return
         with torch.no_grad():
@@ -841,7 +845,7 @@ class _StepCopy:
             s.update(entries)
             opt.state[p] = s
         with torch.no_grad():
-            torch._foreach_copy_(self.tensors, self.buffers)
+            torch._foreach_copy_([local(t) for t in self.tensors], [local(b) for b in self.buffers])
 
 
 def _undecorated_step(optimizer: torch.optim.Optimizer) -> Any:
