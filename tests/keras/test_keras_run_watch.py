@@ -202,7 +202,9 @@ def test_an_internal_error_warns_once_naming_nanscope_and_the_script_runs_on(
     assert (
         "this is a bug in nanscope, not in your script; the run continues unwatched" in messages[0]
     )
-    assert "(KeyError: 'outputs', at nanscope/keras/runner.py:" in messages[0]  # what broke, where in nanscope
+    assert (
+        "(KeyError: 'outputs', at nanscope/keras/runner.py:" in messages[0]
+    )  # what broke, where in nanscope
 
 
 def test_jax_backend_gets_one_line_and_runs_unwatched(tmp_path, monkeypatch, capsys):
