@@ -30,6 +30,7 @@ them through it only once something went non-finite.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -398,20 +399,11 @@ def _localized(ev: Event) -> Event:
         _holds_dtensor(a) for a in (*ev.args, *ev.kwargs.values())
     ):
         return ev
-    return Event(
-        ev.index,
-        ev.func,
-        tuple(loc(a) for a in ev.args),
-        {k: loc(v) for k, v in ev.kwargs.items()},
-        outs,
-        ev.phase,
-        ev.module,
-        ev.root,
-        ev.frame,
-        ev.node,
-        ev.inputs_finite,
-        ev.grad_fns,
-        ev.source,
+    return dataclasses.replace(
+        ev,
+        args=tuple(loc(a) for a in ev.args),
+        kwargs={k: loc(v) for k, v in ev.kwargs.items()},
+        outputs=outs,
     )
 
 
@@ -582,20 +574,10 @@ class Analyzer:
                 return type(a)(swap.get(id(x), x) if isinstance(x, torch.Tensor) else x for x in a)
             return a
 
-        return Event(
-            ev.index,
-            ev.func,
-            tuple(sub(a) for a in ev.args),
-            {k: sub(v) for k, v in ev.kwargs.items()},
-            ev.outputs,
-            ev.phase,
-            ev.module,
-            ev.root,
-            ev.frame,
-            ev.node,
-            ev.inputs_finite,
-            ev.grad_fns,
-            ev.source,
+        return dataclasses.replace(
+            ev,
+            args=tuple(sub(a) for a in ev.args),
+            kwargs={k: sub(v) for k, v in ev.kwargs.items()},
         )
 
     def observe(self, ev: Event) -> None:
