@@ -87,28 +87,30 @@ def test_tp_log_of_a_negative_column_on_rank_1(tmp_path):
     assert took < 45, f"{took:.1f} s: something waited on a collective"
 
 
-# FSDP2: rank 1 stops at its model output and replays its forward; the replay re-runs the
-# recorded all-gathers while rank 0 waits in the backward's reduce-scatter: a collective
-# mismatch (gloo aborts). Needs the runner's replay to skip recorded collectives (see
-# docs/at-scale.md, "nanscope run on DTensor").
-_REPLAYS_COLLECTIVES = pytest.mark.xfail(
-    reason="runner.replay re-runs recorded c10d ops (FSDP2 all-gathers)", strict=False
-)
+# FSDP2: rank 1 stops at its model output and replays its forward alone, while rank 0 goes
+# on into the backward's all-gather. The replay takes the all-gathered parameters as they were
+# (copied when the script first read them) instead of gathering them again, and the gathered
+# parameters FSDP freed after the forward get stand-ins instead of being read from freed memory.
 
 
-@_REPLAYS_COLLECTIVES
 def test_fsdp2_nan_batch_on_rank_1(tmp_path):
     run, doc, took = _watched(tmp_path, "fsdp2_train.py", "--bad-batch", "1:2")
     assert run.returncode == 1, run.stderr[-3000:]
     d = doc["diagnosis"]
     assert (d["category"], d["phase"], d["step"], d["ranks"]) == ("nonfinite_input", "data", 2, [1])
     assert d["samples"] == [3]
+    assert "replay of the step failed" not in json.dumps(doc)
+    # rank 0 saw nothing of its own: it was in the backward's collectives when rank 1 stopped
+    assert {r["rank"]: r["status"] for r in doc["per_rank"]} == {0: "clean", 1: "nonfinite"}
+    assert took < 45, f"{took:.1f} s: something waited on a collective"
 
 
-@_REPLAYS_COLLECTIVES
 def test_fsdp2_sqrt_of_a_negative_on_rank_1(tmp_path):
     run, doc, took = _watched(tmp_path, "fsdp2_train.py", "--bad-sqrt", "1:2")
     assert run.returncode == 1, run.stderr[-3000:]
     d = doc["diagnosis"]
     assert (d["category"], d["op"], d["step"], d["ranks"]) == ("op_domain", "aten::sqrt", 2, [1])
     assert d["samples"] == [2]
+    assert d["location"]["file"].endswith("fsdp2_train.py") and d["location"]["line"] == 32
+    assert "replay of the step failed" not in json.dumps(doc)
+    assert took < 45, f"{took:.1f} s: something waited on a collective"

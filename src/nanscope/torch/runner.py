@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import sys
 import warnings
 import weakref
@@ -72,6 +73,8 @@ from nanscope.torch.trace import (
     ModuleTracker,
     first_failure,
     inputs_finite,
+    is_collective,
+    op_name,
     optimizer_frame,
     user_frame,
     write_positions,
@@ -87,9 +90,15 @@ _FLUSH_EVERY = 50_000  # records kept at most between two boundaries that drop t
 # Largest optimizer (parameters + state) copied before each step, so that a step that went
 # non-finite can be run again, recorded: the copy is kept from step to step.
 _STEP_COPY_BYTES = 256 * 2**20
+# Largest total of what collectives brought in (FSDP's all-gathered parameters, an all-reduce's
+# result) copied per recorded stretch, so that a replay on one rank need not run them again.
+_RECEIVED_BYTES = 256 * 2**20
 
 
 _MUTABLE: dict[Any, bool] = {}  # op -> whether it writes to an argument
+_COMM: dict[Any, bool] = {}  # op -> whether it is a collective (``trace.is_collective``)
+# The functional collectives' identity steps: the value they return is the one they were given
+_WAITS = re.compile(r"::(wait_tensor|_wrap_tensor_autograd)$")
 # Ops that make a tensor from Python values: an infinity they hold was written by the script.
 _CONSTANTS = {
     getattr(torch.ops.aten, name)
@@ -120,6 +129,70 @@ def _sum_per_device(scalars: list[torch.Tensor]) -> float:
 
 def _all_finite_per_device(scalars: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(ts).all()) for ts in _per_device([t.float() for t in scalars]))
+
+
+class ReceivedNotKept(RuntimeError):
+    """The replay needs what a collective brought in, and it was past what nanscope keeps."""
+
+    def __init__(self, op: str, kept: int) -> None:
+        super().__init__(
+            f"the step read what {op} brought in from the other ranks, and nanscope keeps at "
+            f"most {_RECEIVED_BYTES // 2**20} MiB of that per step ({kept / 2**20:.0f} MiB "
+            "kept): the ops after it could not be run again on this rank alone"
+        )
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Bytes of its storage that ``t`` reaches."""
+    if t.numel() == 0:
+        return 0
+    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    return (last + 1) * t.element_size()
+
+
+def _freed_stand_ins(records: list[Event]) -> dict[int, torch.Tensor]:
+    """FSDP frees a gathered parameter's memory once a layer is done with it (its storage
+    resized to 0) and allocates it again before the next use: a replay reading it then would
+    read freed memory. Each tensor the records hold whose storage is now too small gets a
+    zeroed stand-in of the same size, strides and offset, one storage per freed one, so its
+    views still alias. The replay writes it before reading it, as the script did (FSDP copies
+    the all-gathered values in)."""
+    short: dict[int, tuple[int, list[torch.Tensor]]] = {}
+    for ev in records:
+        for ref in (*ev.args, *ev.kwargs.values()):
+            for r in ref if isinstance(ref, (list, tuple)) else (ref,):
+                t = r.tensor if isinstance(r, _Ref) and r.key is None else None
+                if (
+                    type(t) not in (torch.Tensor, torch.nn.Parameter)
+                    or t.layout is not torch.strided
+                ):
+                    continue
+                if t.is_meta:
+                    continue
+                storage = t.untyped_storage()
+                need = _extent(t)
+                if storage.nbytes() >= need:
+                    continue
+                size, ts = short.get(storage._cdata, (0, []))
+                short[storage._cdata] = (max(size, need), [*ts, t])
+    stand_ins = {}
+    for size, ts in short.values():
+        storage = torch.zeros(size, dtype=torch.uint8, device=ts[0].device).untyped_storage()
+        for t in ts:
+            stand_ins[id(t)] = torch.empty(0, dtype=t.dtype, device=t.device).set_(
+                storage, t.storage_offset(), t.shape, t.stride()
+            )
+    return stand_ins
+
+
+def _nested_tensors(seq: Any) -> list[torch.Tensor]:
+    out = []
+    for x in seq:
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            out += _nested_tensors(x)
+    return out
 
 
 class _Ref:
@@ -160,6 +233,8 @@ class _Mode(TorchDispatchMode):
         if mutable is None:
             mutable = _MUTABLE[func] = bool(func._schema.is_mutable)
         snaps = r.guarded(r.snapshot_written, func, args, kwargs) if mutable else None
+        if r.unread:  # what a collective brought in, about to be read: copied first
+            r.guarded(r.keep_received, func, args, kwargs)
         out = func(*args, **kwargs)
         if func is _ONES_LIKE:
             r.guarded(r.note_backward_seed, args[0])
@@ -193,6 +268,13 @@ class Runner:
         # that when the step later writes it, the reads before see the copy of what they read.
         self._held: dict[int, list[_Ref]] = {}
         self._last_forward: tuple[Event, list[torch.Tensor]] | None = None
+        # What collectives wrote (``_received``): record index -> the output keys; id(tensor) ->
+        # (weak ref, keys) until an op reads it; key -> the copy taken then (``keep_received``).
+        self.received: dict[int, list[tuple[int, int]]] = {}
+        self.unread: dict[int, tuple[weakref.ref, list[tuple[int, int]]]] = {}
+        self.kept: dict[tuple[int, int], torch.Tensor] = {}
+        self.kept_bytes = 0
+        self._carried: list[tuple[int, int]] = []  # what a wait's input stood for
         self.rng = torch.get_rng_state()
         self.grad_norms: list[float] = []
         self.step = 0
@@ -353,15 +435,65 @@ class Runner:
         hit = self.produced.get(id(t))
         return hit is not None and hit[0]() is t and hit[2] is t.dtype and hit[3] == t.shape
 
+    # What a collective wrote holds what other ranks sent: a replay on this rank alone cannot
+    # run the collective again (the other ranks are elsewhere: gloo aborts on the mismatch, NCCL
+    # hangs). So its outputs are copied, once, just before the first op reads them: by then the
+    # script has waited for the collective (an async one's buffer is filled at its ``wait``),
+    # and the copy is what the script read. The replay takes the copies instead of the call.
+    def _received(self, i: int, outs: list[torch.Tensor]) -> None:
+        keys = self.received[i] = [(i, k) for k in range(len(outs))]
+        carried, self._carried = self._carried, []
+        for key, o in zip(keys, outs, strict=True):
+            hit = self.unread.get(id(o))
+            # ``allreduce_`` returns the tensor it wrote: one copy serves both
+            earlier = hit[1] if hit is not None and hit[0]() is o else []
+            self.unread[id(o)] = (weakref.ref(o), [*carried, *earlier, key])
+            carried = []
+
+    def keep_received(self, func: Any, args: tuple, kwargs: dict) -> None:
+        comm = _COMM.get(func)
+        if comm is None:
+            comm = _COMM[func] = is_collective(func)
+        if comm and not _WAITS.search(op_name(func)):
+            return  # a collective of a collective's result: its own output is what is kept
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                self._keep(a, comm)
+            elif isinstance(a, (list, tuple)):
+                for x in a:
+                    if isinstance(x, torch.Tensor):
+                        self._keep(x, comm)
+
+    def _keep(self, t: torch.Tensor, wait: bool) -> None:
+        hit = self.unread.pop(id(t), None)
+        if hit is None or hit[0]() is not t:
+            return
+        if wait:  # ``wait_tensor``: the buffer is filled after it; its output holds the same
+            self._carried += hit[1]
+            return
+        values = local(t).detach()
+        size = values.numel() * values.element_size()
+        if self.kept_bytes + size > _RECEIVED_BYTES:  # a replay that needs it says so
+            return
+        self.kept_bytes += size
+        copy = values.clone()
+        for key in hit[1]:
+            self.kept[key] = copy
+
     def record(self, func: Any, args: tuple, kwargs: dict, out: Any, snaps: dict | None) -> None:
         if self._last_forward is not None:  # autograd has set its outputs' grad_fn by now
             rec, outs = self._last_forward
             rec.grad_fns = [grad_fn_of(o) for o in outs]
             self._last_forward = None
+        comm = _COMM.get(func)
+        if comm is None:
+            comm = _COMM[func] = is_collective(func)
         if isinstance(out, torch.Tensor):
             all_outs = [out]
         elif isinstance(out, (tuple, list)):
             all_outs = [o for o in out if isinstance(o, torch.Tensor)]
+            if comm:  # ``allreduce_`` returns (the list it wrote, its Work); ``allgather_`` lists
+                all_outs += _nested_tensors([o for o in out if isinstance(o, (list, tuple))])
         else:
             all_outs = []
         if not all_outs and not snaps and not _MUTABLE.get(func):
@@ -401,6 +533,8 @@ class Runner:
             produced[id(o)] = (weakref.ref(o), (i, k), o.dtype, o.shape)
             if o.is_floating_point():
                 floats.append(o)
+        if comm:
+            self._received(i, all_outs)
         if node is None and floats:
             self._last_forward = (ev, floats)
         if (
@@ -424,11 +558,20 @@ class Runner:
         analyzer.tensor_names = names or {}
         values: dict[Any, torch.Tensor] = {}
 
-        def real(ref: Any) -> Any:
+        stand_ins = _freed_stand_ins(self.records)
+
+        def real(ref: Any, needed: bool = True) -> Any:
             if isinstance(ref, _Ref):
-                return ref.tensor if ref.key is None else values[ref.key]
+                if ref.key is None:
+                    return stand_ins.get(id(ref.tensor), ref.tensor)
+                got = values.get(ref.key)
+                if got is None and needed:
+                    if ref.key[0] in self.received:
+                        raise ReceivedNotKept(self.records[ref.key[0]].name, self.kept_bytes)
+                    raise KeyError(ref.key)
+                return got
             if isinstance(ref, (list, tuple)):
-                return type(ref)(real(x) for x in ref)
+                return type(ref)(real(x, needed) for x in ref)
             return ref
 
         rng = torch.get_rng_state()
@@ -437,21 +580,30 @@ class Runner:
             # The script saw this step's warnings already: the replay says nothing of its own.
             with torch.no_grad(), quiet_replay():
                 for ev in self.records:
-                    args = tuple(real(a) for a in ev.args)
-                    kwargs = {k: real(v) for k, v in ev.kwargs.items()}
+                    # a collective is not run again: its inputs are only looked at
+                    needed = ev.index not in self.received
+                    args = tuple(real(a, needed) for a in ev.args)
+                    kwargs = {k: real(v, needed) for k, v in ev.kwargs.items()}
                     ins_fin = inputs_finite(ev.func, args, kwargs)
-                    out = ev.func(*args, **kwargs)
-                    outs = (
-                        [out]
-                        if isinstance(out, torch.Tensor)
-                        else [
-                            o
-                            for o in (out if isinstance(out, (tuple, list)) else [])
-                            if isinstance(o, torch.Tensor)
-                        ]
-                    )
-                    for k, o in enumerate(outs):
-                        values[(ev.index, k)] = o
+                    if ev.index in self.received:  # not run again: what it brought in, as it was
+                        # (a copy is missing only where no op read it, or past _RECEIVED_BYTES:
+                        # an op that reads it then raises ReceivedNotKept)
+                        got = {key: self.kept.get(key) for key in self.received[ev.index]}
+                        values.update((key, o) for key, o in got.items() if o is not None)
+                        outs = [o for o in got.values() if o is not None]
+                    else:
+                        out = ev.func(*args, **kwargs)
+                        outs = (
+                            [out]
+                            if isinstance(out, torch.Tensor)
+                            else [
+                                o
+                                for o in (out if isinstance(out, (tuple, list)) else [])
+                                if isinstance(o, torch.Tensor)
+                            ]
+                        )
+                        for k, o in enumerate(outs):
+                            values[(ev.index, k)] = o
                     for where, ref in list(enumerate(ev.args)) + list(ev.kwargs.items()):
                         pieces = (
                             [((where, j), x) for j, x in enumerate(ref)]
@@ -500,6 +652,8 @@ class Runner:
     def _clear(self) -> None:
         self.records, self.losses = [], []
         self.produced, self.originals, self._held = {}, {}, {}
+        self.received, self.unread, self.kept, self.kept_bytes = {}, {}, {}, 0
+        self._carried = []
         self._last_forward = None
         self.rng = torch.get_rng_state()  # a replay of the ops recorded from here starts here
 
@@ -752,6 +906,10 @@ class Runner:
         try:
             analyzer, replayed = self.replay()
             d = first_failure(analyzer, [(what, replayed(t)) for what, t in things])
+        except ReceivedNotKept as err:  # a limit of ours, not a bug: said in the diagnosis
+            d = rules.not_localized(
+                things[0][0] if things else "value", str(err), framework="torch", step=self.step
+            )
         except Exception as err:  # the failure is real even if our replay of it is not
             self.session.internal_error("replaying the failing step", err)
             d = rules.not_localized(
