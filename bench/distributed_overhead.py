@@ -17,7 +17,8 @@ the flag is the ``world_size`` extra floats one of them carries), and the final 
 both models compared (bit for bit). The machine is shared: its load average is written next
 to the numbers.
 
-Usage: python bench/distributed_overhead.py [--rounds N] [--steps N] [--worlds 2,4] [--out FILE]
+Usage: python bench/distributed_overhead.py [--rounds N] [--steps N] [--worlds 2,4] [--models mlp,cnn]
+       [--out FILE]
 """
 
 from __future__ import annotations
@@ -43,7 +44,35 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
-def worker(rank: int, world: int, port: int, rounds: int, steps: int, out: str) -> None:
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+
+
+# name -> (model, input shape of one rank's batch, what the table calls it)
+MODELS = {
+    "mlp": (mlp, (64, 256), "MLP 256-512-512-10, batch 64 per rank"),
+    "cnn": (
+        None,  # bench/guard_overhead.small_cnn: 3 conv + BatchNorm layers, 24k parameters
+        (32, 3, 32, 32),
+        "guard_overhead.py's small CNN (3 conv + BatchNorm, 24k parameters), batch 32x3x32x32 per rank",
+    ),
+}
+
+
+def _make(name: str) -> nn.Module:
+    if name == "cnn":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from guard_overhead import small_cnn
+
+        return small_cnn()
+    return MODELS[name][0]()
+
+
+def worker(
+    rank: int, world: int, port: int, rounds: int, steps: int, out: str, model_name: str = "mlp"
+) -> None:
     from nanscope.torch import Guard
 
     warnings.simplefilter("ignore")
@@ -58,18 +87,17 @@ def worker(rank: int, world: int, port: int, rounds: int, steps: int, out: str) 
 
     def build():
         torch.manual_seed(0)
-        return DDP(
-            nn.Sequential(
-                nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
-            )
-        )
+        return DDP(_make(model_name))
 
     plain_model, model = build(), build()
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
     data = [
-        (torch.randn(64, 256, generator=g), torch.randint(0, 10, (64,), generator=g))
+        (
+            torch.randn(*MODELS[model_name][1], generator=g),
+            torch.randint(0, 10, (MODELS[model_name][1][0],), generator=g),
+        )
         for _ in range(8)
     ]
 
@@ -137,49 +165,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--worlds", default="2,4")
+    ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--out", default="bench/results/distributed_overhead.md")
     a = ap.parse_args(argv)
     rows = []
     load_before = os.getloadavg()
-    for world in (int(w) for w in a.worlds.split(",")):
-        with tempfile.TemporaryDirectory() as tmp:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            res = Path(tmp) / "r.json"
-            t0 = time.time()
-            mp.spawn(
-                worker, args=(world, port, a.rounds, a.steps, str(res)), nprocs=world, join=True
-            )
-            r = json.loads(res.read_text())
-        plain, guard = (statistics.median(r["times"][m]) * 1e3 for m in ("plain", "guard"))
-        cpu_plain, cpu_guard = (statistics.median(r["cpu"][m]) * 1e3 for m in ("plain", "guard"))
-        rows.append(
-            (
-                world,
-                plain,
-                guard,
-                guard / plain,
-                cpu_guard / cpu_plain,
-                r["collectives_per_step"],
-                len(r["times"]["plain"]),
-                r["skipped"],
-                r["disabled"],
-                r["sizes"],
-                r["same_weights"],
-                time.time() - t0,
-                os.getloadavg(),
-            )
-        )
-        print(
-            f"world {world}: plain {plain:.2f} ms, guard {guard:.2f} ms, ratio {guard / plain:.3f}, "
-            f"CPU-time ratio {cpu_guard / cpu_plain:.3f}, "
-            f"{r['collectives_per_step']:.0f} all_reduce(s) per step of sizes {r['sizes']}, "
-            f"same weights {r['same_weights']}",
-            flush=True,
-        )
+    for model_name in a.models.split(","):
+        for world in (int(w) for w in a.worlds.split(",")):
+            rows.append((model_name, *_measure(model_name, world, a.rounds, a.steps)))
     lines = [
         "# Guard overhead under DDP (gloo, CPU)",
         "",
@@ -188,22 +181,38 @@ def main(argv: list[str]) -> int:
         f"Load average (1/5/15 min) before the run: {' / '.join(f'{v:.2f}' for v in load_before)} "
         "(the machine is shared with other engineers' work).",
         "",
-        "Model: DDP(MLP 256-512-512-10), batch 64 per rank, SGD with momentum, one thread per rank. "
+        "Models: "
+        + "; ".join(f"**{m}**: DDP({MODELS[m][2]})" for m in a.models.split(","))
+        + ". SGD with momentum, one thread per rank. "
         f"{a.rounds} rounds x {a.steps} steps per mode, interleaved (order drawn per round), after a "
         "warm-up round; a barrier before every timed step; medians of rank 0's step times.",
         "",
-        "| processes | plain step | guarded step | ratio (wall) | ratio (rank 0's CPU time) | "
+        "| model | processes | plain step | guarded step | ratio (wall) | ratio (rank 0's CPU time) | "
         "all_reduce calls per guarded step (elements) | nanscope's own collectives | same final "
         "weights | timed steps per mode | load after |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for world, plain, guard, ratio, cpu, coll, n, skipped, disabled, sizes, same, _, load in rows:
+    for (
+        model_name,
+        world,
+        plain,
+        guard,
+        ratio,
+        cpu,
+        coll,
+        n,
+        skipped,
+        disabled,
+        sizes,
+        same,
+        load,
+    ) in rows:
         assert skipped == 0 and not disabled
         own = sum(1 for s in sizes if s <= world)
         lines.append(
-            f"| {world} | {plain:.2f} ms | {guard:.2f} ms | **{ratio:.3f}x** | {cpu:.3f}x | {coll:.0f} "
-            f"({', '.join(map(str, sizes))}) | {own} | {'yes' if same else 'NO'} | {n} | "
-            f"{load[0]:.2f} |"
+            f"| {model_name} | {world} | {plain:.2f} ms | {guard:.2f} ms | **{ratio:.3f}x** | "
+            f"{cpu:.3f}x | {coll:.0f} ({', '.join(map(str, sizes))}) | {own} | "
+            f"{'yes' if same else 'NO'} | {n} | {load[0]:.2f} |"
         )
     lines += [
         "",
@@ -213,6 +222,46 @@ def main(argv: list[str]) -> int:
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _measure(model_name: str, world: int, rounds: int, steps: int) -> tuple:
+    import socket
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        res = Path(tmp) / "r.json"
+        mp.spawn(
+            worker,
+            args=(world, port, rounds, steps, str(res), model_name),
+            nprocs=world,
+            join=True,
+        )
+        r = json.loads(res.read_text())
+    plain, guard = (statistics.median(r["times"][m]) * 1e3 for m in ("plain", "guard"))
+    cpu_plain, cpu_guard = (statistics.median(r["cpu"][m]) * 1e3 for m in ("plain", "guard"))
+    print(
+        f"{model_name}, world {world}: plain {plain:.2f} ms, guard {guard:.2f} ms, ratio "
+        f"{guard / plain:.3f}, CPU-time ratio {cpu_guard / cpu_plain:.3f}, "
+        f"{r['collectives_per_step']:.0f} all_reduce(s) per step of sizes {r['sizes']}, "
+        f"same weights {r['same_weights']}",
+        flush=True,
+    )
+    return (
+        world,
+        plain,
+        guard,
+        guard / plain,
+        cpu_guard / cpu_plain,
+        r["collectives_per_step"],
+        len(r["times"]["plain"]),
+        r["skipped"],
+        r["disabled"],
+        r["sizes"],
+        r["same_weights"],
+        os.getloadavg(),
+    )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def split_script_args(args: list[str]) -> tuple[list[str], str | None]:
     return args, None
 
 
-def _attach(session: RunSession, framework: str, module_name: str, count_steps: bool = False):
+def _attach(session: RunSession, framework: str, module_name: str):
     def callback(module: object) -> None:
         try:
             if framework == "torch":
@@ -69,8 +69,6 @@ def _attach(session: RunSession, framework: str, module_name: str, count_steps: 
             else:
                 from nanscope.keras import runner
             runner.attach(session, module_name)
-            if framework == "torch" and count_steps:
-                _count_steps(session)
             if framework not in session.frameworks:
                 session.frameworks.append(framework)
         except Exception as err:  # never break the user's script
@@ -98,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
     if me is not None:  # one of several processes (torchrun, accelerate launch): see core/ranks
         board = RankBoard(_ranks_folder(json_path, args.reports), me)
         board.begin(progress=lambda: {} if session.steps is None else {"step": session.steps})
-    when_imported("torch", _attach(session, "torch", "torch", count_steps=board is not None))
+    when_imported("torch", _attach(session, "torch", "torch"))
     when_imported("tensorflow", _attach(session, "keras", "tensorflow"))
     when_imported("keras", _attach(session, "keras", "keras"))
 
@@ -142,19 +140,6 @@ def main(args: argparse.Namespace) -> int:
         write_json(json_path, clean_report(framework))
     _write_html(args.html, clean_report(framework), session)
     return exit_code
-
-
-def _count_steps(session: RunSession) -> None:
-    """Keep ``session.steps`` (how far this rank got, for its answers to the other ranks)."""
-    # Stopgap until nanscope.torch.runner keeps session.steps itself: one more optimizer
-    # post-step hook, counted exactly as the runner counts its steps.
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    def counted(*_: object) -> None:
-        session.steps = (session.steps or 0) + 1
-
-    session.steps = 0
-    session.cleanups.append(register_optimizer_step_post_hook(counted).remove)
 
 
 def _ranks_folder(json_path: str | None, reports: str) -> Path:

@@ -535,6 +535,10 @@ class Guard(GuardState):
         # Only a step whose norm grew can start an explosion: the full test runs on those alone.
         if not self.warn_early or len(norms) < 3 or not norms[-1] > norms[-2]:
             return
+        # What rules.growth_warning needs, cheaply first (it sorts the history): a third rise
+        # in a row, or a jump of 1e3 over the median, and so over the smallest norm.
+        if not norms[-2] > norms[-3] and not norms[-1] > 1e3 * min(norms):
+            return
         warning = rules.growth_warning(list(norms), step=index, framework="torch")
         if warning is not None:
             self.ledger.warn_once("growth", warning)

@@ -799,6 +799,7 @@ class Runner:
         if self.unwatched(self._update_finite, optimizer) is False:
             self.guarded(self._check_update, optimizer, before, args, kwargs)
         self.step += 1
+        self.session.steps = self.step  # how far this rank got (its answer to the other ranks)
         self.tracker.new_step()
         self._clear()
 
@@ -1051,6 +1052,7 @@ def attach(session: Any, module_name: str) -> None:
     if id(session) in _RUNNERS:
         return
     runner = Runner(session)
+    session.steps = 0
     runner.install()
     _RUNNERS[id(session)] = runner
     session.cleanups.append(lambda: detach(session))
