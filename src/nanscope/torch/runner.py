@@ -34,6 +34,10 @@ How it stays cheap:
   script's own step left are put back, bit for bit. Past the size limit, or with no copy,
   only the state the step left is named.
 
+* Under a launcher, a replay runs on the failing rank alone: what a collective brought in is
+  copied once, before the first op reads it (at most ``_RECEIVED_BYTES`` per stretch of
+  records), and the replay takes the copy instead of calling the collective again.
+
 Design constraints: zero code change in the user's script; the numbers the script computes
 are never changed (the mode only observes); the update is checked as a whole after
 ``optimizer.step()`` (a step with a closure, LBFGS, is not run again); nanscope's own errors
