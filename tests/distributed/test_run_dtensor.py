@@ -46,6 +46,10 @@ def _losses(text: str) -> list[str]:
     return sorted(re.findall(r"rank \d: last loss [-\d.]+", text))  # the ranks' prints interleave
 
 
+def _weights(text: str) -> list[str]:
+    return sorted(re.findall(r"rank \d: weights [0-9a-f]{16}", text))
+
+
 @pytest.mark.parametrize("worker", ["tp_train.py", "fsdp2_train.py"])
 def test_healthy_dtensor_script_is_unchanged(tmp_path, worker):
     plain, _ = _torchrun(str(WORKERS / worker))
@@ -56,6 +60,7 @@ def test_healthy_dtensor_script_is_unchanged(tmp_path, worker):
     assert run.returncode == 0, run.stderr[-3000:]
     assert doc["status"] == "ok" or doc.get("diagnosis") is None, doc
     assert _losses(run.stdout) == _losses(plain.stdout) and len(_losses(plain.stdout)) == 2
+    assert _weights(run.stdout) == _weights(plain.stdout) and len(_weights(plain.stdout)) == 2
     print(f"{worker} healthy under nanscope run: {took:.1f} s")
 
 
@@ -85,7 +90,7 @@ def test_tp_log_of_a_negative_column_on_rank_1(tmp_path):
         2,
         [1],
     )
-    assert d["location"]["file"].endswith("tp_train.py") and d["location"]["line"] == 35
+    assert d["location"]["file"].endswith("tp_train.py") and d["location"]["line"] == 37
     assert took < 45, f"{took:.1f} s: something waited on a collective"
 
 
@@ -113,6 +118,6 @@ def test_fsdp2_sqrt_of_a_negative_on_rank_1(tmp_path):
     d = doc["diagnosis"]
     assert (d["category"], d["op"], d["step"], d["ranks"]) == ("op_domain", "aten::sqrt", 2, [1])
     assert d["samples"] == [2]
-    assert d["location"]["file"].endswith("fsdp2_train.py") and d["location"]["line"] == 32
+    assert d["location"]["file"].endswith("fsdp2_train.py") and d["location"]["line"] == 33
     assert "replay of the step failed" not in json.dumps(doc)
     assert took < 45, f"{took:.1f} s: something waited on a collective"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,15 @@ import torch.nn.functional as F
 from nanscope.core.errors import NonFiniteError
 from nanscope.core.session import RunSession
 from nanscope.torch import runner
+
+HERE = Path(__file__)
+SOURCE = HERE.read_text().splitlines()
+
+
+def _line(text: str) -> int:
+    """The first line of this file that holds ``text``: the model's code, above its tests."""
+    return next(i for i, line in enumerate(SOURCE, 1) if text in line)
+
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is absent")
 
@@ -68,7 +78,7 @@ class AllReducedLog(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
         dist.all_reduce(h)  # in place, c10d::allreduce_
-        return self.down(torch.log(h))
+        return self.down(torch.log(h))  # log after the all-reduce
 
 
 class AllGatheredLog(AllReducedLog):
@@ -79,7 +89,7 @@ class AllGatheredLog(AllReducedLog):
         h = self.up(x)
         parts = [torch.empty_like(h) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, h)
-        return self.down(torch.log(torch.cat(parts, dim=1)[:, :6]))
+        return self.down(torch.log(torch.cat(parts, dim=1)[:, :6]))  # log after the all-gather
 
 
 def _train(model: nn.Module, steps: int = 3) -> None:
@@ -100,7 +110,10 @@ def test_a_log_after_a_collective_is_named_from_the_kept_result(group, block):
     assert err is not None
     d = err.diagnosis
     assert (d.category.value, d.op, d.phase.value) == ("op_domain", "aten::log", "forward")
-    assert d.location is not None and d.location.line > 0
+    where = "all-reduce" if block is AllReducedLog else "all-gather"
+    assert d.location is not None and Path(d.location.file).resolve() == HERE.resolve()
+    assert d.location.line == _line(f"# log after the {where}")
+    assert d.samples == [0, 1, 2, 3, 4]  # every row: every unit is negative
     assert not session.internal_errors
 
 
@@ -149,7 +162,7 @@ class FreesAfterUse(nn.Module):
         with torch.no_grad():
             flat.copy_(self.weight.reshape(-1))
         out = x @ self.full.t()
-        out = torch.sqrt(out)  # negative pre-activations: NaN
+        out = torch.sqrt(out)  # negative pre-activations: NaN (the sqrt of freed memory)
         storage.resize_(0)
         return out
 
@@ -161,4 +174,6 @@ def test_memory_freed_after_use_is_not_read_by_the_replay():
     assert err is not None
     d = err.diagnosis
     assert (d.category.value, d.op) == ("op_domain", "aten::sqrt"), d
+    assert d.location is not None and d.location.line == _line("(the sqrt of freed memory)")
+    assert d.samples == [0, 1]
     assert not session.internal_errors

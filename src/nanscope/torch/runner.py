@@ -69,7 +69,14 @@ from nanscope.core.diagnosis import Diagnosis
 from nanscope.core.enums import Phase
 from nanscope.core.errors import NonFiniteError
 from nanscope.core.limits import dtype_name
-from nanscope.torch._util import all_finite, grad_fn_of, local, quiet_replay, settled_norms
+from nanscope.torch._util import (
+    all_finite,
+    grad_fn_of,
+    local,
+    named_tensors,
+    quiet_replay,
+    settled_norms,
+)
 from nanscope.torch.checks import check_model_state, check_optimizer_state, param_names
 from nanscope.torch.trace import (
     Analyzer,
@@ -100,9 +107,22 @@ _RECEIVED_BYTES = 256 * 2**20
 
 
 _MUTABLE: dict[Any, bool] = {}  # op -> whether it writes to an argument
-_COMM: dict[Any, bool] = {}  # op -> whether it is a collective (``trace.is_collective``)
-# The functional collectives' identity steps: the value they return is the one they were given
+# op -> None (not a collective), "wait" (a functional collective's identity step: it returns
+# the tensor it was given, filled), or "collective" (``trace.is_collective``)
+_COMM: dict[Any, str | None] = {}
 _WAITS = re.compile(r"::(wait_tensor|_wrap_tensor_autograd)$")
+
+
+def _collective(func: Any) -> str | None:
+    kind = _COMM.get(func, False)
+    if kind is False:
+        name = op_name(func)
+        kind = _COMM[func] = (
+            ("wait" if _WAITS.search(name) else "collective") if is_collective(func) else None
+        )
+    return kind
+
+
 # Ops that make a tensor from Python values: an infinity they hold was written by the script.
 _CONSTANTS = {
     getattr(torch.ops.aten, name)
@@ -166,12 +186,9 @@ def _freed_stand_ins(records: list[Event]) -> dict[int, torch.Tensor]:
         for ref in (*ev.args, *ev.kwargs.values()):
             for r in ref if isinstance(ref, (list, tuple)) else (ref,):
                 t = r.tensor if isinstance(r, _Ref) and r.key is None else None
-                if (
-                    type(t) not in (torch.Tensor, torch.nn.Parameter)
-                    or t.layout is not torch.strided
-                ):
+                if type(t) not in (torch.Tensor, torch.nn.Parameter):
                     continue
-                if t.is_meta:
+                if t.layout is not torch.strided or t.is_meta:
                     continue
                 storage = t.untyped_storage()
                 need = _extent(t)
@@ -187,16 +204,6 @@ def _freed_stand_ins(records: list[Event]) -> dict[int, torch.Tensor]:
                 storage, t.storage_offset(), t.shape, t.stride()
             )
     return stand_ins
-
-
-def _nested_tensors(seq: Any) -> list[torch.Tensor]:
-    out = []
-    for x in seq:
-        if isinstance(x, torch.Tensor):
-            out.append(x)
-        elif isinstance(x, (list, tuple)):
-            out += _nested_tensors(x)
-    return out
 
 
 class _Ref:
@@ -455,18 +462,16 @@ class Runner:
             carried = []
 
     def keep_received(self, func: Any, args: tuple, kwargs: dict) -> None:
-        comm = _COMM.get(func)
-        if comm is None:
-            comm = _COMM[func] = is_collective(func)
-        if comm and not _WAITS.search(op_name(func)):
+        kind = _collective(func)
+        if kind == "collective":
             return  # a collective of a collective's result: its own output is what is kept
         for a in (*args, *kwargs.values()):
             if isinstance(a, torch.Tensor):
-                self._keep(a, comm)
+                self._keep(a, kind == "wait")
             elif isinstance(a, (list, tuple)):
                 for x in a:
                     if isinstance(x, torch.Tensor):
-                        self._keep(x, comm)
+                        self._keep(x, kind == "wait")
 
     def _keep(self, t: torch.Tensor, wait: bool) -> None:
         hit = self.unread.pop(id(t), None)
@@ -489,15 +494,13 @@ class Runner:
             rec, outs = self._last_forward
             rec.grad_fns = [grad_fn_of(o) for o in outs]
             self._last_forward = None
-        comm = _COMM.get(func)
-        if comm is None:
-            comm = _COMM[func] = is_collective(func)
+        comm = _collective(func)
         if isinstance(out, torch.Tensor):
             all_outs = [out]
+        elif comm:  # ``allreduce_`` returns (the list it wrote, its Work); ``allgather_`` lists
+            all_outs = [t for _, t in named_tensors(out, "")]
         elif isinstance(out, (tuple, list)):
             all_outs = [o for o in out if isinstance(o, torch.Tensor)]
-            if comm:  # ``allreduce_`` returns (the list it wrote, its Work); ``allgather_`` lists
-                all_outs += _nested_tensors([o for o in out if isinstance(o, (list, tuple))])
         else:
             all_outs = []
         if not all_outs and not snaps and not _MUTABLE.get(func):

@@ -4,9 +4,10 @@
 ``--bad-batch RANK:STEP`` puts a NaN into sample 3 of that rank's batch at that step.
 ``--bad-sqrt RANK:STEP`` makes the first feature of sample 2 negative on that rank at that
 step: the model's ``sqrt`` of it (meant to be a non-negative magnitude) is NaN on that rank
-only. Prints the last loss."""
+only. Prints the last loss and a hash of this rank's weight shards."""
 
 import argparse
+import hashlib
 from datetime import timedelta
 
 import torch
@@ -56,4 +57,6 @@ for step in range(args.steps):
     loss.backward()
     opt.step()
 print(f"rank {rank}: last loss {loss.item():.6f}")
+shards = b"".join(p.to_local().detach().numpy().tobytes() for p in model.parameters())
+print(f"rank {rank}: weights {hashlib.sha256(shards).hexdigest()[:16]}")  # this rank's shards
 dist.destroy_process_group()

@@ -5,9 +5,11 @@ mesh), the same batch on every rank as tensor parallelism wants it, SGD.
 ``--bad-batch RANK:STEP`` puts a NaN into sample 3 of that rank's batch at that step (a corrupt
 record read by that rank only). ``--bad-column RANK:STEP`` makes one hidden unit of that rank's
 shard negative at that step: the ``log`` of the column-parallel layer's output is then NaN on
-that rank only (the row-parallel all-reduce carries it to every rank). Prints the last loss."""
+that rank only (the row-parallel all-reduce carries it to every rank). Prints the last loss
+and a hash of this rank's weight shards."""
 
 import argparse
+import hashlib
 from datetime import timedelta
 
 import torch
@@ -59,4 +61,6 @@ for step in range(args.steps):
     loss.backward()
     opt.step()
 print(f"rank {rank}: last loss {loss.item():.6f}")
+shards = b"".join(p.to_local().detach().numpy().tobytes() for p in model.parameters())
+print(f"rank {rank}: weights {hashlib.sha256(shards).hexdigest()[:16]}")  # this rank's shards
 dist.destroy_process_group()
