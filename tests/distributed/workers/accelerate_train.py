@@ -68,4 +68,8 @@ d = guard.last
         }
     )
 )
+# Drop what holds the process group, so it is destroyed here and not at exit (conftest.py):
+# free_memory drops the accelerator's own references and runs the garbage collector.
+guard = model = optimizer = loader = None
+accelerator.free_memory()
 accelerator.end_training()

@@ -6,6 +6,7 @@ step: a corrupt record in that rank's shard of the data. ``--die RANK:STEP`` kil
 process at the start of that step, as the out-of-memory killer would."""
 
 import argparse
+import gc
 import os
 import signal
 from datetime import timedelta
@@ -38,4 +39,7 @@ for step in range(args.steps):
     loss = F.cross_entropy(model(x), y)
     loss.backward()
     opt.step()
+# Drop what holds the process group, so it is destroyed here and not at exit (conftest.py).
+model = opt = None
+gc.collect()
 dist.destroy_process_group()

@@ -7,6 +7,7 @@ step: the model's ``sqrt`` of it (meant to be a non-negative magnitude) is NaN o
 only. Prints the last loss and a hash of this rank's weight shards."""
 
 import argparse
+import gc
 import hashlib
 from datetime import timedelta
 
@@ -59,4 +60,7 @@ for step in range(args.steps):
 print(f"rank {rank}: last loss {loss.item():.6f}")
 shards = b"".join(p.to_local().detach().numpy().tobytes() for p in model.parameters())
 print(f"rank {rank}: weights {hashlib.sha256(shards).hexdigest()[:16]}")  # this rank's shards
+# Drop what holds the process group, so it is destroyed here and not at exit (conftest.py).
+model = opt = mesh = None
+gc.collect()
 dist.destroy_process_group()

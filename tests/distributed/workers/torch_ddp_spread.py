@@ -11,6 +11,7 @@ that only it can see:
 The guard's flag rides DDP's own gradient all-reduce, so these must still be seen by both
 ranks. A comm hook registered by the user keeps working and the guard stays correct."""
 
+import gc
 import json
 import sys
 import warnings
@@ -108,4 +109,7 @@ result.update(
 )
 (out / f"rank{rank}.json").write_text(json.dumps(result))
 dist.barrier()
+# Drop what holds the process group, so it is destroyed here and not at exit (conftest.py).
+plain = guarded = None
+gc.collect()
 dist.destroy_process_group()

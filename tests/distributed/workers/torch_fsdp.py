@@ -12,6 +12,7 @@ gloo on localhost. Scenarios, each on a fresh model in the same process group:
 """
 
 import faulthandler
+import gc
 import json
 import sys
 import warnings
@@ -201,4 +202,7 @@ result["tp"] = guarded(tp, same_data, hook=poison_tp)
 
 (out / f"rank{rank}.json").write_text(json.dumps(result))
 dist.barrier(timeout=timedelta(seconds=60))
+# Drop what holds the process group, so it is destroyed here and not at exit (conftest.py).
+net = tp = mesh = None
+gc.collect()
 dist.destroy_process_group()

@@ -2,6 +2,7 @@
 batch of step 2 holds a NaN. With ``guard`` every rank writes what its Guard decided; without
 it the script is left to ``nanscope run``."""
 
+import gc
 import json
 import os
 import sys
@@ -52,9 +53,13 @@ if mode == "guard":
             }
         )
     )
+    guard = None  # it holds the model too
 else:
     for batch in data:
         opt.zero_grad()
         train_step(batch)
         opt.step()
+# Drop what holds the process group, so it is destroyed here and not at exit (conftest.py).
+model = opt = None
+gc.collect()
 dist.destroy_process_group()

@@ -9,6 +9,7 @@ that rank only (the row-parallel all-reduce carries it to every rank). Prints th
 and a hash of this rank's weight shards."""
 
 import argparse
+import gc
 import hashlib
 from datetime import timedelta
 
@@ -63,4 +64,7 @@ for step in range(args.steps):
 print(f"rank {rank}: last loss {loss.item():.6f}")
 shards = b"".join(p.to_local().detach().numpy().tobytes() for p in model.parameters())
 print(f"rank {rank}: weights {hashlib.sha256(shards).hexdigest()[:16]}")  # this rank's shards
+# Drop what holds the process group, so it is destroyed here and not at exit (conftest.py).
+model = opt = mesh = None
+gc.collect()
 dist.destroy_process_group()
