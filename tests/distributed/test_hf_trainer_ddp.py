@@ -71,6 +71,7 @@ def test_missing_label_on_one_rank_is_skipped_on_both_and_named(tmp_path):
             step,
             [sample],
         )
+        assert "dropna" in d["fixes"][0]  # a missing value: drop or fill it
     assert guarded[0]["weights"] == guarded[1]["weights"]  # the replicas never diverged
     assert guarded[0]["losses"][:step] == plain[0]["losses"][:step]  # same run up to there
 

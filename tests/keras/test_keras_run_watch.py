@@ -41,6 +41,7 @@ def test_evaluate_with_nan_targets_names_the_batch_and_samples(tmp_path):
     d = report["diagnosis"]
     assert rc == 1 and d["category"] == "invalid_target" and d["phase"] == "data"
     assert d["samples"] == [1, 5] and d["evidence"][0] == "in model.evaluate, batch 1 (inference)"
+    assert "dropna" in d["fixes"][0] and "tf.boolean_mask" in d["fixes"][1]  # Keras spelling
 
 
 def test_predict_on_batch_of_a_subclassed_model_with_a_nan_request(tmp_path, capsys):

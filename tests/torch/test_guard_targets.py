@@ -53,6 +53,9 @@ def test_a_target_under_any_key_is_invalid_target():
         [3],
         2,
     )
+    # what to do about a missing value, not about a batch with no valid target (0/0)
+    assert "dropna" in d.fixes[0] and "torch.isfinite(y)" in d.fixes[1]
+    assert not any("no valid target" in f for f in d.fixes)
 
 
 class TwoInputs(nn.Module):

@@ -67,6 +67,20 @@ TABLE: dict[tuple[Category, str | None], tuple[Fix, ...]] = {
             "divide the summed loss by max(1, number of valid targets)",
         ),
     ),
+    # The target itself holds NaN/Inf (a missing value in the table, a broken label transform),
+    # as opposed to a batch with no valid target at all.
+    (Category.INVALID_TARGET, "nonfinite_values"): (
+        Fix(
+            "drop or fill the samples whose target is NaN/Inf before training (a missing value in the "
+            "table: `df.dropna(subset=[target_column])`); `nanscope data PATH` lists them in .npy/.npz/.h5 files"
+        ),
+        Fix(
+            "or leave them out of the loss: `keep = torch.isfinite(y); loss = F.mse_loss(pred[keep], y[keep])`",
+            "or leave them out of the loss: `keep = tf.math.is_finite(y)`, then the loss of "
+            "`tf.boolean_mask(pred, keep)` and `tf.boolean_mask(y, keep)`",
+        ),
+        Fix("check what made the targets (normalizing by a zero std, a log of 0, a failed parse)"),
+    ),
     (Category.OP_DOMAIN, OpKind.LOG): (
         Fix(
             "replace log(softmax(x)) with log_softmax(x) (or F.cross_entropy on the logits){at}",
