@@ -5,8 +5,9 @@ the Trainer's distributed sampler hands to one rank only.
 Without nanscope the Trainer logs a finite loss at that step (its NaN filter, then the mean over
 ranks) and every later one, while every weight on both ranks turns NaN. With it, both ranks
 skip that one step, the weights stay finite and equal across ranks, and the diagnosis names the
-rank, step and sample that held the row, as that rank's own data loader read it. A healthy
-table trains to the same bits with and without nanscope. Every launch is bounded."""
+rank, step and sample that held the row, as that rank's own data loader read it. The unchanged
+script under ``torchrun ... nanscope run`` names the same. A healthy table trains to the same
+bits with and without nanscope. Every launch is bounded."""
 
 import json
 import os
@@ -22,16 +23,19 @@ helpers = sys.modules["tests.distributed.conftest"]
 BAD_ROW, BATCH = 21, 4  # as in the worker
 
 
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(helpers.free_port()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=180, cwd=helpers.ROOT, env=env
+    )
+
+
 def _launch(tmp_path, mode: str, *flags: str) -> list[dict]:
     out = tmp_path / mode
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(helpers.free_port())]
-    cmd += [str(helpers.WORKERS / "hf_trainer_ddp.py"), str(out), mode, *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
-    run = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=180, cwd=helpers.ROOT, env=env
-    )
+    run = _torchrun(str(helpers.WORKERS / "hf_trainer_ddp.py"), str(out), mode, *flags)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
@@ -51,13 +55,21 @@ def _where(ranks: list[dict]) -> tuple[int, int, int]:
     return found[0]
 
 
-def test_missing_label_on_one_rank_is_skipped_on_both_and_named(tmp_path):
-    plain = _launch(tmp_path, "plain")
-    rank, step, sample = _where(plain)
-    assert step < 6
-    for r in plain:  # the Trainer says nothing: finite logs, NaN weights
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> list[dict]:
+    """The run without nanscope."""
+    return _launch(tmp_path_factory.mktemp("hf"), "plain")
+
+
+def test_without_nanscope_the_trainer_says_nothing(plain):
+    assert _where(plain)[1] < 6
+    for r in plain:  # finite logs, NaN weights
         assert r["finite"] is False
         assert all(loss == loss for loss in r["losses"]) and len(r["losses"]) == 6
+
+
+def test_missing_label_on_one_rank_is_skipped_on_both_and_named(tmp_path, plain):
+    rank, step, sample = _where(plain)
 
     guarded = _launch(tmp_path, "guard")
     assert _where(guarded) == (rank, step, sample)  # the same order of rows as without nanscope
@@ -74,6 +86,24 @@ def test_missing_label_on_one_rank_is_skipped_on_both_and_named(tmp_path):
         assert "dropna" in d["fixes"][0]  # a missing value: drop or fill it
     assert guarded[0]["weights"] == guarded[1]["weights"]  # the replicas never diverged
     assert guarded[0]["losses"][:step] == plain[0]["losses"][:step]  # same run up to there
+
+
+def test_the_unchanged_script_under_nanscope_run_names_the_same(tmp_path, plain):
+    rank, step, sample = _where(plain)
+    out = tmp_path / "report.json"
+    worker = str(helpers.WORKERS / "hf_trainer_ddp.py")
+    run = _torchrun("-m", "nanscope", "run", worker, str(tmp_path), "plain", "--json", str(out))
+    assert run.returncode == 1 and out.is_file(), run.stderr[-3000:]
+    assert "internal error" not in run.stderr
+    d = json.loads(out.read_text())["diagnosis"]
+    assert (d["category"], d["phase"], d["ranks"], d["step"], d["samples"]) == (
+        "invalid_target",
+        "data",
+        [rank],
+        step,
+        [sample],
+    )
+    assert "first op to read it: aten::mse_loss in MSELoss" in d["evidence"]
 
 
 def test_healthy_table_trains_to_the_same_bits(tmp_path):
