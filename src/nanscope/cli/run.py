@@ -128,6 +128,8 @@ def main(args: argparse.Namespace) -> int:
             sys.path.pop(0)
 
     framework = session.frameworks[0] if session.frameworks else None
+    if board is None and session.diagnosis is not None:
+        session.diagnosis = _other_ranks_unwatched(session.diagnosis, args.script)
     if board is not None:
         return _end_rank(board, session, exit_code, script_error, framework, json_path, args.html)
     if session.diagnosis is not None:
@@ -140,6 +142,26 @@ def main(args: argparse.Namespace) -> int:
         write_json(json_path, clean_report(framework))
     _write_html(args.html, clean_report(framework), session)
     return exit_code
+
+
+def _other_ranks_unwatched(d: Diagnosis, script: str) -> Diagnosis:
+    """A value that came from another rank, in a process no launcher started under nanscope
+    run: the script started its other ranks itself (Lightning's ``strategy="ddp"``,
+    ``mp.spawn``), so they ran unwatched, and the rank whose op made it is not in the report."""
+    group = d.details.get("process_group")
+    if "arrived_through" not in d.details or not group:
+        return d
+    n = group["size"]
+    others = "the other rank" if n == 2 else f"the other {n - 1} ranks"
+    d.evidence.append(
+        f"this process is rank {group['rank']} of {n}, the only one nanscope run watched: the "
+        f"script started {others} itself (Lightning's strategy='ddp', mp.spawn), without nanscope"
+    )
+    d.fixes = [  # not "run nanscope run": it ran, on this rank alone
+        f"watch every rank: `torchrun --nproc-per-node {n} -m nanscope run {script}` (Lightning then "
+        "starts no processes of its own); the report then names the rank whose op made the value",
+    ]
+    return d
 
 
 def _ranks_folder(json_path: str | None, reports: str) -> Path:

@@ -509,6 +509,31 @@ class Analyzer:
         }
         return sorted(kinds)
 
+    def _stacked_rows(self, t: torch.Tensor, batch: int) -> list[tuple[int, int | None]]:
+        """(place in the batch, row of ``t`` or None) of each non-finite row read out of ``t``
+        one at a time and gathered by a batch-sized ``stack`` / ``cat`` (a DataLoader's
+        collate); [] when none was."""
+        rows: set[tuple[int, int | None]] = set()
+        for ev in self.forward_events:
+            if not any(x is t for x in ev.tensor_inputs()):
+                continue
+            row = None  # select(t, 0, i): row i
+            if _short(ev.func) == "select" and len(ev.args) >= 3 and ev.args[1] == 0:
+                row = int(ev.args[2]) % t.shape[0]
+            for o in ev.outputs:
+                if not is_float(o) or all_finite(o):
+                    continue
+                for later in self.forward_events:
+                    if later.index <= ev.index or not later.outputs:
+                        continue
+                    made = later.outputs[0]
+                    parts = next((a for a in later.args if isinstance(a, (list, tuple))), ())
+                    at = next((i for i, x in enumerate(parts) if x is o), None)
+                    if at is not None and made.dim() and made.shape[0] == batch:
+                        rows.add((at, row))
+                        break
+        return sorted(rows, key=lambda r: r[0])
+
     def _maker(self, t: torch.Tensor) -> Event | None:
         """The forward op that made ``t`` (looked up at a producer only: the events hold their
         outputs alive, so identity is unique). Views are looked through to their base op."""
@@ -895,7 +920,7 @@ class Analyzer:
         """A non-finite value that first appeared at a collective (its local inputs finite, or
         read first by it): it came from another rank, no op of this rank made it."""
         loc = _location(ev.frame)
-        return rules.unexplained(
+        d = rules.unexplained(
             reached,
             framework="torch",
             step=self.step,
@@ -903,6 +928,11 @@ class Analyzer:
             + (f" (at {loc})" if loc else "")
             + ": this rank's own inputs to it were finite, so no op of this rank made it",
         )
+        d.details["arrived_through"] = ev.name
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            d.details["process_group"] = {"rank": dist.get_rank(), "size": dist.get_world_size()}
+        return d
 
     def _external(self, origin: Origin) -> Diagnosis:
         from nanscope.torch.checks import check_model_state
@@ -934,6 +964,13 @@ class Analyzer:
             # The whole dataset tensor, sliced or indexed into this batch: the samples are the
             # batch's rows; where they sit in the dataset is evidence.
             dataset_rows, samples = samples, samples_of(out)
+        elif batch and t.dim() and t.shape[0] != batch and (rows := self._stacked_rows(t, batch)):
+            # Read one row at a time (a map-style dataset's __getitem__, a TensorDataset) and
+            # stacked into the batch by the loader's collate: the samples are the bad rows'
+            # places in that stack, and the rows read (where known) are the dataset's.
+            read = [r for _, r in rows]
+            samples = sorted({at for at, _ in rows})
+            dataset_rows = sorted(set(read)) if None not in read else samples_of(t)
         # What consumed it says what it is: a loss function that took it as its target
         # (argument 2 of mse_loss, nll_loss, binary_cross_entropy, ...) says it is a target,
         # wherever it sat in the batch. So does a hand-written loss that combined it with the
