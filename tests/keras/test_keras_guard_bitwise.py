@@ -65,12 +65,45 @@ def final_weights(style: str, optimizer: str, guarded: bool, norm: bool = True) 
     return b"".join(np.ascontiguousarray(w).tobytes() for w in model.get_weights())
 
 
-@pytest.mark.parametrize("style", ["functional", "sequential", "subclassed"])
-@pytest.mark.parametrize("optimizer", ["sgd", "sgd_momentum", "adam", "adamw"])
+_REORDERED = (  # the xfail below, on one more case
+    "issue 9, second cause, not fixed: on this CPU (AMD EPYC, 2026-12-02) grappler's arithmetic "
+    "optimizer rounds SGD-with-momentum on the subclassed model apart too; with "
+    "arithmetic_optimization off the two runs match (test below)"
+)
+
+
+@pytest.mark.parametrize(
+    "optimizer, style",
+    [
+        pytest.param(
+            o,
+            st,
+            marks=[pytest.mark.xfail(strict=False, reason=_REORDERED)]
+            if (o, st) == ("sgd_momentum", "subclassed")
+            else [],
+        )
+        for o in ("sgd", "sgd_momentum", "adam", "adamw")
+        for st in ("functional", "sequential", "subclassed")
+    ],
+)
 def test_guarded_fit_ends_with_the_same_weights_bit_for_bit(style, optimizer):
     assert final_weights(style, optimizer, guarded=True) == final_weights(
         style, optimizer, guarded=False
     )
+
+
+def test_without_grappler_s_reordering_momentum_is_bit_identical_in_every_style():
+    """What the xfail says: the only difference is grappler's rewrite of the update."""
+    before = tf.config.optimizer.get_experimental_options()
+    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
+    try:
+        for style in ("functional", "sequential", "subclassed"):
+            guarded = final_weights(style, "sgd_momentum", guarded=True)
+            assert guarded == final_weights(style, "sgd_momentum", guarded=False), style
+    finally:
+        tf.config.optimizer.set_experimental_options(
+            {"arithmetic_optimization": before.get("arithmetic_optimization", True)}
+        )
 
 
 class GeluRegressor(keras.Model):
