@@ -55,6 +55,16 @@ def _where(ranks: list[dict]) -> tuple[int, int, int]:
     return found[0]
 
 
+def _assert_names(d: dict, rank: int, step: int, sample: int) -> None:
+    assert (d["category"], d["phase"], d["ranks"], d["step"], d["samples"]) == (
+        "invalid_target",
+        "data",
+        [rank],
+        step,
+        [sample],
+    )
+
+
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory) -> list[dict]:
     """The run without nanscope."""
@@ -76,13 +86,7 @@ def test_missing_label_on_one_rank_is_skipped_on_both_and_named(tmp_path, plain)
     for r in guarded:
         assert r["skipped"] == 1 and r["finite"] is True
         d = r["diagnosis"]
-        assert (d["category"], d["phase"], d["ranks"], d["step"], d["samples"]) == (
-            "invalid_target",
-            "data",
-            [rank],
-            step,
-            [sample],
-        )
+        _assert_names(d, rank, step, sample)
         assert "dropna" in d["fixes"][0]  # a missing value: drop or fill it
     assert guarded[0]["weights"] == guarded[1]["weights"]  # the replicas never diverged
     assert guarded[0]["losses"][:step] == plain[0]["losses"][:step]  # same run up to there
@@ -96,13 +100,7 @@ def test_the_unchanged_script_under_nanscope_run_names_the_same(tmp_path, plain)
     assert run.returncode == 1 and out.is_file(), run.stderr[-3000:]
     assert "internal error" not in run.stderr
     d = json.loads(out.read_text())["diagnosis"]
-    assert (d["category"], d["phase"], d["ranks"], d["step"], d["samples"]) == (
-        "invalid_target",
-        "data",
-        [rank],
-        step,
-        [sample],
-    )
+    _assert_names(d, rank, step, sample)
     assert "first op to read it: aten::mse_loss in MSELoss" in d["evidence"]
 
 
