@@ -1,7 +1,8 @@
 """``nanscope run`` on the most common loaders: a map-style dataset read one row at a time
-(``TensorDataset``, a ``Dataset`` class returning dicts), shuffled, the rows stacked into the
-batch by the default collate. The NaN's ``samples`` are its rows in the batch (the contract),
-and its row in the dataset is evidence. The scripts print where the bad row really landed,
+(``TensorDataset``, a ``Dataset`` class returning dicts), shuffled, and an ``IterableDataset``
+parsing CSV lines (an empty cell read as NaN); the rows stacked into the batch by the default
+collate. The NaN's ``samples`` are its rows in the batch (the contract), and its row in the
+dataset, where there is one, is evidence. The scripts print where the bad row really landed,
 found without nanscope; the tests compare."""
 
 import json
@@ -76,8 +77,42 @@ DICT_DATASET = """
 """
 
 
+CSV_STREAM = """
+    import io, random
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    random.seed(0)
+    lines = [
+        ",".join("" if (i, j) == (13, 2) else f"{random.gauss(0, 1):.4f}" for j in range(6))
+        + f",{i % 3}"
+        for i in range(40)
+    ]
+
+
+    class CsvRows(IterableDataset):
+        def __iter__(self):
+            for line in io.StringIO("\\n".join(lines)):
+                *feats, label = line.strip().split(",")
+                yield torch.tensor([float(v) if v else float("nan") for v in feats]), int(label)
+
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step, (x, y) in enumerate(DataLoader(CsvRows(), batch_size=8)):
+        if not torch.isfinite(x).all():
+            print("truth", step, torch.nonzero(~torch.isfinite(x).all(1)).flatten().tolist())
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+"""
+
+
 @pytest.mark.parametrize(
-    "source, rows", [(TENSOR_DATASET, [27]), (DICT_DATASET, [9, 30])], ids=["tensor", "dict"]
+    "source, rows",
+    [(TENSOR_DATASET, [27]), (DICT_DATASET, [9, 30]), (CSV_STREAM, None)],
+    ids=["tensor", "dict", "csv_stream"],
 )
 def test_samples_are_the_rows_in_the_batch(tmp_path, source, rows):
     script, out = tmp_path / "train.py", tmp_path / "out.json"
@@ -94,6 +129,9 @@ def test_samples_are_the_rows_in_the_batch(tmp_path, source, rows):
     d = json.loads(out.read_text())["diagnosis"]
     assert (d["category"], d["step"]) == ("nonfinite_input", int(step))
     assert d["samples"] == json.loads(truth)  # its rows in the batch, not in the dataset
+    if rows is None:  # each row is a tensor of its own: no bigger tensor to point into
+        assert "dataset_rows" not in d.get("details", {}), d
+        return
     in_dataset = d["details"]["dataset_rows"]  # ...which are evidence
     assert set(in_dataset) <= set(rows) and len(in_dataset) == len(d["samples"])
     assert any(e.startswith("rows of the whole [") for e in d["evidence"])

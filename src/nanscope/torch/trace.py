@@ -169,6 +169,9 @@ def op_name(func: Any) -> str:
     return str(func)
 
 
+_WHOLE = -1  # _stacked_rows: the tensor is itself one sample of the batch
+
+
 def _short(func: Any) -> str:
     return op_name(func).split("::")[-1]
 
@@ -510,9 +513,9 @@ class Analyzer:
         return sorted(kinds)
 
     def _stacked_rows(self, t: torch.Tensor, batch: int) -> list[tuple[int, int | None]]:
-        """(place in the batch, row of ``t`` or None) of each non-finite row read out of ``t``
-        one at a time and gathered by a batch-sized ``stack`` / ``cat`` (a DataLoader's
-        collate); [] when none was."""
+        """(place in the batch, row of ``t``) of each non-finite row read out of ``t`` one at a
+        time and gathered by a batch-sized ``stack`` / ``cat`` (a DataLoader's collate); []
+        when none was. The row is None where unknown, ``_WHOLE`` where ``t`` is the sample."""
         rows: set[tuple[int, int | None]] = set()
         for ev in self.forward_events:
             if not any(x is t for x in ev.tensor_inputs()):
@@ -530,7 +533,7 @@ class Analyzer:
                     parts = next((a for a in later.args if isinstance(a, (list, tuple))), ())
                     at = next((i for i, x in enumerate(parts) if x is o), None)
                     if at is not None and made.dim() and made.shape[0] == batch:
-                        rows.add((at, row))
+                        rows.add((at, _WHOLE if row is None and o.shape == t.shape else row))
                         break
         return sorted(rows, key=lambda r: r[0])
 
@@ -970,7 +973,12 @@ class Analyzer:
             # places in that stack, and the rows read (where known) are the dataset's.
             read = [r for _, r in rows]
             samples = sorted({at for at, _ in rows})
-            dataset_rows = sorted(set(read)) if None not in read else samples_of(t)
+            if all(r == _WHOLE for r in read):  # ``t`` is one sample (a row a dataset made)
+                dataset_rows = None
+            elif None in read or _WHOLE in read:
+                dataset_rows = samples_of(t)
+            else:
+                dataset_rows = sorted(set(read))
         # What consumed it says what it is: a loss function that took it as its target
         # (argument 2 of mse_loss, nll_loss, binary_cross_entropy, ...) says it is a target,
         # wherever it sat in the batch. So does a hand-written loss that combined it with the
