@@ -3,8 +3,9 @@ rank 1's data only.
 
 Under ``torchrun --nproc-per-node 2 -m nanscope run`` every rank is watched and the report
 names rank 1, its step and sample. Run as ``nanscope run script.py``, Lightning starts rank 1
-itself, without nanscope: rank 0 sees the NaN arrive through DDP's all-reduce, and the report
-says that the rank that made it was not watched and how to watch every rank. Bounded launches."""
+itself by running the script again: that rank is started under nanscope run too
+(nanscope.cli.relaunch), and the report is the same. A healthy run prints and exits as without
+nanscope. Every launch is bounded."""
 
 import json
 import os
@@ -66,13 +67,31 @@ def test_every_rank_watched_under_torchrun(tmp_path, truth):
     assert d["details"]["dataset_rows"] == [27]
 
 
-def test_ranks_lightning_starts_itself_are_named_unwatched(tmp_path, truth):
+def test_the_rank_lightning_starts_itself_is_watched_too(tmp_path, truth):
     run, doc = _report(tmp_path, [sys.executable, "-m", "nanscope", "run", SCRIPT])
-    d = doc["diagnosis"] if "diagnosis" in doc else doc
-    assert d["category"] == "unknown" and d["step"] == truth[0]
-    assert d["details"]["arrived_through"] == "c10d::allreduce_"
-    assert any("rank 0 of 2, the only one nanscope run watched" in e for e in d["evidence"])
-    assert d["fixes"][0].startswith(
-        f"watch every rank: `torchrun --nproc-per-node 2 -m nanscope run {SCRIPT}`"
+    d = doc["diagnosis"]
+    assert (d["category"], d["phase"], d["ranks"], d["step"], d["samples"]) == (
+        "nonfinite_input",
+        "data",
+        [1],
+        *truth,
     )
-    assert "watch every rank" in run.stderr  # the printed report says it too
+    assert {r["rank"]: r["status"] for r in doc["per_rank"]} == {0: "clean", 1: "nonfinite"}
+    assert "rank 1 saw it first" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_healthy_self_launched_run_is_unchanged(tmp_path):
+    def launch(*cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*cmd, SCRIPT, "--clean"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=tmp_path,
+            env=ENV,
+        )
+
+    plain = launch(sys.executable)
+    watched = launch(sys.executable, "-m", "nanscope", "run", "--json", str(tmp_path / "r.json"))
+    assert (watched.returncode, watched.stdout) == (plain.returncode, plain.stdout) == (0, "")
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "clean"

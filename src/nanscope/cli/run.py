@@ -14,13 +14,22 @@ import os
 import runpy
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
+from nanscope.cli.relaunch import STARTED_BY, Relaunch
 from nanscope.core.diagnosis import Diagnosis, clean_report
 from nanscope.core.errors import BadInputError, NonFiniteError
 from nanscope.core.importwatch import stop_watching, when_imported
 from nanscope.core.io import check_writable, write_json
-from nanscope.core.ranks import RankBoard, failure_id, per_rank_text, rank_timeout, this_rank
+from nanscope.core.ranks import (
+    Rank,
+    RankBoard,
+    failure_id,
+    per_rank_text,
+    rank_timeout,
+    this_rank,
+)
 from nanscope.core.session import RunSession
 from nanscope.report.console import echo
 
@@ -93,9 +102,18 @@ def main(args: argparse.Namespace) -> int:
     session = RunSession(script=args.script, reports_dir=args.reports)
     me = this_rank()
     board = None
+    folder = _ranks_folder(json_path, args.reports)
+
+    def begin(rank: Rank) -> RankBoard:
+        b = RankBoard(folder, rank)
+        b.begin(progress=lambda: {} if session.steps is None else {"step": session.steps})
+        return b
+
+    relaunch = None
     if me is not None:  # one of several processes (torchrun, accelerate launch): see core/ranks
-        board = RankBoard(_ranks_folder(json_path, args.reports), me)
-        board.begin(progress=lambda: {} if session.steps is None else {"step": session.steps})
+        board = begin(me)
+    else:  # the script may start its other ranks itself (Lightning): see cli/relaunch
+        relaunch = Relaunch(args.script, _options(args, json_path), begin)
     when_imported("torch", _attach(session, "torch", "torch"))
     when_imported("tensorflow", _attach(session, "keras", "tensorflow"))
     when_imported("keras", _attach(session, "keras", "keras"))
@@ -106,7 +124,8 @@ def main(args: argparse.Namespace) -> int:
     sys.argv = [args.script, *script_args]
     sys.path.insert(0, session.script_dir)
     try:
-        runpy.run_path(args.script, run_name="__main__")
+        with relaunch or nullcontext():
+            runpy.run_path(args.script, run_name="__main__")
     except NonFiniteError:
         exit_code = 1
     except SystemExit as exc:
@@ -116,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
             print(code, file=sys.stderr)
     except BaseException as err:
         # The script's own error: show it as Python would, then our diagnosis if we have one.
-        if board is None:
+        if board is None and (relaunch is None or relaunch.board is None):
             traceback.print_exc()
         script_error = err
         exit_code = 1
@@ -128,10 +147,15 @@ def main(args: argparse.Namespace) -> int:
             sys.path.pop(0)
 
     framework = session.frameworks[0] if session.frameworks else None
+    if relaunch is not None and relaunch.board is not None:  # it started its other ranks
+        board = relaunch.board
     if board is None and session.diagnosis is not None:
         session.diagnosis = _other_ranks_unwatched(session.diagnosis, args.script)
     if board is not None:
-        return _end_rank(board, session, exit_code, script_error, framework, json_path, args.html)
+        code = _end_rank(board, session, exit_code, script_error, framework, json_path, args.html)
+        if relaunch is not None or STARTED_BY in os.environ:
+            return _relaunched_exit(board, code)
+        return code
     if session.diagnosis is not None:
         echo(session.diagnosis, file=sys.stderr)
         if json_path:
@@ -162,6 +186,34 @@ def _other_ranks_unwatched(d: Diagnosis, script: str) -> Diagnosis:
         "starts no processes of its own); the report then names the rank whose op made the value",
     ]
     return d
+
+
+def _relaunched_exit(board: RankBoard, code: int) -> int:
+    """The exit status of a rank when the script started its other ranks itself (cli/relaunch).
+
+    The first process carries the job's status: it waits (bounded) for the report of all ranks
+    when another rank wrote it, so that the report is out before the command returns. A rank
+    it started exits 0 once nanscope stopped it (its own non-finite value, or a collective
+    broken by the rank that stopped): Lightning's watchdog kills the first process as soon as
+    a started rank exits otherwise, before it could finish."""
+    seen = board.read()
+    mine = seen.get(board.me.rank, {}).get("status")
+    stopped = any(v["status"] == "nonfinite" for v in seen.values())
+    if STARTED_BY not in os.environ:
+        if stopped and mine != "nonfinite":
+            board.combined_failures(rank_timeout())
+        return code
+    return 0 if code == 1 and stopped else code
+
+
+def _options(args: argparse.Namespace, json_path: str | None) -> list[str]:
+    """nanscope run's own options, for a rank the script starts itself (absolute paths)."""
+    opts = ["--reports", os.path.abspath(args.reports)]
+    if json_path:
+        opts += ["--json", os.path.abspath(json_path)]
+    if args.html:
+        opts += ["--html", os.path.abspath(args.html)]
+    return opts
 
 
 def _ranks_folder(json_path: str | None, reports: str) -> Path:

@@ -91,12 +91,17 @@ def this_rank(environ: dict[str, str] | None = None) -> Rank | None:
     1
     >>> this_rank({"RANK": "0", "WORLD_SIZE": "1"}) is None
     True
+    >>> this_rank({"NANSCOPE_RANK": "1", "NANSCOPE_WORLD_SIZE": "2", "NANSCOPE_RUN_ID": "j"}).job
+    'j'
     """
     env = os.environ if environ is None else environ
     try:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
     except (KeyError, ValueError):
-        return None
+        try:  # a rank the script started itself under nanscope run (nanscope.cli.relaunch)
+            rank, world = int(env["NANSCOPE_RANK"]), int(env["NANSCOPE_WORLD_SIZE"])
+        except (KeyError, ValueError):
+            return None
     if world <= 1 or not 0 <= rank < world:
         return None
     local = env.get("LOCAL_RANK")
