@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import subprocess
 import textwrap
 
 import pytest
@@ -57,7 +58,7 @@ _CLASSES = [
     torch.nn.Sequential,
     torch.nn.Linear,
 ]
-_MODULES = [torch, F, torch.autograd, torch.nn.modules.module]
+_MODULES = [torch, F, torch.autograd, torch.nn.modules.module, subprocess]  # Popen: relaunch
 
 
 def _state() -> dict:
