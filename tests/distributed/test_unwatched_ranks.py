@@ -32,7 +32,7 @@ def test_a_value_from_an_unwatched_rank_says_how_to_watch_every_rank(tmp_path):
     assert d["details"]["arrived_through"] == "c10d::allreduce_"
     assert any("rank 0 of 2, the only one nanscope run watched" in e for e in d["evidence"])
     assert d["fixes"] == [
-        f"watch every rank: `torchrun --nproc-per-node 2 -m nanscope run {script}` (Lightning "
-        "then starts no processes of its own); the report then names the rank whose op made "
-        "the value"
+        f"watch every rank: run the script as one rank per process under `torchrun "
+        f"--nproc-per-node 2 -m nanscope run {script}`; the report then names the rank whose op "
+        "made the value"
     ]

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import uuid
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,15 @@ class Relaunch:
                 if a:  # bufsize and the rest given by position: not Lightning's call
                     super().__init__(args, *a, **kw)
                     return
-                args, kw["env"] = relaunch.rewrite(args, kw.get("env"))
+                try:
+                    args, kw["env"] = relaunch.rewrite(args, kw.get("env"))
+                except Exception as err:  # nanscope's own failure: that rank runs unwatched
+                    warnings.warn(
+                        f"nanscope: internal error starting a rank under nanscope run ({err!r}); "
+                        "it runs unwatched",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 super().__init__(args, **kw)
 
         subprocess.Popen = WatchedPopen  # type: ignore[misc]

@@ -170,8 +170,9 @@ def main(args: argparse.Namespace) -> int:
 
 def _other_ranks_unwatched(d: Diagnosis, script: str) -> Diagnosis:
     """A value that came from another rank, in a process no launcher started under nanscope
-    run: the script started its other ranks itself (Lightning's ``strategy="ddp"``,
-    ``mp.spawn``), so they ran unwatched, and the rank whose op made it is not in the report."""
+    run: the script started its other ranks in a way nanscope does not follow
+    (``multiprocessing``, a launcher of its own), so they ran unwatched, and the rank whose op
+    made it is not in the report."""
     group = d.details.get("process_group")
     if "arrived_through" not in d.details or not group:
         return d
@@ -179,11 +180,12 @@ def _other_ranks_unwatched(d: Diagnosis, script: str) -> Diagnosis:
     others = "the other rank" if n == 2 else f"the other {n - 1} ranks"
     d.evidence.append(
         f"this process is rank {group['rank']} of {n}, the only one nanscope run watched: the "
-        f"script started {others} itself (Lightning's strategy='ddp', mp.spawn), without nanscope"
+        f"script started {others} itself (multiprocessing, a launcher of its own), without nanscope"
     )
     d.fixes = [  # not "run nanscope run": it ran, on this rank alone
-        f"watch every rank: `torchrun --nproc-per-node {n} -m nanscope run {script}` (Lightning then "
-        "starts no processes of its own); the report then names the rank whose op made the value",
+        f"watch every rank: run the script as one rank per process under `torchrun "
+        f"--nproc-per-node {n} -m nanscope run {script}`; the report then names the rank whose op "
+        "made the value",
     ]
     return d
 
