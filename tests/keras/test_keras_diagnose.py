@@ -307,3 +307,34 @@ def test_an_update_that_overflows_the_weights_is_blamed_on_the_optimizer():
     )
     assert "finite when training began" in d.evidence[0] and "learning rate 1e+38" in d.evidence[-2]
     assert d.evidence[-1] == "the update of step 0 made them non-finite; step 1 found them"
+
+
+def test_a_missing_cell_in_a_table_of_named_inputs_names_the_column_and_a_working_filter():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    table = {
+        "age": rng.uniform(18, 90, (64, 1)).astype("float32"),
+        "income": rng.lognormal(10, 1, (64, 1)).astype("float32"),
+    }
+    table["income"][37] = np.nan  # an empty cell: batch 2, sample 5
+    label = rng.integers(0, 2, (64, 1)).astype("float32")
+    inputs = {k: keras.Input(shape=(1,), name=k) for k in table}
+    h = keras.layers.Dense(8, activation="relu")(keras.layers.Concatenate()(list(inputs.values())))
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(h))
+    model.compile("adam", "binary_crossentropy")
+    ds = tf.data.Dataset.from_tensor_slices((table, label)).batch(16)
+    with pytest.raises(NonFiniteError) as info:
+        model.fit(ds, epochs=1, verbose=0, callbacks=[Guard(policy="raise")])
+    d = info.value.diagnosis
+    assert (d.category, d.phase, d.step, d.samples) == (
+        Category.NONFINITE_INPUT,
+        Phase.DATA,
+        2,
+        [5],
+    )
+    assert d.evidence[0].startswith('x["income"]')
+    # the filter it suggests is code that runs on this dataset, and drops exactly that row
+    code = d.fixes[2].split("`")[1]
+    assert code.startswith("dataset.filter(") and "x.values()" in code
+    kept = eval(code, {"tf": tf, "dataset": ds.unbatch()})  # noqa: S307 - our own fix text
+    assert sum(1 for _ in kept) == 63

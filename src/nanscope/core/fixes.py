@@ -30,17 +30,30 @@ _WHERE_TRAP = Fix(
 # (category, variant) -> fixes, best first. The variant is the producer's op kind, or for
 # overflow the dtype ("float16"), for singular gradients the forward op's kind; None is the
 # category's default. ``fixes_for`` composes them (see there for the order).
+_DROP_BAD_SAMPLES = Fix(
+    "drop or repair the bad samples before training: `nanscope data PATH` lists every file/index with NaN/Inf"
+)
+_CHECK_PREPROCESSING = Fix(
+    "check the preprocessing that produced them (division by a zero std, log of 0, a corrupt file)"
+)
+
 TABLE: dict[tuple[Category, str | None], tuple[Fix, ...]] = {
     (Category.NONFINITE_INPUT, None): (
-        Fix(
-            "drop or repair the bad samples before training: `nanscope data PATH` lists every file/index with NaN/Inf"
-        ),
-        Fix(
-            "check the preprocessing that produced them (division by a zero std, log of 0, a corrupt file)"
-        ),
+        _DROP_BAD_SAMPLES,
+        _CHECK_PREPROCESSING,
         Fix(
             "filter inside the loader: `torch.isfinite(x).all()` per sample",
             "filter inside the loader: `dataset.filter(lambda x, y: tf.reduce_all(tf.math.is_finite(x)))`",
+        ),
+    ),
+    # The inputs are a dict of named features (a table's columns): the filter checks each one.
+    (Category.NONFINITE_INPUT, "dict_input"): (
+        _DROP_BAD_SAMPLES,
+        _CHECK_PREPROCESSING,
+        Fix(
+            "filter inside the loader: `all(torch.isfinite(v).all() for v in x.values())` per sample",
+            "filter inside the loader: `dataset.filter(lambda x, y: tf.reduce_all("
+            "[tf.reduce_all(tf.math.is_finite(v)) for v in x.values()]))`",
         ),
     ),
     (Category.INVALID_TARGET, OpKind.CTC_LOSS): (

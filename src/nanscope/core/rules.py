@@ -411,11 +411,11 @@ def nonfinite_input(
         if name is not None
         else f"{'an' if what == 'input' else 'a'} {what} tensor already held {values} before the first op read it"
     )
-    fixes = fixes_for(
-        category,
-        framework=fw,
-        variant="nonfinite_values" if category is Category.INVALID_TARGET else None,
-    )
+    if category is Category.INVALID_TARGET:
+        variant: str | None = "nonfinite_values"
+    else:  # x["income"]: one input of a dict of them
+        variant = "dict_input" if name is not None and '["' in name else None
+    fixes = fixes_for(category, framework=fw, variant=variant)
     evidence = [
         f"{name or what + ' tensor'}: {summary.describe()}",
         f"bad samples: {samples_text(samples)}",
