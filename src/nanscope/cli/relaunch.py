@@ -45,8 +45,8 @@ class Relaunch:
         self._saved: Any = None
 
     def __enter__(self) -> Relaunch:
-        self._saved = subprocess.Popen
         relaunch, original = self, subprocess.Popen
+        self._saved = original
 
         class WatchedPopen(original):  # type: ignore[misc, valid-type]
             def __init__(self, args: Any, *a: Any, **kw: Any) -> None:
@@ -91,11 +91,8 @@ class Relaunch:
             job = f"nanscope-{uuid.uuid4().hex}"
             me = Rank(int(os.environ.get("LOCAL_RANK", "0")), world, 0, socket.gethostname(), job)
             self.board = self.board_for(me)
-        child.update(
-            NANSCOPE_RUN_ID=self.board.me.job,
-            NANSCOPE_RANK=str(rank),
-            NANSCOPE_WORLD_SIZE=str(world),
-            **{STARTED_BY: str(os.getpid())},
-        )
+        child["NANSCOPE_RUN_ID"] = self.board.me.job
+        child["NANSCOPE_RANK"], child["NANSCOPE_WORLD_SIZE"] = str(rank), str(world)
+        child[STARTED_BY] = str(os.getpid())
         command = [args[0], "-m", "nanscope", "run", *self.options, args[1], "--", *args[2:]]
         return command, child

@@ -169,9 +169,6 @@ def op_name(func: Any) -> str:
     return str(func)
 
 
-_WHOLE = -1  # _stacked_rows: the tensor is itself one sample of the batch
-
-
 def _short(func: Any) -> str:
     return op_name(func).split("::")[-1]
 
@@ -512,30 +509,32 @@ class Analyzer:
         }
         return sorted(kinds)
 
-    def _stacked_rows(self, t: torch.Tensor, batch: int) -> list[tuple[int, int | None]]:
-        """(place in the batch, row of ``t``) of each non-finite row read out of ``t`` one at a
-        time and gathered by a batch-sized ``stack`` / ``cat`` (a DataLoader's collate); []
-        when none was. The row is None where unknown, ``_WHOLE`` where ``t`` is the sample."""
-        rows: set[tuple[int, int | None]] = set()
-        for ev in self.forward_events:
-            if not any(x is t for x in ev.tensor_inputs()):
+    def _collated(
+        self, origin: Origin, t: torch.Tensor, batch: int
+    ) -> tuple[list[int], list[int] | None] | None:
+        """``t`` read one sample at a time (a map-style dataset's ``__getitem__``, an
+        ``IterableDataset``'s rows) and gathered by a batch-sized ``stack`` / ``cat`` among the
+        ops that carried its values (a DataLoader's collate): (the bad samples' places in that
+        batch, the rows of ``t`` they were, or None when ``t`` is itself one sample). None when
+        no such op carried them."""
+        carried = [r.record for r in origin.readers if r.record is not None]
+        for ev in carried:
+            parts = next((a for a in ev.args if isinstance(a, (list, tuple))), ())
+            made = ev.outputs[0] if ev.outputs else None
+            if not parts or made is None or not made.dim() or made.shape[0] != batch:
                 continue
-            row = None  # select(t, 0, i): row i
-            if _short(ev.func) == "select" and len(ev.args) >= 3 and ev.args[1] == 0:
-                row = int(ev.args[2]) % t.shape[0]
-            for o in ev.outputs:
-                if not is_float(o) or all_finite(o):
-                    continue
-                for later in self.forward_events:
-                    if later.index <= ev.index or not later.outputs:
-                        continue
-                    made = later.outputs[0]
-                    parts = next((a for a in later.args if isinstance(a, (list, tuple))), ())
-                    at = next((i for i, x in enumerate(parts) if x is o), None)
-                    if at is not None and made.dim() and made.shape[0] == batch:
-                        rows.add((at, _WHOLE if row is None and o.shape == t.shape else row))
-                        break
-        return sorted(rows, key=lambda r: r[0])
+            bad = [i for i, x in enumerate(parts) if is_float(x) and not all_finite(x)]
+            if not bad:
+                continue
+            if all(parts[i].shape == t.shape for i in bad):
+                return bad, None  # each sample its own tensor: no bigger one to point into
+            rows = sorted(  # select(t, 0, i): row i of the dataset's tensor
+                int(r.args[2]) % t.shape[0]
+                for r in carried
+                if _short(r.func) == "select" and r.args[0] is t and r.args[1] == 0
+            )
+            return bad, rows if len(rows) == len(bad) else samples_of(t)
+        return None
 
     def _maker(self, t: torch.Tensor) -> Event | None:
         """The forward op that made ``t`` (looked up at a producer only: the events hold their
@@ -967,18 +966,15 @@ class Analyzer:
             # The whole dataset tensor, sliced or indexed into this batch: the samples are the
             # batch's rows; where they sit in the dataset is evidence.
             dataset_rows, samples = samples, samples_of(out)
-        elif batch and t.dim() and t.shape[0] != batch and (rows := self._stacked_rows(t, batch)):
-            # Read one row at a time (a map-style dataset's __getitem__, a TensorDataset) and
-            # stacked into the batch by the loader's collate: the samples are the bad rows'
-            # places in that stack, and the rows read (where known) are the dataset's.
-            read = [r for _, r in rows]
-            samples = sorted({at for at, _ in rows})
-            if all(r == _WHOLE for r in read):  # ``t`` is one sample (a row a dataset made)
-                dataset_rows = None
-            elif None in read or _WHOLE in read:
-                dataset_rows = samples_of(t)
-            else:
-                dataset_rows = sorted(set(read))
+        elif (
+            batch
+            and t.dim()
+            and t.shape[0] != batch
+            and (collated := self._collated(origin, t, batch))
+        ):
+            # Read one sample at a time and stacked into the batch by the loader's collate: the
+            # samples are their places in that stack; the dataset's rows are evidence.
+            samples, dataset_rows = collated
         # What consumed it says what it is: a loss function that took it as its target
         # (argument 2 of mse_loss, nll_loss, binary_cross_entropy, ...) says it is a target,
         # wherever it sat in the batch. So does a hand-written loss that combined it with the

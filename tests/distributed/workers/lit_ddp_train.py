@@ -2,8 +2,10 @@
 devices=2)`` on CPU. Run as ``python lit_ddp_train.py``, Lightning starts rank 1 itself (it
 runs this script again); under ``torchrun --nproc-per-node 2`` it starts nothing. Rank 1's
 table holds one corrupt record: a NaN feature in row 27 (where its distributed sampler puts it,
-the script prints, as a user checking by hand would); ``--clean`` leaves it whole."""
+the script prints, as a user checking by hand would); ``--clean`` leaves it whole. Each rank
+prints a digest of its final weights."""
 
+import hashlib
 import sys
 
 import pytorch_lightning as pl
@@ -53,4 +55,7 @@ if __name__ == "__main__":
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(Classifier())
+    model = Classifier()
+    trainer.fit(model)
+    weights = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
+    print(f"rank {trainer.global_rank}: weights {weights.hexdigest()[:16]}", flush=True)
